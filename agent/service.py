@@ -19,10 +19,12 @@ from dataclasses import dataclass
 import httpx
 import msgspec
 
+from agent import __version__
 from agent.acks import AckLedger
 from agent.aggregate import DURABLE, Aggregator, Window
 from agent.config import Settings, read_secret
 from agent.forward import Forwarder
+from agent.health import HealthServer, uptime_s
 from agent.ingest import Intake, MqttSession, TopicRouter
 from agent.model import Chunk, encode_chunk
 from agent.outbox import CheckpointWrite, Outbox, WindowKey
@@ -236,16 +238,26 @@ async def run_service(settings: Settings, *, stop: asyncio.Event | None = None) 
             stats=stats,
         )
         pipeline = Pipeline(settings, outbox, aggregator, ledger, intake, session, forwarder, stats)
+        tasks: list[asyncio.Task[None]] = []
+        health = HealthServer(
+            listen=settings.health.listen,
+            status=lambda: status_document(pipeline),
+            ready=lambda: ready_problems(pipeline),
+            alive=lambda: [f"task {t.get_name()} ended" for t in tasks if t.done()],
+        )
+        await health.start()
         try:
             async with asyncio.TaskGroup() as tg:
                 mqtt_task = tg.create_task(session.run(), name="mqtt")
                 ckpt_task = tg.create_task(checkpointer.run(), name="checkpoint")
                 fwd_task = tg.create_task(forwarder.run(), name="forward")
+                tasks += [mqtt_task, ckpt_task, fwd_task]
                 if outbox.chunk_count:
                     forwarder.wake.set()
                 await stop.wait()
                 await _shutdown(pipeline, checkpointer, mqtt_task, ckpt_task, fwd_task)
         finally:
+            await health.close()
             await outbox.close()
     log.info(
         "stopped: %d messages counted, %d chunks committed, %d sent, %d left in the outbox",
@@ -289,3 +301,58 @@ async def _shutdown(
         with contextlib.suppress(asyncio.CancelledError):
             await task
     log.info("shutdown done in %.2f s", time.monotonic() - started)
+
+
+def ready_problems(p: Pipeline) -> list[str]:
+    problems = []
+    if not p.session.subscribed.is_set():
+        problems.append("MQTT not connected and subscribed")
+    if p.forwarder.unhealthy_reason:
+        problems.append(p.forwarder.unhealthy_reason)
+    return problems
+
+
+def status_document(p: Pipeline) -> dict[str, object]:
+    """The /status JSON: what flows, what waits, what was rejected and why."""
+    st, ob = p.stats, p.outbox
+    now = time.time()
+    oldest = ob.oldest_created_at
+    return {
+        "version": __version__,
+        "gateway_id": p.settings.gateway_id,
+        "uptime_s": uptime_s(st.started_at),
+        "mqtt": {"connected": st.mqtt_connected, "reconnects": st.mqtt_reconnects},
+        "ingest": {
+            "received": st.received,
+            "counted": st.counted,
+            "redelivered_skipped": st.redelivered_skipped,
+            "acked": st.acked,
+            "unacked": len(p.ledger),
+            "rejects": dict(st.rejects),
+        },
+        "aggregate": {
+            "cameras": p.aggregator.camera_count,
+            "windows_open": p.aggregator.open_count,
+            **dict(p.aggregator.counters),
+        },
+        "outbox": {
+            "chunks": ob.chunk_count,
+            "bytes": ob.chunk_bytes,
+            "file_bytes": ob.file_bytes(),
+            "oldest_unsent_age_s": round(now - oldest, 1) if oldest else None,
+            "next_seq": ob.last_seq + 1,
+            "checkpoints": st.checkpoints,
+            "chunks_committed": st.chunks_committed,
+            "snapshots_written": st.snapshots_written,
+        },
+        "forward": {
+            "batches_sent": st.batches_sent,
+            "batches_failed": st.batches_failed,
+            "chunks_sent": st.chunks_sent,
+            "bytes_sent": st.bytes_sent,
+            "last_success_age_s": round(now - st.last_forward_ok, 1)
+            if st.last_forward_ok
+            else None,
+            "last_error": st.last_forward_error,
+        },
+    }

@@ -13,11 +13,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
+
+from agent.sim.cameras import SimOptions, read_record, run_simulation
+from agent.sim.truth import Expected, expected_table
 
 HOST = "127.0.0.1"
 
@@ -64,7 +69,7 @@ class Proc:
         self._env = env
         self.popen: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Proc:
+    def start(self) -> Self:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         self.popen = subprocess.Popen(
             self.args, stdout=log, stderr=subprocess.STDOUT, env=self._env, start_new_session=True
@@ -131,7 +136,7 @@ class Mosquitto(Proc):
         )
         super().__init__([mosquitto_binary(), "-c", str(conf)], workdir / "mosquitto.log")
 
-    def start(self) -> Mosquitto:
+    def start(self) -> Self:
         super().start()
         wait_for(lambda: port_open(self.port) or not self.running, timeout_s=10, what="mosquitto")
         if not self.running:
@@ -156,7 +161,7 @@ class Receiver(Proc):
     def url(self) -> str:
         return f"http://{HOST}:{self.port}/ingest"
 
-    def start(self) -> Receiver:
+    def start(self) -> Self:
         super().start()
         wait_for(lambda: port_open(self.port) or not self.running, timeout_s=15, what="receiver")
         if not self.running:
@@ -189,6 +194,7 @@ def agent_config(
     receiver_url: str,
     buffer_path: Path,
     client_id: str = "edge-agent-test",
+    health_port: int | None = None,
     extra: str = "",
 ) -> Path:
     """Write a config for a test/demo agent (short lateness so chunks close quickly)."""
@@ -213,7 +219,7 @@ backoff_min_s = 0.1
 backoff_max_s = 1.0
 shutdown_drain_s = 5.0
 [health]
-listen = "{HOST}:{free_port()}"
+listen = "{HOST}:{health_port or free_port()}"
 {extra}
 """
     )
@@ -221,9 +227,68 @@ listen = "{HOST}:{free_port()}"
 
 
 class Agent(Proc):
-    """`edge-agent run --config ...` as a child process."""
+    """`edge-agent run --config ...` as a child process, with its health port."""
 
-    def __init__(self, config: Path, log_path: Path) -> None:
-        super().__init__(
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(config)], log_path
-        )
+    def __init__(self, config: Path, log_path: Path, health_port: int) -> None:
+        args = [sys.executable, "-m", "agent.cli", "run", "--config", str(config)]
+        super().__init__(args, log_path)
+        self.health_port = health_port
+
+    def _get(self, path: str) -> tuple[int, Any] | None:
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{self.health_port}{path}", timeout=5) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+        except OSError:
+            return None
+
+    def status(self) -> dict[str, Any] | None:
+        """/status, or None while the endpoint is not up."""
+        got = self._get("/status")
+        return got[1] if got else None
+
+    def wait_ready(self, timeout_s: float = 20) -> None:
+        def ready() -> bool:
+            if not self.running:
+                raise RuntimeError(f"agent exited:\n{self.log_text()[-3000:]}")
+            got = self._get("/readyz")
+            return got is not None and got[0] == 200
+
+        wait_for(ready, timeout_s=timeout_s, what="agent ready (MQTT subscribed)")
+
+
+class Publisher:
+    """The camera simulator in a background thread; `join()` returns the ground truth."""
+
+    def __init__(self, broker: Mosquitto, workdir: Path, **kw: Any) -> None:
+        self.record = workdir / f"published-{id(self)}.jsonl"
+        self.opts = SimOptions(port=broker.port, record=self.record, **kw)
+        self.summary: dict[str, Any] = {}
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.summary = run_simulation(self.opts)
+        except BaseException as e:  # re-raised by join()
+            self.error = e
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def wait(self, timeout_s: float) -> None:
+        self._thread.join(timeout=timeout_s)
+
+    def join(self) -> dict[tuple[str, str, int], Expected]:
+        self._thread.join(timeout=self.opts.duration_s + 120)
+        if self.error:
+            raise self.error
+        if self.summary.get("failed"):
+            raise RuntimeError(f"the broker did not acknowledge every publish: {self.summary}")
+        return expected_table(read_record(self.record))

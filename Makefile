@@ -1,0 +1,35 @@
+# edge-agent: `make demo` sets everything up and runs the demo; `make test` runs the tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test check venv mosquitto clean
+
+$(BIN)/edge-agent: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/edge-agent
+
+# The tests and the demo start their own private Mosquitto; they need the binary.
+mosquitto:
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
+		echo "installing mosquitto (apt-get)"; \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq mosquitto; \
+		else sudo apt-get update -qq && sudo apt-get install -y -qq mosquitto; fi; }
+
+demo: venv mosquitto
+	$(BIN)/python -m agent.demo
+
+test: venv mosquitto
+	$(BIN)/pytest -q
+
+check: venv
+	$(BIN)/ruff check agent tests
+	$(BIN)/ruff format --check agent tests
+	$(BIN)/mypy agent tests
+
+clean:
+	rm -rf $(VENV) demo-run .pytest_cache .mypy_cache .ruff_cache .hypothesis

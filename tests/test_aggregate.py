@@ -1,0 +1,224 @@
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.aggregate import Aggregator, StreamSpec
+from agent.model import OTHER, Chunk
+
+SPEC = StreamSpec(numeric=("conf",), categorical=("cls",), max_categories=4)
+T0 = 1764126000
+
+
+def make(**kw: Any) -> Aggregator:
+    base: dict[str, Any] = {"window_s": 1, "allowed_lateness_s": 2.0, "idle_close_s": 5.0}
+    base.update(kw)
+    return Aggregator(**base)
+
+
+def add(agg: Aggregator, t: float, recv: float, cam: str = "c1", **payload: Any) -> Any:
+    return agg.add(cam, "det", SPEC, payload, t, recv)
+
+
+def test_window_closes_when_camera_watermark_passes_end_plus_lateness() -> None:
+    agg = make()
+    add(agg, T0 + 0.2, T0 + 0.3, conf=0.5, cls="person")
+    add(agg, T0 + 0.9, T0 + 1.0, conf=0.7, cls="car")
+    add(agg, T0 + 2.9, T0 + 3.0)  # watermark 2.9 < 1 + 2
+    assert agg.close_due(T0 + 3.0) == []
+    add(agg, T0 + 3.0, T0 + 3.1)  # watermark reaches end (T0+1) + lateness (2)
+    closed = agg.close_due(T0 + 3.1)
+    assert [(c.t, c.count) for c in closed] == [(T0, 2)]
+    c = closed[0]
+    assert c.rev == 0
+    assert c.num["conf"].n == 2 and c.num["conf"].sum == pytest.approx(1.2)
+    assert c.num["conf"].last == 0.7
+    assert c.cat["cls"] == {"person": 1, "car": 1}
+    assert c.event_first == T0 + 0.2 and c.event_last == T0 + 0.9
+
+
+def test_watermarks_are_per_camera() -> None:
+    agg = make()
+    add(agg, T0 + 0.5, T0 + 0.5, cam="slow")
+    add(agg, T0 + 10, T0 + 10, cam="fast")
+    assert agg.close_due(T0 + 1) == []  # a fast camera does not close a slow camera's windows
+
+
+def test_camera_with_skewed_clock_closes_on_its_own_event_time() -> None:
+    agg = make()
+    behind = -300.0
+    for i in range(5):
+        add(agg, T0 + i + behind, T0 + i)
+    closed = agg.close_due(T0 + 4)
+    assert [c.t for c in closed] == [T0 + behind, T0 + 1 + behind]
+
+
+def test_idle_camera_closes_on_gateway_time() -> None:
+    agg = make()
+    add(agg, T0 + 0.5, T0 + 0.5)
+    assert agg.close_due(T0 + 5.4) == []
+    closed = agg.close_due(T0 + 5.5)
+    assert [c.t for c in closed] == [T0]
+    assert agg.open_count == 0
+
+
+def test_late_message_becomes_delta_with_increasing_rev() -> None:
+    agg = make()
+    add(agg, T0 + 0.5, T0 + 0.5)
+    add(agg, T0 + 5, T0 + 5)
+    assert [c.rev for c in agg.close_due(T0 + 5)] == [0]
+    w = add(agg, T0 + 0.7, T0 + 5.1, conf=0.1)
+    assert w.rev == 1
+    add(agg, T0 + 0.8, T0 + 5.2)
+    closed = agg.close_due(T0 + 5.2)
+    assert [(c.t, c.rev, c.count) for c in closed] == [(T0, 1, 2)]
+    add(agg, T0 + 0.9, T0 + 5.3)
+    assert [(c.t, c.rev) for c in agg.close_due(T0 + 5.3)] == [(T0, 2)]
+    assert agg.counters["late_deltas"] == 3
+
+
+def test_late_policy_drop_counts() -> None:
+    agg = make(late_policy="drop")
+    add(agg, T0 + 0.5, T0 + 0.5)
+    add(agg, T0 + 5, T0 + 5)
+    agg.close_due(T0 + 5)
+    assert add(agg, T0 + 0.7, T0 + 5.1) is None
+    assert agg.counters["late_dropped"] == 1
+
+
+def test_categories_capped_with_overflow_counted() -> None:
+    agg = make()
+    for i in range(10):
+        add(agg, T0 + 0.01 * i, T0 + 0.01 * i, cls=f"v{i}")
+    (c,) = agg.close_all()
+    assert len(c.cat["cls"]) == 5
+    assert c.cat["cls"][OTHER] == 6
+    assert sum(c.cat["cls"].values()) == 10
+
+
+def test_bad_field_values_are_counted_not_aggregated() -> None:
+    agg = make()
+    add(agg, T0, T0, conf="high", cls={"a": 1})
+    add(agg, T0, T0, conf=float("nan"), cls=True)
+    (c,) = agg.close_all()
+    assert c.count == 2
+    assert "conf" not in c.num
+    assert c.cat["cls"] == {"true": 1}
+    assert agg.counters["bad_numeric_field"] == 2
+    assert agg.counters["bad_categorical_field"] == 1
+
+
+def test_marks_carry_revs_across_a_restart() -> None:
+    agg = make()
+    add(agg, T0 + 0.5, T0 + 0.5)
+    add(agg, T0 + 5, T0 + 5)
+    agg.close_due(T0 + 5)
+    add(agg, T0 + 0.6, T0 + 5.1)
+    agg.close_all()
+    again = make()
+    again.import_marks(agg.export_marks(), now=T0 + 6)
+    w = add(again, T0 + 0.7, T0 + 6)
+    assert w.rev == 2
+
+
+def test_restore_reopens_saved_windows() -> None:
+    agg = make()
+    add(agg, T0 + 0.5, T0 + 0.5, conf=0.5, cls="a")
+    saved = [Chunk.from_wire(w.to_wire()) for w in agg.open_windows()]
+    again = make()
+    assert again.restore(saved, now=T0 + 1) == 1
+    add(again, T0 + 0.6, T0 + 1, conf=0.25, cls="a")
+    (c,) = again.close_all()
+    assert c.count == 2 and c.cat["cls"] == {"a": 2} and c.num["conf"].sum == 0.75
+
+
+# -- property: merging every rev of a window equals aggregating its messages at once ----------
+
+CLASSES = ["person", "car", "dog"]  # below the cap, so category counts are exact
+message = st.tuples(
+    st.sampled_from(["c1", "c2", "c3"]),
+    st.floats(min_value=0, max_value=20, allow_nan=False),  # event offset, s
+    st.floats(min_value=0, max_value=30, allow_nan=False),  # arrival delay, s
+    st.one_of(st.none(), st.floats(min_value=-100, max_value=100, allow_nan=False)),
+    st.one_of(st.none(), st.sampled_from(CLASSES)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(message, max_size=60),
+    st.integers(min_value=1, max_value=3),
+    st.floats(min_value=0, max_value=3),
+    st.floats(min_value=0.5, max_value=10),
+    st.lists(st.floats(min_value=0, max_value=40), max_size=5),
+)
+def test_merged_revs_equal_all_at_once(
+    msgs: list[tuple[str, float, float, float | None, str | None]],
+    window_s: int,
+    lateness: float,
+    idle: float,
+    extra_checkpoints: list[float],
+) -> None:
+    agg = make(window_s=window_s, allowed_lateness_s=lateness, idle_close_s=idle)
+    arrivals = sorted(
+        ((T0 + off + delay, cam, T0 + off, conf, cls) for cam, off, delay, conf, cls in msgs),
+        key=lambda a: a[0],
+    )
+    checkpoints = sorted(T0 + x for x in extra_checkpoints)
+    emitted: list[Chunk] = []
+    for recv, cam, ev, conf, cls in arrivals:
+        while checkpoints and checkpoints[0] <= recv:
+            emitted += agg.close_due(checkpoints.pop(0))
+        payload: dict[str, Any] = {}
+        if conf is not None:
+            payload["conf"] = conf
+        if cls is not None:
+            payload["cls"] = cls
+        w = agg.add(cam, "det", SPEC, payload, ev, recv)
+        assert w is not None
+    emitted += agg.close_all()
+
+    merged: dict[tuple[str, int], Chunk] = {}
+    revs: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for c in emitted:
+        key = (c.camera, c.t)
+        revs[key].append(c.rev)
+        if key in merged:
+            merged[key].merge(c)
+        else:
+            merged[key] = c
+    for key, rs in revs.items():
+        assert sorted(rs) == list(range(min(rs), min(rs) + len(rs))), f"revs of {key}: {rs}"
+        assert len(set(rs)) == len(rs)
+
+    expected: dict[tuple[str, int], list[tuple[float, float | None, str | None]]] = defaultdict(
+        list
+    )
+    for cam, off, _delay, conf, cls in msgs:
+        ev = T0 + off
+        expected[(cam, int(ev // window_s) * window_s)].append((ev, conf, cls))
+    assert merged.keys() == expected.keys()
+    for key, items in expected.items():
+        c = merged[key]
+        assert c.count == len(items)
+        confs = [(ev, v) for ev, v, _ in items if v is not None]
+        if confs:
+            s = c.num["conf"]
+            assert s.n == len(confs)
+            assert math.isclose(s.sum, sum(v for _, v in confs), rel_tol=1e-9, abs_tol=1e-9)
+            assert s.min == min(v for _, v in confs) and s.max == max(v for _, v in confs)
+            assert s.last == max(confs)[1]
+        else:
+            assert "conf" not in c.num
+        cats: dict[str, int] = defaultdict(int)
+        for _, _, cls in items:
+            if cls is not None:
+                cats[cls] += 1
+        assert c.cat.get("cls", {}) == dict(cats)
+        assert c.event_first == min(ev for ev, _, _ in items)
+        assert c.event_last == max(ev for ev, _, _ in items)

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.config import ConfigError, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_example_config_loads_and_documents_every_key() -> None:
+    s = load_settings(ROOT / "config.example.toml")
+    assert s.gateway_id == "site-42-gw-1"
+    assert s.buffer.synchronous == "full"
+    assert s.mqtt.max_payload_bytes == 64 * 1024
+    text = (ROOT / "config.example.toml").read_text()
+    dumped = s.model_dump()
+    for section, values in dumped.items():
+        if isinstance(values, dict):
+            for key in values:
+                assert key in text, f"{section}.{key} is not documented in config.example.toml"
+    for key in s.streams[0].model_dump():
+        assert key in text, f"streams.{key} is not documented"
+
+
+def test_check_config_prints_effective_config_with_secrets_masked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('gateway_id = "gw"\n[mqtt]\npassword = "hunter2"\n[forward]\ntoken = "s3cr3t"\n')
+    assert main(["check-config", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "hunter2" not in out and "s3cr3t" not in out
+    doc = json.loads(out)
+    assert doc["mqtt"]["password"] == "**********"
+    assert doc["gateway_id"] == "gw"
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ('gateway_id = "gw"\n[buffer]\nsynchronous = "fast"\n',
+         "buffer.synchronous = 'fast': Input should be 'off', 'normal', 'full' or 'extra'"),
+        ('gateway_id = "gw"\n[mqtt]\nport = 70000\n', "mqtt.port = 70000"),
+        ('gateway_id = "gw"\n[mqtt]\nhots = "x"\n', "mqtt.hots: unknown key (allowed here:"),
+        ('gateway_id = "gw"\n[buffer]\nmax_bytes = "lots"\n', "buffer.max_bytes = 'lots': expected a size"),
+        ('gateway_id = "gw"\n[[streams]]\ntopic = "a/+/b"\n', "streams[0].topic = 'a/+/b'"),
+        ('gateway_id = "gw"\n[[streams]]\ntopic = "a/{camera}"\n', "streams[0]: give a stream"),
+        ('gateway_id = "bad id"\n', "gateway_id = 'bad id': use letters"),
+        ("[mqtt]\n", "gateway_id: required key is missing"),
+        ('gateway_id = "gw"\n[forward]\nurl = "ftp://x"\n', "forward.url = 'ftp://x': expected an http"),
+        ('gateway_id = "gw"\n[forward]\ntoken_file = "/nonexistent/t"\n',
+         "forward.token_file = '/nonexistent/t': file not found"),
+        ('gateway_id = "gw"\n[log]\nlevel = "loud"\n', "log.level = 'loud'"),
+        ("gateway_id = \n", "is not valid TOML"),
+    ],
+)  # fmt: skip
+def test_bad_config_names_key_value_and_allowed_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], toml: str, expected: str
+) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(toml)
+    assert main(["check-config", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err
+    assert "Traceback" not in err
+    assert all(line.startswith("config error: ") for line in err.splitlines())
+
+
+def test_run_with_bad_config_exits_2_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('gateway_id = "gw"\n[aggregate]\nlate_policy = "maybe"\n')
+    assert main(["run", "--config", str(cfg)]) == 2
+    assert "aggregate.late_policy = 'maybe'" in capsys.readouterr().err
+
+
+def test_missing_file_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", "--config", "/nonexistent/edge.toml"]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == "config error: config file '/nonexistent/edge.toml' not found"
+    )
+
+
+def test_env_overrides_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('gateway_id = "gw"\n[mqtt]\nhost = "10.0.0.1"\nport = 1884\n')
+    monkeypatch.setenv("EDGE_AGENT__MQTT__HOST", "127.0.0.1")
+    monkeypatch.setenv("EDGE_AGENT__BUFFER__MAX_BYTES", "2GiB")
+    s = load_settings(cfg)
+    assert s.mqtt.host == "127.0.0.1"
+    assert s.mqtt.port == 1884
+    assert s.buffer.max_bytes == 2 * 1024**3
+
+
+def test_bad_env_override_names_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('gateway_id = "gw"\n')
+    monkeypatch.setenv("EDGE_AGENT__BUFFER__SYNCHRONOUS", "sometimes")
+    with pytest.raises(ConfigError) as e:
+        load_settings(cfg)
+    assert any(p.startswith("buffer.synchronous = 'sometimes'") for p in e.value.problems)
+
+
+def test_sizes_accept_units() -> None:
+    s = load_settings(None, overrides={"gateway_id": "gw", "buffer": {"max_bytes": "64KiB"}})
+    assert s.buffer.max_bytes == 65536
+    s = load_settings(None, overrides={"gateway_id": "gw", "buffer": {"max_bytes": "10MB"}})
+    assert s.buffer.max_bytes == 10_000_000
