@@ -109,8 +109,11 @@ def _run(
     print(f"messages published (acked by broker): {pub.summary['acked']}")
     print(f"messages counted in the cloud:        {result.received_messages}")
     print(f"chunks received by the cloud:         {stats['chunks']} (rows: {stats['merged_rows']})")
-    print(f"batches: {gw.get('batches')}, refused while down: yes, seq gaps: {gw.get('gaps')}, ")
-    print(f"out-of-order seqs: {gw.get('out_of_order')}, duplicate seqs: {gw.get('duplicates')}")
+    print(f"batches accepted by the cloud:        {gw.get('batches')}")
+    print(
+        f"seq gaps: {gw.get('gaps')}, out-of-order seqs: {gw.get('out_of_order')}, "
+        f"duplicate seqs (deduplicated by the cloud): {gw.get('duplicates')}"
+    )
     print(f"missing messages:    {result.missing}")
     print(f"duplicated messages: {result.duplicated}")
     if result.exact:
@@ -125,11 +128,11 @@ def _run(
 def _progress(elapsed: float, agent: Agent, receiver: Receiver | None) -> None:
     s = agent.status() or {}
     ingest, outbox, fwd = s.get("ingest", {}), s.get("outbox", {}), s.get("forward", {})
-    cloud = receiver.messages() if receiver is not None else "down"
+    cloud = f"{receiver.messages()} messages" if receiver is not None else "DOWN"
     print(
         f"demo: {elapsed:5.1f} s  agent counted {ingest.get('counted', 0):>7}  "
         f"outbox {outbox.get('chunks', 0):>6} chunks  sent {fwd.get('chunks_sent', 0):>7} chunks  "
-        f"cloud has {cloud} messages",
+        f"cloud: {cloud}",
         flush=True,
     )
 
