@@ -27,7 +27,17 @@ class Durability(Protocol):
 
 
 class Pending:
-    __slots__ = ("acked", "conn", "digest", "mid", "qos", "recv_t", "version", "window")
+    __slots__ = (
+        "acked",
+        "conn",
+        "digest",
+        "journaled",
+        "mid",
+        "qos",
+        "recv_t",
+        "version",
+        "window",
+    )
 
     def __init__(
         self, mid: int, qos: int, digest: int, window: Durability | None, recv_t: float, conn: int
@@ -39,6 +49,8 @@ class Pending:
         self.version = window.version if window is not None else 0
         self.recv_t = recv_t
         self.acked = False
+        # True once (mid, digest) is in the on-disk ack journal.
+        self.journaled = False
         self.conn = conn
 
     @property
@@ -54,7 +66,7 @@ class AckLedger:
         self._by_mid: dict[int, Pending] = {}
         for mid, digest in journal:
             p = Pending(mid, 1, digest, None, 0.0, conn=-1)
-            p.acked = True
+            p.acked = p.journaled = True
             self._by_mid[mid] = p
         self._queue: deque[Pending] = deque()
         self._conn = 0
@@ -94,13 +106,27 @@ class AckLedger:
             out.append(p)
         return out
 
-    def journal_changes(self, ackable: list[Pending]) -> tuple[list[tuple[int, int]], list[int]]:
-        """Rows to write with the checkpoint: (mid, digest) about to be acked, and stale mids."""
-        upserts = [(p.mid, p.digest) for p in ackable]
-        acked_mids = {p.mid for p in ackable}
-        deletes = [m for m in self._new_mids if m not in acked_mids]
-        self._new_mids.clear()
+    def journal_changes(self) -> tuple[list[Pending], list[int]]:
+        """What the checkpoint must write to the ack journal, in the same transaction.
+
+        Every message whose effect is durable once the checkpoint commits — not only the ones
+        that can be acked now: a durable message queued behind a slow window is redelivered
+        after a crash and must be recognised then. Plus the ids of new messages not yet
+        durable, whose journal rows (from an earlier message under the same id) are stale.
+        Call `journal_written` or `journal_failed` after the commit.
+        """
+        upserts = [p for p in self._queue if not p.journaled and p.durable]
+        durable_mids = {p.mid for p in upserts}
+        deletes = [m for m in self._new_mids if m not in durable_mids]
+        self._new_mids = set()
         return upserts, deletes
+
+    def journal_written(self, upserts: list[Pending]) -> None:
+        for p in upserts:
+            p.journaled = True
+
+    def journal_failed(self, deletes: list[int]) -> None:
+        self._new_mids.update(deletes)
 
     def pop_acked(self, n: int) -> list[Pending]:
         """Remove the first n entries (their acks are being sent) and mark them acked."""

@@ -67,6 +67,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     setup_logging(settings.log)
+    from agent.faults import Faults
     from agent.outbox import OutboxError
     from agent.service import run_service
 
@@ -74,7 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "edge-agent %s starting, gateway %s", __version__, settings.gateway_id
     )
     try:
-        uvloop.run(run_service(settings))
+        uvloop.run(run_service(settings, faults=Faults.from_env()))
     except OutboxError as e:
         logging.getLogger("agent").error("cannot start: %s", e)
         return EXIT_STARTUP

@@ -19,6 +19,7 @@ import httpx
 
 from agent import __version__
 from agent.config import ForwardSettings
+from agent.faults import NO_FAULTS, Faults
 from agent.model import SCHEMA, with_seq
 from agent.outbox import Outbox
 from agent.stats import Stats
@@ -84,7 +85,9 @@ class Forwarder:
         stats: Stats,
         token: Callable[[], str | None] = lambda: None,
         rng: random.Random | None = None,
+        faults: Faults = NO_FAULTS,
     ) -> None:
+        self._faults = faults
         self._s = settings
         self._gateway_id = gateway_id
         self._outbox = outbox
@@ -114,6 +117,7 @@ class Forwarder:
                 continue
             delay = await self._send(rows)
             if delay is None:
+                self._faults.hit("after_send")
                 await self._outbox.delete_through(rows[-1][0])
                 self._backoff.reset()
                 if self._limit < s.max_batch_chunks:

@@ -19,6 +19,8 @@ from typing import Any
 import aiosqlite
 import msgspec
 
+from agent.faults import NO_FAULTS, Faults
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -96,16 +98,19 @@ class CheckpointWrite:
 class Outbox:
     """Durable queue of encoded chunks, plus the checkpoint's bookkeeping tables."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+    def __init__(self, db: aiosqlite.Connection, path: Path, faults: Faults = NO_FAULTS) -> None:
         self._db = db
         self.path = path
+        self._faults = faults
         self.chunk_count = 0
         self.chunk_bytes = 0
         self.last_seq = 0
         self.oldest_created_at: float | None = None
 
     @classmethod
-    async def open(cls, path: Path, *, synchronous: str = "full") -> tuple[Outbox, Recovery]:
+    async def open(
+        cls, path: Path, *, synchronous: str = "full", faults: Faults = NO_FAULTS
+    ) -> tuple[Outbox, Recovery]:
         """Open (or create) the database; a corrupt file is moved aside and a new one started."""
         path.parent.mkdir(parents=True, exist_ok=True)
         moved: Path | None = None
@@ -114,7 +119,7 @@ class Outbox:
         except sqlite3.DatabaseError as e:
             moved = _move_aside(path, str(e))
             db = await _connect(path, synchronous)
-        outbox = cls(db, path)
+        outbox = cls(db, path, faults)
         recovery = await outbox._recover()
         recovery.moved_aside = moved
         return outbox, recovery
@@ -155,6 +160,7 @@ class Outbox:
                     "INSERT INTO chunks (created_at, body) VALUES (?, ?)",
                     [(now, b) for b in w.chunks],
                 )
+                self._faults.hit("mid_checkpoint")
             if w.drop_snapshots:
                 await db.executemany(
                     "DELETE FROM open_windows WHERE camera=? AND stream=? AND t=? AND rev=?",

@@ -23,6 +23,7 @@ from agent import __version__
 from agent.acks import AckLedger
 from agent.aggregate import DURABLE, Aggregator, Window
 from agent.config import Settings, read_secret
+from agent.faults import NO_FAULTS, Faults
 from agent.forward import Forwarder
 from agent.health import HealthServer, uptime_s
 from agent.ingest import Intake, MqttSession, TopicRouter
@@ -65,7 +66,9 @@ class Checkpointer:
         forwarder: Forwarder,
         stats: Stats,
         clock: Callable[[], float] = time.time,
+        faults: Faults = NO_FAULTS,
     ) -> None:
+        self._faults = faults
         self._s = settings
         self._outbox = outbox
         self._agg = aggregator
@@ -116,7 +119,8 @@ class Checkpointer:
         for w, version in snapshots:
             w.durable_version = version
         ackable = ledger.ackable()
-        write.journal_upserts, write.journal_deletes = ledger.journal_changes(ackable)
+        journal, write.journal_deletes = ledger.journal_changes()
+        write.journal_upserts = [(p.mid, p.digest) for p in journal]
         conn = ledger.connection
         try:
             await self._outbox.checkpoint(write, now=now)
@@ -125,6 +129,7 @@ class Checkpointer:
                 w.durable_version = version
                 w.saved = saved
             self._carry = closed
+            ledger.journal_failed(write.journal_deletes)
             self._stats.rejects["checkpoint_failed"] += 1
             self._warn.warning(
                 "ckpt",
@@ -133,6 +138,9 @@ class Checkpointer:
                 len(closed),
             )
             return
+        ledger.journal_written(journal)
+        if ackable:
+            self._faults.hit("after_commit")
         for w in closed:
             w.saved = False
         for w, _ in snapshots:
@@ -151,7 +159,9 @@ class Checkpointer:
             self._forwarder.wake.set()
 
 
-async def run_service(settings: Settings, *, stop: asyncio.Event | None = None) -> Pipeline:
+async def run_service(
+    settings: Settings, *, stop: asyncio.Event | None = None, faults: Faults = NO_FAULTS
+) -> Pipeline:
     """Run until `stop` is set (or SIGTERM/SIGINT), then shut down in order."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -172,7 +182,7 @@ async def run_service(settings: Settings, *, stop: asyncio.Event | None = None) 
 
     stats = Stats()
     outbox, recovery = await Outbox.open(
-        settings.buffer.path, synchronous=settings.buffer.synchronous
+        settings.buffer.path, synchronous=settings.buffer.synchronous, faults=faults
     )
     if recovery.moved_aside is not None:
         stats.rejects["outbox_corrupt_moved_aside"] += 1
@@ -227,6 +237,7 @@ async def run_service(settings: Settings, *, stop: asyncio.Event | None = None) 
             client=http,
             stats=stats,
             token=lambda: token,
+            faults=faults,
         )
         checkpointer = Checkpointer(
             settings=settings,
@@ -236,6 +247,7 @@ async def run_service(settings: Settings, *, stop: asyncio.Event | None = None) 
             session=session,
             forwarder=forwarder,
             stats=stats,
+            faults=faults,
         )
         pipeline = Pipeline(settings, outbox, aggregator, ledger, intake, session, forwarder, stats)
         tasks: list[asyncio.Task[None]] = []

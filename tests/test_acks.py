@@ -58,11 +58,27 @@ def test_journal_survives_restart_and_matches_redelivery() -> None:
     ledger.track(5, 1, 50, w.add(), 0.0)
     ledger.track(6, 1, 60, W().add(), 0.0)
     w.durable_version = DURABLE
-    ackable = ledger.ackable()
-    upserts, deletes = ledger.journal_changes(ackable)
-    assert upserts == [(5, 50)]
-    assert deletes == [6]  # received but not acked: a stale row for id 6 must go
-    restarted = AckLedger(upserts)
+    upserts, deletes = ledger.journal_changes()
+    assert [(p.mid, p.digest) for p in upserts] == [(5, 50)]
+    assert deletes == [6]  # received but not durable: a stale row for id 6 must go
+    ledger.journal_written(upserts)
+    restarted = AckLedger([(p.mid, p.digest) for p in upserts])
     assert restarted.redelivered(5, 50, 0.0)
     assert [p.mid for p in restarted.ackable()] == [5]
     assert not restarted.redelivered(6, 60, 0.0)
+
+
+def test_durable_messages_behind_a_slow_window_are_journaled_before_they_can_be_acked() -> None:
+    """A crash before their ack would otherwise count them twice on redelivery."""
+    ledger = AckLedger()
+    slow, fast = W(), W()
+    ledger.track(1, 1, 10, slow.add(), 0.0)
+    ledger.track(2, 1, 20, fast.add(), 0.0)
+    fast.durable_version = DURABLE
+    assert ledger.ackable() == []
+    upserts, _ = ledger.journal_changes()
+    assert [p.mid for p in upserts] == [2]
+    ledger.journal_written(upserts)
+    assert ledger.journal_changes()[0] == []  # written once
+    restarted = AckLedger([(2, 20)])
+    assert restarted.redelivered(2, 20, 0.0)
