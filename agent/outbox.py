@@ -6,6 +6,7 @@ AUTOINCREMENT key, so SQLite never hands out a number twice, across deletes and 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -102,6 +103,10 @@ class Outbox:
         self._db = db
         self.path = path
         self._faults = faults
+        # One connection is shared by the checkpoint and the forwarder: without this lock their
+        # statements would interleave inside each other's transactions (and a read could see a
+        # checkpoint's chunks before they are committed).
+        self._lock = asyncio.Lock()
         self.chunk_count = 0
         self.chunk_bytes = 0
         self.last_seq = 0
@@ -152,6 +157,10 @@ class Outbox:
         """One transaction: new chunks, open-window snapshots, the ack journal."""
         if not w:
             return
+        async with self._lock:
+            await self._checkpoint(w, now)
+
+    async def _checkpoint(self, w: CheckpointWrite, now: float) -> None:
         db = self._db
         await db.execute("BEGIN IMMEDIATE")
         try:
@@ -198,10 +207,13 @@ class Outbox:
         """The next chunks in seq order: at least one, then up to the count and byte limits."""
         out: list[tuple[int, bytes]] = []
         size = 0
-        async with self._db.execute(
-            "SELECT seq, body FROM chunks WHERE seq > ? ORDER BY seq LIMIT ?",
-            (after_seq, max_chunks),
-        ) as cur:
+        async with (
+            self._lock,
+            self._db.execute(
+                "SELECT seq, body FROM chunks WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, max_chunks),
+            ) as cur,
+        ):
             async for seq, body in cur:
                 if out and size + len(body) > max_bytes:
                     break
@@ -211,6 +223,10 @@ class Outbox:
 
     async def delete_through(self, last_seq: int) -> None:
         """Forget every chunk up to and including last_seq (the cloud has them)."""
+        async with self._lock:
+            await self._delete_through(last_seq)
+
+    async def _delete_through(self, last_seq: int) -> None:
         db = self._db
         await db.execute("BEGIN IMMEDIATE")
         try:
@@ -236,13 +252,15 @@ class Outbox:
                 self.oldest_created_at = row[0] if row else None
 
     async def save_marks(self, marks: dict[str, Any]) -> None:
-        await self._db.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES ('marks', ?)",
-            (msgspec.json.encode(marks),),
-        )
+        async with self._lock:
+            await self._db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('marks', ?)",
+                (msgspec.json.encode(marks),),
+            )
 
     async def clear_marks(self) -> None:
-        await self._db.execute("DELETE FROM meta WHERE key = 'marks'")
+        async with self._lock:
+            await self._db.execute("DELETE FROM meta WHERE key = 'marks'")
 
     def file_bytes(self) -> int:
         """Database plus WAL on disk."""

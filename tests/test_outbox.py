@@ -102,3 +102,32 @@ async def test_pragmas(tmp_path: Path) -> None:
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert con.execute("PRAGMA user_version").fetchone()[0] == 1
     con.close()
+
+
+async def test_checkpoint_and_forwarder_can_interleave_on_one_connection(tmp_path: Path) -> None:
+    """The checkpoint loop and the forwarder share the connection; their transactions must not
+    nest, and a reader must never see a checkpoint's chunks before its COMMIT."""
+    import asyncio
+
+    ob, _ = await Outbox.open(tmp_path / "b.sqlite3", synchronous="off")
+    sent: list[int] = []
+
+    async def writer() -> None:
+        for i in range(200):
+            await ob.checkpoint(
+                CheckpointWrite(chunks=[b"{}"] * 5, journal_upserts=[(i, i)]), now=float(i)
+            )
+
+    async def forwarder() -> None:
+        while len(sent) < 1000:
+            rows = await ob.read_batch(after_seq=0, max_chunks=7, max_bytes=10**6)
+            if rows:
+                sent.extend(s for s, _ in rows)
+                await ob.delete_through(rows[-1][0])
+            else:
+                await asyncio.sleep(0)
+
+    await asyncio.wait_for(asyncio.gather(writer(), forwarder()), timeout=60)
+    assert sent == list(range(1, 1001))
+    assert ob.chunk_count == 0
+    await ob.close()
