@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 from pathlib import Path
 
 from agent.sim.procs import Publisher, wait_for
@@ -20,19 +21,26 @@ def test_cloud_table_equals_what_cameras_published(agents: AgentFactory, tmp_pat
     assert agent.stop() == 0
 
 
-def test_malformed_and_unknown_messages_are_counted_and_skipped(
-    agents: AgentFactory, tmp_path: Path
-) -> None:
+def test_malformed_late_and_skewed_messages(agents: AgentFactory, tmp_path: Path) -> None:
+    """Malformed payloads are counted and skipped; late messages arrive as rev > 0 deltas that
+    the cloud merges; cameras with a clock 40 s behind still close their windows."""
     agent = agents.start()
     expected = publish(
-        agents.broker, tmp_path, cameras=20, rate=10, duration_s=3, seed=2, malformed_fraction=0.05
-    )
+        agents.broker, tmp_path, cameras=20, rate=10, duration_s=4, seed=2,
+        malformed_fraction=0.05, late_fraction=0.05, skew_s=-40.0,
+    )  # fmt: skip
     assert_exact(wait_delivered(agents.receiver, expected))
     status = agent.status()
     assert status is not None
-    rejects = status["ingest"]["rejects"]
-    assert rejects.get("malformed_json", 0) > 0
-    assert status["ingest"]["unacked"] == 0 or status["ingest"]["acked"] > 0
+    assert status["ingest"]["rejects"].get("malformed_json", 0) > 0
+    assert status["aggregate"].get("late_deltas", 0) > 0
+    con = sqlite3.connect(agents.receiver.db)
+    try:
+        (late_chunks,) = con.execute("SELECT count(*) FROM chunks WHERE rev > 0").fetchone()
+    finally:
+        con.close()
+    assert late_chunks > 0
+    assert agents.receiver.stats()["gateways"]["gw-test"]["rev0_repeats"] == 0
     assert agent.stop() == 0
 
 
