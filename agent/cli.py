@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import uvloop
@@ -84,6 +85,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deadletter(args: argparse.Namespace) -> int:
+    from agent.outbox import list_dead_letters, retry_dead_letters
+
+    settings = _load(args.config)
+    path = settings.buffer.path
+    if not path.exists():
+        print(f"no outbox at {path}", file=sys.stderr)
+        return EXIT_STARTUP
+    if args.action == "list":
+        rows = list_dead_letters(path)
+        for r in rows:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["created_at"]))
+            print(
+                f"seq {r['seq']:>10}  {when}Z  HTTP {r['status']}  {r['bytes']} B  {r['response']}"
+            )
+        print(f"{len(rows)} dead letters", file=sys.stderr)
+        return 0
+    if not args.all and not args.seqs:
+        print("deadletter retry: give --all or one or more SEQ", file=sys.stderr)
+        return EXIT_CONFIG
+    n = retry_dead_letters(path, None if args.all else args.seqs)
+    print(f"{n} dead letters put back in the outbox; the agent sends them within seconds")
+    return 0
+
+
 def cmd_simulate_cloud(args: argparse.Namespace) -> int:
     from agent.sim.cloud import serve
 
@@ -140,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     cc = sub.add_parser("check-config", help="validate a config file and print it, secrets masked")
     cc.add_argument("--config", required=True)
     cc.set_defaults(func=cmd_check_config)
+
+    dl = sub.add_parser("deadletter", help="chunks the cloud refused for good: list, retry")
+    dl.add_argument("action", choices=["list", "retry"])
+    dl.add_argument("seqs", nargs="*", type=int, metavar="SEQ")
+    dl.add_argument("--all", action="store_true", help="retry every dead letter")
+    dl.add_argument("--config", required=True)
+    dl.set_defaults(func=cmd_deadletter)
 
     sim = sub.add_parser("simulate", help="local stand-ins: the cloud receiver, cameras")
     simsub = sim.add_subparsers(dest="what", required=True)

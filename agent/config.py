@@ -193,6 +193,10 @@ class ForwardSettings(Section):
     backoff_min_s: float = Field(default=0.5, gt=0)
     backoff_max_s: float = Field(default=60.0, gt=0)
     shutdown_drain_s: float = Field(default=5.0, ge=0, le=600)
+    max_chunks_per_s: float = Field(default=20000.0, gt=0)
+    max_bytes_per_s: ByteSize = 0
+    min_chunks_per_s: float = Field(default=50.0, gt=0)
+    fast_response_s: float = Field(default=1.0, gt=0)
 
     @field_validator("url")
     @classmethod
@@ -207,6 +211,8 @@ class ForwardSettings(Section):
             raise ValueError("set either forward.token or forward.token_file, not both")
         if self.backoff_max_s < self.backoff_min_s:
             raise ValueError("forward.backoff_max_s must be >= forward.backoff_min_s")
+        if self.min_chunks_per_s > self.max_chunks_per_s:
+            raise ValueError("forward.min_chunks_per_s must be <= forward.max_chunks_per_s")
         return self
 
 

@@ -8,12 +8,14 @@ response said so.
 from __future__ import annotations
 
 import asyncio
-import email.utils
+import contextlib
 import gzip
 import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import httpx
 
@@ -22,41 +24,10 @@ from agent.config import ForwardSettings
 from agent.faults import NO_FAULTS, Faults
 from agent.model import SCHEMA, with_seq
 from agent.outbox import Outbox
+from agent.pacing import Backoff, Pacer, retry_after_s
 from agent.stats import Stats
 
 log = logging.getLogger(__name__)
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter."""
-
-    def __init__(self, *, min_s: float, max_s: float, rng: random.Random | None = None) -> None:
-        self.min_s = min_s
-        self.max_s = max_s
-        self.attempt = 0
-        self._rng = rng or random.Random()
-
-    def next_delay(self) -> float:
-        cap = min(self.max_s, self.min_s * (2 ** min(self.attempt, 30)))
-        self.attempt += 1
-        return self._rng.uniform(self.min_s / 2, cap)
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
-def retry_after_s(value: str | None, *, now: float) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date), else None."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - now)
 
 
 def encode_batch(gateway_id: str, rows: list[tuple[int, bytes]], *, sent_at: float) -> bytes:
@@ -70,6 +41,49 @@ def encode_batch(gateway_id: str, rows: list[tuple[int, bytes]], *, sent_at: flo
         f'"last_seq":{rows[-1][0]},"sent_at":"{stamp}","chunks":['
     ).encode()
     return head + b",".join(with_seq(s, b) for s, b in rows) + b"]}"
+
+
+MAX_RESPONSE_BYTES = 4096
+
+Kind = Literal["ok", "retry", "split", "poison"]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a response means for the batch: delete it, retry it, split it, or set a chunk aside."""
+
+    kind: Kind
+    detail: str
+    throttled: bool = False
+    retry_after_s: float | None = None
+    unhealthy: str | None = None
+
+
+def classify(status: int | None, *, batch_size: int, retry_after: float | None = None) -> Outcome:
+    """The response matrix of DESIGN.md (status None: no response at all)."""
+    if status is None:
+        return Outcome("retry", "no response")
+    if 200 <= status < 300 or status == 409:
+        return Outcome("ok", f"HTTP {status}")
+    if status in (429, 503):
+        return Outcome("retry", f"HTTP {status}", throttled=True, retry_after_s=retry_after)
+    if status in (400, 413, 422):
+        # 413: too large; 400/422: a chunk the cloud will never take. Halve until one chunk is
+        # left; a single chunk still refused goes to the dead letters.
+        return Outcome("split" if batch_size > 1 else "poison", f"HTTP {status}")
+    if status in (401, 403):
+        return Outcome("retry", f"HTTP {status}", unhealthy=f"cloud refused credentials ({status})")
+    if 300 <= status < 400:
+        return Outcome(
+            "retry",
+            f"HTTP {status}",
+            unhealthy=f"cloud answered a redirect ({status}); not followed",
+        )
+    if 400 <= status < 500:
+        return Outcome(
+            "retry", f"HTTP {status}", unhealthy=f"cloud answered {status}; check forward.url"
+        )
+    return Outcome("retry", f"HTTP {status}")
 
 
 class Forwarder:
@@ -95,9 +109,18 @@ class Forwarder:
         self._stats = stats
         self._token = token
         self._backoff = Backoff(min_s=settings.backoff_min_s, max_s=settings.backoff_max_s, rng=rng)
+        self.pacer = Pacer(
+            max_chunks_per_s=settings.max_chunks_per_s,
+            min_chunks_per_s=settings.min_chunks_per_s,
+            max_bytes_per_s=settings.max_bytes_per_s,
+            fast_response_s=settings.fast_response_s,
+        )
         self.wake = asyncio.Event()
         self.idle = asyncio.Event()
         self.unhealthy_reason: str | None = None
+        self.backoff_until: float | None = None
+        # Batch size: halved on 413/400/422 to bisect down to a refused chunk, doubled back on
+        # each success, reset once the refused chunk is set aside.
         self._limit = settings.max_batch_chunks
 
     async def run(self) -> None:
@@ -106,30 +129,35 @@ class Forwarder:
             if self._outbox.chunk_count == 0:
                 self.idle.set()
                 self.wake.clear()
-                await self.wake.wait()
+                # Re-read the outbox now and then: `deadletter retry` may have added chunks.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(5.0):
+                        await self.wake.wait()
+                await self._outbox.refresh_counts()
+                if self._outbox.chunk_count == 0:
+                    continue
                 self.idle.clear()
                 if s.linger_ms and self._outbox.chunk_count < s.max_batch_chunks:
                     await asyncio.sleep(s.linger_ms / 1000)
+            pace = self.pacer.delay(time.monotonic())
+            if pace:
+                await asyncio.sleep(pace)
             rows = await self._outbox.read_batch(
                 after_seq=0, max_chunks=self._limit, max_bytes=s.max_batch_bytes
             )
             if not rows:
+                await self._outbox.refresh_counts()
                 continue
             delay = await self._send(rows)
-            if delay is None:
-                self._faults.hit("after_send")
-                await self._outbox.delete_through(rows[-1][0])
-                self._backoff.reset()
-                if self._limit < s.max_batch_chunks:
-                    self._limit = min(s.max_batch_chunks, self._limit * 2)
-            else:
+            if delay:
+                self.backoff_until = time.time() + delay
                 await asyncio.sleep(delay)
+                self.backoff_until = None
 
-    async def _send(self, rows: list[tuple[int, bytes]]) -> float | None:
-        """Post one batch. None when the cloud acknowledged it, else seconds to wait."""
+    async def _send(self, rows: list[tuple[int, bytes]]) -> float:
+        """Post one batch and act on the answer; returns seconds to wait before the next."""
         first, last = rows[0][0], rows[-1][0]
-        now = time.time()
-        body = encode_batch(self._gateway_id, rows, sent_at=now)
+        body = encode_batch(self._gateway_id, rows, sent_at=time.time())
         headers = {
             "Content-Type": "application/json",
             "Idempotency-Key": f"{self._gateway_id}:{first}-{last}",
@@ -142,52 +170,82 @@ class Forwarder:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         started = time.monotonic()
+        self.pacer.sent(len(rows), len(body), started)
+        status: int | None = None
+        text = ""
+        retry_after = None
         try:
-            resp = await self._client.post(self._s.url, content=body, headers=headers)
+            async with self._client.stream("POST", self._s.url, content=body, headers=headers) as r:
+                status = r.status_code
+                text = await _read_capped(r)
+                retry_after = retry_after_s(r.headers.get("Retry-After"), now=time.time())
         except httpx.HTTPError as e:
-            return self._failed(first, last, f"{type(e).__name__}: {e}", None)
-        status = resp.status_code
-        if 200 <= status < 300 or status == 409:
-            st = self._stats
-            st.batches_sent += 1
-            st.chunks_sent += len(rows)
-            st.bytes_sent += len(body)
-            st.last_forward_ok = time.time()
-            self.unhealthy_reason = None
-            log.debug(
-                "batch %d-%d acknowledged (%d) in %.0f ms",
-                first,
-                last,
-                status,
-                (time.monotonic() - started) * 1000,
-            )
-            return None
-        hint = None
-        if status in (429, 503):
-            hint = retry_after_s(resp.headers.get("Retry-After"), now=time.time())
-        elif status == 413 and len(rows) > 1:
+            text = f"{type(e).__name__}: {e}"
+        latency_s = time.monotonic() - started
+        self._stats.batch_latency_s.append(latency_s)
+        outcome = classify(status, batch_size=len(rows), retry_after=retry_after)
+        if outcome.kind == "ok":
+            self._faults.hit("after_send")
+            await self._outbox.delete_through(last)
+            self._acknowledged(rows, len(body), latency_s)
+            return 0.0
+        if outcome.kind == "split":
             self._limit = max(1, len(rows) // 2)
             log.warning(
-                "batch %d-%d too large (413); retrying with %d chunks", first, last, self._limit
-            )
+                "batch %d-%d refused (%s: %s); retrying in halves of %d chunks",
+                first, last, outcome.detail, text[:200], self._limit,
+            )  # fmt: skip
             return 0.0
-        elif status in (401, 403):
-            self.unhealthy_reason = f"cloud refused credentials ({status})"
-        return self._failed(first, last, f"HTTP {status}", hint)
+        if outcome.kind == "poison":
+            await self._outbox.dead_letter(first, status=status, response=text[:MAX_RESPONSE_BYTES])
+            self._stats.dead_letters += 1
+            self._limit = self._s.max_batch_chunks
+            log.error(
+                "chunk %d refused by the cloud (%s: %s); moved to the dead letters "
+                "(see `edge-agent deadletter list`)",
+                first, outcome.detail, text[:200],
+            )  # fmt: skip
+            return 0.0
+        return self._failed(first, last, outcome, text)
 
-    def _failed(self, first: int, last: int, what: str, hint: float | None) -> float:
-        self._stats.batches_failed += 1
-        self._stats.last_forward_error = what
+    def _acknowledged(self, rows: list[tuple[int, bytes]], nbytes: int, latency_s: float) -> None:
+        st = self._stats
+        st.batches_sent += 1
+        st.chunks_sent += len(rows)
+        st.bytes_sent += nbytes
+        st.last_forward_ok = time.time()
+        self.unhealthy_reason = None
+        self._backoff.reset()
+        self.pacer.answered(latency_s)
+        if self._limit < self._s.max_batch_chunks:
+            self._limit = min(self._s.max_batch_chunks, self._limit * 2)
+
+    def _failed(self, first: int, last: int, outcome: Outcome, text: str) -> float:
+        st = self._stats
+        st.batches_failed += 1
+        st.last_forward_error = f"{outcome.detail}: {text[:200]}" if text else outcome.detail
+        if outcome.unhealthy:
+            self.unhealthy_reason = outcome.unhealthy
+        if outcome.throttled:
+            st.throttled += 1
+            self.pacer.throttled()
         delay = self._backoff.next_delay()
-        if hint is not None:
-            delay = min(max(hint, 0.0), self._s.backoff_max_s)
+        if outcome.retry_after_s is not None:
+            delay = min(outcome.retry_after_s, self._s.backoff_max_s)
         log.warning(
-            "batch %d-%d not delivered (%s); attempt %d, retrying in %.1f s, %d chunks kept",
-            first,
-            last,
-            what,
-            self._backoff.attempt,
-            delay,
+            "batch %d-%d not delivered (%s); attempt %d, retrying in %.1f s at %.0f chunks/s, "
+            "%d chunks kept",
+            first, last, st.last_forward_error, self._backoff.attempt, delay, self.pacer.rate,
             self._outbox.chunk_count,
-        )
+        )  # fmt: skip
         return delay
+
+
+async def _read_capped(r: httpx.Response) -> str:
+    """At most MAX_RESPONSE_BYTES of the response body: never read an unbounded answer."""
+    data = b""
+    async for part in r.aiter_raw():
+        data += part
+        if len(data) >= MAX_RESPONSE_BYTES:
+            break
+    return data[:MAX_RESPONSE_BYTES].decode("utf-8", "replace")

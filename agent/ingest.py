@@ -26,8 +26,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from agent.acks import AckLedger
 from agent.aggregate import Aggregator, StreamSpec
 from agent.config import MqttSettings, StreamSettings, read_secret
-from agent.forward import Backoff
 from agent.mqtt_compat import install_raw_handler, send_ack
+from agent.pacing import Backoff
 from agent.stats import RateLimitedLog, Stats
 from agent.timekeeping import BadTimestamp, parse_event_time
 

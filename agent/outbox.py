@@ -140,12 +140,7 @@ class Outbox:
             row = await cur.fetchone()
             if row is not None:
                 r.marks = msgspec.json.decode(row[0])
-        async with db.execute(
-            "SELECT count(*), coalesce(sum(length(body)), 0), min(created_at) FROM chunks"
-        ) as cur:
-            row = await cur.fetchone()
-            assert row is not None
-            self.chunk_count, self.chunk_bytes, self.oldest_created_at = row
+        await self._count()
         async with db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'chunks'") as cur:
             row = await cur.fetchone()
             self.last_seq = int(row[0]) if row else 0
@@ -251,6 +246,37 @@ class Outbox:
                 row = await cur.fetchone()
                 self.oldest_created_at = row[0] if row else None
 
+    async def refresh_counts(self) -> None:
+        """Re-read the chunk count and size (another process may have added chunks)."""
+        async with self._lock:
+            await self._count()
+
+    async def _count(self) -> None:
+        async with self._db.execute(
+            "SELECT count(*), coalesce(sum(length(body)), 0), min(created_at) FROM chunks"
+        ) as cur:
+            row = await cur.fetchone()
+            assert row is not None
+            self.chunk_count, self.chunk_bytes, self.oldest_created_at = row
+
+    async def dead_letter(self, seq: int, *, status: int | None, response: str) -> None:
+        """Move one chunk the cloud refuses for good to the dead letters, with its answer."""
+        async with self._lock:
+            db = self._db
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                await db.execute(
+                    "INSERT OR REPLACE INTO dead_letters (seq, created_at, body, status, response)"
+                    " SELECT seq, created_at, body, ?, ? FROM chunks WHERE seq = ?",
+                    (status, response, seq),
+                )
+                await db.execute("DELETE FROM chunks WHERE seq = ?", (seq,))
+                await db.execute("COMMIT")
+            except BaseException:
+                await _rollback(db)
+                raise
+            await self._count()
+
     async def save_marks(self, marks: dict[str, Any]) -> None:
         async with self._lock:
             await self._db.execute(
@@ -277,6 +303,7 @@ class Outbox:
 async def _connect(path: Path, synchronous: str) -> aiosqlite.Connection:
     db = await aiosqlite.connect(path, isolation_level=None)
     try:
+        await db.execute("PRAGMA busy_timeout=10000")
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute(f"PRAGMA synchronous={synchronous.upper()}")
         async with db.execute("PRAGMA quick_check") as cur:
@@ -323,3 +350,49 @@ async def _rollback(db: aiosqlite.Connection) -> None:
         await db.execute("ROLLBACK")
     except sqlite3.Error:
         log.exception("rollback failed")
+
+
+# -- dead letters, for the CLI (synchronous; safe beside a running agent thanks to WAL) ------
+
+
+def list_dead_letters(path: Path) -> list[dict[str, Any]]:
+    con = sqlite3.connect(path, timeout=10)
+    try:
+        rows = con.execute(
+            "SELECT seq, created_at, status, response, length(body) FROM dead_letters ORDER BY seq"
+        ).fetchall()
+    finally:
+        con.close()
+    return [
+        {"seq": s, "created_at": c, "status": st, "response": r, "bytes": n}
+        for s, c, st, r, n in rows
+    ]
+
+
+def retry_dead_letters(path: Path, seqs: Sequence[int] | None) -> int:
+    """Put dead letters back in the outbox (all, or the given seqs) under new seqs; how many."""
+    con = sqlite3.connect(path, timeout=10, isolation_level=None)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        if seqs is None:
+            chosen = [r[0] for r in con.execute("SELECT seq FROM dead_letters ORDER BY seq")]
+        else:
+            chosen = [
+                s for s in seqs
+                if con.execute("SELECT 1 FROM dead_letters WHERE seq = ?", (s,)).fetchone()
+            ]  # fmt: skip
+        for s in chosen:
+            con.execute(
+                "INSERT INTO chunks (created_at, body) SELECT created_at, body FROM dead_letters"
+                " WHERE seq = ?",
+                (s,),
+            )
+            con.execute("DELETE FROM dead_letters WHERE seq = ?", (s,))
+        con.execute("COMMIT")
+    except BaseException:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        raise
+    finally:
+        con.close()
+    return len(chosen)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 
@@ -29,6 +29,10 @@ class Stats:
     mqtt_reconnects: int = 0
     last_forward_ok: float | None = None
     last_forward_error: str | None = None
+    throttled: int = 0
+    dead_letters: int = 0
+    # Recent batch round trips, for the latency figures in /status and /metrics.
+    batch_latency_s: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
 
 
 class RateLimitedLog:

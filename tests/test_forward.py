@@ -5,7 +5,8 @@ import gzip
 import json
 import random
 
-from agent.forward import Backoff, encode_batch, retry_after_s
+from agent.forward import encode_batch
+from agent.pacing import Backoff, retry_after_s
 
 
 def test_retry_after_seconds_and_http_date() -> None:

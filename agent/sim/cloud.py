@@ -182,6 +182,10 @@ class Faults:
         self.retry_after_s = retry_after_s
         self.delay_ms = delay_ms
         self.status: int | None = None
+        # A chunk of this camera makes its whole batch a 422 (a poison chunk).
+        self.poison_camera: str | None = None
+        # Bodies larger than this (compressed) get a 413.
+        self.max_body_bytes: int | None = None
         self.rng = random.Random(seed)
         self.requests = 0
         self.injected = 0
@@ -259,7 +263,10 @@ class Handler(BaseHTTPRequestHandler):
             doc = json.loads(raw or b"{}")
             f = self.server.faults
             with self.server.lock:
-                for k in ("fail_rate", "throttle_every", "retry_after_s", "delay_ms", "status"):
+                for k in (
+                    "fail_rate", "throttle_every", "retry_after_s", "delay_ms", "status",
+                    "poison_camera", "max_body_bytes",
+                ):  # fmt: skip
                     if k in doc:
                         setattr(f, k, doc[k])
             self._reply(200, {"ok": True})
@@ -275,11 +282,20 @@ class Handler(BaseHTTPRequestHandler):
             throttle = bool(f.throttle_every) and n % f.throttle_every == 0
             delay_s = f.delay_ms / 1000
             forced = f.status
+            poison = f.poison_camera
+            max_body = f.max_body_bytes
         if delay_s:
             time.sleep(delay_s)
         if forced is not None:
             f.injected += 1
-            self._reply(forced, {"error": "forced by /_fault"})
+            extra = {"Retry-After": f"{f.retry_after_s:g}"} if forced in (429, 503) else {}
+            if 300 <= forced < 400:
+                extra = {"Location": "http://127.0.0.2:1/elsewhere"}
+            self._reply(forced, {"error": "forced by /_fault"}, extra)
+            return
+        if max_body is not None and len(raw) > max_body:
+            f.injected += 1
+            self._reply(413, {"error": f"body over {max_body} bytes"})
             return
         if throttle:
             f.injected += 1
@@ -296,6 +312,10 @@ class Handler(BaseHTTPRequestHandler):
             _validate(batch)
         except (OSError, ValueError, KeyError, TypeError) as e:
             self._reply(400, {"error": f"bad batch: {e}"})
+            return
+        if poison is not None and any(c.get("camera") == poison for c in batch["chunks"]):
+            f.injected += 1
+            self._reply(422, {"error": f"chunk of camera {poison} refused"})
             return
         with self.server.lock:
             new, dup = self.server.store.ingest(batch)

@@ -1,0 +1,206 @@
+"""The forwarder against the real reference receiver, one test per row of the response matrix.
+
+The forwarder runs in the test's event loop over a real SQLite outbox; the receiver is a real
+process told how to fail through POST /_fault.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from agent.config import ForwardSettings
+from agent.forward import Forwarder, classify
+from agent.model import Chunk, encode_chunk
+from agent.outbox import CheckpointWrite, Outbox, list_dead_letters, retry_dead_letters
+from agent.sim.cloud import load_merged
+from agent.sim.procs import Receiver
+from agent.stats import Stats
+
+
+@dataclass
+class Rig:
+    outbox: Outbox
+    forwarder: Forwarder
+    stats: Stats
+    receiver: Receiver
+    path: Path
+
+    async def fill(self, n: int, cameras: Callable[[int], str] = lambda i: f"cam-{i % 10}") -> None:
+        chunks = []
+        for i in range(n):
+            c = Chunk(cameras(i), "det", 1764126000 + i, 1)
+            c.add_times(1764126000.0 + i, 1764126000.5 + i)
+            chunks.append(encode_chunk(c))
+        await self.outbox.checkpoint(CheckpointWrite(chunks=chunks), now=1.0)
+        self.forwarder.wake.set()
+
+    async def until(self, cond: Callable[[], bool], what: str, timeout_s: float = 20) -> None:
+        async with asyncio.timeout(timeout_s):
+            while not cond():  # noqa: ASYNC110 - polls another process's state, bounded
+                await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def rig(tmp_path: Path, receiver: Receiver) -> AsyncIterator[Rig]:
+    settings = ForwardSettings(
+        url=receiver.url, linger_ms=0, backoff_min_s=0.05, backoff_max_s=0.3, timeout_s=1.0,
+        max_batch_chunks=1000,
+    )  # fmt: skip
+    path = tmp_path / "outbox.sqlite3"
+    outbox, _ = await Outbox.open(path, synchronous="normal")
+    stats = Stats()
+    async with httpx.AsyncClient(timeout=settings.timeout_s, follow_redirects=False) as client:
+        fwd = Forwarder(
+            settings=settings, gateway_id="gw-test", outbox=outbox, client=client, stats=stats
+        )
+        task = asyncio.create_task(fwd.run())
+        try:
+            yield Rig(outbox, fwd, stats, receiver, path)
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await outbox.close()
+
+
+def stored(r: Rig) -> int:
+    return int(r.receiver.stats()["chunks"])
+
+
+async def test_2xx_delivers_and_deletes(rig: Rig) -> None:
+    await rig.fill(2500)
+    await rig.until(lambda: rig.outbox.chunk_count == 0, "drained")
+    assert stored(rig) == 2500
+    assert rig.stats.batches_sent == 3  # 1000 + 1000 + 500, contiguous, in order
+    assert rig.receiver.stats()["gateways"]["gw-test"]["gaps"] == 0
+
+
+async def test_409_counts_as_acknowledged(rig: Rig) -> None:
+    rig.receiver.fault(status=409)
+    await rig.fill(10)
+    await rig.until(lambda: rig.outbox.chunk_count == 0, "drained")
+    assert rig.stats.batches_failed == 0
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_throttle_honours_retry_after_and_cuts_the_pace(rig: Rig, status: int) -> None:
+    rig.receiver.fault(status=status, retry_after_s=0.2)
+    await rig.fill(10)
+    await rig.until(lambda: rig.stats.throttled >= 2, "throttled twice")
+    assert rig.forwarder.pacer.rate <= rig.forwarder.pacer.max_rate / 4
+    assert rig.outbox.chunk_count == 10  # kept
+    rig.receiver.fault(status=None)
+    await rig.until(lambda: rig.outbox.chunk_count == 0, "drained")
+    assert stored(rig) == 10
+
+
+@pytest.mark.parametrize("status", [500, 502, 504])
+async def test_server_errors_retry_with_backoff_and_keep_everything(rig: Rig, status: int) -> None:
+    rig.receiver.fault(status=status)
+    await rig.fill(10)
+    await rig.until(lambda: rig.stats.batches_failed >= 3, "three failures")
+    assert rig.outbox.chunk_count == 10
+    assert rig.forwarder.unhealthy_reason is None
+    rig.receiver.fault(status=None)
+    await rig.until(lambda: rig.outbox.chunk_count == 0, "drained")
+    assert stored(rig) == 10
+
+
+async def test_timeout_is_retried(rig: Rig) -> None:
+    rig.receiver.fault(delay_ms=1500)  # beyond timeout_s = 1
+    await rig.fill(5)
+    await rig.until(lambda: rig.stats.batches_failed >= 1, "a timeout")
+    assert "Timeout" in (rig.stats.last_forward_error or "")
+    rig.receiver.fault(delay_ms=0)
+    await rig.until(lambda: rig.outbox.chunk_count == 0, "drained")
+    assert rig.receiver.stats()["chunks"] == 5  # the timed-out attempt may have landed: deduped
+
+
+async def test_connection_refused_is_retried(rig: Rig) -> None:
+    rig.receiver.kill()
+    await rig.fill(5)
+    await rig.until(lambda: rig.stats.batches_failed >= 2, "refusals")
+    assert "ConnectError" in (rig.stats.last_forward_error or "")
+    rig.receiver.start()
+    await rig.until(lambda: rig.outbox.chunk_count == 0, "drained")
+    assert stored(rig) == 5
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_auth_refused_keeps_data_and_reports_unhealthy(rig: Rig, status: int) -> None:
+    rig.receiver.fault(status=status)
+    await rig.fill(5)
+    await rig.until(lambda: rig.forwarder.unhealthy_reason is not None, "unhealthy")
+    assert str(status) in (rig.forwarder.unhealthy_reason or "")
+    assert rig.outbox.chunk_count == 5
+    rig.receiver.fault(status=None)
+    await rig.until(lambda: rig.outbox.chunk_count == 0, "drained")
+    assert rig.forwarder.unhealthy_reason is None
+
+
+async def test_redirect_is_not_followed(rig: Rig) -> None:
+    rig.receiver.fault(status=307)
+    await rig.fill(5)
+    await rig.until(lambda: rig.forwarder.unhealthy_reason is not None, "unhealthy")
+    assert "redirect" in (rig.forwarder.unhealthy_reason or "")
+    assert rig.outbox.chunk_count == 5
+
+
+async def test_413_splits_the_batch(rig: Rig) -> None:
+    rig.receiver.fault(max_body_bytes=900)  # a few compressed chunks fit, 100 do not
+    await rig.fill(100)
+    await rig.until(lambda: rig.outbox.chunk_count == 0, "drained")
+    assert stored(rig) == 100
+    assert rig.stats.batches_sent > 1
+    assert rig.stats.dead_letters == 0
+
+
+async def test_poison_chunk_goes_to_dead_letters_and_the_rest_arrives(rig: Rig) -> None:
+    """One chunk in a batch of 1,000 is refused (422): bisect to it, set it aside, go on."""
+    rig.receiver.fault(poison_camera="cam-poison")
+    await rig.fill(1000, cameras=lambda i: "cam-poison" if i == 617 else f"cam-{i % 10}")
+    await rig.until(lambda: rig.outbox.chunk_count == 0, "drained", timeout_s=60)
+    assert stored(rig) == 999
+    dead = list_dead_letters(rig.path)
+    assert [d["seq"] for d in dead] == [618]
+    assert dead[0]["status"] == 422 and "cam-poison" in dead[0]["response"]
+    assert rig.stats.dead_letters == 1
+    # The operator fixes the cloud and retries: the chunk goes out under a new seq.
+    rig.receiver.fault(poison_camera=None)
+    assert retry_dead_letters(rig.path, None) == 1
+    await rig.until(lambda: stored(rig) == 1000, "the retried dead letter", timeout_s=30)
+    assert list_dead_letters(rig.path) == []
+    merged = load_merged(rig.receiver.db)
+    assert sum(c.count for c in merged.values()) == 1000
+
+
+async def test_bad_request_on_a_single_chunk_is_a_dead_letter(rig: Rig) -> None:
+    rig.receiver.fault(status=400)
+    await rig.fill(1)
+    await rig.until(lambda: rig.stats.dead_letters == 1, "a dead letter")
+    assert rig.outbox.chunk_count == 0
+    assert json.loads(list_dead_letters(rig.path)[0]["response"])["error"] == "forced by /_fault"
+
+
+def test_matrix_table() -> None:
+    assert classify(200, batch_size=5).kind == "ok"
+    assert classify(204, batch_size=5).kind == "ok"
+    assert classify(409, batch_size=5).kind == "ok"
+    assert classify(429, batch_size=5, retry_after=3).retry_after_s == 3
+    assert classify(503, batch_size=5).throttled
+    assert classify(500, batch_size=5).kind == "retry"
+    assert classify(None, batch_size=5).kind == "retry"
+    assert classify(413, batch_size=5).kind == "split"
+    assert classify(413, batch_size=1).kind == "poison"
+    assert classify(422, batch_size=2).kind == "split"
+    assert classify(400, batch_size=1).kind == "poison"
+    assert classify(401, batch_size=5).unhealthy
+    assert classify(301, batch_size=5).kind == "retry"
+    assert classify(404, batch_size=5).unhealthy
