@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,11 +49,14 @@ class Rig:
 
 
 @pytest.fixture
-async def rig(tmp_path: Path, receiver: Receiver) -> AsyncIterator[Rig]:
-    settings = ForwardSettings(
-        url=receiver.url, linger_ms=0, backoff_min_s=0.05, backoff_max_s=0.3, timeout_s=1.0,
-        max_batch_chunks=1000,
-    )  # fmt: skip
+async def rig(
+    tmp_path: Path, receiver: Receiver, request: pytest.FixtureRequest
+) -> AsyncIterator[Rig]:
+    options = {
+        "url": receiver.url, "linger_ms": 0, "backoff_min_s": 0.05, "backoff_max_s": 0.3,
+        "timeout_s": 1.0, "max_batch_chunks": 1000, **getattr(request, "param", {}),
+    }  # fmt: skip
+    settings = ForwardSettings(**options)
     path = tmp_path / "outbox.sqlite3"
     outbox, _ = await Outbox.open(path, synchronous="normal")
     stats = Stats()
@@ -204,3 +208,38 @@ def test_matrix_table() -> None:
     assert classify(401, batch_size=5).unhealthy
     assert classify(301, batch_size=5).kind == "retry"
     assert classify(404, batch_size=5).unhealthy
+
+
+def max_in_any_second(times: list[float]) -> int:
+    best, j = 0, 0
+    for i, t in enumerate(times):
+        while times[j] < t - 1.0:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+@pytest.mark.parametrize(
+    "rig", [{"max_chunks_per_s": 2000, "min_chunks_per_s": 100, "max_batch_chunks": 200}],
+    indirect=True,
+)  # fmt: skip
+async def test_replay_keeps_under_the_pace_and_backs_off_on_429(rig: Rig) -> None:
+    await rig.fill(3000)
+    await rig.until(lambda: rig.outbox.chunk_count == 0, "drained", timeout_s=30)
+    con = sqlite3.connect(rig.receiver.db)
+    times = sorted(t for (t,) in con.execute("SELECT received_at FROM chunks"))
+    con.close()
+    assert len(times) == 3000
+    # At most the pace plus one batch in any one-second span (timing only slows this down).
+    assert max_in_any_second(times) <= 2000 + 200
+    assert rig.forwarder.pacer.rate == 2000
+
+    rig.receiver.fault(throttle_every=2, retry_after_s=0.05)
+    await rig.fill(1000)
+    await rig.until(lambda: rig.stats.throttled >= 3, "throttling")
+    assert rig.forwarder.pacer.rate < 2000  # multiplicative decrease
+    rig.receiver.fault(throttle_every=0)
+    await rig.until(lambda: rig.outbox.chunk_count == 0, "drained", timeout_s=30)
+    await rig.fill(2000)
+    await rig.until(lambda: rig.outbox.chunk_count == 0, "drained", timeout_s=30)
+    assert rig.forwarder.pacer.rate == 2000  # additive increase back to the maximum
