@@ -170,7 +170,7 @@ class AggregateSettings(Section):
 
 class BufferSettings(Section):
     path: Path = Path("/var/lib/edge-agent/buffer.sqlite3")
-    max_bytes: ByteSize = 1024**3
+    max_bytes: Annotated[int, BeforeValidator(parse_size), Field(ge=1024**2)] = 1024**3
     synchronous: Literal["off", "normal", "full", "extra"] = "full"
     checkpoint_interval_ms: int = Field(default=250, ge=10, le=60000)
     max_ack_delay_ms: int = Field(default=10000, ge=100, le=3600000)

@@ -21,6 +21,7 @@ import aiosqlite
 import msgspec
 
 from agent.faults import NO_FAULTS, Faults
+from agent.quota import LEVELS, counted_messages, plan_compaction
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ class Outbox:
         self.chunk_bytes = 0
         self.last_seq = 0
         self.oldest_created_at: float | None = None
+        self.page_size = 4096
+        self.max_pages = 2**31
 
     @classmethod
     async def open(
@@ -245,6 +248,79 @@ class Outbox:
             async with db.execute("SELECT min(created_at) FROM chunks") as cur:
                 row = await cur.fetchone()
                 self.oldest_created_at = row[0] if row else None
+
+    # -- bounded disk ------------------------------------------------------------------------
+
+    async def set_quota(self, max_bytes: int) -> None:
+        """Cap the database (max_page_count) and the WAL (journal_size_limit) to max_bytes."""
+        async with self._lock:
+            wal_allowance = min(64 * 1024**2, max_bytes // 8)
+            async with self._db.execute("PRAGMA page_size") as cur:
+                row = await cur.fetchone()
+                self.page_size = int(row[0]) if row else 4096
+            self.max_pages = max(64, (max_bytes - wal_allowance) // self.page_size)
+            await self._db.execute(f"PRAGMA max_page_count = {self.max_pages}")
+            await self._db.execute(f"PRAGMA journal_size_limit = {wal_allowance}")
+
+    async def usage(self) -> float:
+        """Live pages as a fraction of the quota (free pages are reused, so they do not count)."""
+        async with self._lock:
+            return await self._usage()
+
+    async def _usage(self) -> float:
+        async with self._db.execute("PRAGMA page_count") as cur:
+            row = await cur.fetchone()
+            pages = int(row[0]) if row else 0
+        async with self._db.execute("PRAGMA freelist_count") as cur:
+            row = await cur.fetchone()
+            free = int(row[0]) if row else 0
+        return (pages - free) / self.max_pages
+
+    async def make_room(self, *, target: float, drop_oldest: bool) -> tuple[int, int, int]:
+        """Bring usage under `target`: compact 1 s -> 10 s -> 60 s chunks, then (if allowed)
+        drop the oldest. Returns (chunks compacted away, chunks dropped, messages dropped)."""
+        compacted = dropped = dropped_msgs = 0
+        async with self._lock:
+            for width, coarser in LEVELS:
+                after = 0
+                while await self._usage() > target:
+                    async with self._db.execute(
+                        "SELECT seq, body FROM chunks WHERE seq > ? ORDER BY seq LIMIT 5000",
+                        (after,),
+                    ) as cur:
+                        rows = [(int(s), bytes(b)) async for s, b in cur]
+                    if not rows:
+                        break
+                    after = rows[-1][0]
+                    plan = plan_compaction(rows, width=width, coarser=coarser)
+                    if plan.deletes:
+                        await self._apply(plan.updates, plan.deletes)
+                        compacted += len(plan.deletes)
+            while drop_oldest and await self._usage() > target and self.chunk_count:
+                async with self._db.execute(
+                    "SELECT seq, body FROM chunks ORDER BY seq LIMIT 1000"
+                ) as cur:
+                    rows = [(int(s), bytes(b)) async for s, b in cur]
+                dropped_msgs += counted_messages(b for _, b in rows)
+                dropped += len(rows)
+                await self._apply([], [s for s, _ in rows])
+            await self._count()
+        return compacted, dropped, dropped_msgs
+
+    async def _apply(self, updates: list[tuple[int, bytes]], deletes: list[int]) -> None:
+        db = self._db
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            # Deletes first: the pages they free make room for the rewritten bodies.
+            await db.executemany("DELETE FROM chunks WHERE seq = ?", [(s,) for s in deletes])
+            await db.executemany(
+                "UPDATE chunks SET body = ? WHERE seq = ?", [(b, s) for s, b in updates]
+            )
+            await db.execute("COMMIT")
+        except BaseException:
+            await _rollback(db)
+            raise
+        await self._count()
 
     async def refresh_counts(self) -> None:
         """Re-read the chunk count and size (another process may have added chunks)."""

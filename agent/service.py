@@ -33,6 +33,10 @@ from agent.stats import RateLimitedLog, Stats
 
 log = logging.getLogger(__name__)
 
+# Outbox usage (live pages / quota) above which room is made, and the level it is brought to.
+HIGH_WATER = 0.9
+LOW_WATER = 0.75
+
 
 def _key(w: Chunk) -> WindowKey:
     return (w.camera, w.stream, w.t, w.rev)
@@ -94,7 +98,35 @@ class Checkpointer:
         async with self._lock:
             await self._checkpoint(final)
 
+    async def _make_room(self) -> None:
+        """Keep the outbox under buffer.max_bytes: compact, then drop_oldest or backpressure."""
+        usage = await self._outbox.usage()
+        self._stats.buffer_usage = usage
+        if usage <= HIGH_WATER:
+            self._stats.buffer_full = False
+            return
+        drop = self._s.buffer.overflow == "drop_oldest"
+        compacted, dropped, dropped_msgs = await self._outbox.make_room(
+            target=LOW_WATER, drop_oldest=drop
+        )
+        st = self._stats
+        st.compacted_chunks += compacted
+        if dropped:
+            st.drops["buffer_full_oldest_chunks"] += dropped
+            st.drops["buffer_full_oldest_messages"] += dropped_msgs
+        usage = await self._outbox.usage()
+        st.buffer_usage = usage
+        st.buffer_full = usage > HIGH_WATER
+        self._warn.warning(
+            "quota",
+            "outbox at %.0f%% of buffer.max_bytes: compacted %d chunks into coarser windows, "
+            "dropped %d oldest chunks (%d messages)%s",
+            usage * 100, compacted, dropped, dropped_msgs,
+            "; holding MQTT acks (backpressure)" if st.buffer_full and not drop else "",
+        )  # fmt: skip
+
     async def _checkpoint(self, final: bool) -> None:
+        await self._make_room()
         now = self._clock()
         agg, ledger = self._agg, self._ledger
         closed = self._carry + (agg.close_all() if final else agg.close_due(now))
@@ -125,6 +157,8 @@ class Checkpointer:
         try:
             await self._outbox.checkpoint(write, now=now)
         except sqlite3.Error as e:
+            if "full" in str(e):
+                self._stats.buffer_full = True
             for w, version, saved in undo:
                 w.durable_version = version
                 w.saved = saved
@@ -184,6 +218,7 @@ async def run_service(
     outbox, recovery = await Outbox.open(
         settings.buffer.path, synchronous=settings.buffer.synchronous, faults=faults
     )
+    await outbox.set_quota(settings.buffer.max_bytes)
     if recovery.moved_aside is not None:
         stats.rejects["outbox_corrupt_moved_aside"] += 1
     agg_s = settings.aggregate
@@ -321,6 +356,8 @@ def ready_problems(p: Pipeline) -> list[str]:
         problems.append("MQTT not connected and subscribed")
     if p.forwarder.unhealthy_reason:
         problems.append(p.forwarder.unhealthy_reason)
+    if p.stats.buffer_full:
+        problems.append("outbox full: holding MQTT acks until the cloud drains it")
     return problems
 
 
@@ -356,7 +393,12 @@ def status_document(p: Pipeline) -> dict[str, object]:
             "checkpoints": st.checkpoints,
             "chunks_committed": st.chunks_committed,
             "snapshots_written": st.snapshots_written,
+            "usage_of_max_bytes": round(st.buffer_usage, 4),
+            "full": st.buffer_full,
+            "compacted_chunks": st.compacted_chunks,
+            "dead_letters": st.dead_letters,
         },
+        "drops": dict(st.drops),
         "forward": {
             "batches_sent": st.batches_sent,
             "batches_failed": st.batches_failed,
@@ -366,5 +408,8 @@ def status_document(p: Pipeline) -> dict[str, object]:
             if st.last_forward_ok
             else None,
             "last_error": st.last_forward_error,
+            "pace_chunks_per_s": round(p.forwarder.pacer.rate, 1),
+            "throttled": st.throttled,
+            "backoff_until": p.forwarder.backoff_until,
         },
     }

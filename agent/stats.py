@@ -30,6 +30,10 @@ class Stats:
     last_forward_ok: float | None = None
     last_forward_error: str | None = None
     throttled: int = 0
+    drops: Counter[str] = field(default_factory=Counter)
+    compacted_chunks: int = 0
+    buffer_usage: float = 0.0
+    buffer_full: bool = False
     dead_letters: int = 0
     # Recent batch round trips, for the latency figures in /status and /metrics.
     batch_latency_s: deque[float] = field(default_factory=lambda: deque(maxlen=1024))

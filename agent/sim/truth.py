@@ -101,3 +101,27 @@ def compare(
         duplicated=duplicated,
         mismatched_rows=bad,
     )
+
+
+def compare_per_stream(
+    expected: Mapping[tuple[str, str, int], Expected], merged: Mapping[tuple[str, str, int], Chunk]
+) -> Comparison:
+    """Like compare(), per (camera, stream) over the whole run: for coarsened (compacted) data."""
+    e2: dict[tuple[str, str, int], Expected] = defaultdict(Expected)
+    for (camera, stream, _), e in expected.items():
+        target = e2[(camera, stream, 0)]
+        target.count += e.count
+        for f, v in e.sums.items():
+            target.sums[f] += v
+        for f, counts in e.cats.items():
+            for k, n in counts.items():
+                target.cats[f][k] += n
+    m2: dict[tuple[str, str, int], Chunk] = {}
+    for (camera, stream, _), c in merged.items():
+        key = (camera, stream, 0)
+        if key in m2:
+            m2[key].merge(c)
+        else:
+            m2[key] = Chunk(camera, stream, 0, 1)
+            m2[key].merge(c)
+    return compare(e2, m2)
