@@ -128,11 +128,11 @@ def test_agent_starts_over_a_corrupt_outbox(agents: AgentFactory, tmp_path: Path
     assert agent.stop() == 0
 
 
-def test_agent_on_a_full_outbox_holds_acks_then_recovers(
+def test_agent_compacts_under_a_tiny_quota_and_loses_nothing(
     agents: AgentFactory, tmp_path: Path
 ) -> None:
-    """backpressure: with the cloud down and a tiny quota the agent stops acking (the broker
-    keeps the messages); when the cloud returns, everything arrives exactly once."""
+    """With the cloud down and a 1 MiB quota the agent compacts its backlog into coarser
+    windows; when the cloud returns, every message arrives exactly once."""
     agents.receiver.kill()
     cfg = agents.config(name="tiny.toml")
     cfg.write_text(cfg.read_text().replace("[buffer]\n", '[buffer]\nmax_bytes = "1MiB"\n'))
