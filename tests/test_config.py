@@ -108,7 +108,9 @@ def test_bad_env_override_names_the_key(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_sizes_accept_units() -> None:
-    s = load_settings(None, overrides={"gateway_id": "gw", "buffer": {"max_bytes": "64KiB"}})
-    assert s.buffer.max_bytes == 65536
+    s = load_settings(None, overrides={"gateway_id": "gw", "buffer": {"max_bytes": "64MiB"}})
+    assert s.buffer.max_bytes == 64 * 1024**2
+    s = load_settings(None, overrides={"gateway_id": "gw", "mqtt": {"max_payload_bytes": "64KiB"}})
+    assert s.mqtt.max_payload_bytes == 65536
     s = load_settings(None, overrides={"gateway_id": "gw", "buffer": {"max_bytes": "10MB"}})
     assert s.buffer.max_bytes == 10_000_000
