@@ -48,9 +48,26 @@ class StreamSpec:
 
 
 class _Camera:
-    __slots__ = ("closed_before", "last_recv", "late_revs", "max_event", "windows")
+    __slots__ = (
+        "closed_before",
+        "last_recv",
+        "late_revs",
+        "max_event",
+        "msgs",
+        "rate",
+        "skew",
+        "tick_msgs",
+        "tick_t",
+        "windows",
+    )
 
     def __init__(self) -> None:
+        self.msgs = 0
+        # Low-pass estimate of event time - receive time (negative: the camera clock is behind).
+        self.skew: float | None = None
+        self.rate = 0.0
+        self.tick_msgs = 0
+        self.tick_t: float | None = None
         self.max_event = -math.inf
         self.last_recv = -math.inf
         # Every window of this camera with t < closed_before is closed.
@@ -102,6 +119,10 @@ class Aggregator:
             cam = self._cameras[camera] = _Camera()
         w = self.window_s
         t = int(event_t // w) * w
+        cam.msgs += 1
+        if not gateway_time:
+            d = event_t - recv_t
+            cam.skew = d if cam.skew is None else cam.skew + 0.05 * (d - cam.skew)
         if recv_t > cam.last_recv:
             cam.last_recv = recv_t
         if event_t > cam.max_event:
@@ -158,6 +179,7 @@ class Aggregator:
         forget_before = now - self.late_memory_s
         stale: list[str] = []
         for name, cam in self._cameras.items():
+            _tick_rate(cam, now)
             if not cam.windows:
                 if cam.last_recv < forget_before:
                     stale.append(name)
@@ -250,3 +272,31 @@ class Aggregator:
     @property
     def camera_count(self) -> int:
         return len(self._cameras)
+
+    def camera_info(self, now: float) -> dict[str, dict[str, Any]]:
+        """Per camera: last seen, messages, rate, clock skew and its flags (for /status)."""
+        out = {}
+        for name, cam in self._cameras.items():
+            flags = []
+            if cam.skew is not None and abs(cam.skew) > self.max_skew_s:
+                flags.append("clock_suspect")
+            out[name] = {
+                "last_seen_age_s": round(now - cam.last_recv, 1),
+                "messages": cam.msgs,
+                "msgs_per_s": round(cam.rate, 2),
+                "skew_s": None if cam.skew is None else round(cam.skew, 3),
+                "windows_open": len(cam.windows),
+                "flags": flags,
+            }
+        return out
+
+
+def _tick_rate(cam: _Camera, now: float) -> None:
+    if cam.tick_t is None:
+        cam.tick_t, cam.tick_msgs = now, cam.msgs
+        return
+    dt = now - cam.tick_t
+    if dt >= 1.0:
+        inst = (cam.msgs - cam.tick_msgs) / dt
+        cam.rate = inst if cam.rate == 0.0 else 0.7 * cam.rate + 0.3 * inst
+        cam.tick_t, cam.tick_msgs = now, cam.msgs

@@ -69,6 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     setup_logging(settings.log)
     from agent.faults import Faults
+    from agent.notify import Notifier
     from agent.outbox import OutboxError
     from agent.service import run_service
 
@@ -76,13 +77,80 @@ def cmd_run(args: argparse.Namespace) -> int:
         "edge-agent %s starting, gateway %s", __version__, settings.gateway_id
     )
     try:
-        uvloop.run(run_service(settings, faults=Faults.from_env()))
+        uvloop.run(run_service(settings, faults=Faults.from_env(), notifier=Notifier.from_env()))
     except OutboxError as e:
         logging.getLogger("agent").error("cannot start: %s", e)
         return EXIT_STARTUP
     except KeyboardInterrupt:
         return 1
     return 0
+
+
+EXIT_NOT_READY = 1
+EXIT_UNREACHABLE = 3
+
+
+def _age_words(seconds: float | None) -> str:
+    if seconds is None:
+        return "none"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print /status for a person; exit 0 ready, 1 not ready, 3 unreachable."""
+    import urllib.error
+    import urllib.request
+
+    url = args.url
+    if url is None:
+        listen = _load(args.config).health.listen if args.config else "127.0.0.1:9108"
+        url = f"http://{listen}"
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=args.timeout_s) as r:
+            doc = json.loads(r.read())
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        print(f"edge-agent at {url} is unreachable: {reason}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0 if doc.get("ready") else EXIT_NOT_READY
+    problems = list(doc.get("problems", []))
+    ob, fw, ing = doc["outbox"], doc["forward"], doc["ingest"]
+    if doc.get("drops"):
+        problems.append(f"data dropped: {doc['drops']}")
+    if ob.get("dead_letters"):
+        problems.append(f"{ob['dead_letters']} chunks in the dead letters")
+    for p in problems:
+        print(f"PROBLEM  {p}")
+    rejects = ", ".join(f"{k} {v}" for k, v in sorted(ing["rejects"].items())) or "none"
+    rows = [
+        ("gateway", f"{doc['gateway_id']}  (edge-agent {doc['version']}, "
+         f"up {_age_words(doc['uptime_s'])})"),
+        ("mqtt", ("connected" if doc["mqtt"]["connected"] else "DISCONNECTED")
+         + f", {doc['mqtt']['reconnects']} reconnects"),
+        ("ingest", f"{ing['msgs_per_s_10s']} msgs/s (10 s), {ing['msgs_per_s_60s']} msgs/s (60 s), "
+         f"{ing['unacked']} unacked"),
+        ("rejects", rejects),
+        ("cameras", f"{doc['cameras']['count']}, {doc['aggregate']['windows_open']} windows open"),
+        ("backlog", f"{ob['chunks']} chunks, oldest {_age_words(ob['oldest_unsent_age_s'])}, "
+         f"{ob['usage_of_max_bytes'] * 100:.1f}% of max_bytes"),
+        ("cloud", f"last success {_age_words(fw['last_success_age_s'])} ago, "
+         f"{fw['batches_sent']} batches sent, {fw['batches_failed']} failed, "
+         f"pace {fw['pace_chunks_per_s']:.0f} chunks/s"),
+    ]  # fmt: skip
+    if fw.get("last_error"):
+        rows.append(("last error", str(fw["last_error"])))
+    for k, v in rows:
+        print(f"{k:<10} {v}")
+    print("READY" if doc.get("ready") else "NOT READY")
+    return 0 if doc.get("ready") else EXIT_NOT_READY
 
 
 def cmd_deadletter(args: argparse.Namespace) -> int:
@@ -166,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     cc = sub.add_parser("check-config", help="validate a config file and print it, secrets masked")
     cc.add_argument("--config", required=True)
     cc.set_defaults(func=cmd_check_config)
+
+    stp = sub.add_parser("status", help="show a running agent's /status; exit 1 if not ready")
+    stp.add_argument("--url", default=None, help="e.g. http://127.0.0.1:9108")
+    stp.add_argument("--config", default=None, help="read health.listen from this config")
+    stp.add_argument("--json", action="store_true", help="print the raw /status JSON")
+    stp.add_argument("--timeout-s", type=float, default=5.0)
+    stp.set_defaults(func=cmd_status)
 
     dl = sub.add_parser("deadletter", help="chunks the cloud refused for good: list, retry")
     dl.add_argument("action", choices=["list", "retry"])

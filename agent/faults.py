@@ -5,7 +5,8 @@ time the point is reached, default 1), read once by the CLI. Unset, every call i
 
 Points: `mid_checkpoint` (inside the checkpoint transaction, before COMMIT), `after_commit`
 (checkpoint committed, acks not yet sent), `after_send` (the cloud answered 2xx, the outbox
-delete not yet done).
+delete not yet done); `stall_checkpoint` does not kill but hangs the checkpoint loop (for the
+watchdog test).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import signal
 log = logging.getLogger(__name__)
 
 ENV = "EDGE_AGENT_TEST_FAULT"
-POINTS = ("mid_checkpoint", "after_commit", "after_send")
+POINTS = ("mid_checkpoint", "after_commit", "after_send", "stall_checkpoint")
 
 
 class Faults:
@@ -35,11 +36,15 @@ class Faults:
         point, _, n = raw.partition(":")
         return cls(point, int(n or 1))
 
-    def hit(self, point: str) -> None:
+    def reached(self, point: str) -> bool:
+        """True the n-th time `point` is reached (and every time after)."""
         if point != self._point:
-            return
+            return False
         self._left -= 1
-        if self._left <= 0:
+        return self._left <= 0
+
+    def hit(self, point: str) -> None:
+        if self.reached(point):
             log.warning("fault point %s reached: SIGKILL", point)
             os.kill(os.getpid(), signal.SIGKILL)
 

@@ -182,7 +182,7 @@ class Forwarder:
         except httpx.HTTPError as e:
             text = f"{type(e).__name__}: {e}"
         latency_s = time.monotonic() - started
-        self._stats.batch_latency_s.append(latency_s)
+        self._stats.observe_latency(latency_s)
         outcome = classify(status, batch_size=len(rows), retry_after=retry_after)
         if outcome.kind == "ok":
             self._faults.hit("after_send")

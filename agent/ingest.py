@@ -283,6 +283,7 @@ class MqttSession:
                         ]
                     )
                     self._stats.mqtt_connected = True
+                    self._stats.mqtt_connected_since = time.time()
                     if attempt > 1:
                         self._stats.mqtt_reconnects += 1
                     log.info(
@@ -311,5 +312,6 @@ class MqttSession:
             finally:
                 self._client = None
                 self._stats.mqtt_connected = False
+                self._stats.mqtt_connected_since = None
                 self.subscribed.clear()
             await asyncio.sleep(delay)

@@ -19,19 +19,23 @@ from dataclasses import dataclass
 import httpx
 import msgspec
 
-from agent import __version__
 from agent.acks import AckLedger
 from agent.aggregate import DURABLE, Aggregator, Window
 from agent.config import Settings, read_secret
 from agent.faults import NO_FAULTS, Faults
 from agent.forward import Forwarder
-from agent.health import HealthServer, uptime_s
+from agent.health import HealthServer, Response, json_response
 from agent.ingest import Intake, MqttSession, TopicRouter
+from agent.metrics import render as render_metrics
 from agent.model import Chunk, encode_chunk
+from agent.notify import Notifier
 from agent.outbox import CheckpointWrite, Outbox, WindowKey
 from agent.stats import RateLimitedLog, Stats
+from agent.status import alive_problems, ready_problems, status_document
 
 log = logging.getLogger(__name__)
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Outbox usage (live pages / quota) above which room is made, and the level it is brought to.
 HIGH_WATER = 0.9
@@ -88,11 +92,15 @@ class Checkpointer:
         self._warn = RateLimitedLog(log)
         self._lock = asyncio.Lock()
 
-    async def run(self) -> None:
+    async def run(self, notifier: Notifier) -> None:
         interval_s = self._s.buffer.checkpoint_interval_ms / 1000
         while True:
             await asyncio.sleep(interval_s)
+            if self._faults.reached("stall_checkpoint"):
+                log.warning("fault point stall_checkpoint reached: the checkpoint loop hangs")
+                await asyncio.Future()
             await self.checkpoint()
+            notifier.progress()
 
     async def checkpoint(self, *, final: bool = False) -> None:
         async with self._lock:
@@ -181,6 +189,7 @@ class Checkpointer:
             w.saved = True
         st = self._stats
         st.checkpoints += 1
+        st.sample(time.monotonic())
         st.chunks_committed += len(closed)
         if snapshots:
             st.snapshots_written += len(snapshots)
@@ -194,10 +203,15 @@ class Checkpointer:
 
 
 async def run_service(
-    settings: Settings, *, stop: asyncio.Event | None = None, faults: Faults = NO_FAULTS
+    settings: Settings,
+    *,
+    stop: asyncio.Event | None = None,
+    faults: Faults = NO_FAULTS,
+    notifier: Notifier | None = None,
 ) -> Pipeline:
     """Run until `stop` is set (or SIGTERM/SIGINT), then shut down in order."""
     stop = stop or asyncio.Event()
+    notifier = notifier or Notifier()
     loop = asyncio.get_running_loop()
     signals_seen = 0
 
@@ -286,22 +300,42 @@ async def run_service(
         )
         pipeline = Pipeline(settings, outbox, aggregator, ledger, intake, session, forwarder, stats)
         tasks: list[asyncio.Task[None]] = []
+
+        def healthz() -> Response:
+            done = [t.get_name() for t in tasks if t.done()]
+            problems = alive_problems(pipeline, done, time.monotonic())
+            return json_response(
+                503 if problems else 200, {"ok": not problems, "problems": problems}
+            )
+
+        def readyz() -> Response:
+            problems = ready_problems(pipeline)
+            return json_response(
+                503 if problems else 200, {"ok": not problems, "problems": problems}
+            )
+
         health = HealthServer(
             listen=settings.health.listen,
-            status=lambda: status_document(pipeline),
-            ready=lambda: ready_problems(pipeline),
-            alive=lambda: [f"task {t.get_name()} ended" for t in tasks if t.done()],
+            routes={
+                "/healthz": healthz,
+                "/readyz": readyz,
+                "/status": lambda: json_response(200, status_document(pipeline)),
+                "/metrics": lambda: (200, METRICS_CONTENT_TYPE, render_metrics(pipeline)),
+            },
         )
         await health.start()
         try:
             async with asyncio.TaskGroup() as tg:
                 mqtt_task = tg.create_task(session.run(), name="mqtt")
-                ckpt_task = tg.create_task(checkpointer.run(), name="checkpoint")
+                ckpt_task = tg.create_task(checkpointer.run(notifier), name="checkpoint")
                 fwd_task = tg.create_task(forwarder.run(), name="forward")
-                tasks += [mqtt_task, ckpt_task, fwd_task]
+                notify_task = tg.create_task(_notify_loop(pipeline, notifier), name="notify")
+                tasks += [mqtt_task, ckpt_task, fwd_task, notify_task]
                 if outbox.chunk_count:
                     forwarder.wake.set()
                 await stop.wait()
+                notifier.stopping()
+                notify_task.cancel()
                 await _shutdown(pipeline, checkpointer, mqtt_task, ckpt_task, fwd_task)
         finally:
             await health.close()
@@ -350,66 +384,24 @@ async def _shutdown(
     log.info("shutdown done in %.2f s", time.monotonic() - started)
 
 
-def ready_problems(p: Pipeline) -> list[str]:
-    problems = []
-    if not p.session.subscribed.is_set():
-        problems.append("MQTT not connected and subscribed")
-    if p.forwarder.unhealthy_reason:
-        problems.append(p.forwarder.unhealthy_reason)
-    if p.stats.buffer_full:
-        problems.append("outbox full: holding MQTT acks until the cloud drains it")
-    return problems
+async def _notify_loop(p: Pipeline, notifier: Notifier) -> None:
+    """READY=1 once the outbox is open and MQTT is subscribed; then a STATUS line every 5 s."""
+    await p.session.subscribed.wait()
+    notifier.ready(status_line(p))
+    log.info("ready: outbox open, MQTT subscribed")
+    while True:
+        await asyncio.sleep(5)
+        notifier.status(status_line(p))
 
 
-def status_document(p: Pipeline) -> dict[str, object]:
-    """The /status JSON: what flows, what waits, what was rejected and why."""
+def status_line(p: Pipeline) -> str:
+    """One line for systemd's STATUS=: rate, cameras, backlog, cloud."""
     st, ob = p.stats, p.outbox
-    now = time.time()
     oldest = ob.oldest_created_at
-    return {
-        "version": __version__,
-        "gateway_id": p.settings.gateway_id,
-        "uptime_s": uptime_s(st.started_at),
-        "mqtt": {"connected": st.mqtt_connected, "reconnects": st.mqtt_reconnects},
-        "ingest": {
-            "received": st.received,
-            "counted": st.counted,
-            "redelivered_skipped": st.redelivered_skipped,
-            "acked": st.acked,
-            "unacked": len(p.ledger),
-            "rejects": dict(st.rejects),
-        },
-        "aggregate": {
-            "cameras": p.aggregator.camera_count,
-            "windows_open": p.aggregator.open_count,
-            **dict(p.aggregator.counters),
-        },
-        "outbox": {
-            "chunks": ob.chunk_count,
-            "bytes": ob.chunk_bytes,
-            "file_bytes": ob.file_bytes(),
-            "oldest_unsent_age_s": round(now - oldest, 1) if oldest else None,
-            "next_seq": ob.last_seq + 1,
-            "checkpoints": st.checkpoints,
-            "chunks_committed": st.chunks_committed,
-            "snapshots_written": st.snapshots_written,
-            "usage_of_max_bytes": round(st.buffer_usage, 4),
-            "full": st.buffer_full,
-            "compacted_chunks": st.compacted_chunks,
-            "dead_letters": st.dead_letters,
-        },
-        "drops": dict(st.drops),
-        "forward": {
-            "batches_sent": st.batches_sent,
-            "batches_failed": st.batches_failed,
-            "chunks_sent": st.chunks_sent,
-            "bytes_sent": st.bytes_sent,
-            "last_success_age_s": round(now - st.last_forward_ok, 1)
-            if st.last_forward_ok
-            else None,
-            "last_error": st.last_forward_error,
-            "pace_chunks_per_s": round(p.forwarder.pacer.rate, 1),
-            "throttled": st.throttled,
-            "backoff_until": p.forwarder.backoff_until,
-        },
-    }
+    age = f", oldest {time.time() - oldest:.0f} s" if oldest else ""
+    cloud = p.forwarder.unhealthy_reason or ("retrying" if p.forwarder.backoff_until else "ok")
+    line = (
+        f"{st.rate(10, time.monotonic()):.0f} msgs/s, {p.aggregator.camera_count} cameras, "
+        f"outbox {ob.chunk_count} chunks{age}, cloud: {cloud}"
+    )
+    return line[:200]
