@@ -69,12 +69,17 @@ class AckLedger:
             p.acked = p.journaled = True
             self._by_mid[mid] = p
         self._queue: deque[Pending] = deque()
+        # Entries of earlier connections not yet journaled: their effect may still become
+        # durable (their window closes) before the broker redelivers them, and a crash then
+        # must not count them twice.
+        self._orphans: list[Pending] = []
         self._conn = 0
         self._new_mids: set[int] = set()
 
     def new_connection(self) -> None:
         """A new MQTT connection: acks owed on the old one are void; the broker redelivers."""
         self._conn += 1
+        self._orphans.extend(p for p in self._queue if not p.journaled)
         self._queue.clear()
 
     def redelivered(self, mid: int, digest: int, recv_t: float) -> bool:
@@ -116,6 +121,17 @@ class AckLedger:
         Call `journal_written` or `journal_failed` after the commit.
         """
         upserts = [p for p in self._queue if not p.journaled and p.durable]
+        if self._orphans:
+            seen = {id(p) for p in upserts}
+            upserts += [
+                p for p in self._orphans if p.durable and not p.journaled and id(p) not in seen
+            ]
+            # Orphans superseded by a newer message under the same id need no journal row.
+            self._orphans = [
+                p for p in self._orphans
+                if not p.journaled and not p.durable and self._by_mid.get(p.mid) is p
+            ]  # fmt: skip
+            upserts = [p for p in upserts if self._by_mid.get(p.mid) is p]
         durable_mids = {p.mid for p in upserts}
         deletes = [m for m in self._new_mids if m not in durable_mids]
         self._new_mids = set()

@@ -82,3 +82,30 @@ def test_durable_messages_behind_a_slow_window_are_journaled_before_they_can_be_
     assert ledger.journal_changes()[0] == []  # written once
     restarted = AckLedger([(2, 20)])
     assert restarted.redelivered(2, 20, 0.0)
+
+
+def test_messages_of_a_lost_connection_are_journaled_once_durable() -> None:
+    """The chaos run found it: a broker restart cleared the ack queue, the held windows closed
+    and were committed before the broker redelivered, and a crash right then counted those
+    messages a second time. They must be journaled by the commit that makes them durable."""
+    ledger = AckLedger()
+    w = W()
+    ledger.track(4, 1, 40, w.add(), 0.0)
+    ledger.new_connection()  # the broker went away before the window closed
+    w.durable_version = DURABLE  # the window closes and is committed
+    upserts, _ = ledger.journal_changes()
+    assert [(p.mid, p.digest) for p in upserts] == [(4, 40)]
+    ledger.journal_written(upserts)
+    assert ledger.journal_changes()[0] == []
+    assert AckLedger([(4, 40)]).redelivered(4, 40, 0.0)  # a crash now: recognised
+
+
+def test_orphan_superseded_by_a_new_message_under_its_id_is_not_journaled() -> None:
+    ledger = AckLedger()
+    old = W()
+    ledger.track(4, 1, 40, old.add(), 0.0)
+    ledger.new_connection()
+    ledger.track(4, 1, 41, W().add(), 0.0)  # the broker reused id 4: the old one was acked
+    old.durable_version = DURABLE
+    upserts, deletes = ledger.journal_changes()
+    assert upserts == [] and deletes == [4]
