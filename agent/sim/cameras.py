@@ -90,7 +90,13 @@ def _worker(opts: SimOptions, index: int, cams: list[int]) -> dict[str, int]:
             else:
                 acked.append(item)
 
+    connects = [0]
+
+    def on_connect(*_args: Any) -> None:
+        connects[0] += 1
+
     client.on_publish = on_publish
+    client.on_connect = on_connect
     client.connect(opts.host, opts.port, keepalive=30)
     client.loop_start()
     record = open(opts.record.with_suffix(f".{index}.jsonl"), "w") if opts.record else None  # noqa: SIM115
@@ -164,6 +170,9 @@ def _worker(opts: SimOptions, index: int, cams: list[int]) -> dict[str, int]:
         "acked": len(acked),
         "failed": published - len(acked),
         "malformed": malformed,
+        # A reconnect makes paho resend in-flight publishes (DUP): the broker may then deliver
+        # a message twice, and the ground truth is no longer exact.
+        "reconnects": max(0, connects[0] - 1),
     }
 
 
@@ -194,7 +203,8 @@ def run_simulation(opts: SimOptions) -> dict[str, Any]:
                 part = opts.record.with_suffix(f".{i}.jsonl")
                 merged.write(part.read_text())
                 part.unlink()
-    total = {k: sum(r[k] for r in results) for k in ("published", "acked", "failed", "malformed")}
+    keys = ("published", "acked", "failed", "malformed", "reconnects")
+    total = {k: sum(r[k] for r in results) for k in keys}
     elapsed = time.monotonic() - started
     summary: dict[str, Any] = dict(total)
     summary.update(

@@ -291,4 +291,8 @@ class Publisher:
             raise self.error
         if self.summary.get("failed"):
             raise RuntimeError(f"the broker did not acknowledge every publish: {self.summary}")
+        if self.summary.get("reconnects"):
+            raise RuntimeError(
+                f"a camera publisher reconnected; ground truth unsure: {self.summary}"
+            )
         return expected_table(read_record(self.record))
