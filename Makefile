@@ -33,3 +33,10 @@ check: venv
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+.PHONY: install uninstall
+install:
+	systemd/install.sh
+
+uninstall:
+	systemd/install.sh --uninstall

@@ -5,6 +5,7 @@ Nothing else in the agent reads the environment or the TOML file; the runner get
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -375,12 +376,21 @@ def load_settings(path: Path | str | None, *, overrides: dict[str, Any] | None =
     return settings
 
 
-def read_secret(inline: SecretStr | None, file: Path | None) -> str | None:
-    """The secret from its inline value or its file (first line, stripped), or None."""
+def read_secret(
+    inline: SecretStr | None, file: Path | None, credential: str | None = None
+) -> str | None:
+    """The secret from its inline value, its file (first line), or the systemd credential of
+    that name ($CREDENTIALS_DIRECTORY/<credential>, from LoadCredential=); else None."""
     if inline is not None:
         return inline.get_secret_value()
+    if file is None and credential is not None:
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        candidate = Path(directory, credential) if directory else None
+        if candidate is not None and candidate.is_file():
+            file = candidate
     if file is not None:
-        return file.read_text(encoding="utf-8").strip()
+        lines = file.read_text(encoding="utf-8").splitlines()
+        return lines[0].strip() if lines else ""
     return None
 
 

@@ -252,7 +252,7 @@ class MqttSession:
 
     async def run(self) -> None:
         s = self._s
-        password = read_secret(s.password, s.password_file)
+        password = read_secret(s.password, s.password_file, "mqtt-password")
         attempt = 0
         while True:
             attempt += 1

@@ -273,7 +273,7 @@ async def run_service(
         settings=settings.mqtt, router=router, intake=intake, ledger=ledger, stats=stats
     )
     fs = settings.forward
-    token = read_secret(fs.token, fs.token_file)
+    token = read_secret(fs.token, fs.token_file, "cloud-token")
     async with httpx.AsyncClient(
         timeout=fs.timeout_s,
         follow_redirects=False,

@@ -1,0 +1,302 @@
+"""Open windows per (camera, stream), closing them by event-time watermark or idle timeout.
+
+Pure: no I/O, no clock. The caller passes the gateway time `now` and the receive time of each
+message. A window closes when its camera's newest event time passes window end +
+allowed_lateness_s, or when the camera has been silent for idle_close_s of gateway time. A
+message for a window that already closed opens a late delta: the same (camera, stream, t) with
+rev > 0.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from agent.model import MAX_CATEGORY_LEN, Chunk
+
+DURABLE = sys.maxsize
+
+
+class Window(Chunk):
+    """An open window, with the bookkeeping that tells which of its messages are durable.
+
+    `version` counts the messages merged in; `durable_version` is the version whose state is
+    committed (all of them once the closed chunk is committed, or up to a snapshot).
+    """
+
+    __slots__ = ("durable_version", "saved", "version")
+
+    def __init__(self, camera: str, stream: str, t: int, width_s: int, rev: int = 0) -> None:
+        super().__init__(camera, stream, t, width_s, rev)
+        self.version = 0
+        self.durable_version = 0
+        # True while an early-ack snapshot of this window is stored in the outbox.
+        self.saved = False
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSpec:
+    """What to aggregate from a stream's payloads."""
+
+    numeric: tuple[str, ...] = ()
+    categorical: tuple[str, ...] = ()
+    max_categories: int = 32
+
+
+class _Camera:
+    __slots__ = (
+        "closed_before",
+        "last_recv",
+        "late_revs",
+        "max_event",
+        "msgs",
+        "rate",
+        "skew",
+        "tick_msgs",
+        "tick_t",
+        "windows",
+    )
+
+    def __init__(self) -> None:
+        self.msgs = 0
+        # Low-pass estimate of event time - receive time (negative: the camera clock is behind).
+        self.skew: float | None = None
+        self.rate = 0.0
+        self.tick_msgs = 0
+        self.tick_t: float | None = None
+        self.max_event = -math.inf
+        self.last_recv = -math.inf
+        # Every window of this camera with t < closed_before is closed.
+        self.closed_before = -math.inf
+        self.windows: dict[tuple[str, int], Window] = {}
+        # (stream, t) -> highest rev emitted, only for windows that had late deltas.
+        self.late_revs: dict[tuple[str, int], int] = {}
+
+
+class Aggregator:
+    """All open windows of all cameras."""
+
+    def __init__(
+        self,
+        *,
+        window_s: int,
+        allowed_lateness_s: float,
+        idle_close_s: float,
+        late_policy: Literal["delta", "drop"] = "delta",
+        max_skew_s: float = 30.0,
+        late_memory_s: float = 3600.0,
+    ) -> None:
+        self.window_s = window_s
+        self.allowed_lateness_s = allowed_lateness_s
+        self.idle_close_s = idle_close_s
+        self.late_policy = late_policy
+        self.max_skew_s = max_skew_s
+        self.late_memory_s = late_memory_s
+        self._cameras: dict[str, _Camera] = {}
+        self.open_count = 0
+        self.counters: Counter[str] = Counter()
+
+    # -- intake ---------------------------------------------------------------------------
+
+    def add(
+        self,
+        camera: str,
+        stream: str,
+        spec: StreamSpec,
+        payload: Mapping[str, Any],
+        event_t: float,
+        recv_t: float,
+        *,
+        gateway_time: bool = False,
+    ) -> Window | None:
+        """Merge one message; return the window holding it, or None if it was dropped as late."""
+        cam = self._cameras.get(camera)
+        if cam is None:
+            cam = self._cameras[camera] = _Camera()
+        w = self.window_s
+        t = int(event_t // w) * w
+        cam.msgs += 1
+        if not gateway_time:
+            d = event_t - recv_t
+            cam.skew = d if cam.skew is None else cam.skew + 0.05 * (d - cam.skew)
+        if recv_t > cam.last_recv:
+            cam.last_recv = recv_t
+        if event_t > cam.max_event:
+            cam.max_event = event_t
+            boundary = math.floor((event_t - self.allowed_lateness_s) / w) * w
+            if boundary > cam.closed_before:
+                cam.closed_before = boundary
+        key = (stream, t)
+        window = cam.windows.get(key)
+        if window is None:
+            rev = 0
+            if t < cam.closed_before:
+                if self.late_policy == "drop":
+                    self.counters["late_dropped"] += 1
+                    return None
+                rev = cam.late_revs.get(key, 0) + 1
+                self.counters["late_deltas"] += 1
+            window = cam.windows[key] = Window(camera, stream, t, w, rev)
+            self.open_count += 1
+        elif window.rev:
+            self.counters["late_deltas"] += 1
+        window.add_times(event_t, recv_t)
+        if gateway_time:
+            window.flags.add("time_from_gateway")
+        elif abs(event_t - recv_t) > self.max_skew_s:
+            window.flags.add("clock_suspect")
+        for f in spec.numeric:
+            v = payload.get(f)
+            if v is None:
+                continue
+            if (type(v) is float or type(v) is int) and math.isfinite(v):
+                window.add_number(f, v, event_t)
+                continue
+            self.counters["bad_numeric_field"] += 1
+        for f in spec.categorical:
+            v = payload.get(f)
+            if v is None:
+                continue
+            if type(v) is str and len(v) <= MAX_CATEGORY_LEN:
+                window.add_category(f, v, spec.max_categories)
+            elif type(v) is bool or type(v) is int:
+                window.add_category(f, str(v).lower(), spec.max_categories)
+            else:
+                self.counters["bad_categorical_field"] += 1
+        window.version += 1
+        return window
+
+    # -- closing --------------------------------------------------------------------------
+
+    def close_due(self, now: float) -> list[Window]:
+        """Close every window whose watermark passed, and every window of an idle camera."""
+        closed: list[Window] = []
+        idle_before = now - self.idle_close_s
+        forget_before = now - self.late_memory_s
+        stale: list[str] = []
+        for name, cam in self._cameras.items():
+            _tick_rate(cam, now)
+            if not cam.windows:
+                if cam.last_recv < forget_before:
+                    stale.append(name)
+                continue
+            if cam.last_recv <= idle_before:
+                self._close(cam, list(cam.windows), closed)
+                continue
+            due = [k for k in cam.windows if k[1] < cam.closed_before]
+            if due:
+                self._close(cam, due, closed)
+        for name in stale:
+            del self._cameras[name]
+        return closed
+
+    def close_all(self) -> list[Window]:
+        """Close every open window (shutdown)."""
+        closed: list[Window] = []
+        for cam in self._cameras.values():
+            self._close(cam, list(cam.windows), closed)
+        return closed
+
+    def _close(self, cam: _Camera, keys: Iterable[tuple[str, int]], out: list[Window]) -> None:
+        horizon = cam.closed_before - self.late_memory_s
+        for key in keys:
+            window = cam.windows.pop(key)
+            self.open_count -= 1
+            end = window.t + window.width_s
+            if end > cam.closed_before:
+                cam.closed_before = end
+            if window.rev:
+                cam.late_revs[key] = window.rev
+            out.append(window)
+        if cam.late_revs and horizon > -math.inf:
+            for key in [k for k in cam.late_revs if k[1] < horizon]:
+                del cam.late_revs[key]
+
+    # -- state for early acks and restarts -------------------------------------------------
+
+    def open_windows(self) -> Iterator[Window]:
+        for cam in self._cameras.values():
+            yield from cam.windows.values()
+
+    def restore(self, chunks: Iterable[Chunk], *, now: float) -> int:
+        """Reopen windows saved by an early-ack checkpoint; returns how many."""
+        n = 0
+        for c in chunks:
+            cam = self._cameras.get(c.camera)
+            if cam is None:
+                cam = self._cameras[c.camera] = _Camera()
+            window = Window(c.camera, c.stream, c.t, c.width_s, c.rev)
+            window.merge(c)
+            window.flags = set(c.flags)
+            key = (c.stream, c.t)
+            existing = cam.windows.get(key)
+            if existing is not None:
+                existing.merge(window)
+                continue
+            window.saved = True
+            cam.windows[key] = window
+            self.open_count += 1
+            cam.max_event = max(cam.max_event, c.event_last)
+            cam.last_recv = max(cam.last_recv, now)
+            n += 1
+        return n
+
+    def export_marks(self) -> dict[str, Any]:
+        """Per-camera closing marks and late revs, saved at shutdown so revs continue after it."""
+        return {
+            name: {
+                "closed_before": cam.closed_before,
+                "max_event": cam.max_event,
+                "late_revs": [[s, t, r] for (s, t), r in cam.late_revs.items()],
+            }
+            for name, cam in self._cameras.items()
+            if cam.closed_before > -math.inf
+        }
+
+    def import_marks(self, marks: Mapping[str, Any], *, now: float) -> None:
+        for name, m in marks.items():
+            cam = self._cameras.get(name)
+            if cam is None:
+                cam = self._cameras[name] = _Camera()
+            cam.closed_before = max(cam.closed_before, float(m["closed_before"]))
+            cam.max_event = max(cam.max_event, float(m["max_event"]))
+            cam.last_recv = max(cam.last_recv, now)
+            for s, t, r in m.get("late_revs", ()):
+                key = (str(s), int(t))
+                cam.late_revs[key] = max(cam.late_revs.get(key, 0), int(r))
+
+    @property
+    def camera_count(self) -> int:
+        return len(self._cameras)
+
+    def camera_info(self, now: float) -> dict[str, dict[str, Any]]:
+        """Per camera: last seen, messages, rate, clock skew and its flags (for /status)."""
+        out = {}
+        for name, cam in self._cameras.items():
+            flags = []
+            if cam.skew is not None and abs(cam.skew) > self.max_skew_s:
+                flags.append("clock_suspect")
+            out[name] = {
+                "last_seen_age_s": round(now - cam.last_recv, 1),
+                "messages": cam.msgs,
+                "msgs_per_s": round(cam.rate, 2),
+                "skew_s": None if cam.skew is None else round(cam.skew, 3),
+                "windows_open": len(cam.windows),
+                "flags": flags,
+            }
+        return out
+
+
+def _tick_rate(cam: _Camera, now: float) -> None:
+    if cam.tick_t is None:
+        cam.tick_t, cam.tick_msgs = now, cam.msgs
+        return
+    dt = now - cam.tick_t
+    if dt >= 1.0:
+        inst = (cam.msgs - cam.tick_msgs) / dt
+        cam.rate = inst if cam.rate == 0.0 else 0.7 * cam.rate + 0.3 * inst
+        cam.tick_t, cam.tick_msgs = now, cam.msgs

@@ -1,0 +1,294 @@
+"""`edge-agent run / check-config / simulate cloud / simulate cameras`.
+
+Exceptions become exit codes here and only here: 0 ok, 2 bad configuration or usage,
+3 the agent could not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import uvloop
+
+from agent import __version__
+from agent.config import ConfigError, LogSettings, Settings, effective_config, load_settings
+
+EXIT_CONFIG = 2
+EXIT_STARTUP = 3
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def setup_logging(s: LogSettings) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    if s.format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(s.level.upper())
+    # paho logs every packet at debug; keep it at warning unless asked.
+    logging.getLogger("mqtt").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _load(path: str) -> Settings:
+    try:
+        return load_settings(path)
+    except ConfigError as e:
+        for p in e.problems:
+            print(f"config error: {p}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    print(json.dumps(effective_config(settings), indent=2))
+    print(f"config ok: {args.config}", file=sys.stderr)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    setup_logging(settings.log)
+    from agent.faults import Faults
+    from agent.notify import Notifier
+    from agent.outbox import OutboxError
+    from agent.service import run_service
+
+    logging.getLogger("agent").info(
+        "edge-agent %s starting, gateway %s", __version__, settings.gateway_id
+    )
+    try:
+        uvloop.run(run_service(settings, faults=Faults.from_env(), notifier=Notifier.from_env()))
+    except OutboxError as e:
+        logging.getLogger("agent").error("cannot start: %s", e)
+        return EXIT_STARTUP
+    except KeyboardInterrupt:
+        return 1
+    return 0
+
+
+EXIT_NOT_READY = 1
+EXIT_UNREACHABLE = 3
+
+
+def _age_words(seconds: float | None) -> str:
+    if seconds is None:
+        return "none"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print /status for a person; exit 0 ready, 1 not ready, 3 unreachable."""
+    import urllib.error
+    import urllib.request
+
+    url = args.url
+    if url is None:
+        listen = _load(args.config).health.listen if args.config else "127.0.0.1:9108"
+        url = f"http://{listen}"
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=args.timeout_s) as r:
+            doc = json.loads(r.read())
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        print(f"edge-agent at {url} is unreachable: {reason}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0 if doc.get("ready") else EXIT_NOT_READY
+    problems = list(doc.get("problems", []))
+    ob, fw, ing = doc["outbox"], doc["forward"], doc["ingest"]
+    if doc.get("drops"):
+        problems.append(f"data dropped: {doc['drops']}")
+    if ob.get("dead_letters"):
+        problems.append(f"{ob['dead_letters']} chunks in the dead letters")
+    for p in problems:
+        print(f"PROBLEM  {p}")
+    rejects = ", ".join(f"{k} {v}" for k, v in sorted(ing["rejects"].items())) or "none"
+    rows = [
+        ("gateway", f"{doc['gateway_id']}  (edge-agent {doc['version']}, "
+         f"up {_age_words(doc['uptime_s'])})"),
+        ("mqtt", ("connected" if doc["mqtt"]["connected"] else "DISCONNECTED")
+         + f", {doc['mqtt']['reconnects']} reconnects"),
+        ("ingest", f"{ing['msgs_per_s_10s']} msgs/s (10 s), {ing['msgs_per_s_60s']} msgs/s (60 s), "
+         f"{ing['unacked']} unacked"),
+        ("rejects", rejects),
+        ("cameras", f"{doc['cameras']['count']}, {doc['aggregate']['windows_open']} windows open"),
+        ("backlog", f"{ob['chunks']} chunks, oldest {_age_words(ob['oldest_unsent_age_s'])}, "
+         f"{ob['usage_of_max_bytes'] * 100:.1f}% of max_bytes"),
+        ("cloud", f"last success {_age_words(fw['last_success_age_s'])} ago, "
+         f"{fw['batches_sent']} batches sent, {fw['batches_failed']} failed, "
+         f"pace {fw['pace_chunks_per_s']:.0f} chunks/s"),
+    ]  # fmt: skip
+    if fw.get("last_error"):
+        rows.append(("last error", str(fw["last_error"])))
+    for k, v in rows:
+        print(f"{k:<10} {v}")
+    print("READY" if doc.get("ready") else "NOT READY")
+    return 0 if doc.get("ready") else EXIT_NOT_READY
+
+
+def cmd_deadletter(args: argparse.Namespace) -> int:
+    from agent.outbox import list_dead_letters, retry_dead_letters
+
+    settings = _load(args.config)
+    path = settings.buffer.path
+    if not path.exists():
+        print(f"no outbox at {path}", file=sys.stderr)
+        return EXIT_STARTUP
+    if args.action == "list":
+        rows = list_dead_letters(path)
+        for r in rows:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["created_at"]))
+            print(
+                f"seq {r['seq']:>10}  {when}Z  HTTP {r['status']}  {r['bytes']} B  {r['response']}"
+            )
+        print(f"{len(rows)} dead letters", file=sys.stderr)
+        return 0
+    if not args.all and not args.seqs:
+        print("deadletter retry: give --all or one or more SEQ", file=sys.stderr)
+        return EXIT_CONFIG
+    n = retry_dead_letters(path, None if args.all else args.seqs)
+    print(f"{n} dead letters put back in the outbox; the agent sends them within seconds")
+    return 0
+
+
+def cmd_simulate_cloud(args: argparse.Namespace) -> int:
+    from agent.sim.cloud import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s cloud: %(message)s")
+    host, _, port = args.listen.rpartition(":")
+    serve(
+        host=host.strip("[]"),
+        port=int(port),
+        db=Path(args.db),
+        fail_rate=args.fail_rate,
+        throttle_every=args.throttle_every,
+        retry_after_s=args.retry_after_s,
+        down_after_s=args.down_after_s,
+        down_for_s=args.down_for_s,
+        delay_ms=args.delay_ms,
+        seed=args.seed,
+    )
+    return 0
+
+
+def cmd_simulate_cameras(args: argparse.Namespace) -> int:
+    from agent.sim.cameras import SimOptions, run_simulation
+
+    host, _, port = args.broker.rpartition(":")
+    opts = SimOptions(
+        host=host.strip("[]"),
+        port=int(port),
+        cameras=args.cameras,
+        rate=args.rate,
+        duration_s=args.duration,
+        seed=args.seed,
+        processes=args.processes,
+        topic_prefix=args.topic_prefix,
+        skew_s=args.skew_s,
+        late_fraction=args.late_fraction,
+        malformed_fraction=args.malformed_fraction,
+        record=Path(args.record) if args.record else None,
+        start_at=args.start_at,
+    )
+    summary = run_simulation(opts)
+    print(json.dumps(summary, indent=2))
+    return 0 if summary["failed"] == 0 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the agent")
+    run.add_argument("--config", required=True, help="TOML config file")
+    run.set_defaults(func=cmd_run)
+
+    cc = sub.add_parser("check-config", help="validate a config file and print it, secrets masked")
+    cc.add_argument("--config", required=True)
+    cc.set_defaults(func=cmd_check_config)
+
+    stp = sub.add_parser("status", help="show a running agent's /status; exit 1 if not ready")
+    stp.add_argument("--url", default=None, help="e.g. http://127.0.0.1:9108")
+    stp.add_argument("--config", default=None, help="read health.listen from this config")
+    stp.add_argument("--json", action="store_true", help="print the raw /status JSON")
+    stp.add_argument("--timeout-s", type=float, default=5.0)
+    stp.set_defaults(func=cmd_status)
+
+    dl = sub.add_parser("deadletter", help="chunks the cloud refused for good: list, retry")
+    dl.add_argument("action", choices=["list", "retry"])
+    dl.add_argument("seqs", nargs="*", type=int, metavar="SEQ")
+    dl.add_argument("--all", action="store_true", help="retry every dead letter")
+    dl.add_argument("--config", required=True)
+    dl.set_defaults(func=cmd_deadletter)
+
+    sim = sub.add_parser("simulate", help="local stand-ins: the cloud receiver, cameras")
+    simsub = sim.add_subparsers(dest="what", required=True)
+
+    cloud = simsub.add_parser("cloud", help="reference receiver of the wire format")
+    cloud.add_argument("--listen", default="127.0.0.1:8080")
+    cloud.add_argument("--db", required=True)
+    cloud.add_argument("--fail-rate", type=float, default=0.0, help="fraction of 500 answers")
+    cloud.add_argument("--throttle-every", type=int, default=0, help="answer every Nth with 429")
+    cloud.add_argument("--retry-after-s", type=float, default=1.0)
+    cloud.add_argument("--down-after-s", type=float, default=None, help="stop listening after")
+    cloud.add_argument("--down-for-s", type=float, default=0.0, help="...for this long")
+    cloud.add_argument("--delay-ms", type=float, default=0.0, help="slow responses")
+    cloud.add_argument("--seed", type=int, default=1)
+    cloud.set_defaults(func=cmd_simulate_cloud)
+
+    cams = simsub.add_parser("cameras", help="publish realistic camera metadata at QoS 1")
+    cams.add_argument("--broker", default="127.0.0.1:1883")
+    cams.add_argument("--cameras", type=int, default=300)
+    cams.add_argument("--rate", type=float, default=10.0, help="messages/s per camera")
+    cams.add_argument("--duration", type=float, default=60.0, help="seconds")
+    cams.add_argument("--seed", type=int, default=1)
+    cams.add_argument("--processes", type=int, default=2)
+    cams.add_argument("--topic-prefix", default="site/cam")
+    cams.add_argument("--skew-s", type=float, default=0.0, help="clock offset of every 10th camera")
+    cams.add_argument("--late-fraction", type=float, default=0.0)
+    cams.add_argument("--malformed-fraction", type=float, default=0.0)
+    cams.add_argument("--record", default=None, help="write every acknowledged publish (JSONL)")
+    cams.add_argument("--start-at", type=float, default=None, help=argparse.SUPPRESS)
+    cams.set_defaults(func=cmd_simulate_cameras)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rc: int = args.func(args)
+    except SystemExit as e:
+        return int(e.code) if isinstance(e.code, int) else 1
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""Settings: one frozen, validated object built from a TOML file plus `EDGE_AGENT__...` env vars.
+
+Nothing else in the agent reads the environment or the TOML file; the runner gets a `Settings`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ENV_PREFIX = "EDGE_AGENT__"
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; `problems` holds one human-readable line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def parse_size(value: object) -> object:
+    """Accept 1048576, "1048576", "64KiB", "1 GiB", "10MB"; leave anything else to pydantic."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 1048576, '64KiB' or '1GiB'")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _SIZE_UNITS:
+            raise ValueError(
+                "expected a size such as 1048576, '64KiB' or '1GiB' "
+                "(units: B, KB, MB, GB, KiB, MiB, GiB, TiB)"
+            )
+        return int(float(m.group(1)) * _SIZE_UNITS[unit or ""])
+    return value
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MqttSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    client_id: str = Field(default="edge-agent", min_length=1, max_length=128)
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    session_expiry_s: int = Field(default=86400, ge=60, le=4294967295)
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    receive_maximum: int = Field(default=65535, ge=100, le=65535)
+    max_payload_bytes: ByteSize = 64 * 1024
+    reconnect_min_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> MqttSettings:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set either mqtt.password or mqtt.password_file, not both")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("mqtt.reconnect_max_s must be >= mqtt.reconnect_min_s")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("mqtt.cert_file and mqtt.key_file go together")
+        return self
+
+
+TimeUnit = Literal["auto", "s", "ms", "us", "ns", "rfc3339"]
+_TOPIC_LEVEL_RE = re.compile(r"^[^+#{}]*$")
+
+
+class StreamSettings(Section):
+    topic: str
+    name: str | None = None
+    time_field: str | None = "ts"
+    time_unit: TimeUnit = "auto"
+    numeric: tuple[str, ...] = ()
+    categorical: tuple[str, ...] = ()
+    max_categories: int = Field(default=32, ge=1, le=10000)
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, v: str) -> str:
+        levels = v.split("/")
+        if "{camera}" not in levels:
+            raise ValueError(
+                "the topic needs a whole level '{camera}', e.g. 'site/cam/{camera}/det'"
+            )
+        for level in levels:
+            if level in ("{camera}", "{stream}"):
+                continue
+            if not level or not _TOPIC_LEVEL_RE.match(level):
+                raise ValueError(
+                    "topic levels are literal names or exactly '{camera}' / '{stream}' "
+                    "(no '+', '#', empty levels or partial placeholders)"
+                )
+        if levels.count("{camera}") > 1 or levels.count("{stream}") > 1:
+            raise ValueError("'{camera}' and '{stream}' may appear once each")
+        return v
+
+    @model_validator(mode="after")
+    def _name(self) -> StreamSettings:
+        has_placeholder = "{stream}" in self.topic.split("/")
+        if has_placeholder == (self.name is not None):
+            raise ValueError(
+                "give a stream either a '{stream}' level in its topic or a name, one of the two"
+            )
+        overlap = set(self.numeric) & set(self.categorical)
+        if overlap:
+            raise ValueError(f"fields both numeric and categorical: {sorted(overlap)}")
+        return self
+
+    @property
+    def subscription(self) -> str:
+        """The MQTT filter that matches this pattern."""
+        return "/".join(
+            "+" if lv in ("{camera}", "{stream}") else lv for lv in self.topic.split("/")
+        )
+
+
+class AggregateSettings(Section):
+    window_s: int = Field(default=1, ge=1, le=3600)
+    allowed_lateness_s: float = Field(default=2.0, ge=0, le=3600)
+    idle_close_s: float = Field(default=5.0, gt=0, le=86400)
+    late_policy: Literal["delta", "drop"] = "delta"
+    max_skew_s: float = Field(default=30.0, gt=0)
+    skew_policy: Literal["flag"] = "flag"
+
+
+class BufferSettings(Section):
+    path: Path = Path("/var/lib/edge-agent/buffer.sqlite3")
+    max_bytes: Annotated[int, BeforeValidator(parse_size), Field(ge=1024**2)] = 1024**3
+    synchronous: Literal["off", "normal", "full", "extra"] = "full"
+    checkpoint_interval_ms: int = Field(default=250, ge=10, le=60000)
+    max_ack_delay_ms: int = Field(default=10000, ge=100, le=3600000)
+    ack_pressure_ratio: float = Field(default=0.6, gt=0, lt=1)
+    overflow: Literal["drop_oldest", "backpressure"] = "backpressure"
+
+
+class ForwardSettings(Section):
+    url: str = "http://127.0.0.1:8080/ingest"
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    timeout_s: float = Field(default=10.0, gt=0, le=600)
+    max_batch_chunks: int = Field(default=500, ge=1, le=100000)
+    max_batch_bytes: ByteSize = 1024**2
+    linger_ms: int = Field(default=200, ge=0, le=60000)
+    gzip: bool = True
+    backoff_min_s: float = Field(default=0.5, gt=0)
+    backoff_max_s: float = Field(default=60.0, gt=0)
+    shutdown_drain_s: float = Field(default=5.0, ge=0, le=600)
+    max_chunks_per_s: float = Field(default=20000.0, gt=0)
+    max_bytes_per_s: ByteSize = 0
+    min_chunks_per_s: float = Field(default=50.0, gt=0)
+    fast_response_s: float = Field(default=1.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+(/\S*)?$", v):
+            raise ValueError("expected an http:// or https:// URL")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> ForwardSettings:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set either forward.token or forward.token_file, not both")
+        if self.backoff_max_s < self.backoff_min_s:
+            raise ValueError("forward.backoff_max_s must be >= forward.backoff_min_s")
+        if self.min_chunks_per_s > self.max_chunks_per_s:
+            raise ValueError("forward.min_chunks_per_s must be <= forward.max_chunks_per_s")
+        return self
+
+
+class HealthSettings(Section):
+    listen: str = "127.0.0.1:9108"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("expected HOST:PORT, e.g. '127.0.0.1:9108'")
+        return v
+
+
+class LogSettings(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+def _default_streams() -> tuple[StreamSettings, ...]:
+    return (
+        StreamSettings(
+            topic="site/cam/{camera}/{stream}",
+            numeric=("conf", "level", "temp_c", "fps"),
+            categorical=("cls", "zone", "status"),
+        ),
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    gateway_id: str = Field(min_length=1, max_length=128)
+    mqtt: MqttSettings = MqttSettings()
+    streams: tuple[StreamSettings, ...] = Field(default_factory=_default_streams, min_length=1)
+    aggregate: AggregateSettings = AggregateSettings()
+    buffer: BufferSettings = BufferSettings()
+    forward: ForwardSettings = ForwardSettings()
+    health: HealthSettings = HealthSettings()
+    log: LogSettings = LogSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first: an `EDGE_AGENT__SECTION__KEY` variable overrides the TOML file.
+        return (env_settings, init_settings)
+
+    @field_validator("gateway_id")
+    @classmethod
+    def _gateway_id(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z0-9._-]+$", v):
+            raise ValueError("use letters, digits, '.', '_' and '-' only")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> Settings:
+        names: set[tuple[str, str | None]] = set()
+        for s in self.streams:
+            key = (s.subscription, s.name)
+            if key in names:
+                raise ValueError(f"two [[streams]] entries have the same topic {s.topic!r}")
+            names.add(key)
+        return self
+
+
+def _format_error(err: Any) -> str:
+    loc_parts: list[str] = []
+    for part in err.get("loc", ()):
+        if isinstance(part, int):
+            loc_parts[-1:] = [f"{loc_parts[-1]}[{part}]"] if loc_parts else [f"[{part}]"]
+        else:
+            loc_parts.append(str(part))
+    loc = ".".join(loc_parts) or "(top level)"
+    kind = err.get("type", "")
+    msg = str(err.get("msg", "invalid"))
+    msg = msg.removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(err.get("loc", ())[:-1])
+        return f"{loc}: unknown key (allowed here: {', '.join(allowed)})"
+    if kind == "missing":
+        return f"{loc}: required key is missing"
+    value = err.get("input")
+    shown = "***" if "password" in loc or "token" in loc else repr(value)
+    if isinstance(value, dict):
+        return f"{loc}: {msg}"
+    return f"{loc} = {shown}: {msg}"
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: Any = Settings
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        model = args[0] if args and isinstance(args[0], type) else ann
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def load_settings(path: Path | str | None, *, overrides: dict[str, Any] | None = None) -> Settings:
+    """Read TOML at `path` (None: env only), apply env overrides, validate. Raises ConfigError."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError([f"config file {str(p)!r} not found"]) from None
+        except OSError as e:
+            raise ConfigError([f"config file {str(p)!r} cannot be read: {e.strerror}"]) from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError([f"config file {str(p)!r} is not valid TOML: {e}"]) from None
+        except UnicodeDecodeError:
+            raise ConfigError([f"config file {str(p)!r} is not UTF-8 text"]) from None
+    if overrides:
+        data = {**data, **overrides}
+    try:
+        settings = Settings(**data)
+    except ValidationError as e:
+        errors = e.errors()
+        locs = [tuple(err.get("loc", ())) for err in errors]
+        # A container's error that only echoes a failure inside it adds nothing.
+        kept = [
+            err
+            for err, loc in zip(errors, locs, strict=True)
+            if not any(len(o) > len(loc) and o[: len(loc)] == loc for o in locs)
+        ]
+        raise ConfigError([_format_error(err) for err in kept]) from None
+    problems = []
+    for key, f in (
+        ("mqtt.password_file", settings.mqtt.password_file),
+        ("mqtt.ca_file", settings.mqtt.ca_file),
+        ("mqtt.cert_file", settings.mqtt.cert_file),
+        ("mqtt.key_file", settings.mqtt.key_file),
+        ("forward.token_file", settings.forward.token_file),
+        ("forward.ca_file", settings.forward.ca_file),
+        ("forward.cert_file", settings.forward.cert_file),
+        ("forward.key_file", settings.forward.key_file),
+    ):
+        if f is not None and not f.is_file():
+            problems.append(f"{key} = {str(f)!r}: file not found")
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def read_secret(
+    inline: SecretStr | None, file: Path | None, credential: str | None = None
+) -> str | None:
+    """The secret from its inline value, its file (first line), or the systemd credential of
+    that name ($CREDENTIALS_DIRECTORY/<credential>, from LoadCredential=); else None."""
+    if inline is not None:
+        return inline.get_secret_value()
+    if file is None and credential is not None:
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        candidate = Path(directory, credential) if directory else None
+        if candidate is not None and candidate.is_file():
+            file = candidate
+    if file is not None:
+        lines = file.read_text(encoding="utf-8").splitlines()
+        return lines[0].strip() if lines else ""
+    return None
+
+
+def effective_config(settings: Settings) -> dict[str, Any]:
+    """The settings as plain data with every secret masked, for `check-config` and logs."""
+    return settings.model_dump(mode="json")

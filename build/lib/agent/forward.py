@@ -1,0 +1,251 @@
+"""Ordered batches from the outbox to the cloud: one in flight, delete only after a 2xx/409.
+
+G3: a batch is a contiguous seq range read in seq order, and batch n+1 is read only after batch n
+was acknowledged and deleted. A cancelled send is an unsent send: nothing is deleted unless the
+response said so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import httpx
+
+from agent import __version__
+from agent.config import ForwardSettings
+from agent.faults import NO_FAULTS, Faults
+from agent.model import SCHEMA, with_seq
+from agent.outbox import Outbox
+from agent.pacing import Backoff, Pacer, retry_after_s
+from agent.stats import Stats
+
+log = logging.getLogger(__name__)
+
+
+def encode_batch(gateway_id: str, rows: list[tuple[int, bytes]], *, sent_at: float) -> bytes:
+    """The JSON body of a batch, splicing the stored chunk bodies without re-encoding them."""
+    stamp = (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sent_at))
+        + f".{int(sent_at % 1 * 1000):03d}Z"
+    )
+    head = (
+        f'{{"schema":"{SCHEMA}","gateway":"{gateway_id}","first_seq":{rows[0][0]},'
+        f'"last_seq":{rows[-1][0]},"sent_at":"{stamp}","chunks":['
+    ).encode()
+    return head + b",".join(with_seq(s, b) for s, b in rows) + b"]}"
+
+
+MAX_RESPONSE_BYTES = 4096
+
+Kind = Literal["ok", "retry", "split", "poison"]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a response means for the batch: delete it, retry it, split it, or set a chunk aside."""
+
+    kind: Kind
+    detail: str
+    throttled: bool = False
+    retry_after_s: float | None = None
+    unhealthy: str | None = None
+
+
+def classify(status: int | None, *, batch_size: int, retry_after: float | None = None) -> Outcome:
+    """The response matrix of DESIGN.md (status None: no response at all)."""
+    if status is None:
+        return Outcome("retry", "no response")
+    if 200 <= status < 300 or status == 409:
+        return Outcome("ok", f"HTTP {status}")
+    if status in (429, 503):
+        return Outcome("retry", f"HTTP {status}", throttled=True, retry_after_s=retry_after)
+    if status in (400, 413, 422):
+        # 413: too large; 400/422: a chunk the cloud will never take. Halve until one chunk is
+        # left; a single chunk still refused goes to the dead letters.
+        return Outcome("split" if batch_size > 1 else "poison", f"HTTP {status}")
+    if status in (401, 403):
+        return Outcome("retry", f"HTTP {status}", unhealthy=f"cloud refused credentials ({status})")
+    if 300 <= status < 400:
+        return Outcome(
+            "retry",
+            f"HTTP {status}",
+            unhealthy=f"cloud answered a redirect ({status}); not followed",
+        )
+    if 400 <= status < 500:
+        return Outcome(
+            "retry", f"HTTP {status}", unhealthy=f"cloud answered {status}; check forward.url"
+        )
+    return Outcome("retry", f"HTTP {status}")
+
+
+class Forwarder:
+    """Reads batches from the outbox and posts them until told to stop (by cancellation)."""
+
+    def __init__(
+        self,
+        *,
+        settings: ForwardSettings,
+        gateway_id: str,
+        outbox: Outbox,
+        client: httpx.AsyncClient,
+        stats: Stats,
+        token: Callable[[], str | None] = lambda: None,
+        rng: random.Random | None = None,
+        faults: Faults = NO_FAULTS,
+    ) -> None:
+        self._faults = faults
+        self._s = settings
+        self._gateway_id = gateway_id
+        self._outbox = outbox
+        self._client = client
+        self._stats = stats
+        self._token = token
+        self._backoff = Backoff(min_s=settings.backoff_min_s, max_s=settings.backoff_max_s, rng=rng)
+        self.pacer = Pacer(
+            max_chunks_per_s=settings.max_chunks_per_s,
+            min_chunks_per_s=settings.min_chunks_per_s,
+            max_bytes_per_s=settings.max_bytes_per_s,
+            fast_response_s=settings.fast_response_s,
+        )
+        self.wake = asyncio.Event()
+        self.idle = asyncio.Event()
+        self.unhealthy_reason: str | None = None
+        self.backoff_until: float | None = None
+        # Batch size: halved on 413/400/422 to bisect down to a refused chunk, doubled back on
+        # each success, reset once the refused chunk is set aside.
+        self._limit = settings.max_batch_chunks
+
+    async def run(self) -> None:
+        s = self._s
+        while True:
+            if self._outbox.chunk_count == 0:
+                self.idle.set()
+                self.wake.clear()
+                # Re-read the outbox now and then: `deadletter retry` may have added chunks.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(5.0):
+                        await self.wake.wait()
+                await self._outbox.refresh_counts()
+                if self._outbox.chunk_count == 0:
+                    continue
+                self.idle.clear()
+                if s.linger_ms and self._outbox.chunk_count < s.max_batch_chunks:
+                    await asyncio.sleep(s.linger_ms / 1000)
+            pace = self.pacer.delay(time.monotonic())
+            if pace:
+                await asyncio.sleep(pace)
+            rows = await self._outbox.read_batch(
+                after_seq=0, max_chunks=self._limit, max_bytes=s.max_batch_bytes
+            )
+            if not rows:
+                await self._outbox.refresh_counts()
+                continue
+            delay = await self._send(rows)
+            if delay:
+                self.backoff_until = time.time() + delay
+                await asyncio.sleep(delay)
+                self.backoff_until = None
+
+    async def _send(self, rows: list[tuple[int, bytes]]) -> float:
+        """Post one batch and act on the answer; returns seconds to wait before the next."""
+        first, last = rows[0][0], rows[-1][0]
+        body = encode_batch(self._gateway_id, rows, sent_at=time.time())
+        headers = {
+            "Content-Type": "application/json",
+            "Idempotency-Key": f"{self._gateway_id}:{first}-{last}",
+            "User-Agent": f"edge-agent/{__version__}",
+        }
+        if self._s.gzip:
+            body = gzip.compress(body, compresslevel=5, mtime=0)
+            headers["Content-Encoding"] = "gzip"
+        token = self._token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        started = time.monotonic()
+        self.pacer.sent(len(rows), len(body), started)
+        status: int | None = None
+        text = ""
+        retry_after = None
+        try:
+            async with self._client.stream("POST", self._s.url, content=body, headers=headers) as r:
+                status = r.status_code
+                text = await _read_capped(r)
+                retry_after = retry_after_s(r.headers.get("Retry-After"), now=time.time())
+        except httpx.HTTPError as e:
+            text = f"{type(e).__name__}: {e}"
+        latency_s = time.monotonic() - started
+        self._stats.observe_latency(latency_s)
+        outcome = classify(status, batch_size=len(rows), retry_after=retry_after)
+        if outcome.kind == "ok":
+            self._faults.hit("after_send")
+            await self._outbox.delete_through(last)
+            self._acknowledged(rows, len(body), latency_s)
+            return 0.0
+        if outcome.kind == "split":
+            self._limit = max(1, len(rows) // 2)
+            log.warning(
+                "batch %d-%d refused (%s: %s); retrying in halves of %d chunks",
+                first, last, outcome.detail, text[:200], self._limit,
+            )  # fmt: skip
+            return 0.0
+        if outcome.kind == "poison":
+            await self._outbox.dead_letter(first, status=status, response=text[:MAX_RESPONSE_BYTES])
+            self._stats.dead_letters += 1
+            self._limit = self._s.max_batch_chunks
+            log.error(
+                "chunk %d refused by the cloud (%s: %s); moved to the dead letters "
+                "(see `edge-agent deadletter list`)",
+                first, outcome.detail, text[:200],
+            )  # fmt: skip
+            return 0.0
+        return self._failed(first, last, outcome, text)
+
+    def _acknowledged(self, rows: list[tuple[int, bytes]], nbytes: int, latency_s: float) -> None:
+        st = self._stats
+        st.batches_sent += 1
+        st.chunks_sent += len(rows)
+        st.bytes_sent += nbytes
+        st.last_forward_ok = time.time()
+        self.unhealthy_reason = None
+        self._backoff.reset()
+        self.pacer.answered(latency_s)
+        if self._limit < self._s.max_batch_chunks:
+            self._limit = min(self._s.max_batch_chunks, self._limit * 2)
+
+    def _failed(self, first: int, last: int, outcome: Outcome, text: str) -> float:
+        st = self._stats
+        st.batches_failed += 1
+        st.last_forward_error = f"{outcome.detail}: {text[:200]}" if text else outcome.detail
+        if outcome.unhealthy:
+            self.unhealthy_reason = outcome.unhealthy
+        if outcome.throttled:
+            st.throttled += 1
+            self.pacer.throttled()
+        delay = self._backoff.next_delay()
+        if outcome.retry_after_s is not None:
+            delay = min(outcome.retry_after_s, self._s.backoff_max_s)
+        log.warning(
+            "batch %d-%d not delivered (%s); attempt %d, retrying in %.1f s at %.0f chunks/s, "
+            "%d chunks kept",
+            first, last, st.last_forward_error, self._backoff.attempt, delay, self.pacer.rate,
+            self._outbox.chunk_count,
+        )  # fmt: skip
+        return delay
+
+
+async def _read_capped(r: httpx.Response) -> str:
+    """At most MAX_RESPONSE_BYTES of the response body: never read an unbounded answer."""
+    data = b""
+    async for part in r.aiter_raw():
+        data += part
+        if len(data) >= MAX_RESPONSE_BYTES:
+            break
+    return data[:MAX_RESPONSE_BYTES].decode("utf-8", "replace")

@@ -1,0 +1,317 @@
+"""MQTT intake: the session with the broker, topic → (camera, stream), payload decode, acks.
+
+Messages are handled synchronously in paho's callback on the event loop, straight into the
+aggregator: no queue between the socket and the windows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+import msgspec
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from agent.acks import AckLedger
+from agent.aggregate import Aggregator, StreamSpec
+from agent.config import MqttSettings, StreamSettings, read_secret
+from agent.mqtt_compat import install_raw_handler, send_ack
+from agent.pacing import Backoff
+from agent.stats import RateLimitedLog, Stats
+from agent.timekeeping import BadTimestamp, parse_event_time
+
+log = logging.getLogger(__name__)
+
+ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    camera: str
+    stream: str
+    spec: StreamSpec
+    time_field: str | None
+    time_unit: str
+
+
+class TopicRouter:
+    """Match topics against the `[[streams]]` patterns; first match wins."""
+
+    _CACHE_MAX = 20000
+
+    def __init__(self, streams: Sequence[StreamSettings]) -> None:
+        self._patterns: list[tuple[list[str], StreamSettings, StreamSpec]] = [
+            (
+                s.topic.split("/"),
+                s,
+                StreamSpec(
+                    numeric=s.numeric, categorical=s.categorical, max_categories=s.max_categories
+                ),
+            )
+            for s in streams
+        ]
+        self._cache: dict[str, Route | str] = {}
+
+    @property
+    def subscriptions(self) -> list[str]:
+        return list(dict.fromkeys(p[1].subscription for p in self._patterns))
+
+    def route(self, topic: str) -> Route | str:
+        """The route, or the reject reason ('unknown_topic', 'bad_camera_id', 'bad_stream_id')."""
+        hit = self._cache.get(topic)
+        if hit is not None:
+            return hit
+        result = self._match(topic)
+        if len(self._cache) >= self._CACHE_MAX:
+            self._cache.clear()
+        self._cache[topic] = result
+        return result
+
+    def _match(self, topic: str) -> Route | str:
+        levels = topic.split("/")
+        for pattern, s, spec in self._patterns:
+            if len(pattern) != len(levels):
+                continue
+            camera = stream = None
+            for p, lv in zip(pattern, levels, strict=True):
+                if p == "{camera}":
+                    camera = lv
+                elif p == "{stream}":
+                    stream = lv
+                elif p != lv:
+                    break
+            else:
+                assert camera is not None
+                if not ID_RE.match(camera):
+                    return "bad_camera_id"
+                stream = stream if stream is not None else s.name
+                if stream is None or not ID_RE.match(stream):
+                    return "bad_stream_id"
+                return Route(camera, stream, spec, s.time_field, s.time_unit)
+        return "unknown_topic"
+
+
+def digest(topic: bytes, payload: bytes) -> int:
+    """64-bit digest of topic and payload, to recognise a redelivery of the same message."""
+    h = hashlib.blake2b(topic, digest_size=8)
+    h.update(b"\0")
+    h.update(payload)
+    return int.from_bytes(h.digest(), "big", signed=True)
+
+
+class Intake:
+    """One raw message in: counted into a window, or rejected with a reason; its ack owed."""
+
+    def __init__(
+        self,
+        *,
+        router: TopicRouter,
+        aggregator: Aggregator,
+        ledger: AckLedger,
+        stats: Stats,
+        max_payload_bytes: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._router = router
+        self._agg = aggregator
+        self._ledger = ledger
+        self._stats = stats
+        self._max_payload = max_payload_bytes
+        self._clock = clock
+        self._decode = msgspec.json.Decoder().decode
+        self._warn = RateLimitedLog(log)
+        self.open = True
+
+    def on_message(self, msg: paho.MQTTMessage) -> None:
+        self.handle(msg._topic, bytes(msg.payload), msg.mid, msg.qos, bool(msg.dup), self._clock())
+
+    def handle(
+        self, topic_b: bytes, payload: bytes, mid: int, qos: int, dup: bool, recv_t: float
+    ) -> None:
+        """Count or reject one message. Never raises for any input."""
+        if not self.open:
+            # Shutting down: leave it unacked; the broker redelivers it to the next run.
+            self._stats.rejects["ignored_at_shutdown"] += 1
+            return
+        st = self._stats
+        st.received += 1
+        d = digest(topic_b, payload)
+        if dup and qos and self._ledger.redelivered(mid, d, recv_t):
+            st.redelivered_skipped += 1
+            return
+        window = None
+        reason = None
+        try:
+            topic = topic_b.decode("utf-8")
+        except UnicodeDecodeError:
+            reason = "bad_topic_encoding"
+        else:
+            route = self._router.route(topic)
+            if isinstance(route, str):
+                reason = route
+            elif len(payload) > self._max_payload:
+                reason = "oversized"
+            else:
+                reason, window_or_none = self._count(route, payload, recv_t)
+                window = window_or_none
+        if reason is not None:
+            st.rejects[reason] += 1
+            self._warn.warning(reason, "rejected a message on %r: %s", topic_b[:200], reason)
+        else:
+            st.counted += 1
+        if qos:
+            self._ledger.track(mid, qos, d, window, recv_t)
+
+    def _count(self, route: Route, payload: bytes, recv_t: float) -> tuple[str | None, Any]:
+        try:
+            doc = self._decode(payload)
+        except (msgspec.DecodeError, RecursionError):
+            return "malformed_json", None
+        if type(doc) is not dict:
+            return "not_an_object", None
+        gateway_time = True
+        event_t = recv_t
+        if route.time_field is not None:
+            raw = doc.get(route.time_field)
+            if raw is not None:
+                try:
+                    event_t = parse_event_time(raw, route.time_unit)
+                    gateway_time = False
+                except BadTimestamp as e:
+                    self._stats.rejects["bad_timestamp_used_gateway_time"] += 1
+                    self._warn.warning(
+                        "bad_ts",
+                        "camera %s sent a bad timestamp (%s); using gateway time",
+                        route.camera,
+                        e,
+                    )
+        window = self._agg.add(
+            route.camera, route.stream, route.spec, doc, event_t, recv_t, gateway_time=gateway_time
+        )
+        if window is None:
+            return "late_dropped", None
+        return None, window
+
+
+def connect_properties(settings: MqttSettings) -> Properties:
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = settings.session_expiry_s
+    props.ReceiveMaximum = settings.receive_maximum
+    return props
+
+
+def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
+    if settings.ca_file is None and settings.cert_file is None:
+        return None
+    ctx = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.cert_file is not None and settings.key_file is not None:
+        ctx.load_cert_chain(str(settings.cert_file), str(settings.key_file))
+    return ctx
+
+
+class MqttSession:
+    """Keeps one persistent MQTT v5 session up, forever, with capped jittered backoff."""
+
+    def __init__(
+        self,
+        *,
+        settings: MqttSettings,
+        router: TopicRouter,
+        intake: Intake,
+        ledger: AckLedger,
+        stats: Stats,
+    ) -> None:
+        self._s = settings
+        self._router = router
+        self._intake = intake
+        self._ledger = ledger
+        self._stats = stats
+        self._client: aiomqtt.Client | None = None
+        self.subscribed = asyncio.Event()
+        self._backoff = Backoff(min_s=settings.reconnect_min_s, max_s=settings.reconnect_max_s)
+
+    def ack(self, mid: int, qos: int) -> None:
+        if self._client is not None:
+            send_ack(self._client, mid, qos)
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    async def run(self) -> None:
+        s = self._s
+        password = read_secret(s.password, s.password_file, "mqtt-password")
+        attempt = 0
+        while True:
+            attempt += 1
+            client = aiomqtt.Client(
+                s.host,
+                s.port,
+                identifier=s.client_id,
+                protocol=aiomqtt.ProtocolVersion.V5,
+                clean_start=False,
+                properties=connect_properties(s),
+                keepalive=s.keepalive_s,
+                username=s.username,
+                password=password,
+                tls_context=tls_context(s),
+                timeout=10,
+            )
+            install_raw_handler(client, self._intake.on_message)
+            # Acks owed on an earlier connection are void; the broker redelivers those messages.
+            self._ledger.new_connection()
+            delay = s.reconnect_min_s
+            try:
+                async with client:
+                    self._client = client
+                    await client.subscribe(
+                        [
+                            (topic, SubscribeOptions(qos=1, retainHandling=2))
+                            for topic in self._router.subscriptions
+                        ]
+                    )
+                    self._stats.mqtt_connected = True
+                    self._stats.mqtt_connected_since = time.time()
+                    if attempt > 1:
+                        self._stats.mqtt_reconnects += 1
+                    log.info(
+                        "MQTT connected to %s:%d as %r, subscribed to %s",
+                        s.host,
+                        s.port,
+                        s.client_id,
+                        ", ".join(self._router.subscriptions),
+                    )
+                    self._backoff.reset()
+                    attempt = 1
+                    self.subscribed.set()
+                    # Messages reach Intake through the raw handler; this only waits for the end.
+                    async for _ in client.messages:
+                        pass
+            except aiomqtt.MqttError as e:
+                delay = self._backoff.next_delay()
+                log.warning(
+                    "MQTT %s:%d unavailable (%s); attempt %d, reconnecting in %.1f s",
+                    s.host,
+                    s.port,
+                    e,
+                    self._backoff.attempt,
+                    delay,
+                )
+            finally:
+                self._client = None
+                self._stats.mqtt_connected = False
+                self._stats.mqtt_connected_since = None
+                self.subscribed.clear()
+            await asyncio.sleep(delay)

@@ -1,0 +1,212 @@
+"""Records that travel through the pipeline: the mergeable per-window Chunk and its wire form.
+
+A Chunk holds the statistics of one (camera, stream, window start, rev). Every statistic is
+mergeable, so late deltas (rev > 0) and coarser windows are sums of chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgspec
+
+SCHEMA = "edge-agent/v1"
+OTHER = "__other__"
+MAX_CATEGORY_LEN = 64
+
+
+class NumStats:
+    """n, sum, sum of squares, min, max and the value with the greatest event time."""
+
+    __slots__ = ("last", "last_t", "max", "min", "n", "sum", "sumsq")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sum = 0.0
+        self.sumsq = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+        self.last = 0.0
+        self.last_t = -math.inf
+
+    def add(self, value: float, event_t: float) -> None:
+        self.n += 1
+        self.sum += value
+        self.sumsq += value * value
+        if value < self.min:
+            self.min = value
+        if value > self.max:
+            self.max = value
+        # Ties on event time go to the larger value so the result does not depend on arrival order.
+        if event_t > self.last_t or (event_t == self.last_t and value > self.last):
+            self.last_t = event_t
+            self.last = value
+
+    def merge(self, other: NumStats) -> None:
+        self.n += other.n
+        self.sum += other.sum
+        self.sumsq += other.sumsq
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+        if other.last_t > self.last_t or (other.last_t == self.last_t and other.last > self.last):
+            self.last_t = other.last_t
+            self.last = other.last
+
+    def to_wire(self) -> dict[str, float | int]:
+        return {
+            "n": self.n,
+            "sum": self.sum,
+            "sumsq": self.sumsq,
+            "min": self.min,
+            "max": self.max,
+            "last": self.last,
+            "last_t": self.last_t,
+        }
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> NumStats:
+        s = cls()
+        s.n = int(d["n"])
+        s.sum = float(d["sum"])
+        s.sumsq = float(d["sumsq"])
+        s.min = float(d["min"])
+        s.max = float(d["max"])
+        s.last = float(d["last"])
+        s.last_t = float(d.get("last_t", -math.inf))
+        return s
+
+
+class Chunk:
+    """Statistics of one (camera, stream, t, rev) window."""
+
+    __slots__ = (
+        "camera",
+        "cat",
+        "count",
+        "event_first",
+        "event_last",
+        "flags",
+        "num",
+        "recv_first",
+        "recv_last",
+        "rev",
+        "skew_sum",
+        "stream",
+        "t",
+        "width_s",
+    )
+
+    def __init__(self, camera: str, stream: str, t: int, width_s: int, rev: int = 0) -> None:
+        self.camera = camera
+        self.stream = stream
+        self.t = t
+        self.width_s = width_s
+        self.rev = rev
+        self.count = 0
+        self.num: dict[str, NumStats] = {}
+        self.cat: dict[str, dict[str, int]] = {}
+        self.event_first = math.inf
+        self.event_last = -math.inf
+        self.recv_first = math.inf
+        self.recv_last = -math.inf
+        self.skew_sum = 0.0
+        self.flags: set[str] = set()
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.camera, self.stream, self.t)
+
+    def add_times(self, event_t: float, recv_t: float) -> None:
+        self.count += 1
+        if event_t < self.event_first:
+            self.event_first = event_t
+        if event_t > self.event_last:
+            self.event_last = event_t
+        if recv_t < self.recv_first:
+            self.recv_first = recv_t
+        if recv_t > self.recv_last:
+            self.recv_last = recv_t
+        self.skew_sum += event_t - recv_t
+
+    def add_number(self, field: str, value: float, event_t: float) -> None:
+        stats = self.num.get(field)
+        if stats is None:
+            stats = self.num[field] = NumStats()
+        stats.add(value, event_t)
+
+    def add_category(self, field: str, value: str, max_categories: int) -> None:
+        counts = self.cat.get(field)
+        if counts is None:
+            counts = self.cat[field] = {}
+        if value in counts:
+            counts[value] += 1
+        elif len(counts) - (OTHER in counts) < max_categories:
+            counts[value] = 1
+        else:
+            counts[OTHER] = counts.get(OTHER, 0) + 1
+
+    def merge(self, other: Chunk) -> None:
+        """Add `other`'s statistics into this chunk (same key; any rev)."""
+        self.count += other.count
+        for f, s in other.num.items():
+            mine = self.num.get(f)
+            if mine is None:
+                mine = self.num[f] = NumStats()
+            mine.merge(s)
+        for f, counts in other.cat.items():
+            target = self.cat.setdefault(f, {})
+            for v, c in counts.items():
+                target[v] = target.get(v, 0) + c
+        self.event_first = min(self.event_first, other.event_first)
+        self.event_last = max(self.event_last, other.event_last)
+        self.recv_first = min(self.recv_first, other.recv_first)
+        self.recv_last = max(self.recv_last, other.recv_last)
+        self.skew_sum += other.skew_sum
+        self.flags |= other.flags
+
+    def to_wire(self) -> dict[str, Any]:
+        """The chunk as in the wire format, without `seq` (the outbox assigns it)."""
+        return {
+            "camera": self.camera,
+            "stream": self.stream,
+            "t": self.t,
+            "width_s": self.width_s,
+            "rev": self.rev,
+            "count": self.count,
+            "num": {f: s.to_wire() for f, s in self.num.items()},
+            "cat": self.cat,
+            "event_first": self.event_first,
+            "event_last": self.event_last,
+            "recv_first": self.recv_first,
+            "recv_last": self.recv_last,
+            "skew_s": round(self.skew_sum / self.count, 6) if self.count else 0.0,
+            "flags": sorted(self.flags),
+        }
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Chunk:
+        c = cls(str(d["camera"]), str(d["stream"]), int(d["t"]), int(d["width_s"]), int(d["rev"]))
+        c.count = int(d["count"])
+        c.num = {f: NumStats.from_wire(s) for f, s in d.get("num", {}).items()}
+        c.cat = {f: {str(k): int(v) for k, v in vs.items()} for f, vs in d.get("cat", {}).items()}
+        c.event_first = float(d["event_first"])
+        c.event_last = float(d["event_last"])
+        c.recv_first = float(d["recv_first"])
+        c.recv_last = float(d["recv_last"])
+        c.skew_sum = float(d.get("skew_s", 0.0)) * c.count
+        c.flags = set(d.get("flags", ()))
+        return c
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode_chunk(chunk: Chunk) -> bytes:
+    """JSON bytes of the chunk's wire form (no seq)."""
+    return _encoder.encode(chunk.to_wire())
+
+
+def with_seq(seq: int, body: bytes) -> bytes:
+    """Splice `"seq": n` in front of a stored chunk body without re-encoding it."""
+    return b'{"seq":' + str(seq).encode() + b"," + body[1:]

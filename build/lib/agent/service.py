@@ -1,0 +1,407 @@
+"""Wiring: outbox, aggregator, MQTT session, checkpoint loop, forwarder; signals and shutdown order.
+
+Shutdown (first SIGTERM/SIGINT): stop counting new messages, close every open window, last
+checkpoint and acks, drain the forwarder for at most forward.shutdown_drain_s, disconnect. A
+second signal exits at once (the outbox and the broker session keep everything).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+import msgspec
+
+from agent.acks import AckLedger
+from agent.aggregate import DURABLE, Aggregator, Window
+from agent.config import Settings, read_secret
+from agent.faults import NO_FAULTS, Faults
+from agent.forward import Forwarder
+from agent.health import HealthServer, Response, json_response
+from agent.ingest import Intake, MqttSession, TopicRouter
+from agent.metrics import render as render_metrics
+from agent.model import Chunk, encode_chunk
+from agent.notify import Notifier
+from agent.outbox import CheckpointWrite, Outbox, WindowKey
+from agent.stats import RateLimitedLog, Stats
+from agent.status import alive_problems, ready_problems, status_document
+
+log = logging.getLogger(__name__)
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Outbox usage (live pages / quota) above which room is made, and the level it is brought to.
+HIGH_WATER = 0.9
+LOW_WATER = 0.75
+
+
+def _key(w: Chunk) -> WindowKey:
+    return (w.camera, w.stream, w.t, w.rev)
+
+
+@dataclass
+class Pipeline:
+    """The running parts, exposed for the health endpoint and tests."""
+
+    settings: Settings
+    outbox: Outbox
+    aggregator: Aggregator
+    ledger: AckLedger
+    intake: Intake
+    session: MqttSession
+    forwarder: Forwarder
+    stats: Stats
+
+
+class Checkpointer:
+    """Commit closed chunks (and, under ack pressure, open-window state), then send the acks."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        outbox: Outbox,
+        aggregator: Aggregator,
+        ledger: AckLedger,
+        session: MqttSession,
+        forwarder: Forwarder,
+        stats: Stats,
+        clock: Callable[[], float] = time.time,
+        faults: Faults = NO_FAULTS,
+    ) -> None:
+        self._faults = faults
+        self._s = settings
+        self._outbox = outbox
+        self._agg = aggregator
+        self._ledger = ledger
+        self._session = session
+        self._forwarder = forwarder
+        self._stats = stats
+        self._clock = clock
+        self._pressure = int(settings.mqtt.receive_maximum * settings.buffer.ack_pressure_ratio)
+        self._max_ack_delay_s = settings.buffer.max_ack_delay_ms / 1000
+        # Windows closed but not yet committed (a failed commit is retried, nothing is lost).
+        self._carry: list[Window] = []
+        self._warn = RateLimitedLog(log)
+        self._lock = asyncio.Lock()
+
+    async def run(self, notifier: Notifier) -> None:
+        interval_s = self._s.buffer.checkpoint_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval_s)
+            if self._faults.reached("stall_checkpoint"):
+                log.warning("fault point stall_checkpoint reached: the checkpoint loop hangs")
+                await asyncio.Future()
+            await self.checkpoint()
+            notifier.progress()
+
+    async def checkpoint(self, *, final: bool = False) -> None:
+        async with self._lock:
+            await self._checkpoint(final)
+
+    async def _make_room(self) -> None:
+        """Keep the outbox under buffer.max_bytes: compact, then drop_oldest or backpressure."""
+        usage = await self._outbox.usage()
+        self._stats.buffer_usage = usage
+        if usage <= HIGH_WATER:
+            self._stats.buffer_full = False
+            return
+        drop = self._s.buffer.overflow == "drop_oldest"
+        compacted, dropped, dropped_msgs = await self._outbox.make_room(
+            target=LOW_WATER, drop_oldest=drop
+        )
+        st = self._stats
+        st.compacted_chunks += compacted
+        if dropped:
+            st.drops["buffer_full_oldest_chunks"] += dropped
+            st.drops["buffer_full_oldest_messages"] += dropped_msgs
+        usage = await self._outbox.usage()
+        st.buffer_usage = usage
+        st.buffer_full = usage > HIGH_WATER
+        self._warn.warning(
+            "quota",
+            "outbox at %.0f%% of buffer.max_bytes: compacted %d chunks into coarser windows, "
+            "dropped %d oldest chunks (%d messages)%s",
+            usage * 100, compacted, dropped, dropped_msgs,
+            "; holding MQTT acks (backpressure)" if st.buffer_full and not drop else "",
+        )  # fmt: skip
+
+    async def _checkpoint(self, final: bool) -> None:
+        await self._make_room()
+        now = self._clock()
+        agg, ledger = self._agg, self._ledger
+        closed = self._carry + (agg.close_all() if final else agg.close_due(now))
+        self._carry = []
+        snapshots: list[tuple[Window, int]] = []
+        if not final and len(ledger):
+            oldest = ledger.oldest_recv_t()
+            if len(ledger) >= self._pressure or (
+                oldest is not None and now - oldest >= self._max_ack_delay_s
+            ):
+                snapshots = [(w, w.version) for w in ledger.holders() if isinstance(w, Window)]
+        undo = [(w, w.durable_version, w.saved) for w in closed] + [
+            (w, w.durable_version, w.saved) for w, _ in snapshots
+        ]
+        write = CheckpointWrite(
+            chunks=[encode_chunk(w) for w in closed],
+            drop_snapshots=[_key(w) for w in closed if w.saved],
+            snapshots=[(_key(w), encode_chunk(w)) for w, _ in snapshots],
+        )
+        for w in closed:
+            w.durable_version = DURABLE
+        for w, version in snapshots:
+            w.durable_version = version
+        ackable = ledger.ackable()
+        journal, write.journal_deletes = ledger.journal_changes()
+        write.journal_upserts = [(p.mid, p.digest) for p in journal]
+        conn = ledger.connection
+        try:
+            await self._outbox.checkpoint(write, now=now)
+        except sqlite3.Error as e:
+            if "full" in str(e):
+                self._stats.buffer_full = True
+            for w, version, saved in undo:
+                w.durable_version = version
+                w.saved = saved
+            self._carry = closed
+            ledger.journal_failed(write.journal_deletes)
+            self._stats.rejects["checkpoint_failed"] += 1
+            self._warn.warning(
+                "ckpt",
+                "checkpoint failed (%s); %d closed windows kept in memory, acks held",
+                e,
+                len(closed),
+            )
+            return
+        ledger.journal_written(journal)
+        if ackable:
+            self._faults.hit("after_commit")
+        for w in closed:
+            w.saved = False
+        for w, _ in snapshots:
+            w.saved = True
+        st = self._stats
+        st.checkpoints += 1
+        st.sample(time.monotonic())
+        st.chunks_committed += len(closed)
+        if snapshots:
+            st.snapshots_written += len(snapshots)
+            log.info("ack pressure: saved %d open windows to ack early", len(snapshots))
+        if ackable and ledger.connection == conn and self._session.connected:
+            for p in ledger.pop_acked(len(ackable)):
+                self._session.ack(p.mid, p.qos)
+            st.acked += len(ackable)
+        if closed:
+            self._forwarder.wake.set()
+
+
+async def run_service(
+    settings: Settings,
+    *,
+    stop: asyncio.Event | None = None,
+    faults: Faults = NO_FAULTS,
+    notifier: Notifier | None = None,
+) -> Pipeline:
+    """Run until `stop` is set (or SIGTERM/SIGINT), then shut down in order."""
+    stop = stop or asyncio.Event()
+    notifier = notifier or Notifier()
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            log.warning("second signal: exiting now; the outbox and broker session keep the data")
+            raise SystemExit(1)
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+
+    stats = Stats()
+    outbox, recovery = await Outbox.open(
+        settings.buffer.path, synchronous=settings.buffer.synchronous, faults=faults
+    )
+    await outbox.set_quota(settings.buffer.max_bytes)
+    if recovery.moved_aside is not None:
+        stats.rejects["outbox_corrupt_moved_aside"] += 1
+    agg_s = settings.aggregate
+    aggregator = Aggregator(
+        window_s=agg_s.window_s,
+        allowed_lateness_s=agg_s.allowed_lateness_s,
+        idle_close_s=agg_s.idle_close_s,
+        late_policy=agg_s.late_policy,
+        max_skew_s=agg_s.max_skew_s,
+    )
+    now = time.time()
+    restored = aggregator.restore(
+        (Chunk.from_wire(msgspec.json.decode(b)) for b in recovery.open_windows), now=now
+    )
+    aggregator.import_marks(recovery.marks, now=now)
+    if recovery.marks:
+        await outbox.clear_marks()
+    ledger = AckLedger(recovery.journal)
+    log.info(
+        "outbox %s: %d chunks waiting, next seq %d; %d open windows restored; "
+        "%d ack-journal entries; window marks for %d cameras",
+        settings.buffer.path,
+        recovery.chunks,
+        recovery.next_seq,
+        restored,
+        len(recovery.journal),
+        len(recovery.marks),
+    )
+    router = TopicRouter(settings.streams)
+    intake = Intake(
+        router=router,
+        aggregator=aggregator,
+        ledger=ledger,
+        stats=stats,
+        max_payload_bytes=settings.mqtt.max_payload_bytes,
+    )
+    session = MqttSession(
+        settings=settings.mqtt, router=router, intake=intake, ledger=ledger, stats=stats
+    )
+    fs = settings.forward
+    token = read_secret(fs.token, fs.token_file, "cloud-token")
+    async with httpx.AsyncClient(
+        timeout=fs.timeout_s,
+        follow_redirects=False,
+        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+    ) as http:
+        forwarder = Forwarder(
+            settings=fs,
+            gateway_id=settings.gateway_id,
+            outbox=outbox,
+            client=http,
+            stats=stats,
+            token=lambda: token,
+            faults=faults,
+        )
+        checkpointer = Checkpointer(
+            settings=settings,
+            outbox=outbox,
+            aggregator=aggregator,
+            ledger=ledger,
+            session=session,
+            forwarder=forwarder,
+            stats=stats,
+            faults=faults,
+        )
+        pipeline = Pipeline(settings, outbox, aggregator, ledger, intake, session, forwarder, stats)
+        tasks: list[asyncio.Task[None]] = []
+
+        def healthz() -> Response:
+            done = [t.get_name() for t in tasks if t.done()]
+            problems = alive_problems(pipeline, done, time.monotonic())
+            return json_response(
+                503 if problems else 200, {"ok": not problems, "problems": problems}
+            )
+
+        def readyz() -> Response:
+            problems = ready_problems(pipeline)
+            return json_response(
+                503 if problems else 200, {"ok": not problems, "problems": problems}
+            )
+
+        health = HealthServer(
+            listen=settings.health.listen,
+            routes={
+                "/healthz": healthz,
+                "/readyz": readyz,
+                "/status": lambda: json_response(200, status_document(pipeline)),
+                "/metrics": lambda: (200, METRICS_CONTENT_TYPE, render_metrics(pipeline)),
+            },
+        )
+        await health.start()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                mqtt_task = tg.create_task(session.run(), name="mqtt")
+                ckpt_task = tg.create_task(checkpointer.run(notifier), name="checkpoint")
+                fwd_task = tg.create_task(forwarder.run(), name="forward")
+                notify_task = tg.create_task(_notify_loop(pipeline, notifier), name="notify")
+                tasks += [mqtt_task, ckpt_task, fwd_task, notify_task]
+                if outbox.chunk_count:
+                    forwarder.wake.set()
+                await stop.wait()
+                notifier.stopping()
+                notify_task.cancel()
+                await _shutdown(pipeline, checkpointer, mqtt_task, ckpt_task, fwd_task)
+        finally:
+            await health.close()
+            await outbox.close()
+    log.info(
+        "stopped: %d messages counted, %d chunks committed, %d sent, %d left in the outbox",
+        stats.counted,
+        stats.chunks_committed,
+        stats.chunks_sent,
+        outbox.chunk_count,
+    )
+    return pipeline
+
+
+async def _shutdown(
+    p: Pipeline,
+    checkpointer: Checkpointer,
+    mqtt_task: asyncio.Task[None],
+    ckpt_task: asyncio.Task[None],
+    fwd_task: asyncio.Task[None],
+) -> None:
+    started = time.monotonic()
+    p.intake.open = False
+    ckpt_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await ckpt_task
+    await checkpointer.checkpoint(final=True)
+    await p.outbox.save_marks(p.aggregator.export_marks())
+    log.info(
+        "shutdown: closed all windows, %d chunks in the outbox; draining for up to %.1f s",
+        p.outbox.chunk_count,
+        p.settings.forward.shutdown_drain_s,
+    )
+    p.forwarder.wake.set()
+    if p.outbox.chunk_count:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(p.settings.forward.shutdown_drain_s):
+                while p.outbox.chunk_count:
+                    p.forwarder.idle.clear()
+                    await p.forwarder.idle.wait()
+    fwd_task.cancel()
+    mqtt_task.cancel()
+    for task in (fwd_task, mqtt_task):
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    log.info("shutdown done in %.2f s", time.monotonic() - started)
+
+
+async def _notify_loop(p: Pipeline, notifier: Notifier) -> None:
+    """READY=1 once the outbox is open and MQTT is subscribed; then a STATUS line every 5 s."""
+    await p.session.subscribed.wait()
+    notifier.ready(status_line(p))
+    log.info("ready: outbox open, MQTT subscribed")
+    while True:
+        await asyncio.sleep(5)
+        notifier.status(status_line(p))
+
+
+def status_line(p: Pipeline) -> str:
+    """One line for systemd's STATUS=: rate, cameras, backlog, cloud."""
+    st, ob = p.stats, p.outbox
+    oldest = ob.oldest_created_at
+    age = f", oldest {time.time() - oldest:.0f} s" if oldest else ""
+    cloud = p.forwarder.unhealthy_reason or ("retrying" if p.forwarder.backoff_until else "ok")
+    line = (
+        f"{st.rate(10, time.monotonic()):.0f} msgs/s, {p.aggregator.camera_count} cameras, "
+        f"outbox {ob.chunk_count} chunks{age}, cloud: {cloud}"
+    )
+    return line[:200]

@@ -1,0 +1,104 @@
+"""What the agent says about itself: /status, /readyz and /healthz answers."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from agent import __version__
+
+if TYPE_CHECKING:
+    from agent.service import Pipeline
+
+
+def ready_problems(p: Pipeline) -> list[str]:
+    """Reasons the agent is not ready (empty: ready)."""
+    problems = []
+    if not p.session.subscribed.is_set():
+        problems.append("MQTT not connected and subscribed")
+    if p.forwarder.unhealthy_reason:
+        problems.append(p.forwarder.unhealthy_reason)
+    if p.stats.buffer_full:
+        problems.append("outbox full: holding MQTT acks until the cloud drains it")
+    return problems
+
+
+def alive_problems(p: Pipeline, tasks_done: list[str], now_mono: float) -> list[str]:
+    """Reasons the agent is not alive: a pipeline task ended, or the checkpoint loop stalled."""
+    problems = [f"task {name} ended" for name in tasks_done]
+    last = p.stats.last_checkpoint_mono
+    limit_s = stall_limit_s(p)
+    if last is not None and now_mono - last > limit_s:
+        problems.append(f"no checkpoint for {now_mono - last:.0f} s (limit {limit_s:.0f} s)")
+    return problems
+
+
+def stall_limit_s(p: Pipeline) -> float:
+    return max(2.0, 20 * p.settings.buffer.checkpoint_interval_ms / 1000)
+
+
+def status_document(p: Pipeline) -> dict[str, Any]:
+    """The /status JSON (schema in the README): what flows, what waits, what was rejected."""
+    st, ob, fw = p.stats, p.outbox, p.forwarder
+    now, mono = time.time(), time.monotonic()
+    oldest = ob.oldest_created_at
+    return {
+        "version": __version__,
+        "gateway_id": p.settings.gateway_id,
+        "uptime_s": round(now - st.started_at, 1),
+        "ready": not ready_problems(p),
+        "problems": ready_problems(p),
+        "mqtt": {
+            "connected": st.mqtt_connected,
+            "since": st.mqtt_connected_since,
+            "reconnects": st.mqtt_reconnects,
+        },
+        "ingest": {
+            "received": st.received,
+            "counted": st.counted,
+            "msgs_per_s_10s": round(st.rate(10, mono), 1),
+            "msgs_per_s_60s": round(st.rate(60, mono), 1),
+            "redelivered_skipped": st.redelivered_skipped,
+            "acked": st.acked,
+            "unacked": len(p.ledger),
+            "rejects": dict(st.rejects),
+        },
+        "aggregate": {
+            "windows_open": p.aggregator.open_count,
+            **dict(p.aggregator.counters),
+        },
+        "cameras": {
+            "count": p.aggregator.camera_count,
+            "by_id": p.aggregator.camera_info(now),
+        },
+        "outbox": {
+            "chunks": ob.chunk_count,
+            "bytes": ob.chunk_bytes,
+            "file_bytes": ob.file_bytes(),
+            "usage_of_max_bytes": round(st.buffer_usage, 4),
+            "full": st.buffer_full,
+            "oldest_unsent_age_s": round(now - oldest, 1) if oldest else None,
+            "next_seq": ob.last_seq + 1,
+            "checkpoints": st.checkpoints,
+            "chunks_committed": st.chunks_committed,
+            "snapshots_written": st.snapshots_written,
+            "compacted_chunks": st.compacted_chunks,
+            "dead_letters": st.dead_letters,
+        },
+        "forward": {
+            "batches_sent": st.batches_sent,
+            "batches_failed": st.batches_failed,
+            "chunks_sent": st.chunks_sent,
+            "bytes_sent": st.bytes_sent,
+            "last_success_age_s": round(now - st.last_forward_ok, 1)
+            if st.last_forward_ok
+            else None,
+            "last_error": st.last_forward_error,
+            "backoff_remaining_s": round(max(0.0, fw.backoff_until - now), 1)
+            if fw.backoff_until
+            else None,
+            "pace_chunks_per_s": round(fw.pacer.rate, 1),
+            "throttled": st.throttled,
+        },
+        "drops": dict(st.drops),
+    }
