@@ -212,6 +212,7 @@ def cmd_simulate_cameras(args: argparse.Namespace) -> int:
         processes=args.processes,
         topic_prefix=args.topic_prefix,
         skew_s=args.skew_s,
+        clocks=tuple(args.clock),
         late_fraction=args.late_fraction,
         malformed_fraction=args.malformed_fraction,
         record=Path(args.record) if args.record else None,
@@ -220,6 +221,13 @@ def cmd_simulate_cameras(args: argparse.Namespace) -> int:
     summary = run_simulation(opts)
     print(json.dumps(summary, indent=2))
     return 0 if summary["failed"] == 0 else 1
+
+
+def _clock_fault(spec: str) -> tuple[int, str]:
+    index, _, kind = spec.partition("=")
+    if not index.isdigit() or not kind:
+        raise argparse.ArgumentTypeError(f"--clock {spec!r}: expected N=KIND, e.g. 3=offset:37")
+    return int(index), kind
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     cams.add_argument("--processes", type=int, default=2)
     cams.add_argument("--topic-prefix", default="site/cam")
     cams.add_argument("--skew-s", type=float, default=0.0, help="clock offset of every 10th camera")
+    cams.add_argument(
+        "--clock",
+        action="append",
+        default=[],
+        type=_clock_fault,
+        metavar="N=KIND",
+        help="camera N's clock: offset:S, drift:S_PER_MIN, reset1970:AFTER_S, ms_for_s:AFTER_S",
+    )
     cams.add_argument("--late-fraction", type=float, default=0.0)
     cams.add_argument("--malformed-fraction", type=float, default=0.0)
     cams.add_argument("--record", default=None, help="write every acknowledged publish (JSONL)")

@@ -29,11 +29,12 @@ from agent.config import MqttSettings, StreamSettings, read_secret
 from agent.mqtt_compat import install_raw_handler, send_ack
 from agent.pacing import Backoff
 from agent.stats import RateLimitedLog, Stats
-from agent.timekeeping import BadTimestamp, parse_event_time
+from agent.timekeeping import BadTimestamp, Clocks, parse_event_time
 
 log = logging.getLogger(__name__)
 
 ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+GATEWAY_TIME: tuple[str, ...] = ("time_from_gateway",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +119,7 @@ class Intake:
         *,
         router: TopicRouter,
         aggregator: Aggregator,
+        clocks: Clocks,
         ledger: AckLedger,
         stats: Stats,
         max_payload_bytes: int,
@@ -125,6 +127,7 @@ class Intake:
     ) -> None:
         self._router = router
         self._agg = aggregator
+        self._clocks = clocks
         self._ledger = ledger
         self._stats = stats
         self._max_payload = max_payload_bytes
@@ -180,14 +183,12 @@ class Intake:
             return "malformed_json", None
         if type(doc) is not dict:
             return "not_an_object", None
-        gateway_time = True
-        event_t = recv_t
+        t, flags = recv_t, GATEWAY_TIME
         if route.time_field is not None:
             raw = doc.get(route.time_field)
             if raw is not None:
                 try:
                     event_t = parse_event_time(raw, route.time_unit)
-                    gateway_time = False
                 except BadTimestamp as e:
                     self._stats.rejects["bad_timestamp_used_gateway_time"] += 1
                     self._warn.warning(
@@ -196,9 +197,15 @@ class Intake:
                         route.camera,
                         e,
                     )
-        window = self._agg.add(
-            route.camera, route.stream, route.spec, doc, event_t, recv_t, gateway_time=gateway_time
-        )
+                else:
+                    stamped = self._clocks.stamp(route.camera, event_t, recv_t)
+                    if self._clocks.notices:
+                        for notice in self._clocks.take_notices():
+                            log.warning(notice)
+                    if stamped is None:
+                        return "bad_time_dropped", None
+                    t, flags = stamped
+        window = self._agg.add(route.camera, route.stream, route.spec, doc, t, recv_t, flags=flags)
         if window is None:
             return "late_dropped", None
         return None, window

@@ -12,6 +12,7 @@ from agent.aggregate import Aggregator
 from agent.config import StreamSettings
 from agent.ingest import Intake, TopicRouter
 from agent.stats import Stats
+from agent.timekeeping import ClockPolicy, Clocks
 
 T0 = 1764126000.0
 
@@ -29,7 +30,12 @@ def make_intake(max_payload: int = 1024) -> tuple[Intake, Aggregator, AckLedger,
     ledger = AckLedger()
     stats = Stats()
     intake = Intake(
-        router=router, aggregator=agg, ledger=ledger, stats=stats, max_payload_bytes=max_payload
+        router=router,
+        aggregator=agg,
+        clocks=Clocks(ClockPolicy()),
+        ledger=ledger,
+        stats=stats,
+        max_payload_bytes=max_payload,
     )
     return intake, agg, ledger, stats
 

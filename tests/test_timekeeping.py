@@ -52,3 +52,120 @@ def test_never_raises_anything_but_bad_timestamp(value: object, unit: str) -> No
 def test_auto_tells_units_apart_for_any_date_after_1973(seconds: float) -> None:
     for scale in (1, 1e3, 1e6, 1e9):
         assert parse_event_time(seconds * scale, "auto") == pytest.approx(seconds, rel=1e-9)
+
+
+# -- per-camera clocks: pure, time passed in ------------------------------------------------
+
+import random  # noqa: E402
+
+from agent.timekeeping import ClockPolicy, Clocks  # noqa: E402
+
+
+def feed(
+    clocks: Clocks,
+    camera: str,
+    true_start: float,
+    n: int,
+    clock: object,
+    rate: float = 10.0,
+    seed: int = 1,
+) -> list[tuple[float, float, tuple[str, ...] | None, float]]:
+    """n messages at `rate`/s; `clock(true_t)` is what the camera stamps. Returns
+    (true time, receive time, flags or None, aggregated time)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        true_t = true_start + i / rate
+        recv = true_t + rng.uniform(0.005, 0.4)  # network and broker delay
+        stamped = clocks.stamp(camera, clock(true_t), recv)  # type: ignore[operator]
+        out.append(
+            (
+                true_t,
+                recv,
+                None if stamped is None else stamped[1],
+                float("nan") if stamped is None else stamped[0],
+            )
+        )
+    return out  # fmt: skip
+
+
+def test_offset_ahead_is_estimated_and_flagged() -> None:
+    clocks = Clocks(ClockPolicy(skew_policy="flag", max_skew_s=30))
+    out = feed(clocks, "c", T, 300, lambda t: t + 37.0)
+    c = clocks.get("c")
+    assert c is not None and c.skew_s == pytest.approx(37.0, abs=0.05)
+    assert c.suspect and out[-1][2] == ("clock_suspect",)
+    assert out[-1][3] == pytest.approx(out[-1][0] + 37.0)  # flag keeps camera time
+    assert any("exceeds max_skew_s" in n for n in clocks.take_notices())
+
+
+def test_behind_five_minutes_restamped_to_true_time() -> None:
+    clocks = Clocks(ClockPolicy(skew_policy="restamp"))
+    out = feed(clocks, "c", T, 300, lambda t: t - 300.0)
+    true_t, recv, flags, t = out[-1]
+    assert flags == ("restamped",)
+    assert true_t <= t <= recv  # shifted by the estimate: within the network delay of truth
+    assert clocks.counters["clock_restamped"] > 250
+
+
+def test_gateway_policy_uses_receive_time_while_the_clock_is_bad() -> None:
+    clocks = Clocks(ClockPolicy(skew_policy="gateway"))
+    out = feed(clocks, "c", T, 100, lambda t: t - 300.0)
+    _, recv, flags, t = out[-1]
+    assert flags == ("time_from_gateway",) and t == recv
+
+
+def test_punctual_camera_is_untouched() -> None:
+    clocks = Clocks(ClockPolicy(skew_policy="restamp"))
+    out = feed(clocks, "c", T, 200, lambda t: t)
+    assert all(flags == () for _, _, flags, _ in out)
+    c = clocks.get("c")
+    assert c is not None and c.skew_s is not None and -0.4 <= c.skew_s <= 0
+
+
+def test_drift_of_one_second_per_minute_is_tracked() -> None:
+    clocks = Clocks(ClockPolicy())
+    feed(clocks, "c", T, 6000, lambda t: t + (t - T) / 60.0)  # 10 minutes
+    c = clocks.get("c")
+    assert c is not None and c.skew_s == pytest.approx(10.0, abs=0.6)
+
+
+def test_reset_to_1970_is_caught_at_once_and_recovers() -> None:
+    clocks = Clocks(ClockPolicy(skew_policy="restamp"))
+    feed(clocks, "c", T, 100, lambda t: t)
+    reset = feed(clocks, "c", T + 10, 50, lambda t: t - T - 10 + 5.0)  # reboot: 1970 + 5 s
+    # Every message after the reset is counted, at (about) its true time, never in 1970.
+    assert all(flags is not None and "bad_time" in flags for _, _, flags, _ in reset[:2])
+    assert all(flags == ("restamped",) for _, _, flags, _ in reset[2:])  # the step is confirmed
+    assert all(abs(t - true_t) < 1.0 for true_t, _, _, t in reset)
+    assert clocks.counters["clock_jumps"] == 1
+    fixed = feed(clocks, "c", T + 15, 50, lambda t: t)  # NTP comes back
+    assert clocks.counters["clock_jumps"] == 2
+    assert fixed[-1][2] == ()
+    c = clocks.get("c")
+    assert c is not None and not c.suspect
+    notes = clocks.take_notices()
+    assert any("clock stepped" in n for n in notes) and any("back within" in n for n in notes)
+
+
+def test_milliseconds_sent_as_seconds_are_restamped_immediately() -> None:
+    clocks = Clocks(ClockPolicy(skew_policy="flag"))
+    feed(clocks, "c", T, 100, lambda t: t)
+    wrong = feed(clocks, "c", T + 10, 5, lambda t: t * 1000.0)  # the year 57,000
+    assert all(flags is not None and "bad_time" in flags for _, _, flags, _ in wrong)
+    assert all(t == recv for _, recv, _, t in wrong)
+
+
+def test_a_late_message_keeps_its_time_and_does_not_move_the_estimate() -> None:
+    clocks = Clocks(ClockPolicy(skew_policy="restamp"))
+    feed(clocks, "c", T, 100, lambda t: t)
+    stamped = clocks.stamp("c", T + 10 - 120.0, T + 10)  # buffered two minutes on the camera
+    assert stamped == (T + 10 - 120.0, ())
+    c = clocks.get("c")
+    assert c is not None and c.skew_s is not None and abs(c.skew_s) < 0.5
+
+
+def test_bad_time_drop_policy_counts() -> None:
+    clocks = Clocks(ClockPolicy(bad_time_policy="drop", max_future_s=60))
+    assert clocks.stamp("c", T + 3600, T) is None
+    assert clocks.counters["bad_time_dropped"] == 1

@@ -55,7 +55,6 @@ class _Camera:
         "max_event",
         "msgs",
         "rate",
-        "skew",
         "tick_msgs",
         "tick_t",
         "windows",
@@ -63,8 +62,6 @@ class _Camera:
 
     def __init__(self) -> None:
         self.msgs = 0
-        # Low-pass estimate of event time - receive time (negative: the camera clock is behind).
-        self.skew: float | None = None
         self.rate = 0.0
         self.tick_msgs = 0
         self.tick_t: float | None = None
@@ -87,14 +84,12 @@ class Aggregator:
         allowed_lateness_s: float,
         idle_close_s: float,
         late_policy: Literal["delta", "drop"] = "delta",
-        max_skew_s: float = 30.0,
         late_memory_s: float = 3600.0,
     ) -> None:
         self.window_s = window_s
         self.allowed_lateness_s = allowed_lateness_s
         self.idle_close_s = idle_close_s
         self.late_policy = late_policy
-        self.max_skew_s = max_skew_s
         self.late_memory_s = late_memory_s
         self._cameras: dict[str, _Camera] = {}
         self.open_count = 0
@@ -111,7 +106,7 @@ class Aggregator:
         event_t: float,
         recv_t: float,
         *,
-        gateway_time: bool = False,
+        flags: tuple[str, ...] = (),
     ) -> Window | None:
         """Merge one message; return the window holding it, or None if it was dropped as late."""
         cam = self._cameras.get(camera)
@@ -120,9 +115,6 @@ class Aggregator:
         w = self.window_s
         t = int(event_t // w) * w
         cam.msgs += 1
-        if not gateway_time:
-            d = event_t - recv_t
-            cam.skew = d if cam.skew is None else cam.skew + 0.05 * (d - cam.skew)
         if recv_t > cam.last_recv:
             cam.last_recv = recv_t
         if event_t > cam.max_event:
@@ -145,10 +137,8 @@ class Aggregator:
         elif window.rev:
             self.counters["late_deltas"] += 1
         window.add_times(event_t, recv_t)
-        if gateway_time:
-            window.flags.add("time_from_gateway")
-        elif abs(event_t - recv_t) > self.max_skew_s:
-            window.flags.add("clock_suspect")
+        if flags:
+            window.flags.update(flags)
         for f in spec.numeric:
             v = payload.get(f)
             if v is None:
@@ -274,21 +264,16 @@ class Aggregator:
         return len(self._cameras)
 
     def camera_info(self, now: float) -> dict[str, dict[str, Any]]:
-        """Per camera: last seen, messages, rate, clock skew and its flags (for /status)."""
-        out = {}
-        for name, cam in self._cameras.items():
-            flags = []
-            if cam.skew is not None and abs(cam.skew) > self.max_skew_s:
-                flags.append("clock_suspect")
-            out[name] = {
+        """Per camera: last seen, messages, rate, open windows (for /status)."""
+        return {
+            name: {
                 "last_seen_age_s": round(now - cam.last_recv, 1),
                 "messages": cam.msgs,
                 "msgs_per_s": round(cam.rate, 2),
-                "skew_s": None if cam.skew is None else round(cam.skew, 3),
                 "windows_open": len(cam.windows),
-                "flags": flags,
             }
-        return out
+            for name, cam in self._cameras.items()
+        }
 
 
 def _tick_rate(cam: _Camera, now: float) -> None:

@@ -166,7 +166,11 @@ class AggregateSettings(Section):
     idle_close_s: float = Field(default=5.0, gt=0, le=86400)
     late_policy: Literal["delta", "drop"] = "delta"
     max_skew_s: float = Field(default=30.0, gt=0)
-    skew_policy: Literal["flag"] = "flag"
+    skew_policy: Literal["flag", "restamp", "gateway"] = "flag"
+    clock_jump_s: float = Field(default=60.0, gt=0)
+    max_future_s: float = Field(default=300.0, gt=0)
+    max_age_s: float = Field(default=7 * 86400.0, gt=0)
+    bad_time_policy: Literal["restamp", "drop"] = "restamp"
 
 
 class BufferSettings(Section):

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from agent.service import Pipeline
 
 P = "edge_agent_"
+SKEW_BUCKETS_S = (0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0, 86400.0)
 
 
 class PipelineCollector(Collector):
@@ -66,6 +67,26 @@ class PipelineCollector(Collector):
             agg.add_metric([kind], n)
         yield agg
         yield gauge("cameras", "Cameras tracked.", p.aggregator.camera_count)
+        clocks = p.clocks.items()
+        yield gauge(
+            "cameras_clock_suspect",
+            "Cameras whose clock skew exceeds max_skew_s.",
+            sum(c.suspect for _, c in clocks),
+        )
+        skews = [abs(c.skew_s) for _, c in clocks if c.skew_s is not None]
+        yield HistogramMetricFamily(
+            P + "camera_clock_skew_abs_seconds",
+            "Absolute clock skew estimate of each camera (one observation per camera).",
+            buckets=[(f"{b:g}", float(sum(s <= b for s in skews))) for b in SKEW_BUCKETS_S]
+            + [("+Inf", float(len(skews)))],
+            sum_value=sum(skews),
+        )
+        clock_events = CounterMetricFamily(
+            P + "clock_events", "Clock jumps, restamps, bad times.", labels=["kind"]
+        )
+        for kind, n in sorted(p.clocks.counters.items()):
+            clock_events.add_metric([kind], n)
+        yield clock_events
         yield gauge("windows_open", "Open aggregation windows.", p.aggregator.open_count)
         yield counter("checkpoints", "Checkpoint transactions committed.", st.checkpoints)
         yield counter("chunks_committed", "Chunks written to the outbox.", st.chunks_committed)

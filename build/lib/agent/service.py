@@ -32,6 +32,7 @@ from agent.notify import Notifier
 from agent.outbox import CheckpointWrite, Outbox, WindowKey
 from agent.stats import RateLimitedLog, Stats
 from agent.status import alive_problems, ready_problems, status_document
+from agent.timekeeping import ClockPolicy, Clocks
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class Pipeline:
     aggregator: Aggregator
     ledger: AckLedger
     intake: Intake
+    clocks: Clocks
     session: MqttSession
     forwarder: Forwarder
     stats: Stats
@@ -241,7 +243,6 @@ async def run_service(
         allowed_lateness_s=agg_s.allowed_lateness_s,
         idle_close_s=agg_s.idle_close_s,
         late_policy=agg_s.late_policy,
-        max_skew_s=agg_s.max_skew_s,
     )
     now = time.time()
     restored = aggregator.restore(
@@ -262,9 +263,20 @@ async def run_service(
         len(recovery.marks),
     )
     router = TopicRouter(settings.streams)
+    clocks = Clocks(
+        ClockPolicy(
+            skew_policy=agg_s.skew_policy,
+            max_skew_s=agg_s.max_skew_s,
+            max_future_s=agg_s.max_future_s,
+            max_age_s=agg_s.max_age_s,
+            bad_time_policy=agg_s.bad_time_policy,
+            jump_s=agg_s.clock_jump_s,
+        )
+    )
     intake = Intake(
         router=router,
         aggregator=aggregator,
+        clocks=clocks,
         ledger=ledger,
         stats=stats,
         max_payload_bytes=settings.mqtt.max_payload_bytes,
@@ -298,7 +310,9 @@ async def run_service(
             stats=stats,
             faults=faults,
         )
-        pipeline = Pipeline(settings, outbox, aggregator, ledger, intake, session, forwarder, stats)
+        pipeline = Pipeline(
+            settings, outbox, aggregator, ledger, intake, clocks, session, forwarder, stats
+        )
         tasks: list[asyncio.Task[None]] = []
 
         def healthz() -> Response:

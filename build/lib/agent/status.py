@@ -66,11 +66,9 @@ def status_document(p: Pipeline) -> dict[str, Any]:
         "aggregate": {
             "windows_open": p.aggregator.open_count,
             **dict(p.aggregator.counters),
+            **dict(p.clocks.counters),
         },
-        "cameras": {
-            "count": p.aggregator.camera_count,
-            "by_id": p.aggregator.camera_info(now),
-        },
+        "cameras": camera_section(p, now),
         "outbox": {
             "chunks": ob.chunk_count,
             "bytes": ob.chunk_bytes,
@@ -101,4 +99,33 @@ def status_document(p: Pipeline) -> dict[str, Any]:
             "throttled": st.throttled,
         },
         "drops": dict(st.drops),
+    }
+
+
+def camera_section(p: Pipeline, now: float) -> dict[str, Any]:
+    """Cameras: traffic from the aggregator, clock state from the clock estimates."""
+    by_id = p.aggregator.camera_info(now)
+    max_skew_s = p.settings.aggregate.max_skew_s
+    suspect = 0
+    for name, clock in p.clocks.items():
+        info = by_id.get(name)
+        if info is None:
+            continue
+        skew = clock.skew_s
+        flags = ["clock_suspect"] if clock.suspect else []
+        suspect += clock.suspect
+        info.update(
+            skew_s=None if skew is None else round(skew, 3),
+            skew_spread_s=round(clock.spread, 3),
+            clock_jumps=clock.jumps,
+            flags=flags,
+        )
+    for info in by_id.values():
+        info.setdefault("skew_s", None)
+        info.setdefault("flags", [])
+    return {
+        "count": len(by_id),
+        "clock_suspect": suspect,
+        "max_skew_s": max_skew_s,
+        "by_id": by_id,
     }

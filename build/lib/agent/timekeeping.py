@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections import Counter, deque
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal
 
 # Epoch magnitudes for `auto`: seconds reach 1e10 in the year 2286; a ms value for any date after
 # 1973 exceeds 1e11, a µs value exceeds 1e14, a ns value exceeds 1e17.
@@ -51,3 +54,154 @@ def _rfc3339(text: str) -> float:
     if dt.tzinfo is None:
         raise BadTimestamp("RFC 3339 timestamp without a zone offset")
     return dt.timestamp()
+
+
+# -- per-camera clocks --------------------------------------------------------------------------
+
+SkewPolicy = Literal["flag", "restamp", "gateway"]
+BadTimePolicy = Literal["restamp", "drop"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClockPolicy:
+    """What to do about cameras whose clocks are off (see [aggregate] in the config)."""
+
+    skew_policy: SkewPolicy = "flag"
+    max_skew_s: float = 30.0
+    max_future_s: float = 300.0
+    max_age_s: float = 7 * 86400.0
+    bad_time_policy: BadTimePolicy = "restamp"
+    jump_s: float = 60.0
+
+
+class CameraClock:
+    """A robust running estimate of one camera's clock offset.
+
+    d = receive time - event time is the true offset plus network and queueing delay, and
+    delay only adds, so the offset estimate is the minimum of d over the last WINDOW samples
+    (late or buffered messages do not move it), and its spread the median minus that minimum.
+    A sample more than jump_s away from the estimate is a deviant; three consistent deviants in
+    a row are a step of the camera clock (reset to 1970, a jump of hours, a unit switch): the
+    estimate moves to the new level at once.
+    """
+
+    WINDOW = 64
+    CONFIRM = 3
+
+    __slots__ = ("_candidates", "_window", "jumps", "offset", "samples", "spread", "suspect")
+
+    def __init__(self) -> None:
+        self._window: deque[float] = deque(maxlen=self.WINDOW)
+        self._candidates: list[float] = []
+        self.offset: float | None = None
+        self.spread = 0.0
+        self.samples = 0
+        self.jumps = 0
+        self.suspect = False
+
+    @property
+    def skew_s(self) -> float | None:
+        """Event time minus true time: negative when the camera clock is behind."""
+        return None if self.offset is None else -self.offset
+
+    def observe(self, d: float, jump_s: float) -> bool:
+        """Add one sample; returns True when it deviates from the estimate (a possible step)."""
+        self.samples += 1
+        if self.offset is not None and len(self._window) >= 8 and abs(d - self.offset) > jump_s:
+            c = self._candidates
+            c.append(d)
+            if len(c) >= self.CONFIRM and max(c) - min(c) <= jump_s / 4:
+                self._window.clear()
+                self._window.extend(c)
+                c.clear()
+                self.jumps += 1
+                self._estimate()
+            return True
+        self._candidates.clear()
+        self._window.append(d)
+        self._estimate()
+        return False
+
+    def _estimate(self) -> None:
+        w = sorted(self._window)
+        self.offset = w[0]
+        self.spread = w[len(w) // 2] - w[0]
+
+
+class Clocks:
+    """Every camera's clock, and the policy that turns (event time, receive time) into the time
+    a message is aggregated under, with the flags its chunk carries. Pure: times passed in."""
+
+    MAX_CAMERAS = 100_000
+
+    def __init__(self, policy: ClockPolicy) -> None:
+        self.policy = policy
+        self._clocks: dict[str, CameraClock] = {}
+        self.counters: Counter[str] = Counter()
+        # (camera, what happened) notices for the caller to log, drained by take_notices().
+        self.notices: list[str] = []
+
+    def get(self, camera: str) -> CameraClock | None:
+        return self._clocks.get(camera)
+
+    def items(self) -> list[tuple[str, CameraClock]]:
+        return list(self._clocks.items())
+
+    def forget(self, camera: str) -> None:
+        self._clocks.pop(camera, None)
+
+    def stamp(
+        self, camera: str, event_t: float, recv_t: float
+    ) -> tuple[float, tuple[str, ...]] | None:
+        """The time to aggregate under and the chunk flags; None: drop the message (counted)."""
+        p = self.policy
+        clock = self._clocks.get(camera)
+        if clock is None:
+            if len(self._clocks) >= self.MAX_CAMERAS:
+                self._clocks.clear()
+            clock = self._clocks[camera] = CameraClock()
+        d = recv_t - event_t
+        jumps = clock.jumps
+        deviant = clock.observe(d, p.jump_s)
+        if clock.jumps != jumps:
+            self.counters["clock_jumps"] += 1
+            self.notices.append(
+                f"camera {camera}: clock stepped; skew now {-(clock.offset or 0.0):+.1f} s"
+            )
+        offset = clock.offset if clock.offset is not None else d
+        # A sample older than the estimate says may just be late (buffered, redelivered): keep
+        # it unless it is confirmed as a step. One newer than the estimate cannot be explained
+        # by delay: the camera clock moved forward, act on it at once.
+        deviant = deviant and d < offset
+        suspect = abs(offset) > p.max_skew_s
+        if suspect != clock.suspect:
+            clock.suspect = suspect
+            self.notices.append(
+                f"camera {camera}: clock skew {-offset:+.1f} s "
+                + ("exceeds" if suspect else "back within")
+                + f" max_skew_s ({p.max_skew_s:g} s); policy {p.skew_policy}"
+            )
+        t = event_t
+        flags: tuple[str, ...] = ()
+        if suspect or deviant:
+            if p.skew_policy == "flag":
+                flags = ("clock_suspect",)
+            elif p.skew_policy == "restamp":
+                t = event_t + (d if deviant else offset)
+                flags = ("restamped",)
+                self.counters["clock_restamped"] += 1
+            else:
+                t = recv_t
+                flags = ("time_from_gateway",)
+                self.counters["clock_gateway_time"] += 1
+        if t > recv_t + p.max_future_s or t < recv_t - p.max_age_s:
+            if p.bad_time_policy == "drop":
+                self.counters["bad_time_dropped"] += 1
+                return None
+            self.counters["bad_time_restamped"] += 1
+            return recv_t, (*flags, "bad_time")
+        return t, flags
+
+    def take_notices(self) -> list[str]:
+        out, self.notices = self.notices, []
+        return out

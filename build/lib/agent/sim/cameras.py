@@ -36,6 +36,10 @@ class SimOptions:
     processes: int = 2
     topic_prefix: str = "site/cam"
     skew_s: float = 0.0
+    # Per camera index: "offset:S", "drift:S_PER_MIN", "reset1970:AFTER_S", "ms_for_s:AFTER_S".
+    clocks: tuple[tuple[int, str], ...] = ()
+    # Every third camera stamps integer milliseconds (the agent's "auto" unit tells them apart).
+    ms_cameras: bool = True
     late_fraction: float = 0.0
     malformed_fraction: float = 0.0
     record: Path | None = None
@@ -67,6 +71,21 @@ def make_payload(
         "fps": round(rng.uniform(24, 30), 1),
         "status": rng.choice(STATUSES),
     }
+
+
+def camera_clock(kind: str, now: float, elapsed_s: float, ms: bool) -> tuple[float, bool]:
+    """What a camera with a bad clock stamps at true time `now`: (timestamp, in milliseconds)."""
+    name, _, arg = kind.partition(":")
+    x = float(arg or 0)
+    if name == "offset":
+        return now + x, ms
+    if name == "drift":
+        return now + elapsed_s * x / 60.0, ms
+    if name == "reset1970":
+        return (now, ms) if elapsed_s < x else (5.0 + elapsed_s - x, False)
+    if name == "ms_for_s":
+        return (now, False) if elapsed_s < x else (float(int(now * 1000)), False)
+    raise ValueError(f"unknown camera clock fault {kind!r}")
 
 
 def _worker(opts: SimOptions, index: int, cams: list[int]) -> dict[str, int]:
@@ -108,8 +127,9 @@ def _worker(opts: SimOptions, index: int, cams: list[int]) -> dict[str, int]:
         start = time.monotonic()
         end = start + opts.duration_s
         frames = dict.fromkeys(cams, 0)
-        ms_camera = {c: c % 3 == 2 for c in cams}
+        ms_camera = {c: opts.ms_cameras and c % 3 == 2 for c in cams}
         skew = {c: (opts.skew_s if c % 10 == 9 else 0.0) for c in cams}
+        faults = {c: kind for c, kind in opts.clocks if c in cams}
         tick_s = 0.01
         while published < opts.max_messages:
             now_m = time.monotonic()
@@ -124,6 +144,9 @@ def _worker(opts: SimOptions, index: int, cams: list[int]) -> dict[str, int]:
                 r = rng.random()
                 stream = "detections" if r < 0.7 else "motion" if r < 0.9 else "health"
                 ts = time.time() + skew[c]
+                ms = ms_camera[c]
+                if c in faults:
+                    ts, ms = camera_clock(faults[c], ts, time.monotonic() - start, ms)
                 if opts.late_fraction and rng.random() < opts.late_fraction:
                     ts -= rng.uniform(3.0, 10.0)
                 frames[c] += 1
@@ -134,7 +157,7 @@ def _worker(opts: SimOptions, index: int, cams: list[int]) -> dict[str, int]:
                     malformed += 1
                 else:
                     payload = json.dumps(
-                        make_payload(rng, stream, ts, frames[c], ms_camera[c]),
+                        make_payload(rng, stream, ts, frames[c], ms),
                         separators=(",", ":"),
                     ).encode()
                 info = client.publish(topic, payload, qos=1)
@@ -224,6 +247,7 @@ def read_record(path: Path) -> list[dict[str, Any]]:
 def _child_main() -> None:
     raw, index, cams = json.loads(sys.argv[1])
     raw["record"] = Path(raw["record"]) if raw["record"] else None
+    raw["clocks"] = tuple((int(c), str(k)) for c, k in raw["clocks"])
     print(json.dumps(_worker(SimOptions(**raw), index, cams)))
 
 

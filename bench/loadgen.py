@@ -1,0 +1,332 @@
+"""A lean MQTT v5 QoS 1 load generator for the ingest ceiling: raw sockets, no paho.
+
+Why not the simulator (agent.sim.cameras)? On this 2-core machine a paho publisher process costs
+~100 µs of CPU per QoS 1 message and degrades sharply past ~5-8k msgs/s (paho re-scans its
+queue on every PUBACK once its in-flight window is full), so the simulator alone cannot offer
+20,000 msgs/s here. This generator writes pre-framed PUBLISH packets in bulk and counts PUBACKs
+in a reader thread: a few µs per message. Payloads have the simulator's shapes (detections /
+motion / health, built with agent.sim.cameras.make_payload when available), topics
+`site/cam/cam-NNN/<stream>`, and `ts` is the publish time (every third camera in integer ms,
+like the simulator).
+
+Bounded: at most `duration_s` of publishing, at most `max_messages`, at most `window` messages
+in flight, acks awaited for at most `drain_timeout_s`. Several processes share the cameras.
+
+    python bench/loadgen.py --port 1883 --rate 20000 --duration 10 --processes 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+STREAMS = (("detections", 0.7), ("motion", 0.2), ("health", 0.1))
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    cameras: int = 300
+    rate: float = 10_000.0  # messages/s, all processes together
+    duration_s: float = 10.0
+    processes: int = 2
+    seed: int = 1
+    start_at: float | None = None  # wall-clock time at which every process starts publishing
+    max_messages: int = 5_000_000
+    window: int = 30_000  # max QoS 1 messages in flight per process (<= broker's Receive Maximum)
+    drain_timeout_s: float = 20.0
+    topic_prefix: str = "site/cam"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n % 128
+        n //= 128
+        out.append(b | 0x80 if n else b)
+        if not n:
+            return bytes(out)
+
+
+def _str(s: str) -> bytes:
+    b = s.encode()
+    return struct.pack("!H", len(b)) + b
+
+
+def _rests(rng: random.Random, stream: str, k: int) -> list[bytes]:
+    """k payload bodies without the leading '{"ts":<value>,' (ts is spliced in at send time)."""
+    out = []
+    try:
+        from agent.sim.cameras import make_payload
+    except ImportError:
+        make_payload = None
+    for frame in range(k):
+        try:
+            assert make_payload is not None
+            doc = dict(make_payload(rng, stream, 0.0, frame, False))
+        except Exception:  # the simulator's signature changed: same shapes, built here
+            doc = {
+                "detections": {"frame": frame, "cls": rng.choice(("person", "car", "truck")),
+                               "conf": round(rng.uniform(0.3, 0.99), 3)},
+                "motion": {"level": round(rng.random(), 3), "zone": rng.choice(("door", "yard"))},
+                "health": {"temp_c": round(rng.uniform(35, 60), 1),
+                           "fps": round(rng.uniform(24, 30), 1), "status": "ok"},
+            }[stream]  # fmt: skip
+        doc.pop("ts", None)
+        body = json.dumps(doc, separators=(",", ":")).encode()
+        out.append(b"," + body[1:] if len(body) > 2 else b"}")
+    return out
+
+
+class _Acks(threading.Thread):
+    """Reads the socket: counts PUBACKs (and failed ones), notes a DISCONNECT."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(daemon=True)
+        self.sock = sock
+        self.acked = 0
+        self.failed = 0
+        self.closed: str | None = None
+
+    def run(self) -> None:
+        buf = b""
+        while True:
+            try:
+                data = self.sock.recv(1 << 20)
+            except OSError as e:
+                self.closed = f"socket error: {e}"
+                return
+            if not data:
+                self.closed = self.closed or "broker closed the connection"
+                return
+            buf += data
+            i, n = 0, len(buf)
+            acked = failed = 0
+            while i + 2 <= n:
+                # fixed header: type byte, then a varint remaining length
+                j, mult, length = i + 1, 1, 0
+                while j < n:
+                    b = buf[j]
+                    length += (b & 0x7F) * mult
+                    j += 1
+                    if not b & 0x80:
+                        break
+                    mult *= 128
+                else:
+                    break
+                if j + length > n:
+                    break
+                kind = buf[i] >> 4
+                if kind == 4:  # PUBACK
+                    acked += 1
+                    if length >= 3 and buf[j + 2] >= 0x80:
+                        failed += 1
+                elif kind == 14:  # DISCONNECT from the broker
+                    self.closed = f"broker sent DISCONNECT {buf[j] if length else 0:#x}"
+                i = j + length
+            buf = buf[i:]
+            self.acked += acked
+            self.failed += failed
+
+
+def _connect(opts: LoadOptions, client_id: str) -> tuple[socket.socket, int]:
+    sock = socket.create_connection((opts.host, opts.port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # MQTT v5 CONNECT: clean start, keepalive 0 (off), no properties.
+    var = _str("MQTT") + bytes([5, 0x02]) + struct.pack("!H", 0) + b"\x00"
+    payload = _str(client_id)
+    sock.sendall(b"\x10" + _varint(len(var) + len(payload)) + var + payload)
+    head = sock.recv(2)
+    if len(head) < 2 or head[0] != 0x20:
+        raise RuntimeError(f"no CONNACK from the broker: {head!r}")
+    rest = b""
+    while len(rest) < head[1]:
+        rest += sock.recv(head[1] - len(rest))
+    if rest[1] != 0:
+        raise RuntimeError(f"CONNACK refused: reason {rest[1]:#x}")
+    receive_max = 65535
+    props = rest[3:]  # flags, reason, props length (< 128 here), props
+    k = 0
+    while k < len(props):
+        pid = props[k]
+        if pid == 0x21:  # Receive Maximum
+            receive_max = struct.unpack("!H", props[k + 1 : k + 3])[0]
+            k += 3
+        elif pid in (0x24, 0x25, 0x28, 0x29, 0x2A):  # one-byte properties
+            k += 2
+        elif pid in (0x13, 0x22):  # two-byte
+            k += 3
+        elif pid in (0x11, 0x27):  # four-byte
+            k += 5
+        else:  # strings, user properties... not expected from Mosquitto here; stop parsing
+            break
+    sock.settimeout(None)
+    return sock, receive_max
+
+
+def _worker(opts: LoadOptions, index: int, cams: list[int]) -> dict[str, Any]:
+    rng = random.Random(opts.seed * 1000 + index)
+    sock, receive_max = _connect(opts, f"loadgen-{opts.seed}-{index}-{time.time_ns()}")
+    window = max(1, min(opts.window, receive_max, 60_000))
+    reader = _Acks(sock)
+    reader.start()
+    rests = {s: _rests(rng, s, 64) for s, _ in STREAMS}
+    # A pre-drawn sequence of (topic field, is-ms camera, payload rest), cycled.
+    topics = {
+        (c, s): _str(f"{opts.topic_prefix}/cam-{c:03d}/{s}") for c in cams for s, _ in STREAMS
+    }
+    seq: list[tuple[bytes, bool, bytes]] = []
+    for _ in range(50_000):
+        c = rng.choice(cams)
+        r = rng.random()
+        stream = "detections" if r < 0.7 else "motion" if r < 0.9 else "health"
+        seq.append((topics[(c, stream)], c % 3 == 2, rng.choice(rests[stream])))
+    rate = opts.rate * len(cams) / opts.cameras
+    published = pid = 0
+    max_behind = 0
+    window_waits = 0
+    if opts.start_at:
+        time.sleep(max(0.0, opts.start_at - time.time()))
+    start = time.monotonic()
+    end = start + opts.duration_s
+    tick_s = 0.005
+    k = 0
+    while published < opts.max_messages and reader.closed is None:
+        now_m = time.monotonic()
+        if now_m >= end:
+            break
+        due = min(int(rate * (now_m - start)), opts.max_messages) - published
+        room = window - (published - reader.acked)
+        n = min(due, room, 5000)
+        if due > room:
+            window_waits += 1
+        max_behind = max(max_behind, due - n)
+        if n > 0:
+            now = time.time()
+            ts_s = b'{"ts":' + repr(round(now, 3)).encode()
+            ts_ms = b'{"ts":' + str(int(now * 1000)).encode()
+            parts = []
+            for _ in range(n):
+                topic, ms, rest = seq[k]
+                k = k + 1 if k + 1 < len(seq) else 0
+                pid = pid + 1 if pid < 65535 else 1
+                payload = (ts_ms if ms else ts_s) + rest
+                parts.append(b"\x32")
+                parts.append(_varint(len(topic) + 3 + len(payload)))
+                parts.append(topic)
+                parts.append(struct.pack("!HB", pid, 0))
+                parts.append(payload)
+            sock.sendall(b"".join(parts))
+            published += n
+        sleep_s = now_m + tick_s - time.monotonic()
+        if sleep_s > 0:
+            time.sleep(sleep_s)  # pacing the load generator, not waiting for a condition
+    finished = time.monotonic()
+    deadline = finished + opts.drain_timeout_s
+    while reader.acked < published and reader.closed is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    drained = time.monotonic()
+    closed_early = reader.closed  # anything after our DISCONNECT is the normal close
+    try:
+        sock.sendall(b"\xe0\x00")  # DISCONNECT, normal
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    reader.join(timeout=2)
+    sock.close()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "target": int(rate * opts.duration_s),
+        "published": published,
+        "acked": reader.acked - reader.failed,
+        "failed": published - (reader.acked - reader.failed),
+        "max_behind": max_behind,
+        "window_waits": window_waits,
+        "publish_s": round(finished - start, 3),
+        "drain_s": round(drained - finished, 3),
+        "cpu_s": round(ru.ru_utime + ru.ru_stime, 3),
+        "closed": closed_early,
+    }
+
+
+def run_load(opts: LoadOptions) -> dict[str, Any]:
+    """Publish from `processes` child processes; return totals (like run_simulation)."""
+    procs = max(1, min(opts.processes, opts.cameras))
+    groups = [list(range(i, opts.cameras, procs)) for i in range(procs)]
+    start_at = opts.start_at or time.time() + 1.0
+    o = {**asdict(opts), "start_at": start_at}
+    children = [
+        subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps([o, i, g])],
+            stdout=subprocess.PIPE,
+        )
+        for i, g in enumerate(groups)
+    ]
+    limit_s = (start_at - time.time()) + opts.duration_s + opts.drain_timeout_s + 30
+    results = []
+    try:
+        for child in children:
+            out, _ = child.communicate(timeout=limit_s)
+            if child.returncode != 0:
+                raise RuntimeError(f"load generator process failed with exit code {child.returncode}")
+            results.append(json.loads(out))
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    total: dict[str, Any] = {
+        k: sum(r[k] for r in results)
+        for k in ("target", "published", "acked", "failed", "window_waits", "cpu_s")
+    }
+    total.update(
+        start_at=start_at,
+        processes=procs,
+        publish_s=max(r["publish_s"] for r in results),
+        drain_s=max(r["drain_s"] for r in results),
+        max_behind=max(r["max_behind"] for r in results),
+        closed=[r["closed"] for r in results if r["closed"]],
+        rate_msgs_per_s=round(total["published"] / max(opts.duration_s, 1e-9), 1),
+    )
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--cameras", type=int, default=300)
+    p.add_argument("--rate", type=float, default=10_000, help="messages/s in total")
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--processes", type=int, default=2)
+    args = p.parse_args(argv)
+    if args.child:
+        raw, index, cams = json.loads(args.child)
+        print(json.dumps(_worker(LoadOptions(**raw), index, cams)))
+        return 0
+    opts = LoadOptions(
+        port=args.port, cameras=args.cameras, rate=args.rate, duration_s=args.duration,
+        processes=args.processes,
+    )  # fmt: skip
+    print(json.dumps(run_load(opts)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
