@@ -55,6 +55,7 @@ class _Camera:
         "max_event",
         "msgs",
         "rate",
+        "streams",
         "tick_msgs",
         "tick_t",
         "windows",
@@ -63,6 +64,7 @@ class _Camera:
     def __init__(self) -> None:
         self.msgs = 0
         self.rate = 0.0
+        self.streams: set[str] = set()
         self.tick_msgs = 0
         self.tick_t: float | None = None
         self.max_event = -math.inf
@@ -85,7 +87,13 @@ class Aggregator:
         idle_close_s: float,
         late_policy: Literal["delta", "drop"] = "delta",
         late_memory_s: float = 3600.0,
+        max_cameras: int = 10_000,
+        max_streams_per_camera: int = 32,
+        max_open_windows: int = 200_000,
     ) -> None:
+        self.max_cameras = max_cameras
+        self.max_streams_per_camera = max_streams_per_camera
+        self.max_open_windows = max_open_windows
         self.window_s = window_s
         self.allowed_lateness_s = allowed_lateness_s
         self.idle_close_s = idle_close_s
@@ -107,10 +115,14 @@ class Aggregator:
         recv_t: float,
         *,
         flags: tuple[str, ...] = (),
-    ) -> Window | None:
-        """Merge one message; return the window holding it, or None if it was dropped as late."""
+    ) -> Window | str:
+        """Merge one message; return the window holding it, or why it was not counted
+        ('late_dropped', or a cap: 'too_many_cameras', 'too_many_streams',
+        'too_many_open_windows')."""
         cam = self._cameras.get(camera)
         if cam is None:
+            if len(self._cameras) >= self.max_cameras:
+                return "too_many_cameras"
             cam = self._cameras[camera] = _Camera()
         w = self.window_s
         t = int(event_t // w) * w
@@ -125,11 +137,17 @@ class Aggregator:
         key = (stream, t)
         window = cam.windows.get(key)
         if window is None:
+            if stream not in cam.streams:
+                if len(cam.streams) >= self.max_streams_per_camera:
+                    return "too_many_streams"
+                cam.streams.add(stream)
+            if self.open_count >= self.max_open_windows:
+                return "too_many_open_windows"
             rev = 0
             if t < cam.closed_before:
                 if self.late_policy == "drop":
                     self.counters["late_dropped"] += 1
-                    return None
+                    return "late_dropped"
                 rev = cam.late_revs.get(key, 0) + 1
                 self.counters["late_deltas"] += 1
             window = cam.windows[key] = Window(camera, stream, t, w, rev)

@@ -93,6 +93,8 @@ class MqttSettings(Section):
     keepalive_s: int = Field(default=30, ge=5, le=3600)
     receive_maximum: int = Field(default=65535, ge=100, le=65535)
     max_payload_bytes: ByteSize = 64 * 1024
+    max_fields: int = Field(default=256, ge=1, le=100000)
+    max_depth: int = Field(default=8, ge=1, le=1000)
     reconnect_min_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)
 
@@ -165,6 +167,9 @@ class AggregateSettings(Section):
     allowed_lateness_s: float = Field(default=2.0, ge=0, le=3600)
     idle_close_s: float = Field(default=5.0, gt=0, le=86400)
     late_policy: Literal["delta", "drop"] = "delta"
+    max_cameras: int = Field(default=10000, ge=1)
+    max_streams_per_camera: int = Field(default=32, ge=1)
+    max_open_windows: int = Field(default=200000, ge=1)
     max_skew_s: float = Field(default=30.0, gt=0)
     skew_policy: Literal["flag", "restamp", "gateway"] = "flag"
     clock_jump_s: float = Field(default=60.0, gt=0)

@@ -123,8 +123,12 @@ class Intake:
         ledger: AckLedger,
         stats: Stats,
         max_payload_bytes: int,
+        max_fields: int = 256,
+        max_depth: int = 8,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._max_fields = max_fields
+        self._max_depth = max_depth
         self._router = router
         self._agg = aggregator
         self._clocks = clocks
@@ -183,6 +187,10 @@ class Intake:
             return "malformed_json", None
         if type(doc) is not dict:
             return "not_an_object", None
+        if len(doc) > self._max_fields:
+            return "too_many_fields", None
+        if _too_deep(doc, self._max_depth):
+            return "too_deep", None
         t, flags = recv_t, GATEWAY_TIME
         if route.time_field is not None:
             raw = doc.get(route.time_field)
@@ -206,9 +214,21 @@ class Intake:
                         return "bad_time_dropped", None
                     t, flags = stamped
         window = self._agg.add(route.camera, route.stream, route.spec, doc, t, recv_t, flags=flags)
-        if window is None:
-            return "late_dropped", None
+        if isinstance(window, str):
+            return window, None
         return None, window
+
+
+def _too_deep(doc: dict[str, Any], limit: int) -> bool:
+    """True when containers nest deeper than `limit` (flat payloads return at once)."""
+    stack: list[tuple[Any, int]] = [(v, 2) for v in doc.values() if type(v) in (dict, list)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        items = value.values() if type(value) is dict else value
+        stack.extend((v, depth + 1) for v in items if type(v) in (dict, list))
+    return False
 
 
 def connect_properties(settings: MqttSettings) -> Properties:

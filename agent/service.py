@@ -243,6 +243,9 @@ async def run_service(
         allowed_lateness_s=agg_s.allowed_lateness_s,
         idle_close_s=agg_s.idle_close_s,
         late_policy=agg_s.late_policy,
+        max_cameras=agg_s.max_cameras,
+        max_streams_per_camera=agg_s.max_streams_per_camera,
+        max_open_windows=agg_s.max_open_windows,
     )
     now = time.time()
     restored = aggregator.restore(
@@ -280,6 +283,8 @@ async def run_service(
         ledger=ledger,
         stats=stats,
         max_payload_bytes=settings.mqtt.max_payload_bytes,
+        max_fields=settings.mqtt.max_fields,
+        max_depth=settings.mqtt.max_depth,
     )
     session = MqttSession(
         settings=settings.mqtt, router=router, intake=intake, ledger=ledger, stats=stats

@@ -87,7 +87,7 @@ def test_late_policy_drop_counts() -> None:
     add(agg, T0 + 0.5, T0 + 0.5)
     add(agg, T0 + 5, T0 + 5)
     agg.close_due(T0 + 5)
-    assert add(agg, T0 + 0.7, T0 + 5.1) is None
+    assert add(agg, T0 + 0.7, T0 + 5.1) == "late_dropped"
     assert agg.counters["late_dropped"] == 1
 
 
@@ -180,7 +180,7 @@ def test_merged_revs_equal_all_at_once(
         if cls is not None:
             payload["cls"] = cls
         w = agg.add(cam, "det", SPEC, payload, ev, recv)
-        assert w is not None
+        assert not isinstance(w, str)
     emitted += agg.close_all()
 
     merged: dict[tuple[str, int], Chunk] = {}
@@ -222,3 +222,14 @@ def test_merged_revs_equal_all_at_once(
         assert c.cat.get("cls", {}) == dict(cats)
         assert c.event_first == min(ev for ev, _, _ in items)
         assert c.event_last == max(ev for ev, _, _ in items)
+
+
+def test_caps_reject_new_cameras_streams_and_windows_beyond_them() -> None:
+    agg = make(max_cameras=2, max_streams_per_camera=2, max_open_windows=3)
+    assert not isinstance(agg.add("a", "s1", SPEC, {}, T0, T0), str)
+    assert not isinstance(agg.add("b", "s1", SPEC, {}, T0, T0), str)
+    assert agg.add("c", "s1", SPEC, {}, T0, T0) == "too_many_cameras"
+    assert not isinstance(agg.add("a", "s2", SPEC, {}, T0, T0), str)
+    assert agg.add("a", "s3", SPEC, {}, T0, T0) == "too_many_streams"
+    assert agg.add("b", "s1", SPEC, {}, T0 + 1, T0 + 1) == "too_many_open_windows"
+    assert not isinstance(agg.add("a", "s1", SPEC, {}, T0, T0), str)  # existing windows still count

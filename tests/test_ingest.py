@@ -147,3 +147,20 @@ def test_any_json_document_is_counted_or_rejected(doc: object) -> None:
     body = json.dumps({"ts": doc, "conf": doc, "cls": doc}, allow_nan=False).encode()
     intake.handle(b"site/cam/c/det", body, 1, 1, False, T0)
     assert stats.counted == 1
+
+
+def test_field_and_depth_caps() -> None:
+    intake, _, _, stats = make_intake(max_payload=10**6)
+    intake.handle(
+        b"site/cam/c/det", json.dumps({f"f{i}": i for i in range(300)}).encode(), 1, 1, False, T0
+    )
+    deep: object = 1
+    for _ in range(20):
+        deep = {"x": deep}
+    intake.handle(b"site/cam/c/det", json.dumps({"ts": T0, "x": deep}).encode(), 2, 1, False, T0)
+    intake.handle(b"site/cam/c/det", b"[" * 100000 + b"]" * 100000, 3, 1, False, T0)
+    intake.handle(b"site/cam/c/det", b'{"ts": NaN, "conf": Infinity}', 4, 1, False, T0)
+    assert stats.rejects["too_many_fields"] == 1
+    assert stats.rejects["too_deep"] == 1
+    assert stats.rejects["malformed_json"] == 2
+    assert stats.counted == 0
