@@ -16,7 +16,14 @@ from pathlib import Path
 import uvloop
 
 from agent import __version__
-from agent.config import ConfigError, LogSettings, Settings, effective_config, load_settings
+from agent.config import (
+    ConfigError,
+    LogSettings,
+    Settings,
+    effective_config,
+    inline_secret_warnings,
+    load_settings,
+)
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 3
@@ -61,6 +68,8 @@ def _load(path: str) -> Settings:
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     print(json.dumps(effective_config(settings), indent=2))
+    for warning in inline_secret_warnings(args.config, settings):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"config ok: {args.config}", file=sys.stderr)
     return 0
 
@@ -68,6 +77,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     setup_logging(settings.log)
+    for warning in inline_secret_warnings(args.config, settings):
+        logging.getLogger("agent").warning(warning)
     from agent.faults import Faults
     from agent.notify import Notifier
     from agent.outbox import OutboxError
@@ -194,6 +205,8 @@ def cmd_simulate_cloud(args: argparse.Namespace) -> int:
         down_for_s=args.down_for_s,
         delay_ms=args.delay_ms,
         seed=args.seed,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
     )
     return 0
 
@@ -270,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     cloud.add_argument("--down-for-s", type=float, default=0.0, help="...for this long")
     cloud.add_argument("--delay-ms", type=float, default=0.0, help="slow responses")
     cloud.add_argument("--seed", type=int, default=1)
+    cloud.add_argument("--tls-cert", default=None, help="serve HTTPS with this cert chain (PEM)")
+    cloud.add_argument("--tls-key", default=None, help="...and this key (PEM)")
     cloud.set_defaults(func=cmd_simulate_cloud)
 
     cams = simsub.add_parser("cameras", help="publish realistic camera metadata at QoS 1")

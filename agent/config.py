@@ -86,11 +86,13 @@ class MqttSettings(Section):
     username: str | None = None
     password: SecretStr | None = None
     password_file: Path | None = None
+    tls: bool = False
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
     session_expiry_s: int = Field(default=86400, ge=60, le=4294967295)
     keepalive_s: int = Field(default=30, ge=5, le=3600)
+    connect_timeout_s: float = Field(default=10.0, gt=0, le=300)
     receive_maximum: int = Field(default=65535, ge=100, le=65535)
     max_payload_bytes: ByteSize = 64 * 1024
     max_fields: int = Field(default=256, ge=1, le=100000)
@@ -392,15 +394,46 @@ def read_secret(
     that name ($CREDENTIALS_DIRECTORY/<credential>, from LoadCredential=); else None."""
     if inline is not None:
         return inline.get_secret_value()
-    if file is None and credential is not None:
-        directory = os.environ.get("CREDENTIALS_DIRECTORY")
-        candidate = Path(directory, credential) if directory else None
-        if candidate is not None and candidate.is_file():
-            file = candidate
+    file = secret_path(file, credential)
     if file is not None:
         lines = file.read_text(encoding="utf-8").splitlines()
         return lines[0].strip() if lines else ""
     return None
+
+
+def secret_path(file: Path | None, credential: str | None) -> Path | None:
+    """The file a secret is read from: the configured one, else the systemd credential."""
+    if file is None and credential is not None:
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        candidate = Path(directory, credential) if directory else None
+        if candidate is not None and candidate.is_file():
+            return candidate
+    return file
+
+
+def inline_secret_warnings(path: Path | str | None, settings: Settings) -> list[str]:
+    """Warnings for a config file that others can read while it holds an inline secret."""
+    if path is None:
+        return []
+    inline = [
+        key
+        for key, value in (
+            ("mqtt.password", settings.mqtt.password),
+            ("forward.token", settings.forward.token),
+        )
+        if value is not None
+    ]
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return []
+    if inline and mode & 0o004:
+        return [
+            f"config file {str(path)!r} is readable by every user and holds {', '.join(inline)}; "
+            "chmod o-r it, or move the secret to a file (password_file / token_file) or a "
+            "systemd credential"
+        ]
+    return []
 
 
 def effective_config(settings: Settings) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from agent.acks import AckLedger
 from agent.aggregate import Aggregator, StreamSpec
 from agent.config import MqttSettings, StreamSettings, read_secret
+from agent.credentials import client_tls_context
 from agent.mqtt_compat import install_raw_handler, send_ack
 from agent.pacing import Backoff
 from agent.stats import RateLimitedLog, Stats
@@ -239,13 +240,12 @@ def connect_properties(settings: MqttSettings) -> Properties:
 
 
 def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
-    if settings.ca_file is None and settings.cert_file is None:
+    """TLS to the broker when a CA or client certificate is configured (or tls = true)."""
+    if not settings.tls and settings.ca_file is None and settings.cert_file is None:
         return None
-    ctx = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if settings.cert_file is not None and settings.key_file is not None:
-        ctx.load_cert_chain(str(settings.cert_file), str(settings.key_file))
-    return ctx
+    return client_tls_context(
+        ca_file=settings.ca_file, cert_file=settings.cert_file, key_file=settings.key_file
+    )
 
 
 class MqttSession:
@@ -294,7 +294,7 @@ class MqttSession:
                 username=s.username,
                 password=password,
                 tls_context=tls_context(s),
-                timeout=10,
+                timeout=s.connect_timeout_s,
             )
             install_raw_handler(client, self._intake.on_message)
             # Acks owed on an earlier connection are void; the broker redelivers those messages.

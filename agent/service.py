@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 import sqlite3
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ import msgspec
 
 from agent.acks import AckLedger
 from agent.aggregate import DURABLE, Aggregator, Window
-from agent.config import Settings, read_secret
+from agent.config import Settings, secret_path
+from agent.credentials import TokenSource, client_tls_context
 from agent.faults import NO_FAULTS, Faults
 from agent.forward import Forwarder
 from agent.health import HealthServer, Response, json_response
@@ -290,10 +292,16 @@ async def run_service(
         settings=settings.mqtt, router=router, intake=intake, ledger=ledger, stats=stats
     )
     fs = settings.forward
-    token = read_secret(fs.token, fs.token_file, "cloud-token")
+    token = TokenSource(fs.token, secret_path(fs.token_file, "cloud-token"))
+    verify: ssl.SSLContext | bool = True
+    if fs.url.startswith("https://"):
+        verify = client_tls_context(
+            ca_file=fs.ca_file, cert_file=fs.cert_file, key_file=fs.key_file
+        )
     async with httpx.AsyncClient(
         timeout=fs.timeout_s,
         follow_redirects=False,
+        verify=verify,
         limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
     ) as http:
         forwarder = Forwarder(
@@ -302,7 +310,7 @@ async def run_service(
             outbox=outbox,
             client=http,
             stats=stats,
-            token=lambda: token,
+            token=token,
             faults=faults,
         )
         checkpointer = Checkpointer(

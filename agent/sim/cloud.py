@@ -15,6 +15,7 @@ import logging
 import random
 import socket
 import sqlite3
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -186,6 +187,8 @@ class Faults:
         self.poison_camera: str | None = None
         # Bodies larger than this (compressed) get a 413.
         self.max_body_bytes: int | None = None
+        # When set, requests without "Authorization: Bearer <token>" get a 401.
+        self.required_token: str | None = None
         self.rng = random.Random(seed)
         self.requests = 0
         self.injected = 0
@@ -265,7 +268,7 @@ class Handler(BaseHTTPRequestHandler):
             with self.server.lock:
                 for k in (
                     "fail_rate", "throttle_every", "retry_after_s", "delay_ms", "status",
-                    "poison_camera", "max_body_bytes",
+                    "poison_camera", "max_body_bytes", "required_token",
                 ):  # fmt: skip
                     if k in doc:
                         setattr(f, k, doc[k])
@@ -284,6 +287,11 @@ class Handler(BaseHTTPRequestHandler):
             forced = f.status
             poison = f.poison_camera
             max_body = f.max_body_bytes
+            token = f.required_token
+        if token is not None and self.headers.get("Authorization") != f"Bearer {token}":
+            f.injected += 1
+            self._reply(401, {"error": "bad or missing token"})
+            return
         if delay_s:
             time.sleep(delay_s)
         if forced is not None:
@@ -349,6 +357,8 @@ def serve(
     down_for_s: float = 0.0,
     delay_ms: float = 0.0,
     seed: int = 1,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
 ) -> None:
     """Serve until killed; with down_after_s, stop listening (and drop connections) for a while."""
     store = Store(db)
@@ -361,6 +371,10 @@ def serve(
     )
     while True:
         server = Receiver((host, port), store, faults)
+        if tls_cert is not None:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(str(tls_cert), str(tls_key) if tls_key else None)
+            server.socket = ctx.wrap_socket(server.socket, server_side=True)
         log.info("listening on %s:%d, db %s", host, port, db)
         if down_after_s is None:
             server.serve_forever()

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -25,6 +26,14 @@ from agent.sim.cameras import SimOptions, read_record, run_simulation
 from agent.sim.truth import Expected, expected_table
 
 HOST = "127.0.0.1"
+
+
+def _insecure() -> ssl.SSLContext:
+    """For the test harness's own admin calls to a local TLS receiver (not the agent's path)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 def free_port() -> int:
@@ -118,8 +127,17 @@ class Proc:
 class Mosquitto(Proc):
     """A private Mosquitto on a free loopback port, with persistence and a large queue."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        *,
+        tls: tuple[Path, Path, Path] | None = None,
+        require_certificate: bool = True,
+    ) -> None:
         self.port = port or free_port()
+        # With tls=(ca, cert, key): a second listener, TLS (and mTLS) only, on tls_port.
+        self.tls_port = free_port() if tls else None
         workdir.mkdir(parents=True, exist_ok=True)
         conf = workdir / "mosquitto.conf"
         conf.write_text(
@@ -131,8 +149,17 @@ class Mosquitto(Proc):
             "max_queued_messages 0\n"
             "max_queued_bytes 0\n"
             "max_inflight_messages 0\n"
-            "message_size_limit 0\n" + ("user root\n" if os.geteuid() == 0 else "")
+            "message_size_limit 0\n"
             # As root, mosquitto would drop to user `mosquitto`, which cannot write here.
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + (
+                f"listener {self.tls_port} {HOST}\n"
+                f"cafile {tls[0]}\ncertfile {tls[1]}\nkeyfile {tls[2]}\n"
+                "tls_version tlsv1.2\n"
+                f"require_certificate {'true' if require_certificate else 'false'}\n"
+                if tls
+                else ""
+            )
         )
         super().__init__([mosquitto_binary(), "-c", str(conf)], workdir / "mosquitto.log")
 
@@ -147,8 +174,18 @@ class Mosquitto(Proc):
 class Receiver(Proc):
     """The reference receiver (`edge-agent simulate cloud`) as a child process."""
 
-    def __init__(self, workdir: Path, port: int | None = None, extra: list[str] | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        extra: list[str] | None = None,
+        *,
+        tls: tuple[Path, Path] | None = None,
+    ):
         self.port = port or free_port()
+        self.scheme = "https" if tls else "http"
+        if tls:
+            extra = [*(extra or []), "--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
         self.db = workdir / "cloud.sqlite3"
         workdir.mkdir(parents=True, exist_ok=True)
         args = [
@@ -159,7 +196,7 @@ class Receiver(Proc):
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}/ingest"
+        return f"{self.scheme}://{HOST}:{self.port}/ingest"
 
     def start(self) -> Self:
         super().start()
@@ -169,15 +206,19 @@ class Receiver(Proc):
         return self
 
     def stats(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://{HOST}:{self.port}/_stats", timeout=5) as r:
+        with urllib.request.urlopen(
+            f"{self.scheme}://{HOST}:{self.port}/_stats", timeout=5, context=_insecure()
+        ) as r:
             doc: dict[str, Any] = json.loads(r.read())
             return doc
 
     def fault(self, **settings: Any) -> None:
         req = urllib.request.Request(
-            f"http://{HOST}:{self.port}/_fault", data=json.dumps(settings).encode(), method="POST"
+            f"{self.scheme}://{HOST}:{self.port}/_fault",
+            data=json.dumps(settings).encode(),
+            method="POST",
         )
-        with urllib.request.urlopen(req, timeout=5):
+        with urllib.request.urlopen(req, timeout=5, context=_insecure()):
             pass
 
     def messages(self) -> int:
