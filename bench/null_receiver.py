@@ -35,6 +35,9 @@ class Counts:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Without TCP_NODELAY, the reply's two writes (headers, then body) meet the client's delayed
+    # ACK: ~40 ms per request (Nagle). The reference receiver has exactly that; this one not.
+    disable_nagle_algorithm = True
     counts: Counts
 
     def log_message(self, format: str, *args: Any) -> None:

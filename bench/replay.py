@@ -43,7 +43,6 @@ from common import (  # noqa: E402
     fresh_dir,
     kill_quietly,
     parser,
-    percentile,
     say,
     wait_for,
     write_agent_config,
@@ -77,7 +76,7 @@ def _payload(rng: random.Random, stream: str) -> tuple[dict[str, float], dict[st
     return num, cat
 
 
-def _templates(rng: random.Random, k: int = 40) -> dict[str, list[Chunk]]:
+def _templates(rng: random.Random, k: int = 3000) -> dict[str, list[Chunk]]:
     """k realistic chunks per stream, aggregated from simulated messages of one second."""
     out: dict[str, list[Chunk]] = {}
     for stream, n in STREAMS:
