@@ -165,7 +165,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_deadletter(args: argparse.Namespace) -> int:
-    from agent.outbox import list_dead_letters, retry_dead_letters
+    from agent.deadletters import list_dead_letters, retry_dead_letters
 
     settings = _load(args.config)
     path = settings.buffer.path

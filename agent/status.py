@@ -129,3 +129,16 @@ def camera_section(p: Pipeline, now: float) -> dict[str, Any]:
         "max_skew_s": max_skew_s,
         "by_id": by_id,
     }
+
+
+def status_line(p: Pipeline) -> str:
+    """One line for systemd's STATUS=: rate, cameras, backlog, cloud."""
+    st, ob = p.stats, p.outbox
+    oldest = ob.oldest_created_at
+    age = f", oldest {time.time() - oldest:.0f} s" if oldest else ""
+    cloud = p.forwarder.unhealthy_reason or ("retrying" if p.forwarder.backoff_until else "ok")
+    line = (
+        f"{st.rate(10, time.monotonic()):.0f} msgs/s, {p.aggregator.camera_count} cameras, "
+        f"outbox {ob.chunk_count} chunks{age}, cloud: {cloud}"
+    )
+    return line[:200]

@@ -17,9 +17,10 @@ import httpx
 import pytest
 
 from agent.config import ForwardSettings
+from agent.deadletters import list_dead_letters, retry_dead_letters
 from agent.forward import Forwarder, classify
 from agent.model import Chunk, encode_chunk
-from agent.outbox import CheckpointWrite, Outbox, list_dead_letters, retry_dead_letters
+from agent.outbox import CheckpointWrite, Outbox
 from agent.sim.cloud import load_merged
 from agent.sim.procs import Receiver
 from agent.stats import Stats
