@@ -40,7 +40,12 @@ group=$([ "$make_user" = 1 ] && echo edge-agent || id -gn)
 mkdir -p "$prefix"
 python3 -m venv "$prefix/venv"
 "$prefix/venv/bin/pip" install -q --upgrade pip
-"$prefix/venv/bin/pip" install -q "$src"
+# Build from a clean copy of the sources: a stale build/ left in a checkout would otherwise
+# end up in the installed package.
+stage="$(mktemp -d)"
+trap 'rm -rf "$stage"' EXIT
+cp -r "$src/pyproject.toml" "$src/README.md" "$src/agent" "$stage/"
+"$prefix/venv/bin/pip" install -q --no-cache-dir "$stage"
 install -m 0644 "$src/README.md" "$prefix/README.md"
 
 install -d -m 0750 -g "$group" "$etc"
