@@ -205,7 +205,7 @@ class ForwardSettings(Section):
     backoff_min_s: float = Field(default=0.5, gt=0)
     backoff_max_s: float = Field(default=60.0, gt=0)
     shutdown_drain_s: float = Field(default=5.0, ge=0, le=600)
-    max_chunks_per_s: float = Field(default=20000.0, gt=0)
+    max_chunks_per_s: float = Field(default=50000.0, gt=0)
     max_bytes_per_s: ByteSize = 0
     min_chunks_per_s: float = Field(default=50.0, gt=0)
     fast_response_s: float = Field(default=1.0, gt=0)

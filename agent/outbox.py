@@ -229,13 +229,10 @@ class Outbox:
         await db.execute("BEGIN IMMEDIATE")
         try:
             async with db.execute(
-                "SELECT count(*), coalesce(sum(length(body)), 0) FROM chunks WHERE seq <= ?",
-                (last_seq,),
+                "DELETE FROM chunks WHERE seq <= ? RETURNING length(body)", (last_seq,)
             ) as cur:
-                row = await cur.fetchone()
-                assert row is not None
-                n, nbytes = row
-            await db.execute("DELETE FROM chunks WHERE seq <= ?", (last_seq,))
+                sizes = [int(s) for (s,) in await cur.fetchall()]
+            n, nbytes = len(sizes), sum(sizes)
             await db.execute("COMMIT")
         except BaseException:
             await _rollback(db)
@@ -245,7 +242,8 @@ class Outbox:
         if self.chunk_count == 0:
             self.oldest_created_at = None
         else:
-            async with db.execute("SELECT min(created_at) FROM chunks") as cur:
+            # Chunks are written in seq order, so the oldest is the first: no table scan.
+            async with db.execute("SELECT created_at FROM chunks ORDER BY seq LIMIT 1") as cur:
                 row = await cur.fetchone()
                 self.oldest_created_at = row[0] if row else None
 
