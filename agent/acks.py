@@ -140,6 +140,9 @@ class AckLedger:
     def journal_written(self, upserts: list[Pending]) -> None:
         for p in upserts:
             p.journaled = True
+            # Durable now: let go of the window, or the last 65,535 messages' closed windows
+            # would stay in memory through this ledger.
+            p.window = None
 
     def journal_failed(self, deletes: list[int]) -> None:
         self._new_mids.update(deletes)
@@ -150,6 +153,7 @@ class AckLedger:
         for _ in range(n):
             p = self._queue.popleft()
             p.acked = True
+            p.window = None
             out.append(p)
         return out
 

@@ -109,3 +109,22 @@ def test_orphan_superseded_by_a_new_message_under_its_id_is_not_journaled() -> N
     old.durable_version = DURABLE
     upserts, deletes = ledger.journal_changes()
     assert upserts == [] and deletes == [4]
+
+
+def test_ledger_lets_go_of_windows_once_durable() -> None:
+    """Memory: the ledger remembers 65,535 ids, but must not keep their closed windows alive."""
+    import gc
+    import weakref
+
+    ledger = AckLedger()
+    w = W()
+    ledger.track(1, 1, 10, w.add(), 0.0)
+    ref = weakref.ref(w)
+    w.durable_version = DURABLE
+    upserts, _ = ledger.journal_changes()
+    ledger.journal_written(upserts)
+    ledger.pop_acked(len(ledger.ackable()))
+    del w, upserts
+    gc.collect()
+    assert ref() is None
+    assert AckLedger().redelivered(1, 10, 0.0) is False and ledger.redelivered(1, 10, 0.0)
