@@ -88,16 +88,23 @@ class CameraClock:
     WINDOW = 64
     CONFIRM = 3
 
-    __slots__ = ("_candidates", "_window", "jumps", "offset", "samples", "spread", "suspect")
+    __slots__ = ("_candidates", "_window", "jumps", "offset", "samples", "suspect")
 
     def __init__(self) -> None:
         self._window: deque[float] = deque(maxlen=self.WINDOW)
         self._candidates: list[float] = []
         self.offset: float | None = None
-        self.spread = 0.0
         self.samples = 0
         self.jumps = 0
         self.suspect = False
+
+    @property
+    def spread(self) -> float:
+        """Median minus minimum of the window: how much delay varies (for /status)."""
+        if not self._window:
+            return 0.0
+        w = sorted(self._window)
+        return w[len(w) // 2] - w[0]
 
     @property
     def skew_s(self) -> float | None:
@@ -115,17 +122,18 @@ class CameraClock:
                 self._window.extend(c)
                 c.clear()
                 self.jumps += 1
-                self._estimate()
+                self.offset = min(self._window)
             return True
         self._candidates.clear()
-        self._window.append(d)
-        self._estimate()
+        w = self._window
+        evicted = w[0] if len(w) == w.maxlen else None
+        w.append(d)
+        # The windowed minimum, kept incrementally: a full scan only when the minimum leaves.
+        if self.offset is None or d <= self.offset:
+            self.offset = d
+        elif evicted is not None and evicted <= self.offset:
+            self.offset = min(w)
         return False
-
-    def _estimate(self) -> None:
-        w = sorted(self._window)
-        self.offset = w[0]
-        self.spread = w[len(w) // 2] - w[0]
 
 
 class Clocks:

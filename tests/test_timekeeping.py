@@ -169,3 +169,13 @@ def test_bad_time_drop_policy_counts() -> None:
     clocks = Clocks(ClockPolicy(bad_time_policy="drop", max_future_s=60))
     assert clocks.stamp("c", T + 3600, T) is None
     assert clocks.counters["bad_time_dropped"] == 1
+
+
+@given(st.lists(st.floats(min_value=-1e6, max_value=1e6), min_size=1, max_size=300))
+def test_incremental_minimum_equals_the_windowed_minimum(samples: list[float]) -> None:
+    from agent.timekeeping import CameraClock
+
+    c = CameraClock()
+    for d in samples:
+        c.observe(d, jump_s=1e9)  # no steps: every sample enters the window
+    assert c.offset == min(samples[-CameraClock.WINDOW :])
