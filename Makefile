@@ -40,3 +40,9 @@ install:
 
 uninstall:
 	systemd/install.sh --uninstall
+
+# Benchmarks (bench/): ingest ceiling, replay, footprint; writes bench/RESULTS.md (~12 min).
+# A smoke run: $(BIN)/python bench/run_all.py --quick
+.PHONY: bench
+bench: venv mosquitto
+	$(BIN)/python bench/run_all.py

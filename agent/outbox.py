@@ -378,6 +378,8 @@ async def _connect(path: Path, synchronous: str) -> aiosqlite.Connection:
     db = await aiosqlite.connect(path, isolation_level=None)
     try:
         await db.execute("PRAGMA busy_timeout=10000")
+        # DELETE ... RETURNING spills its rows to a temp file otherwise: flash writes for nothing.
+        await db.execute("PRAGMA temp_store=MEMORY")
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute(f"PRAGMA synchronous={synchronous.upper()}")
         async with db.execute("PRAGMA quick_check") as cur:

@@ -42,7 +42,14 @@ from agent.sim.procs import (  # noqa: E402  (after the sys.path fix, for `pytho
 )
 
 __all__ = [
-    "HOST", "Agent", "Mosquitto", "Receiver", "free_port", "wait_for", "OUT", "ROOT",
+    "HOST",
+    "OUT",
+    "ROOT",
+    "Agent",
+    "Mosquitto",
+    "Receiver",
+    "free_port",
+    "wait_for",
 ]  # fmt: skip
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -86,6 +93,7 @@ class Report:
         self.notes: list[str] = []
         self.started = time.time()
         self.load = MachineLoad()
+        self.agent_commit = machine_description().get("agent_commit")
         self.calibration_start = calibrate()
         say(f"[{name}] mode {self.mode}; machine calibration {self.calibration_start:,.0f} ops/s")
 
@@ -124,6 +132,8 @@ class Report:
             "rows": self.rows,
             "figures": self.figures,
             "notes": self.notes,
+            "agent_commit_at_start": self.agent_commit,
+            "agent_commit_at_end": machine_description().get("agent_commit"),
             "noise": {
                 "calibration_start_ops_s": round(self.calibration_start),
                 "calibration_end_ops_s": round(calibration_end),
@@ -205,12 +215,26 @@ def machine_description() -> dict[str, Any]:
     except (OSError, FileNotFoundError, subprocess.SubprocessError):
         mosq = "not found"
     fs = "?"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        fs = subprocess.run(
-            ["df", "-T", "--output=fstype,source", str(ROOT)], capture_output=True, text=True,
+    with contextlib.suppress(OSError, subprocess.SubprocessError, IndexError):
+        df = subprocess.run(
+            ["df", "--output=fstype,source", str(OUT.parent)], capture_output=True, text=True,
             timeout=5,
-        ).stdout.split()[-2]  # fmt: skip
+        ).stdout.split()  # fmt: skip
+        fs = " on ".join(df[-2:]) if len(df) >= 4 else "?"
+    commit = "?"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        # Read-only git queries: which agent code was measured.
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=5,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "agent"],
+            capture_output=True, text=True, timeout=5,
+        ).stdout.strip()  # fmt: skip
+        commit = head + (" + uncommitted changes in agent/" if dirty else "")
     return {
+        "agent_commit": commit,
         "nproc": os.cpu_count(),
         "cpu_model": model,
         "ram_gib": round(mem_kb / 1024**2, 1),
@@ -263,22 +287,44 @@ class Sampler(threading.Thread):
         self.interval_s = interval_s
         self.max_rss_kb = dict.fromkeys(pids, 0)
         self.timeline: list[tuple[float, dict[str, float]]] = []
+        self.rss_timeline: list[tuple[float, dict[str, int]]] = []
+        self.wb_timeline: list[tuple[float, dict[str, int]]] = []  # /proc/PID/io write_bytes
         self._stop_ev = threading.Event()
 
     def run(self) -> None:
         while not self._stop_ev.is_set():
             now = time.monotonic()
-            cpu = {}
+            cpu, rss, wb = {}, {}, {}
             for k, st in self.stats.items():
-                with contextlib.suppress(OSError, ValueError, IndexError):
-                    self.max_rss_kb[k] = max(self.max_rss_kb[k], st.rss_kb())
+                with contextlib.suppress(OSError, ValueError, IndexError, KeyError):
+                    rss[k] = st.rss_kb()
+                    self.max_rss_kb[k] = max(self.max_rss_kb[k], rss[k])
                     cpu[k] = st.cpu_s()
+                    wb[k] = st.io()["write_bytes"]
             self.timeline.append((now, cpu))
+            self.rss_timeline.append((now, rss))
+            self.wb_timeline.append((now, wb))
             self._stop_ev.wait(self.interval_s)
 
     def stop(self) -> None:
         self._stop_ev.set()
         self.join(timeout=2)
+
+    def rss_at(self, key: str, t: float) -> int | None:
+        """RSS (KiB) of `key` at the last sample taken at or before monotonic time t."""
+        best = None
+        for ts, rss in self.rss_timeline:
+            if ts > t:
+                break
+            best = rss.get(key, best)
+        return best
+
+    def write_rate_between(self, key: str, t0: float, t1: float) -> float | None:
+        """Average write_bytes per second of `key` between two monotonic times."""
+        pts = [(t, w[key]) for t, w in self.wb_timeline if key in w and t0 <= t <= t1]
+        if len(pts) < 2 or pts[-1][0] <= pts[0][0]:
+            return None
+        return (pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0])
 
     def cpu_between(self, key: str, t0: float, t1: float) -> float | None:
         """Average CPU use (fraction of one core) of `key` between two monotonic times."""

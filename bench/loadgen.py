@@ -284,7 +284,9 @@ def run_load(opts: LoadOptions) -> dict[str, Any]:
         for child in children:
             out, _ = child.communicate(timeout=limit_s)
             if child.returncode != 0:
-                raise RuntimeError(f"load generator process failed with exit code {child.returncode}")
+                raise RuntimeError(
+                    f"load generator process failed with exit code {child.returncode}"
+                )
             results.append(json.loads(out))
     finally:
         for child in children:

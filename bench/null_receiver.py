@@ -6,7 +6,7 @@ the replay figure is what the agent alone can push; the reference receiver (SQLi
 chunk plus a merge) is measured separately.
 
     python bench/null_receiver.py --port 8099
-    GET /_stats -> {"chunks": ..., "batches": ..., "bytes": ..., "bad": ...}
+    GET /_stats -> {"chunks", "batches", "bytes", "bad", "max_seq", "first_at", "last_at"}
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import re
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -31,6 +32,8 @@ class Counts:
         self.bytes = 0
         self.bad = 0
         self.max_seq = 0
+        self.first_at: float | None = None  # wall time of the first and last accepted batch
+        self.last_at: float | None = None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -55,7 +58,7 @@ class Handler(BaseHTTPRequestHandler):
         c = self.counts
         with c.lock:
             doc = {"chunks": c.chunks, "batches": c.batches, "bytes": c.bytes, "bad": c.bad,
-                   "max_seq": c.max_seq}  # fmt: skip
+                   "max_seq": c.max_seq, "first_at": c.first_at, "last_at": c.last_at}  # fmt: skip
         self._reply(200, doc)
 
     def do_POST(self) -> None:
@@ -69,6 +72,9 @@ class Handler(BaseHTTPRequestHandler):
             c.batches += 1
             c.bytes += len(raw)
             if ok and m is not None:
+                c.last_at = time.time()
+                if c.first_at is None:
+                    c.first_at = c.last_at
                 c.chunks += n
                 c.max_seq = max(c.max_seq, int(m.group(2)))
             else:

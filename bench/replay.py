@@ -3,15 +3,18 @@
 An outbox file is pre-filled with agent.outbox.Outbox + CheckpointWrite (realistic chunks: per
 camera and second ~7 detections, 2 motion, 1 health messages aggregated with agent.model.Chunk,
 encoded with encode_chunk), then the agent is started on a copy of it (`python -m agent.cli run`,
-shipped defaults except forward.max_chunks_per_s = 10,000,000 so the pace never limits, and
-buffer.max_bytes = 8 GiB so no compaction) and timed until its outbox is empty.
+shipped defaults except forward.max_chunks_per_s = 10,000,000 so the pacer never limits, and
+buffer.max_bytes = 8 GiB so nothing is compacted) and timed until its outbox is empty. The drain
+time is taken on the receiver's side: from the arrival of the first batch to that of the last.
 
 Runs, in this order, each on a fresh copy / fresh receiver:
-  receiver alone (baseline)  the same batches, pre-encoded exactly as the agent would (500
-                             chunks, gzip level 5), POSTed back to back on one keep-alive
-                             connection to the reference receiver: what the receiver can take
-  null receiver alone        the same, into bench/null_receiver.py (stores nothing): transport
-  agent -> null receiver     the agent's own replay ceiling
+  receiver alone (baseline)  the same chunks, batched and gzipped exactly as the agent does (500
+                             chunks, level 5), POSTed back to back on one keep-alive connection
+                             to the reference receiver: what the receiver can take
+  null receiver alone        the same into bench/null_receiver.py (stores nothing): transport
+  agent -> null, 1/4 backlog the agent's own ceiling on a quarter of the backlog, and...
+  agent -> null receiver     ...on all of it: does the rate depend on the backlog size? (used to
+                             extrapolate to an hour of backlog, 3.2 M chunks)
   agent -> reference         end to end, what the issue asks for
 
     python bench/replay.py [--quick] [--seconds S]   (backlog = 300 x 3 x S chunks)
@@ -22,20 +25,24 @@ from __future__ import annotations
 import asyncio
 import gzip
 import http.client
+import json
 import random
 import shutil
 import sqlite3
 import sys
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
+from common import (
     HOST,
     Agent,
     Mosquitto,
+    ProcStat,
     Receiver,
     Report,
     Sampler,
@@ -43,15 +50,15 @@ from common import (  # noqa: E402
     fresh_dir,
     kill_quietly,
     parser,
-    say,
     wait_for,
     write_agent_config,
 )
 
-from agent.forward import encode_batch  # noqa: E402
-from agent.model import Chunk, encode_chunk  # noqa: E402
-from agent.outbox import CheckpointWrite, Outbox  # noqa: E402
-from agent.sim.procs import Proc, port_open  # noqa: E402
+from agent.config import ForwardSettings
+from agent.forward import encode_batch
+from agent.model import Chunk, encode_chunk
+from agent.outbox import CheckpointWrite, Outbox
+from agent.sim.procs import Proc, port_open
 
 CAMERAS = 300
 STREAMS = (("detections", 7), ("motion", 2), ("health", 1))  # messages per camera-second
@@ -111,7 +118,11 @@ def backlog_chunks(seconds: int, t0: int, seed: int = 1) -> list[bytes]:
                 c.camera, c.t = name, t
                 c.event_first, c.event_last = base[0] + t, base[1] + t
                 c.recv_first, c.recv_last = base[2] + t, base[3] + t
+                for ns in c.num.values():
+                    ns.last_t += t
                 out.append(encode_chunk(c))
+                for ns in c.num.values():
+                    ns.last_t -= t
                 c.event_first, c.event_last, c.recv_first, c.recv_last = base
     return out
 
@@ -137,7 +148,9 @@ def encoded_batches(rows: list[tuple[int, bytes]]) -> list[tuple[int, int, bytes
     return out
 
 
-def post_all(port: int, batches: list[tuple[int, int, bytes]], time_limit_s: float) -> dict[str, Any]:
+def post_all(
+    port: int, batches: list[tuple[int, int, bytes]], time_limit_s: float
+) -> dict[str, Any]:
     """POST batches back to back, one in flight, one keep-alive connection; chunks/s."""
     conn = http.client.HTTPConnection(HOST, port, timeout=30)
     sent = failed = 0
@@ -166,8 +179,17 @@ def post_all(port: int, batches: list[tuple[int, int, bytes]], time_limit_s: flo
 
 
 def agent_drain(
-    label: str, src: Path, work: Path, url: str, receiver_pid: int, n: int, timeout_s: float
+    label: str,
+    src: Path,
+    work: Path,
+    url: str,
+    receiver_pid: int,
+    n: int,
+    timeout_s: float,
+    span: Callable[[], tuple[float | None, float | None]],
 ) -> dict[str, Any]:
+    """Start the agent on a copy of `src`; wait for its outbox to be empty. `span` gives the
+    receiver-side wall times of the first and last batch received."""
     d = work / label
     (d / "agent").mkdir(parents=True)
     shutil.copyfile(src, d / "agent" / "buffer.sqlite3")
@@ -182,55 +204,58 @@ def agent_drain(
             forward={"max_chunks_per_s": 10_000_000.0},
         )  # fmt: skip
         launched = time.monotonic()
+        launched_wall = time.time()
         agent = Agent(config, d / "agent.log", health_port).start()
         assert agent.popen is not None
         sampler = Sampler({"agent": agent.popen.pid, "receiver": receiver_pid}, interval_s=0.25)
         sampler.start()
-        timeline: list[tuple[float, int, int, int]] = []  # (t, outbox chunks, sent, bytes_sent)
-        first_status = first_sent = done = None
+        timeline: list[tuple[float, int]] = []  # (t, chunks sent)
+        sent = nbytes = 0
+        done = False
         deadline = launched + timeout_s
         while time.monotonic() < deadline:
             if not agent.running:
                 raise RuntimeError(f"agent exited:\n{agent.log_text()[-2000:]}")
             s = agent.status()
-            now = time.monotonic()
             if s is not None:
-                first_status = first_status or now
-                ob, fw = s["outbox"], s["forward"]
-                timeline.append((now, ob["chunks"], fw["chunks_sent"], fw["bytes_sent"]))
-                if first_sent is None and fw["chunks_sent"] > 0:
-                    first_sent = now
-                if ob["chunks"] == 0 and fw["chunks_sent"] >= n:
-                    done = now
+                sent, nbytes = s["forward"]["chunks_sent"], s["forward"]["bytes_sent"]
+                timeline.append((time.monotonic(), sent))
+                if s["outbox"]["chunks"] == 0 and sent >= n:
+                    done = True
                     break
-            time.sleep(0.25)
+            time.sleep(0.2)
+        end = time.monotonic()
         sampler.stop()
-        end = done or time.monotonic()
-        last = timeline[-1] if timeline else (end, n, 0, 0)
-        sent, nbytes = last[2], last[3]
-        fwd_s = (end - first_sent) if first_sent else None
-        # Throughput by tenths of the backlog: does it slow down as the outbox empties?
+        first_at, last_at = span()
+        # Receiver side: the first batch's arrival to the last's; n - BATCH chunks in between.
+        drain_s = (last_at - first_at) * n / max(1, n - BATCH) if first_at and last_at else None
+        if not done:  # partial: the rate so far
+            drain_s = None
+        rate = (
+            (sent - BATCH) / (last_at - first_at)
+            if first_at and last_at and last_at > first_at
+            else None
+        )
         tenths = []
         for k in range(10):
             lo, hi = n * k / 10, n * (k + 1) / 10
-            pts = [(t, c) for t, _, c, _ in timeline if lo <= c <= hi]
-            if len(pts) >= 2 and pts[-1][0] > pts[0][0]:
+            pts = [(t, c) for t, c in timeline if lo <= c <= hi]
+            if len(pts) >= 3 and pts[-1][0] > pts[0][0]:
                 tenths.append(round((pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0])))
-        t_a = first_sent or launched
-        res = {
-            "drained": done is not None,
+        t_a = launched + ((first_at - launched_wall) if first_at else 0)
+        return {
+            "chunks": n,
+            "drained": done,
             "chunks_sent": sent,
-            "startup_s": round((first_status or end) - launched, 2),
-            "drain_s_from_launch": round(end - launched, 2),
-            "drain_s_from_first_batch": None if fwd_s is None else round(fwd_s, 2),
-            "chunks_per_s": round(sent / fwd_s, 1) if fwd_s else None,
+            "startup_s": round(first_at - launched_wall, 2) if first_at else None,
+            "drain_s": None if drain_s is None else round(drain_s, 2),
+            "chunks_per_s": None if rate is None else round(rate, 1),
             "chunks_per_s_by_tenth": tenths,
             "wire_bytes_per_chunk": round(nbytes / sent, 1) if sent else None,
             "agent_cpu_cores": _r(sampler.cpu_between("agent", t_a, end)),
             "receiver_cpu_cores": _r(sampler.cpu_between("receiver", t_a, end)),
             "agent_peak_rss_mb": round(sampler.max_rss_kb["agent"] / 1024, 1),
         }
-        return res
     finally:
         kill_quietly(agent, broker)
 
@@ -239,7 +264,48 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 2)
 
 
+class NullReceiver:
+    """bench/null_receiver.py as a child process (agent.sim.procs.Proc)."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.port = free_port()
+        self.proc = Proc(
+            [sys.executable, str(Path(__file__).resolve().parent / "null_receiver.py"),
+             "--port", str(self.port)], log_path,
+        ).start()  # fmt: skip
+        wait_for(
+            lambda: port_open(self.port) or not self.proc.running, timeout_s=15,
+            what="null receiver",
+        )  # fmt: skip
+        assert self.proc.popen is not None
+        self.pid = self.proc.popen.pid
+        self.url = f"http://{HOST}:{self.port}/ingest"
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://{HOST}:{self.port}/_stats", timeout=5) as r:
+            doc: dict[str, Any] = json.loads(r.read())
+            return doc
+
+    def span(self) -> tuple[float | None, float | None]:
+        s = self.stats()
+        return s["first_at"], s["last_at"]
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def reference_span(db: Path) -> tuple[float | None, float | None]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        row = con.execute("SELECT min(received_at), max(received_at) FROM chunks").fetchone()
+        return row[0], row[1]
+    finally:
+        con.close()
+
+
 # -- main -------------------------------------------------------------------------------------
+
+HOUR = 3_200_000  # an hour of 300 cameras x 3 streams (README: 3.2 M chunks)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,17 +315,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     seconds = args.seconds or (40 if args.quick else 400)
     n = CAMERAS * len(STREAMS) * seconds
+    n_small = n // 4
     base_n = min(n, args.baseline_chunks or (36_000 if args.quick else 90_000))
     timeout_s = 120 if args.quick else 300
     rep = Report("replay", args.quick)
     work = fresh_dir("replay")
-    src = work / "backlog.sqlite3"
+    src, src_small = work / "backlog.sqlite3", work / "backlog-quarter.sqlite3"
 
     t0 = int(time.time()) - seconds - 10
     started = time.monotonic()
     chunks = backlog_chunks(seconds, t0)
     raw_bytes = sum(len(c) for c in chunks)
     asyncio.run(_fill(src, chunks, created_at=float(t0 + 3)))
+    asyncio.run(_fill(src_small, chunks[:n_small], created_at=float(t0 + 3)))
+    rows = [(i + 1, chunks[i]) for i in range(base_n)]
     del chunks
     rep.figure("backlog_chunks", n)
     rep.figure("backlog_chunk_bytes", raw_bytes)
@@ -270,68 +339,59 @@ def main(argv: list[str] | None = None) -> int:
         f"of JSON per chunk, outbox file {src.stat().st_size / 1e6:.0f} MB, built in "
         f"{time.monotonic() - started:.1f} s",
     )  # fmt: skip
-
-    con = sqlite3.connect(src)
-    rows = [(int(s), bytes(b)) for s, b in con.execute(
-        "SELECT seq, body FROM chunks ORDER BY seq LIMIT ?", (base_n,))]  # fmt: skip
-    con.close()
     batches = encoded_batches(rows)
     wire = sum(len(b) for _, _, b in batches)
-    rep.figure("baseline_wire_bytes_per_chunk", round(wire / len(rows), 1))
 
     # Baseline 1: the reference receiver alone.
     recv = Receiver(work / "cloud-baseline").start()
     try:
+        assert recv.popen is not None
+        rx = ProcStat(recv.popen.pid)
+        cpu0 = rx.cpu_s()
         base_ref = post_all(recv.port, batches, time_limit_s=60)
-        st = recv.stats()
-        base_ref["stored"] = st["chunks"]
+        base_ref["receiver_cpu_cores"] = round((rx.cpu_s() - cpu0) / base_ref["seconds"], 2)
+        base_ref["stored"] = recv.stats()["chunks"]
     finally:
         kill_quietly(recv)
     rep.figure(
         "receiver_alone", base_ref,
         f"baseline, reference receiver alone: {base_ref['chunks']:,} chunks in "
-        f"{base_ref['seconds']} s = {base_ref['chunks_per_s']:,.0f} chunks/s "
-        f"(stored {base_ref['stored']:,})",
+        f"{base_ref['seconds']} s = {_rate(base_ref['chunks_per_s'])} chunks/s "
+        f"(stored {base_ref['stored']:,}), receiver CPU {base_ref['receiver_cpu_cores']} cores",
     )  # fmt: skip
 
     # Baseline 2: the null receiver alone (transport + gunzip).
-    null_port = free_port()
-    null = Proc(
-        [sys.executable, str(Path(__file__).resolve().parent / "null_receiver.py"),
-         "--port", str(null_port)], work / "null-receiver.log",
-    ).start()  # fmt: skip
+    null = NullReceiver(work / "null-receiver-baseline.log")
     try:
-        wait_for(lambda: port_open(null_port) or not null.running, timeout_s=15, what="null rx")
-        base_null = post_all(null_port, batches, time_limit_s=60)
+        base_null = post_all(null.port, batches, time_limit_s=60)
     finally:
         kill_quietly(null)
     rep.figure(
-        "null_receiver_alone", base_null,
-        f"baseline, null receiver alone: {base_null['chunks_per_s']:,.0f} chunks/s",
+        "null_receiver_alone",
+        base_null,
+        f"baseline, null receiver alone: {_rate(base_null['chunks_per_s'])} chunks/s",
     )
 
-    # The agent into the null receiver: the agent's own ceiling.
-    null_port = free_port()
-    null = Proc(
-        [sys.executable, str(Path(__file__).resolve().parent / "null_receiver.py"),
-         "--port", str(null_port)], work / "null-receiver-2.log",
-    ).start()  # fmt: skip
-    try:
-        wait_for(lambda: port_open(null_port) or not null.running, timeout_s=15, what="null rx")
-        assert null.popen is not None
-        to_null = agent_drain(
-            "agent-null", src, work, f"http://{HOST}:{null_port}/ingest", null.popen.pid, n,
-            timeout_s,
-        )  # fmt: skip
-    finally:
-        kill_quietly(null)
-    _show(rep, "agent_to_null", "agent -> null receiver", to_null, n)
+    # The agent into the null receiver, a quarter then all of the backlog.
+    results: dict[str, dict[str, Any]] = {}
+    for key, path, count in (("agent_to_null_quarter", src_small, n_small),
+                             ("agent_to_null", src, n)):  # fmt: skip
+        null = NullReceiver(work / f"{key}.log")
+        try:
+            results[key] = agent_drain(key, path, work, null.url, null.pid, count, timeout_s,
+                                       null.span)  # fmt: skip
+        finally:
+            kill_quietly(null)
+        _show(rep, key, f"agent -> null receiver ({count:,} chunks)", results[key])
+    to_null = results["agent_to_null"]
+    quarter = results["agent_to_null_quarter"]
 
     # The agent into the reference receiver: end to end.
     recv = Receiver(work / "cloud").start()
     try:
         assert recv.popen is not None
-        to_ref = agent_drain("agent-ref", src, work, recv.url, recv.popen.pid, n, timeout_s)
+        to_ref = agent_drain("agent_to_reference", src, work, recv.url, recv.popen.pid, n,
+                             timeout_s, lambda: reference_span(recv.db))  # fmt: skip
         st = recv.stats()
         gw = st["gateways"].get(GATEWAY, {})
         to_ref.update(
@@ -340,61 +400,96 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
     finally:
         kill_quietly(recv)
-    _show(rep, "agent_to_reference", "agent -> reference receiver", to_ref, n)
-    shutil.rmtree(work / "agent-null" / "agent", ignore_errors=True)
-    shutil.rmtree(work / "agent-ref" / "agent", ignore_errors=True)
+    _show(rep, "agent_to_reference", "agent -> reference receiver", to_ref)
+    for key in ("agent_to_null_quarter", "agent_to_null", "agent_to_reference"):
+        shutil.rmtree(work / key / "agent", ignore_errors=True)
     src.unlink()
+    src_small.unlink()
 
-    # Rows.
+    # One batch in flight: the receiver's and the agent's per-batch times add up.
     e2e = to_ref.get("chunks_per_s")
     agent_alone = to_null.get("chunks_per_s")
-    rx = base_ref.get("chunks_per_s")
-    limiter = (
-        "the reference receiver limits it"
-        if e2e and rx and agent_alone and rx < agent_alone and e2e >= 0.7 * rx
-        else "the agent limits it" if e2e and agent_alone and e2e >= 0.7 * agent_alone
-        else "both / unclear"
-    )  # fmt: skip
+    rx_rate = base_ref.get("chunks_per_s")
+    model = 1 / (1 / rx_rate + 1 / agent_alone) if rx_rate and agent_alone else None
+    rep.figure("one_in_flight_model_chunks_per_s", None if model is None else round(model))
+
+    # Does the agent's per-chunk time grow with the backlog? T(n)/n = a + b n (two points).
+    hour_agent = hour_e2e = None
+    q_rate = quarter.get("chunks_per_s")
+    if q_rate and agent_alone:
+        c1, c2 = 1 / q_rate, 1 / agent_alone
+        b = max(0.0, (c2 - c1) / (n - n_small))
+        a = c1 - b * n_small if b else (c1 + c2) / 2
+        hour_agent = HOUR * (a + b * HOUR)
+        rep.figure("per_chunk_us_quarter", round(c1 * 1e6, 2))
+        rep.figure("per_chunk_us_full", round(c2 * 1e6, 2))
+        rep.figure("per_chunk_growth_us_per_100k_backlog", round(b * 1e5 * 1e6, 3))
+        rep.figure("extrapolated_3_2M_agent_alone_s", round(hour_agent))
+        if rx_rate:
+            hour_e2e = HOUR / rx_rate + hour_agent
+            rep.figure("extrapolated_3_2M_reference_s", round(hour_e2e))
+
     rep.row(
         f"Replay drain, {n:,} chunks, to the reference receiver",
         ">= 50,000 chunks/s",
-        f"{_rate(e2e)} chunks/s, {to_ref.get('drain_s_from_first_batch')} s"
-        + ("" if to_ref.get("drained") else " (NOT fully drained before the time limit)"),
-        f"receiver alone {_rate(rx)} chunks/s ({limiter})",
+        f"{_rate(e2e)} chunks/s, {to_ref.get('drain_s')} s"
+        + ("" if to_ref.get("drained") else " (NOT drained before the time limit)"),
+        f"receiver alone {_rate(rx_rate)} chunks/s; agent alone {_rate(agent_alone)}; with one "
+        f"batch in flight their times add up: 1/(1/rx + 1/agent) = {_rate(model)}",
         None if e2e is None else e2e >= TARGET_CHUNKS_S,
     )
     rep.row(
         f"Replay drain, {n:,} chunks, agent alone (null receiver)",
         ">= 50,000 chunks/s",
-        f"{_rate(agent_alone)} chunks/s, {to_null.get('drain_s_from_first_batch')} s"
-        + ("" if to_null.get("drained") else " (NOT fully drained before the time limit)"),
-        f"null receiver alone {_rate(base_null.get('chunks_per_s'))} chunks/s",
+        f"{_rate(agent_alone)} chunks/s, {to_null.get('drain_s')} s"
+        + ("" if to_null.get("drained") else " (NOT drained before the time limit)"),
+        f"null receiver alone {_rate(base_null.get('chunks_per_s'))} chunks/s; agent alone on "
+        f"{n_small:,} chunks {_rate(q_rate)} chunks/s",
         None if agent_alone is None else agent_alone >= TARGET_CHUNKS_S,
+    )
+    rep.row(
+        "Replay of an hour (3.2 M chunks), extrapolated",
+        "(report; 50,000 chunks/s = 64 s)",
+        f"agent alone {_mins(hour_agent)}, to the reference receiver {_mins(hour_e2e)}",
+        f"linear extrapolation of this run's rates: agent alone {_mins_rate(agent_alone)}, "
+        f"reference {_mins_rate(e2e)}",
+        None,
     )
     rep.row(
         "Bytes on the wire per chunk (gzip body)",
         "(report)",
-        f"{to_ref.get('wire_bytes_per_chunk')} B (JSON {raw_bytes / n:.0f} B)",
-        f"direct encode of the same chunks {wire / len(rows):.1f} B",
+        f"{to_ref.get('wire_bytes_per_chunk')} B",
+        f"uncompressed chunk JSON {raw_bytes / n:.0f} B "
+        f"(gzip {raw_bytes / n / (wire / len(rows)):.1f}x)",
         None,
     )
-    full = 3_200_000
-    for key, res in (("agent_to_reference", to_ref), ("agent_to_null", to_null)):
-        r = res.get("chunks_per_s")
-        if r:
-            rep.figure(f"extrapolated_3_2M_s_{key}", round(full / r))
+    if base_ref.get("receiver_cpu_cores") is not None and base_ref["receiver_cpu_cores"] < 0.7:
+        rep.note(
+            f"the reference receiver alone used {base_ref['receiver_cpu_cores']} cores while "
+            "batches were posted back to back: it is latency-bound, not CPU-bound (its replies "
+            "are written in two send() calls without TCP_NODELAY, so each meets the client's "
+            "delayed ACK; the null receiver, with TCP_NODELAY, takes "
+            f"{_rate(base_null.get('chunks_per_s'))} chunks/s over the same client)"
+        )
+    if q_rate and agent_alone and agent_alone < 0.85 * q_rate:
+        rep.note(
+            f"agent alone: {_rate(q_rate)} chunks/s on a {n_small:,}-chunk backlog but "
+            f"{_rate(agent_alone)} on {n:,}: the per-batch cost grows with the backlog (look for "
+            "a per-batch outbox query that scans the chunks table); the hour extrapolation fits "
+            "per-chunk time = a + b x backlog on the two runs"
+        )
     rep.note(
-        f"extrapolation to an hour of backlog (3.2 M chunks): {_mins(full, e2e)} to the reference "
-        f"receiver, {_mins(full, agent_alone)} to the null receiver, at the rates measured here "
-        f"on {n:,} chunks; linear only if the rate does not depend on the backlog size (see "
-        "chunks_per_s_by_tenth)"
+        "drain time and rate are taken at the receiver (first to last batch arrival); the "
+        "agent's startup (outbox open, PRAGMA quick_check) comes before and is listed apart"
     )
+    default_pace = ForwardSettings().max_chunks_per_s
+    rep.figure("default_max_chunks_per_s", default_pace)
     rep.note(
         "pace: forward.max_chunks_per_s raised to 10 M for this run; with the shipped default "
-        "(20,000) the replay would be capped at 20,000 chunks/s by the pacer"
+        f"({default_pace:,.0f}) the pacer caps the replay at {default_pace:,.0f} chunks/s"
     )
     rep.note(
-        "wire bytes = /status forward.bytes_sent / chunks_sent (gzip request bodies, HTTP "
+        "wire bytes = /status forward.bytes_sent / chunks_sent (gzip request bodies; HTTP "
         "headers not included: ~250 B per 500-chunk batch, < 1 B per chunk)"
     )
     rep.finish(args.json_out)
@@ -405,20 +500,23 @@ def _rate(x: float | None) -> str:
     return "n/a" if x is None else f"{x:,.0f}"
 
 
-def _mins(n: int, rate: float | None) -> str:
-    return "n/a" if not rate else f"{n / rate / 60:.1f} min"
+def _mins(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds / 60:.1f} min"
 
 
-def _show(rep: Report, key: str, label: str, res: dict[str, Any], n: int) -> None:
-    tenths = res.get("chunks_per_s_by_tenth") or []
+def _mins_rate(rate: float | None) -> str:
+    return "n/a" if not rate else f"{HOUR / rate / 60:.1f} min"
+
+
+def _show(rep: Report, key: str, label: str, res: dict[str, Any]) -> None:
     rep.figure(
         key, res,
-        f"{label}: {res['chunks_sent']:,}/{n:,} chunks in {res['drain_s_from_first_batch']} s "
-        f"from the first batch ({res['drain_s_from_launch']} s from launch, startup "
-        f"{res['startup_s']} s) = {_rate(res['chunks_per_s'])} chunks/s; by tenth of the backlog "
-        f"{tenths}; {res['wire_bytes_per_chunk']} B/chunk on the wire; CPU agent "
-        f"{res['agent_cpu_cores']} cores, receiver {res['receiver_cpu_cores']} cores; agent peak "
-        f"RSS {res['agent_peak_rss_mb']} MB"
+        f"{label}: {res['chunks_sent']:,}/{res['chunks']:,} chunks, drained in {res['drain_s']} s "
+        f"= {_rate(res['chunks_per_s'])} chunks/s (startup before the first batch "
+        f"{res['startup_s']} s); by tenth of the backlog {res['chunks_per_s_by_tenth']}; "
+        f"{res['wire_bytes_per_chunk']} B/chunk on the wire; CPU agent {res['agent_cpu_cores']} "
+        f"cores, receiver {res['receiver_cpu_cores']} cores; agent peak RSS "
+        f"{res['agent_peak_rss_mb']} MB"
         + ("" if res["drained"] else "  ** not drained before the time limit **"),
     )  # fmt: skip
 

@@ -215,6 +215,8 @@ class Receiver(ThreadingHTTPServer):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Answers go out in two writes; without this each batch would wait for a delayed ACK.
+    disable_nagle_algorithm = True
     server: Receiver
 
     def setup(self) -> None:
