@@ -154,7 +154,8 @@ class Intake:
             return
         st = self._stats
         st.received += 1
-        d = digest(topic_b, payload)
+        # Only QoS 1 messages are acked and can be redelivered: only they need the digest.
+        d = digest(topic_b, payload) if qos else 0
         if dup and qos and self._ledger.redelivered(mid, d, recv_t):
             st.redelivered_skipped += 1
             return

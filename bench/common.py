@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -38,6 +37,7 @@ from agent.sim.procs import (  # noqa: E402  (after the sys.path fix, for `pytho
     Receiver,
     free_port,
     mosquitto_binary,
+    terminate,
     wait_for,
 )
 
@@ -429,13 +429,7 @@ class _Counting:
         return self.popen.poll() is None
 
     def stop(self, timeout_s: float = 10) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        terminate(self.popen, timeout_s)
         self._thread.join(timeout=2)
 
     _thread: threading.Thread

@@ -69,6 +69,18 @@ def mosquitto_binary() -> str:
     raise FileNotFoundError("mosquitto not found: apt-get install -y mosquitto")
 
 
+def terminate(popen: subprocess.Popen[bytes], timeout_s: float) -> int:
+    """SIGTERM, then SIGKILL if the process does not exit within timeout_s; the exit code."""
+    if popen.poll() is None:
+        popen.send_signal(signal.SIGTERM)
+        try:
+            popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait()
+    return popen.returncode
+
+
 class Proc:
     """A child process with its log file; stop() terminates, kill() is SIGKILL."""
 
@@ -103,14 +115,7 @@ class Proc:
         """SIGTERM, then SIGKILL if it does not exit in time; returns the exit code."""
         if self.popen is None:
             return None
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        return self.popen.returncode
+        return terminate(self.popen, timeout_s)
 
     def kill(self) -> None:
         if self.popen is not None and self.popen.poll() is None:
