@@ -17,7 +17,8 @@ message and replaces the entry.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -59,6 +60,14 @@ class Pending:
         return self.acked or w is None or w.durable_version >= self.version
 
 
+@dataclass
+class JournalPlan:
+    upserts: list[Pending]
+    deletes: list[int]
+    keep_orphans: list[Pending]
+    had_orphans: bool
+
+
 class AckLedger:
     """Pending acks of the current connection, in receive order, plus the redelivery memory."""
 
@@ -75,12 +84,16 @@ class AckLedger:
         self._orphans: list[Pending] = []
         self._conn = 0
         self._new_mids: set[int] = set()
+        # Journal rows to delete: their acks are confirmed, their ids may be reused.
+        self._prune: set[int] = set()
+        self._stale_after_reconnect = False
 
     def new_connection(self) -> None:
         """A new MQTT connection: acks owed on the old one are void; the broker redelivers."""
         self._conn += 1
         self._orphans.extend(p for p in self._queue if not p.journaled)
         self._queue.clear()
+        self._stale_after_reconnect = True
 
     def redelivered(self, mid: int, digest: int, recv_t: float) -> bool:
         """If a DUP delivery was already counted, queue its ack and return True (do not count)."""
@@ -111,41 +124,83 @@ class AckLedger:
             out.append(p)
         return out
 
-    def journal_changes(self) -> tuple[list[Pending], list[int]]:
-        """What the checkpoint must write to the ack journal, in the same transaction.
+    def plan_journal(self, will_be_durable: Callable[[Pending], bool]) -> JournalPlan:
+        """What the checkpoint must write to the ack journal, in the same transaction; changes
+        nothing until `journal_written` is called after the commit.
 
         Every message whose effect is durable once the checkpoint commits — not only the ones
         that can be acked now: a durable message queued behind a slow window is redelivered
         after a crash and must be recognised then. Plus the ids of new messages not yet
         durable, whose journal rows (from an earlier message under the same id) are stale.
-        Call `journal_written` or `journal_failed` after the commit.
         """
-        upserts = [p for p in self._queue if not p.journaled and p.durable]
+        upserts = [p for p in self._queue if not p.journaled and will_be_durable(p)]
+        keep_orphans: list[Pending] = []
         if self._orphans:
             seen = {id(p) for p in upserts}
             upserts += [
-                p for p in self._orphans if p.durable and not p.journaled and id(p) not in seen
+                p
+                for p in self._orphans
+                if not p.journaled and will_be_durable(p) and id(p) not in seen
             ]
             # Orphans superseded by a newer message under the same id need no journal row.
-            self._orphans = [
+            keep_orphans = [
                 p for p in self._orphans
-                if not p.journaled and not p.durable and self._by_mid.get(p.mid) is p
+                if not p.journaled and not will_be_durable(p) and self._by_mid.get(p.mid) is p
             ]  # fmt: skip
             upserts = [p for p in upserts if self._by_mid.get(p.mid) is p]
         durable_mids = {p.mid for p in upserts}
-        deletes = [m for m in self._new_mids if m not in durable_mids]
-        self._new_mids = set()
-        return upserts, deletes
+        deletes = sorted(m for m in self._new_mids | self._prune if m not in durable_mids)
+        return JournalPlan(upserts, deletes, keep_orphans, bool(self._orphans))
 
-    def journal_written(self, upserts: list[Pending]) -> None:
-        for p in upserts:
+    def journal_written(self, plan: JournalPlan) -> None:
+        """The checkpoint carrying `plan` committed."""
+        for p in plan.upserts:
             p.journaled = True
             # Durable now: let go of the window, or the last 65,535 messages' closed windows
             # would stay in memory through this ledger.
             p.window = None
+        if plan.had_orphans:
+            # Orphans added while the commit ran stay.
+            planned = {id(p) for p in plan.upserts}
+            self._orphans = plan.keep_orphans + [
+                p for p in self._orphans if id(p) not in planned and p not in plan.keep_orphans
+            ]
+        self._new_mids.difference_update(plan.deletes)
+        self._new_mids.difference_update(p.mid for p in plan.upserts)
+        self._prune.difference_update(plan.deletes)
 
-    def journal_failed(self, deletes: list[int]) -> None:
-        self._new_mids.update(deletes)
+    def confirmed(self, acked: list[Pending]) -> None:
+        """The broker has processed the PUBACKs of `acked` (a round trip after them came back
+        on the same connection): it will never redeliver them, and it may now reuse their
+        packet ids, so their journal rows must go (in the next checkpoint) before a new
+        message with the same bytes under the same id could be taken for a redelivery."""
+        for p in acked:
+            if self._by_mid.get(p.mid) is p and p.acked:
+                del self._by_mid[p.mid]
+                self._prune.add(p.mid)
+        if self._stale_after_reconnect:
+            # Everything the broker still had in flight for us was redelivered right after the
+            # CONNACK, before this round trip's answer: journal rows of earlier connections
+            # that were not redelivered belong to messages the broker no longer holds.
+            for mid, p in list(self._by_mid.items()):
+                if p.journaled and p.acked and p.conn != self._conn:
+                    del self._by_mid[mid]
+                    self._prune.add(mid)
+            self._stale_after_reconnect = False
+
+    def ignored(self, mid: int, digest: int, dup: bool) -> None:
+        """A QoS 1 message left unacked (shutdown): the broker redelivers it to the next run.
+
+        Unless it is a redelivery of the message journaled under `mid`, it is a new message,
+        so the journal row under its id is stale: a later redelivery of this new message,
+        identical bytes and all, must not be taken for the old one.
+        """
+        p = self._by_mid.get(mid)
+        if dup and p is not None and p.digest == digest:
+            return
+        if p is not None and p.journaled:
+            del self._by_mid[mid]
+        self._new_mids.add(mid)
 
     def pop_acked(self, n: int) -> list[Pending]:
         """Remove the first n entries (their acks are being sent) and mark them acked."""

@@ -28,14 +28,15 @@ class Window(Chunk):
     committed (all of them once the closed chunk is committed, or up to a snapshot).
     """
 
-    __slots__ = ("durable_version", "saved", "version")
+    __slots__ = ("durable_version", "saved_keys", "version")
 
     def __init__(self, camera: str, stream: str, t: int, width_s: int, rev: int = 0) -> None:
         super().__init__(camera, stream, t, width_s, rev)
         self.version = 0
         self.durable_version = 0
-        # True while an early-ack snapshot of this window is stored in the outbox.
-        self.saved = False
+        # Keys of the early-ack snapshots of this window stored in the outbox (dropped when the
+        # window's chunk is committed: one durable home per count, G9).
+        self.saved_keys: list[tuple[str, str, int, int]] = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,10 +116,12 @@ class Aggregator:
         recv_t: float,
         *,
         flags: tuple[str, ...] = (),
+        mono: float | None = None,
     ) -> Window | str:
         """Merge one message; return the window holding it, or why it was not counted
         ('late_dropped', or a cap: 'too_many_cameras', 'too_many_streams',
-        'too_many_open_windows')."""
+        'too_many_open_windows'). `recv_t` stamps the chunk (wall clock); `mono` (monotonic,
+        default recv_t) drives the idle timeout."""
         cam = self._cameras.get(camera)
         if cam is None:
             if len(self._cameras) >= self.max_cameras:
@@ -127,8 +130,9 @@ class Aggregator:
         w = self.window_s
         t = int(event_t // w) * w
         cam.msgs += 1
-        if recv_t > cam.last_recv:
-            cam.last_recv = recv_t
+        seen = recv_t if mono is None else mono
+        if seen > cam.last_recv:
+            cam.last_recv = seen
         if event_t > cam.max_event:
             cam.max_event = event_t
             boundary = math.floor((event_t - self.allowed_lateness_s) / w) * w
@@ -181,7 +185,8 @@ class Aggregator:
     # -- closing --------------------------------------------------------------------------
 
     def close_due(self, now: float) -> list[Window]:
-        """Close every window whose watermark passed, and every window of an idle camera."""
+        """Close every window whose watermark passed, and every window of an idle camera.
+        `now` is on the clock passed as `mono` to `add` (monotonic in the agent)."""
         closed: list[Window] = []
         idle_before = now - self.idle_close_s
         forget_before = now - self.late_memory_s
@@ -241,11 +246,13 @@ class Aggregator:
             window.merge(c)
             window.flags = set(c.flags)
             key = (c.stream, c.t)
+            saved_key = (c.camera, c.stream, c.t, c.rev)
             existing = cam.windows.get(key)
             if existing is not None:
                 existing.merge(window)
+                existing.saved_keys.append(saved_key)
                 continue
-            window.saved = True
+            window.saved_keys = [saved_key]
             cam.windows[key] = window
             self.open_count += 1
             cam.max_event = max(cam.max_event, c.event_last)

@@ -1,6 +1,14 @@
 """The checkpoint: commit closed chunks (and, under ack pressure, open-window state) together
 with the ack journal in one transaction, then send the PUBACKs of what is now durable, in
 receive order. Also keeps the outbox under buffer.max_bytes.
+
+Correct by construction rather than by undo:
+- a cycle decides what to write without changing any in-memory state; only after the commit
+  returns does it mark windows durable, update the ledger and ack;
+- a window closed in this cycle is never also snapshotted: each count has one durable home
+  (G9) — its chunk, or its snapshot, which the same transaction drops when the chunk lands;
+- a commit, once started, is finished even if the task is cancelled; stopping never cancels a
+  cycle (`stop()` lets the running cycle end, G10).
 """
 
 from __future__ import annotations
@@ -8,29 +16,53 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
-from agent.acks import AckLedger
+from agent.acks import AckLedger, JournalPlan, Pending
 from agent.aggregate import DURABLE, Aggregator, Window
+from agent.clock import SYSTEM_CLOCK, Clock
 from agent.config import Settings
-from agent.faults import NO_FAULTS, Faults
-from agent.forward import Forwarder
-from agent.ingest import MqttSession
-from agent.model import Chunk, encode_chunk
-from agent.notify import Notifier
+from agent.model import encode_chunk
 from agent.outbox import CheckpointWrite, Outbox, WindowKey
 from agent.stats import RateLimitedLog, Stats
+from agent.store import is_full
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Outbox usage (live pages / quota) above which room is made, and the level it is brought to.
 HIGH_WATER = 0.9
 LOW_WATER = 0.75
 
 
-def _key(w: Chunk) -> WindowKey:
+def _key(w: Window) -> WindowKey:
     return (w.camera, w.stream, w.t, w.rev)
+
+
+async def finish(aw: Awaitable[T]) -> T:
+    """Await `aw` to its end even if the caller is cancelled meanwhile; then re-raise the
+    cancellation. A commit that may have happened must be seen to have happened."""
+    task = asyncio.ensure_future(aw)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise
+            if task.done():
+                result = task.result()
+                break
+            cancelled = True
+    if cancelled:
+        # The caller applies the result first (see Checkpointer._cycle), then stops.
+        current = asyncio.current_task()
+        if current is not None:
+            current.cancel()
+    return result
 
 
 class Checkpointer:
@@ -43,58 +75,74 @@ class Checkpointer:
         outbox: Outbox,
         aggregator: Aggregator,
         ledger: AckLedger,
-        session: MqttSession,
-        forwarder: Forwarder,
         stats: Stats,
-        clock: Callable[[], float] = time.time,
-        faults: Faults = NO_FAULTS,
+        send_ack: Callable[[int, int], None],
+        can_ack: Callable[[], bool],
+        on_commit: Callable[[], None] = lambda: None,
+        confirm_acks: Callable[[], Awaitable[bool]] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        fault: Callable[[str], None] = lambda point: None,
     ) -> None:
-        self._faults = faults
         self._s = settings
         self._outbox = outbox
         self._agg = aggregator
         self._ledger = ledger
-        self._session = session
-        self._forwarder = forwarder
         self._stats = stats
+        self._send_ack = send_ack
+        self._can_ack = can_ack
+        self._on_commit = on_commit
+        self._confirm_acks = confirm_acks
+        # Acks sent on the current connection whose arrival at the broker is not yet known.
+        self._unconfirmed: list[Pending] = []
+        self._unconfirmed_conn = -1
+        self._confirmed_conn = -1
         self._clock = clock
+        self._fault = fault
         self._pressure = int(settings.mqtt.receive_maximum * settings.buffer.ack_pressure_ratio)
         self._max_ack_delay_s = settings.buffer.max_ack_delay_ms / 1000
         # Windows closed but not yet committed (a failed commit is retried, nothing is lost).
         self._carry: list[Window] = []
         self._warn = RateLimitedLog(log)
         self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self.last_progress_mono: float | None = None
 
-    async def run(self, notifier: Notifier) -> None:
+    async def run(self, progress: Callable[[], None] = lambda: None) -> None:
+        """A cycle every checkpoint_interval_ms until `stop()`; the running cycle always ends."""
         interval_s = self._s.buffer.checkpoint_interval_ms / 1000
-        while True:
-            await asyncio.sleep(interval_s)
-            if self._faults.reached("stall_checkpoint"):
-                log.warning("fault point stall_checkpoint reached: the checkpoint loop hangs")
-                await asyncio.Future()
+        while not self._stop.is_set():
+            try:
+                async with asyncio.timeout(interval_s):
+                    await self._stop.wait()
+            except TimeoutError:
+                pass
+            if self._stop.is_set():
+                return
             await self.checkpoint()
-            notifier.progress()
+            progress()
+
+    def stop(self) -> None:
+        """Ask `run` to return after the cycle in progress (if any) has finished."""
+        self._stop.set()
 
     async def checkpoint(self, *, final: bool = False) -> None:
         async with self._lock:
-            await self._checkpoint(final)
+            await self._cycle(final)
 
     async def _make_room(self) -> None:
         """Keep the outbox under buffer.max_bytes: compact, then drop_oldest or backpressure."""
+        st = self._stats
         usage = await self._outbox.usage()
-        self._stats.buffer_usage = usage
+        st.buffer_usage = usage
         if usage <= HIGH_WATER:
-            self._stats.buffer_full = False
+            st.buffer_full = False
             return
         drop = self._s.buffer.overflow == "drop_oldest"
-        compacted, dropped, dropped_msgs = await self._outbox.make_room(
-            target=LOW_WATER, drop_oldest=drop
-        )
-        st = self._stats
-        st.compacted_chunks += compacted
-        if dropped:
-            st.drops["buffer_full_oldest_chunks"] += dropped
-            st.drops["buffer_full_oldest_messages"] += dropped_msgs
+        made = await self._outbox.make_room(target=LOW_WATER, drop_oldest=drop)
+        st.compacted_chunks += made.compacted
+        if made.dropped:
+            st.drops["buffer_full_oldest_chunks"] += made.dropped
+            st.drops["buffer_full_oldest_messages"] += made.dropped_messages
         usage = await self._outbox.usage()
         st.buffer_usage = usage
         st.buffer_full = usage > HIGH_WATER
@@ -102,49 +150,67 @@ class Checkpointer:
             "quota",
             "outbox at %.0f%% of buffer.max_bytes: compacted %d chunks into coarser windows, "
             "dropped %d oldest chunks (%d messages)%s",
-            usage * 100, compacted, dropped, dropped_msgs,
+            usage * 100, made.compacted, made.dropped, made.dropped_messages,
             "; holding MQTT acks (backpressure)" if st.buffer_full and not drop else "",
         )  # fmt: skip
 
-    async def _checkpoint(self, final: bool) -> None:
-        await self._make_room()
-        now = self._clock()
+    def _under_pressure(self, now_mono: float) -> bool:
+        ledger = self._ledger
+        if not len(ledger):
+            return False
+        if len(ledger) >= self._pressure:
+            return True
+        oldest = ledger.oldest_recv_t()
+        return oldest is not None and now_mono - oldest >= self._max_ack_delay_s
+
+    async def _cycle(self, final: bool) -> None:
+        try:
+            await self._make_room()
+        except sqlite3.Error as e:
+            self._stats.buffer_full = True
+            self._warn.warning("room", "could not make room in the outbox (%s)", e)
+        await self._confirm()
+        now, mono = self._clock.wall(), self._clock.mono()
         agg, ledger = self._agg, self._ledger
-        closed = self._carry + (agg.close_all() if final else agg.close_due(now))
-        self._carry = []
+        closed = self._carry + (agg.close_all() if final else agg.close_due(mono))
+        # Until committed, the closed windows live here and only here.
+        self._carry = closed
+        closed_ids = {id(w) for w in closed}
         snapshots: list[tuple[Window, int]] = []
-        if not final and len(ledger):
-            oldest = ledger.oldest_recv_t()
-            if len(ledger) >= self._pressure or (
-                oldest is not None and now - oldest >= self._max_ack_delay_s
-            ):
-                snapshots = [(w, w.version) for w in ledger.holders() if isinstance(w, Window)]
-        undo = [(w, w.durable_version, w.saved) for w in closed] + [
-            (w, w.durable_version, w.saved) for w, _ in snapshots
-        ]
+        if not final and self._under_pressure(mono):
+            snapshots = [
+                (w, w.version)
+                for w in ledger.holders()
+                if isinstance(w, Window) and id(w) not in closed_ids
+            ]
+        snap_versions = {id(w): v for w, v in snapshots}
+
+        def will_be_durable(p: Pending) -> bool:
+            if p.durable:
+                return True
+            w = p.window
+            if w is None:
+                return False
+            if id(w) in closed_ids:
+                return True
+            v = snap_versions.get(id(w))
+            return v is not None and p.version <= v
+
+        plan = ledger.plan_journal(will_be_durable)
+        stale_snapshots = [k for w in closed for k in w.saved_keys]
+        stale_snapshots += [k for w, _ in snapshots for k in w.saved_keys if k != _key(w)]
         write = CheckpointWrite(
             chunks=[encode_chunk(w) for w in closed],
-            drop_snapshots=[_key(w) for w in closed if w.saved],
+            drop_snapshots=stale_snapshots,
             snapshots=[(_key(w), encode_chunk(w)) for w, _ in snapshots],
+            journal_upserts=[(p.mid, p.digest) for p in plan.upserts],
+            journal_deletes=plan.deletes,
         )
-        for w in closed:
-            w.durable_version = DURABLE
-        for w, version in snapshots:
-            w.durable_version = version
-        ackable = ledger.ackable()
-        journal, write.journal_deletes = ledger.journal_changes()
-        write.journal_upserts = [(p.mid, p.digest) for p in journal]
-        conn = ledger.connection
         try:
-            await self._outbox.checkpoint(write, now=now)
+            await finish(self._outbox.checkpoint(write, now=now))
         except sqlite3.Error as e:
-            if "full" in str(e):
+            if is_full(e):
                 self._stats.buffer_full = True
-            for w, version, saved in undo:
-                w.durable_version = version
-                w.saved = saved
-            self._carry = closed
-            ledger.journal_failed(write.journal_deletes)
             self._stats.rejects["checkpoint_failed"] += 1
             self._warn.warning(
                 "ckpt",
@@ -153,23 +219,62 @@ class Checkpointer:
                 len(closed),
             )
             return
-        ledger.journal_written(journal)
-        if ackable:
-            self._faults.hit("after_commit")
+        self._committed(closed, snapshots, plan)
+        if write.journal_upserts or closed:
+            self._fault("after_commit")
+        self._ack()
+
+    def _committed(
+        self, closed: list[Window], snapshots: list[tuple[Window, int]], plan: JournalPlan
+    ) -> None:
+        """Apply a committed cycle to memory (synchronously: nothing can interleave)."""
+        self._carry = []
         for w in closed:
-            w.saved = False
-        for w, _ in snapshots:
-            w.saved = True
+            w.durable_version = DURABLE
+            w.saved_keys = []
+        for w, version in snapshots:
+            w.durable_version = max(w.durable_version, version)
+            w.saved_keys = [_key(w)]
+        self._ledger.journal_written(plan)
         st = self._stats
         st.checkpoints += 1
-        st.sample(time.monotonic())
         st.chunks_committed += len(closed)
+        self.last_progress_mono = self._clock.mono()
+        st.sample(self.last_progress_mono)
         if snapshots:
             st.snapshots_written += len(snapshots)
             log.info("ack pressure: saved %d open windows to ack early", len(snapshots))
-        if ackable and ledger.connection == conn and self._session.connected:
-            for p in ledger.pop_acked(len(ackable)):
-                self._session.ack(p.mid, p.qos)
-            st.acked += len(ackable)
         if closed:
-            self._forwarder.wake.set()
+            self._on_commit()
+
+    def _ack(self) -> None:
+        """PUBACK every message now durable, in receive order, on the connection it came on."""
+        ledger = self._ledger
+        ackable = ledger.ackable()
+        if not ackable or not self._can_ack():
+            return
+        # The queue holds only messages of the current connection (new_connection() empties it).
+        popped = ledger.pop_acked(len(ackable))
+        for p in popped:
+            self._send_ack(p.mid, p.qos)
+        self._stats.acked += len(popped)
+        if ledger.connection != self._unconfirmed_conn:
+            self._unconfirmed, self._unconfirmed_conn = [], ledger.connection
+        self._unconfirmed.extend(popped)
+
+    async def _confirm(self) -> None:
+        """One round trip to the broker after the acks already sent (or after a reconnect):
+        once it returns, those acks have been processed; their journal rows can go."""
+        ledger = self._ledger
+        conn = ledger.connection
+        if self._confirm_acks is None or not self._can_ack():
+            return
+        if not self._unconfirmed and self._confirmed_conn == conn:
+            return
+        sent = self._unconfirmed if self._unconfirmed_conn == conn else []
+        self._unconfirmed = []
+        if await self._confirm_acks() and ledger.connection == conn:
+            ledger.confirmed(sent)
+            self._confirmed_conn = conn
+        elif self._unconfirmed_conn == conn:
+            self._unconfirmed = sent + self._unconfirmed

@@ -80,16 +80,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     for warning in inline_secret_warnings(args.config, settings):
         logging.getLogger("agent").warning(warning)
     from agent.faults import Faults
+    from agent.lock import AlreadyRunning
     from agent.notify import Notifier
     from agent.outbox import OutboxError
-    from agent.service import run_service
+    from agent.service import StartupError, run_service
 
     logging.getLogger("agent").info(
         "edge-agent %s starting, gateway %s", __version__, settings.gateway_id
     )
     try:
         uvloop.run(run_service(settings, faults=Faults.from_env(), notifier=Notifier.from_env()))
-    except OutboxError as e:
+    except (OutboxError, AlreadyRunning, StartupError) as e:
         logging.getLogger("agent").error("cannot start: %s", e)
         return EXIT_STARTUP
     except KeyboardInterrupt:
@@ -165,7 +166,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_deadletter(args: argparse.Namespace) -> int:
-    from agent.deadletters import list_dead_letters, retry_dead_letters
+    from agent.store import list_dead_letters, retry_dead_letters
 
     settings = _load(args.config)
     path = settings.buffer.path

@@ -12,7 +12,6 @@ import contextlib
 import gzip
 import logging
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -20,27 +19,13 @@ from typing import Literal
 import httpx
 
 from agent import __version__
+from agent.clock import SYSTEM_CLOCK, Clock
 from agent.config import ForwardSettings
-from agent.faults import NO_FAULTS, Faults
-from agent.model import SCHEMA, with_seq
-from agent.outbox import Outbox
+from agent.outbox import Batch, Outbox
 from agent.pacing import Backoff, Pacer, retry_after_s
 from agent.stats import Stats
 
 log = logging.getLogger(__name__)
-
-
-def encode_batch(gateway_id: str, rows: list[tuple[int, bytes]], *, sent_at: float) -> bytes:
-    """The JSON body of a batch, splicing the stored chunk bodies without re-encoding them."""
-    stamp = (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sent_at))
-        + f".{int(sent_at % 1 * 1000):03d}Z"
-    )
-    head = (
-        f'{{"schema":"{SCHEMA}","gateway":"{gateway_id}","first_seq":{rows[0][0]},'
-        f'"last_seq":{rows[-1][0]},"sent_at":"{stamp}","chunks":['
-    ).encode()
-    return head + b",".join(with_seq(s, b) for s, b in rows) + b"]}"
 
 
 MAX_RESPONSE_BYTES = 4096
@@ -99,9 +84,11 @@ class Forwarder:
         stats: Stats,
         token: Callable[[], str | None] = lambda: None,
         rng: random.Random | None = None,
-        faults: Faults = NO_FAULTS,
+        clock: Clock = SYSTEM_CLOCK,
+        fault: Callable[[str], None] = lambda point: None,
     ) -> None:
-        self._faults = faults
+        self._fault = fault
+        self._clock = clock
         self._s = settings
         self._gateway_id = gateway_id
         self._outbox = outbox
@@ -126,7 +113,7 @@ class Forwarder:
     async def run(self) -> None:
         s = self._s
         while True:
-            if self._outbox.chunk_count == 0:
+            if self._outbox.chunk_count == 0 and self._outbox.batch is None:
                 self.idle.set()
                 self.wake.clear()
                 # Re-read the outbox now and then: `deadletter retry` may have added chunks.
@@ -139,38 +126,57 @@ class Forwarder:
                 self.idle.clear()
                 if s.linger_ms and self._outbox.chunk_count < s.max_batch_chunks:
                     await asyncio.sleep(s.linger_ms / 1000)
-            pace = self.pacer.delay(time.monotonic())
+            pace = self.pacer.delay(self._clock.mono())
             if pace:
                 await asyncio.sleep(pace)
-            rows = await self._outbox.read_batch(
-                after_seq=0, max_chunks=self._limit, max_bytes=s.max_batch_bytes
+            # The batch cut earlier (before a failure or a restart) goes first, unchanged (G7).
+            batch = await self._outbox.cut(
+                gateway_id=self._gateway_id,
+                max_chunks=self._limit,
+                max_bytes=s.max_batch_bytes,
+                now=self._clock.wall(),
             )
-            if not rows:
+            if batch is None:
                 await self._outbox.refresh_counts()
                 continue
-            delay = await self._send(rows)
+            delay = await self._send(batch)
             if delay:
-                self.backoff_until = time.time() + delay
+                self.backoff_until = self._clock.wall() + delay
                 await asyncio.sleep(delay)
                 self.backoff_until = None
 
-    async def _send(self, rows: list[tuple[int, bytes]]) -> float:
-        """Post one batch and act on the answer; returns seconds to wait before the next."""
-        first, last = rows[0][0], rows[-1][0]
-        body = encode_batch(self._gateway_id, rows, sent_at=time.time())
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait (at most timeout_s) until the outbox is empty; True if it is."""
+        self.wake.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while self._outbox.chunk_count or self._outbox.batch is not None:
+                    self.idle.clear()
+                    await self.idle.wait()
+        return not (self._outbox.chunk_count or self._outbox.batch is not None)
+
+    def request(self, batch: Batch) -> tuple[bytes, dict[str, str]]:
+        """The body and headers of a batch: the same bytes and key on every attempt."""
         headers = {
             "Content-Type": "application/json",
-            "Idempotency-Key": f"{self._gateway_id}:{first}-{last}",
+            "Idempotency-Key": batch.key(self._gateway_id),
             "User-Agent": f"edge-agent/{__version__}",
         }
+        body = batch.body
         if self._s.gzip:
             body = gzip.compress(body, compresslevel=5, mtime=0)
             headers["Content-Encoding"] = "gzip"
         token = self._token()
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        started = time.monotonic()
-        self.pacer.sent(len(rows), len(body), started)
+        return body, headers
+
+    async def _send(self, batch: Batch) -> float:
+        """Post one batch and act on the answer; returns seconds to wait before the next."""
+        first, last = batch.first_seq, batch.last_seq
+        body, headers = self.request(batch)
+        started = self._clock.mono()
+        self.pacer.sent(batch.chunks, len(body), started)
         status: int | None = None
         text = ""
         retry_after = None
@@ -178,26 +184,28 @@ class Forwarder:
             async with self._client.stream("POST", self._s.url, content=body, headers=headers) as r:
                 status = r.status_code
                 text = await _read_capped(r)
-                retry_after = retry_after_s(r.headers.get("Retry-After"), now=time.time())
+                retry_after = retry_after_s(r.headers.get("Retry-After"), now=self._clock.wall())
         except httpx.HTTPError as e:
             text = f"{type(e).__name__}: {e}"
-        latency_s = time.monotonic() - started
+        latency_s = self._clock.mono() - started
         self._stats.observe_latency(latency_s)
-        outcome = classify(status, batch_size=len(rows), retry_after=retry_after)
+        outcome = classify(status, batch_size=batch.chunks, retry_after=retry_after)
         if outcome.kind == "ok":
-            self._faults.hit("after_send")
-            await self._outbox.delete_through(last)
-            self._acknowledged(rows, len(body), latency_s)
+            self._fault("after_send")
+            await self._outbox.acknowledged(batch)
+            self._acknowledged(batch, len(body), latency_s)
             return 0.0
         if outcome.kind == "split":
-            self._limit = max(1, len(rows) // 2)
+            # Refused as a whole: the cloud stored none of it, so it may be cut again smaller.
+            await self._outbox.release(batch)
+            self._limit = max(1, batch.chunks // 2)
             log.warning(
                 "batch %d-%d refused (%s: %s); retrying in halves of %d chunks",
                 first, last, outcome.detail, text[:200], self._limit,
             )  # fmt: skip
             return 0.0
         if outcome.kind == "poison":
-            await self._outbox.dead_letter(first, status=status, response=text[:MAX_RESPONSE_BYTES])
+            await self._outbox.dead_letter(batch, status=status, response=text[:MAX_RESPONSE_BYTES])
             self._stats.dead_letters += 1
             self._limit = self._s.max_batch_chunks
             log.error(
@@ -208,12 +216,12 @@ class Forwarder:
             return 0.0
         return self._failed(first, last, outcome, text)
 
-    def _acknowledged(self, rows: list[tuple[int, bytes]], nbytes: int, latency_s: float) -> None:
+    def _acknowledged(self, batch: Batch, nbytes: int, latency_s: float) -> None:
         st = self._stats
         st.batches_sent += 1
-        st.chunks_sent += len(rows)
+        st.chunks_sent += batch.chunks
         st.bytes_sent += nbytes
-        st.last_forward_ok = time.time()
+        st.last_forward_ok = self._clock.wall()
         self.unhealthy_reason = None
         self._backoff.reset()
         self.pacer.answered(latency_s)

@@ -12,7 +12,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.acks import AckLedger
 from agent.aggregate import Aggregator, StreamSpec
+from agent.clock import SYSTEM_CLOCK, Clock, StepWatch
 from agent.config import MqttSettings, StreamSettings, read_secret
 from agent.credentials import client_tls_context
 from agent.mqtt_compat import install_raw_handler, send_ack
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 GATEWAY_TIME: tuple[str, ...] = ("time_from_gateway",)
+# Never subscribed to: unsubscribing from it is a harmless round trip (see confirm_acks).
+BARRIER_TOPIC = "$edge-agent/ack-barrier"
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +129,7 @@ class Intake:
         max_payload_bytes: int,
         max_fields: int = 256,
         max_depth: int = 8,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._max_fields = max_fields
         self._max_depth = max_depth
@@ -139,24 +142,48 @@ class Intake:
         self._clock = clock
         self._decode = msgspec.json.Decoder().decode
         self._warn = RateLimitedLog(log)
+        self._steps = StepWatch()
         self.open = True
 
+    def close(self) -> None:
+        """Stop counting: from now on messages stay unacked, for the broker to redeliver."""
+        self.open = False
+
     def on_message(self, msg: paho.MQTTMessage) -> None:
-        self.handle(msg._topic, bytes(msg.payload), msg.mid, msg.qos, bool(msg.dup), self._clock())
+        self.handle(msg._topic, bytes(msg.payload), msg.mid, msg.qos, bool(msg.dup))
 
     def handle(
-        self, topic_b: bytes, payload: bytes, mid: int, qos: int, dup: bool, recv_t: float
+        self,
+        topic_b: bytes,
+        payload: bytes,
+        mid: int,
+        qos: int,
+        dup: bool,
+        recv_t: float | None = None,
+        mono: float | None = None,
     ) -> None:
-        """Count or reject one message. Never raises for any input."""
+        """Count or reject one message. Never raises for any input.
+
+        `recv_t` (wall clock) stamps the message; `mono` (monotonic) times its ack and its
+        camera's idle timeout. Both default to the intake's clock."""
+        if recv_t is None:
+            recv_t = self._clock.wall()
+        if mono is None:
+            mono = self._clock.mono()
         if not self.open:
             # Shutting down: leave it unacked; the broker redelivers it to the next run.
             self._stats.rejects["ignored_at_shutdown"] += 1
+            if qos:
+                self._ledger.ignored(mid, digest(topic_b, payload), dup)
             return
+        step = self._steps.observe(recv_t, mono)
+        if step:
+            self._gateway_clock_stepped(step)
         st = self._stats
         st.received += 1
         # Only QoS 1 messages are acked and can be redelivered: only they need the digest.
         d = digest(topic_b, payload) if qos else 0
-        if dup and qos and self._ledger.redelivered(mid, d, recv_t):
+        if dup and qos and self._ledger.redelivered(mid, d, mono):
             st.redelivered_skipped += 1
             return
         window = None
@@ -172,7 +199,7 @@ class Intake:
             elif len(payload) > self._max_payload:
                 reason = "oversized"
             else:
-                reason, window_or_none = self._count(route, payload, recv_t)
+                reason, window_or_none = self._count(route, payload, recv_t, mono)
                 window = window_or_none
         if reason is not None:
             st.rejects[reason] += 1
@@ -180,9 +207,22 @@ class Intake:
         else:
             st.counted += 1
         if qos:
-            self._ledger.track(mid, qos, d, window, recv_t)
+            self._ledger.track(mid, qos, d, window, mono)
 
-    def _count(self, route: Route, payload: bytes, recv_t: float) -> tuple[str | None, Any]:
+    def _gateway_clock_stepped(self, step: float) -> None:
+        """The gateway's own wall clock stepped (NTP, an operator, a battery-less RTC): that is
+        not the cameras' skew. Say it once and let the camera estimates start over."""
+        self._stats.gateway_clock_steps += 1
+        self._clocks.gateway_stepped()
+        log.warning(
+            "gateway clock stepped %+.1f s; camera clock estimates restarted (timers run on the "
+            "monotonic clock and are not affected)",
+            step,
+        )
+
+    def _count(
+        self, route: Route, payload: bytes, recv_t: float, mono: float
+    ) -> tuple[str | None, Any]:
         try:
             doc = self._decode(payload)
         except (msgspec.DecodeError, RecursionError):
@@ -215,7 +255,9 @@ class Intake:
                     if stamped is None:
                         return "bad_time_dropped", None
                     t, flags = stamped
-        window = self._agg.add(route.camera, route.stream, route.spec, doc, t, recv_t, flags=flags)
+        window = self._agg.add(
+            route.camera, route.stream, route.spec, doc, t, recv_t, flags=flags, mono=mono
+        )
         if isinstance(window, str):
             return window, None
         return None, window
@@ -269,6 +311,19 @@ class MqttSession:
         self._client: aiomqtt.Client | None = None
         self.subscribed = asyncio.Event()
         self._backoff = Backoff(min_s=settings.reconnect_min_s, max_s=settings.reconnect_max_s)
+
+    async def confirm_acks(self, timeout_s: float = 5.0) -> bool:
+        """A round trip (UNSUBSCRIBE of a topic we never subscribed to, answered by UNSUBACK)
+        after every PUBACK sent so far: the broker handles a connection's packets in order, so
+        its answer means those acks have been processed. False if it could not be had."""
+        client = self._client
+        if client is None:
+            return False
+        try:
+            await client.unsubscribe(BARRIER_TOPIC, timeout=timeout_s)
+        except (aiomqtt.MqttError, TimeoutError):
+            return False
+        return self._client is client
 
     def ack(self, mid: int, qos: int) -> None:
         if self._client is not None:

@@ -7,6 +7,7 @@ mergeable, so late deltas (rev > 0) and coarser windows are sums of chunks.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import msgspec
@@ -207,6 +208,24 @@ def encode_chunk(chunk: Chunk) -> bytes:
     return _encoder.encode(chunk.to_wire())
 
 
-def with_seq(seq: int, body: bytes) -> bytes:
-    """Splice `"seq": n` in front of a stored chunk body without re-encoding it."""
-    return b'{"seq":' + str(seq).encode() + b"," + body[1:]
+def with_seq(seq: int, body: bytes, seq_end: int | None = None) -> bytes:
+    """Splice `"seq": n` (and `"seq_end": m` for a compacted chunk standing for the seqs n..m)
+    in front of a stored chunk body without re-encoding it."""
+    head = b'{"seq":' + str(seq).encode() + b","
+    if seq_end is not None and seq_end != seq:
+        head += b'"seq_end":' + str(seq_end).encode() + b","
+    return head + body[1:]
+
+
+def encode_batch(gateway_id: str, rows: list[tuple[int, int, bytes]], *, sent_at: float) -> bytes:
+    """The JSON body of a batch of (seq, seq_end, body) rows, splicing the stored chunk bodies
+    without re-encoding them. `first_seq`..`last_seq` is the seq range the chunks cover."""
+    stamp = (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sent_at))
+        + f".{int(sent_at % 1 * 1000):03d}Z"
+    )
+    head = (
+        f'{{"schema":"{SCHEMA}","gateway":"{gateway_id}","first_seq":{rows[0][0]},'
+        f'"last_seq":{rows[-1][1]},"sent_at":"{stamp}","chunks":['
+    ).encode()
+    return head + b",".join(with_seq(s, b, e) for s, e, b in rows) + b"]}"

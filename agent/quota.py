@@ -1,13 +1,13 @@
 """Bounded disk: plans that shrink the outbox without losing a count.
 
-All statistics are mergeable, so the oldest 1-second chunks of a (camera, stream) can be merged
-into one 10-second chunk, and 10-second chunks into 60-second ones. Pure: rows in, plan out.
+All statistics are mergeable, so the 1-second chunks of a stretch of the outbox can be merged
+per (camera, stream) into 10-second chunks, and those into 60-second ones. Pure: rows in, rows
+out; agent/store.py applies the result over the same seq range (G8).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import msgspec
 
@@ -15,45 +15,67 @@ from agent.model import Chunk, encode_chunk
 
 LEVELS = ((1, 10), (10, 60))
 
-
-@dataclass
-class CompactionPlan:
-    """Rewrite `updates` (seq, new body) and delete `deletes`; the counts stay the same."""
-
-    updates: list[tuple[int, bytes]] = field(default_factory=list)
-    deletes: list[int] = field(default_factory=list)
+Row = tuple[int, int, float, bytes]  # seq, seq_end, created_at, body
 
 
-def plan_compaction(
-    rows: Iterable[tuple[int, bytes]], *, width: int, coarser: int
-) -> CompactionPlan:
-    """Merge chunks of `width` seconds into `coarser`-second chunks per (camera, stream).
+def compact_range(rows: list[Row], *, coarser: int) -> list[tuple[float, bytes]] | None:
+    """Merge the chunks of `rows` narrower than `coarser` seconds into `coarser`-second chunks
+    per (camera, stream); other rows are kept as they are. Returns the new rows (created_at,
+    body) in the order of their first member, or None when nothing would shrink.
 
-    The merged chunk keeps the smallest seq of its group (a seq not yet sent, so none is
-    reused), which keeps the outbox in order.
+    A row whose body cannot be decoded is kept unchanged: compaction never loses a row.
     """
-    groups: dict[tuple[str, str, int], list[tuple[int, Chunk]]] = {}
-    for seq, body in rows:
-        doc = msgspec.json.decode(body)
-        if doc.get("width_s") != width:
+    out: list[tuple[float, bytes] | list[tuple[float, Chunk, bytes]]] = []
+    groups: dict[tuple[str, str, int], list[tuple[float, Chunk, bytes]]] = {}
+    merged_away = 0
+    for _seq, _end, created, body in rows:
+        try:
+            c = Chunk.from_wire(msgspec.json.decode(body))
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError, AttributeError):
+            out.append((created, body))
             continue
-        c = Chunk.from_wire(doc)
+        if c.width_s >= coarser:
+            out.append((created, body))
+            continue
         key = (c.camera, c.stream, c.t // coarser * coarser)
-        groups.setdefault(key, []).append((seq, c))
-    plan = CompactionPlan()
-    for (camera, stream, t), members in groups.items():
-        if len(members) < 2:
+        members = groups.get(key)
+        if members is None:
+            members = groups[key] = []
+            out.append(members)
+        else:
+            merged_away += 1
+        members.append((created, c, body))
+    if not merged_away:
+        return None
+    result: list[tuple[float, bytes]] = []
+    for item in out:
+        if isinstance(item, tuple):
+            result.append(item)
             continue
-        members.sort(key=lambda m: m[0])
-        merged = Chunk(camera, stream, t, coarser, rev=min(c.rev for _, c in members))
-        for _, c in members:
+        if len(item) == 1:
+            result.append((item[0][0], item[0][2]))
+            continue
+        first = item[0][1]
+        merged = Chunk(
+            first.camera,
+            first.stream,
+            first.t // coarser * coarser,
+            coarser,
+            rev=min(c.rev for _, c, _ in item),
+        )
+        for _, c, _ in item:
             merged.merge(c)
         merged.flags.add("compacted")
-        plan.updates.append((members[0][0], encode_chunk(merged)))
-        plan.deletes.extend(seq for seq, _ in members[1:])
-    return plan
+        result.append((min(created for created, _, _ in item), encode_chunk(merged)))
+    return result
 
 
 def counted_messages(bodies: Iterable[bytes]) -> int:
-    """How many messages these chunk bodies hold (for drop accounting)."""
-    return sum(int(msgspec.json.decode(b)["count"]) for b in bodies)
+    """How many messages these chunk bodies hold (for drop accounting); unreadable bodies: 0."""
+    total = 0
+    for b in bodies:
+        try:
+            total += int(msgspec.json.decode(b)["count"])
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+            continue
+    return total

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import signal
 import ssl
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -21,16 +23,18 @@ import msgspec
 from agent.acks import AckLedger
 from agent.aggregate import Aggregator
 from agent.checkpoint import Checkpointer
+from agent.clock import SYSTEM_CLOCK, Clock
 from agent.config import Settings, secret_path
 from agent.credentials import TokenSource, client_tls_context
 from agent.faults import NO_FAULTS, Faults
 from agent.forward import Forwarder
 from agent.health import HealthServer, Response, json_response
 from agent.ingest import Intake, MqttSession, TopicRouter
+from agent.lock import OutboxLock
 from agent.metrics import render as render_metrics
 from agent.model import Chunk
 from agent.notify import Notifier
-from agent.outbox import Outbox
+from agent.outbox import Outbox, Recovery
 from agent.stats import Stats
 from agent.status import alive_problems, ready_problems, status_document, status_line
 from agent.timekeeping import ClockPolicy, Clocks
@@ -55,6 +59,10 @@ class Pipeline:
     stats: Stats
 
 
+class StartupError(Exception):
+    """The agent cannot start (a port in use, an unreadable state file...): exit 3, one line."""
+
+
 async def run_service(
     settings: Settings,
     *,
@@ -63,29 +71,190 @@ async def run_service(
     notifier: Notifier | None = None,
 ) -> Pipeline:
     """Run until `stop` is set (or SIGTERM/SIGINT), then shut down in order."""
-    stop = stop or asyncio.Event()
-    notifier = notifier or Notifier()
-    loop = asyncio.get_running_loop()
-    signals_seen = 0
+    service = Service(settings, faults=faults, notifier=notifier)
+    await service.serve(stop)
+    assert service.pipeline is not None
+    return service.pipeline
 
-    def on_signal(signum: int) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen > 1:
-            log.warning("second signal: exiting now; the outbox and broker session keep the data")
-            raise SystemExit(1)
-        log.info("received %s: shutting down", signal.Signals(signum).name)
-        stop.set()
 
-    with contextlib.suppress(NotImplementedError, RuntimeError):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal, sig)
+class Service:
+    """The running agent: start (lock, outbox, pipeline, health), wait, ordered shutdown."""
 
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        faults: Faults = NO_FAULTS,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.settings = settings
+        self.faults = faults
+        self.notifier = notifier or Notifier()
+        self.pipeline: Pipeline | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._signals_seen = 0
+
+    async def serve(self, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        self._install_signals(stop)
+        lock = OutboxLock(self.settings.buffer.path)
+        lock.acquire()  # before anything else: a second instance must not touch a thing (G11)
+        try:
+            outbox, recovery = await Outbox.open(
+                self.settings.buffer.path, synchronous=self.settings.buffer.synchronous
+            )
+            try:
+                await self._serve(outbox, recovery, stop)
+            finally:
+                await outbox.close()
+        finally:
+            lock.release()
+        st = self.pipeline.stats if self.pipeline else None
+        if st is not None:
+            log.info(
+                "stopped: %d messages counted, %d chunks committed, %d sent, %d left in the outbox",
+                st.counted, st.chunks_committed, st.chunks_sent, outbox.chunk_count,
+            )  # fmt: skip
+
+    def _install_signals(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int) -> None:
+            self._signals_seen += 1
+            if self._signals_seen > 1:
+                log.warning(
+                    "second signal: exiting now; the outbox and broker session keep the data"
+                )
+                raise SystemExit(1)
+            log.info("received %s: shutting down", signal.Signals(signum).name)
+            stop.set()
+
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, on_signal, sig)
+
+    async def _serve(self, outbox: Outbox, recovery: Recovery, stop: asyncio.Event) -> None:
+        settings = self.settings
+        outbox.store.fault = self.faults.hit
+        await outbox.set_quota(settings.buffer.max_bytes)
+        async with _http_client(settings) as http:
+            p, checkpointer = await build_pipeline(
+                settings, outbox, recovery, http, faults=self.faults
+            )
+            self.pipeline = p
+            health = self._health(p)
+            try:
+                await health.start()
+            except OSError as e:
+                raise StartupError(
+                    f"health.listen {settings.health.listen}: {e.strerror or e}"
+                ) from None
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tasks = self._tasks
+                    mqtt_task = tg.create_task(p.session.run(), name="mqtt")
+                    ckpt_task = tg.create_task(
+                        checkpointer.run(self.notifier.progress), name="checkpoint"
+                    )
+                    fwd_task = tg.create_task(p.forwarder.run(), name="forward")
+                    notify_task = tg.create_task(_notify_loop(p, self.notifier), name="notify")
+                    tasks += [mqtt_task, ckpt_task, fwd_task, notify_task]
+                    if outbox.chunk_count or outbox.batch is not None:
+                        p.forwarder.wake.set()
+                    await stop.wait()
+                    self.notifier.stopping()
+                    notify_task.cancel()
+                    await shutdown_pipeline(p, checkpointer, ckpt_task, [fwd_task, mqtt_task])
+            finally:
+                await health.close()
+
+    def _health(self, p: Pipeline) -> HealthServer:
+        tasks = self._tasks
+
+        def healthz() -> Response:
+            done = [t.get_name() for t in tasks if t.done()]
+            problems = alive_problems(p, done, time.monotonic())
+            return json_response(
+                503 if problems else 200, {"ok": not problems, "problems": problems}
+            )
+
+        def readyz() -> Response:
+            problems = ready_problems(p)
+            return json_response(
+                503 if problems else 200, {"ok": not problems, "problems": problems}
+            )
+
+        return HealthServer(
+            listen=self.settings.health.listen,
+            routes={
+                "/healthz": healthz,
+                "/readyz": readyz,
+                "/status": lambda: json_response(200, status_document(p)),
+                "/metrics": lambda: (200, METRICS_CONTENT_TYPE, render_metrics(p)),
+            },
+        )
+
+
+async def shutdown_pipeline(
+    p: Pipeline,
+    checkpointer: Checkpointer,
+    ckpt_task: asyncio.Task[None],
+    others: list[asyncio.Task[None]],
+) -> None:
+    """Stop intake, let the running checkpoint finish (never cancel it), final checkpoint
+    and acks, drain the forwarder for at most forward.shutdown_drain_s, then stop."""
+    started = time.monotonic()
+    p.intake.close()
+    checkpointer.stop()
+    await ckpt_task
+    await checkpointer.checkpoint(final=True)
+    await p.outbox.save_marks(p.aggregator.export_marks())
+    drain_s = p.settings.forward.shutdown_drain_s
+    log.info(
+        "shutdown: closed all windows, %d chunks in the outbox; draining for up to %.1f s",
+        p.outbox.chunk_count, drain_s,
+    )  # fmt: skip
+    await p.forwarder.drain(drain_s)
+    for task in others:
+        task.cancel()
+    for task in others:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    log.info("shutdown done in %.2f s", time.monotonic() - started)
+
+
+@contextlib.asynccontextmanager
+async def _http_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    fs = settings.forward
+    verify: ssl.SSLContext | bool = True
+    if fs.url.startswith("https://"):
+        verify = client_tls_context(
+            ca_file=fs.ca_file, cert_file=fs.cert_file, key_file=fs.key_file
+        )
+    async with httpx.AsyncClient(
+        timeout=fs.timeout_s,
+        follow_redirects=False,
+        verify=verify,
+        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+    ) as http:
+        yield http
+
+
+async def build_pipeline(
+    settings: Settings,
+    outbox: Outbox,
+    recovery: Recovery,
+    http: httpx.AsyncClient,
+    *,
+    faults: Faults = NO_FAULTS,
+    clock: Clock = SYSTEM_CLOCK,
+    rng: random.Random | None = None,
+    send_ack: Callable[[int, int], None] | None = None,
+    can_ack: Callable[[], bool] | None = None,
+    confirm_acks: Callable[[], Awaitable[bool]] | None = None,
+) -> tuple[Pipeline, Checkpointer]:
+    """Every component, restored from what the outbox kept."""
     stats = Stats()
-    outbox, recovery = await Outbox.open(
-        settings.buffer.path, synchronous=settings.buffer.synchronous, faults=faults
-    )
-    await outbox.set_quota(settings.buffer.max_bytes)
     if recovery.moved_aside is not None:
         stats.rejects["outbox_corrupt_moved_aside"] += 1
     agg_s = settings.aggregate
@@ -98,20 +267,21 @@ async def run_service(
         max_streams_per_camera=agg_s.max_streams_per_camera,
         max_open_windows=agg_s.max_open_windows,
     )
-    now = time.time()
+    mono = clock.mono()
     restored = aggregator.restore(
-        (Chunk.from_wire(msgspec.json.decode(b)) for b in recovery.open_windows), now=now
+        (Chunk.from_wire(msgspec.json.decode(b)) for b in recovery.open_windows), now=mono
     )
-    aggregator.import_marks(recovery.marks, now=now)
+    aggregator.import_marks(recovery.marks, now=mono)
     if recovery.marks:
         await outbox.clear_marks()
     ledger = AckLedger(recovery.journal)
     log.info(
-        "outbox %s: %d chunks waiting, next seq %d; %d open windows restored; "
+        "outbox %s: %d chunks waiting, next seq %d%s; %d open windows restored; "
         "%d ack-journal entries; window marks for %d cameras",
         settings.buffer.path,
         recovery.chunks,
         recovery.next_seq,
+        " (new file)" if recovery.new_file else "",
         restored,
         len(recovery.journal),
         len(recovery.marks),
@@ -136,128 +306,41 @@ async def run_service(
         max_payload_bytes=settings.mqtt.max_payload_bytes,
         max_fields=settings.mqtt.max_fields,
         max_depth=settings.mqtt.max_depth,
+        clock=clock,
     )
     session = MqttSession(
         settings=settings.mqtt, router=router, intake=intake, ledger=ledger, stats=stats
     )
     fs = settings.forward
     token = TokenSource(fs.token, secret_path(fs.token_file, "cloud-token"))
-    verify: ssl.SSLContext | bool = True
-    if fs.url.startswith("https://"):
-        verify = client_tls_context(
-            ca_file=fs.ca_file, cert_file=fs.cert_file, key_file=fs.key_file
-        )
-    async with httpx.AsyncClient(
-        timeout=fs.timeout_s,
-        follow_redirects=False,
-        verify=verify,
-        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-    ) as http:
-        forwarder = Forwarder(
-            settings=fs,
-            gateway_id=settings.gateway_id,
-            outbox=outbox,
-            client=http,
-            stats=stats,
-            token=token,
-            faults=faults,
-        )
-        checkpointer = Checkpointer(
-            settings=settings,
-            outbox=outbox,
-            aggregator=aggregator,
-            ledger=ledger,
-            session=session,
-            forwarder=forwarder,
-            stats=stats,
-            faults=faults,
-        )
-        pipeline = Pipeline(
-            settings, outbox, aggregator, ledger, intake, clocks, session, forwarder, stats
-        )
-        tasks: list[asyncio.Task[None]] = []
-
-        def healthz() -> Response:
-            done = [t.get_name() for t in tasks if t.done()]
-            problems = alive_problems(pipeline, done, time.monotonic())
-            return json_response(
-                503 if problems else 200, {"ok": not problems, "problems": problems}
-            )
-
-        def readyz() -> Response:
-            problems = ready_problems(pipeline)
-            return json_response(
-                503 if problems else 200, {"ok": not problems, "problems": problems}
-            )
-
-        health = HealthServer(
-            listen=settings.health.listen,
-            routes={
-                "/healthz": healthz,
-                "/readyz": readyz,
-                "/status": lambda: json_response(200, status_document(pipeline)),
-                "/metrics": lambda: (200, METRICS_CONTENT_TYPE, render_metrics(pipeline)),
-            },
-        )
-        await health.start()
-        try:
-            async with asyncio.TaskGroup() as tg:
-                mqtt_task = tg.create_task(session.run(), name="mqtt")
-                ckpt_task = tg.create_task(checkpointer.run(notifier), name="checkpoint")
-                fwd_task = tg.create_task(forwarder.run(), name="forward")
-                notify_task = tg.create_task(_notify_loop(pipeline, notifier), name="notify")
-                tasks += [mqtt_task, ckpt_task, fwd_task, notify_task]
-                if outbox.chunk_count:
-                    forwarder.wake.set()
-                await stop.wait()
-                notifier.stopping()
-                notify_task.cancel()
-                await _shutdown(pipeline, checkpointer, mqtt_task, ckpt_task, fwd_task)
-        finally:
-            await health.close()
-            await outbox.close()
-    log.info(
-        "stopped: %d messages counted, %d chunks committed, %d sent, %d left in the outbox",
-        stats.counted,
-        stats.chunks_committed,
-        stats.chunks_sent,
-        outbox.chunk_count,
+    forwarder = Forwarder(
+        settings=fs,
+        gateway_id=settings.gateway_id,
+        outbox=outbox,
+        client=http,
+        stats=stats,
+        token=token,
+        rng=rng,
+        clock=clock,
+        fault=faults.hit,
     )
-    return pipeline
-
-
-async def _shutdown(
-    p: Pipeline,
-    checkpointer: Checkpointer,
-    mqtt_task: asyncio.Task[None],
-    ckpt_task: asyncio.Task[None],
-    fwd_task: asyncio.Task[None],
-) -> None:
-    started = time.monotonic()
-    p.intake.open = False
-    ckpt_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await ckpt_task
-    await checkpointer.checkpoint(final=True)
-    await p.outbox.save_marks(p.aggregator.export_marks())
-    log.info(
-        "shutdown: closed all windows, %d chunks in the outbox; draining for up to %.1f s",
-        p.outbox.chunk_count,
-        p.settings.forward.shutdown_drain_s,
+    checkpointer = Checkpointer(
+        settings=settings,
+        outbox=outbox,
+        aggregator=aggregator,
+        ledger=ledger,
+        stats=stats,
+        send_ack=send_ack or session.ack,
+        can_ack=can_ack or (lambda: session.connected),
+        on_commit=forwarder.wake.set,
+        confirm_acks=confirm_acks or session.confirm_acks,
+        clock=clock,
+        fault=faults.hit,
     )
-    p.forwarder.wake.set()
-    if p.outbox.chunk_count:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(p.settings.forward.shutdown_drain_s):
-                while p.outbox.chunk_count:
-                    p.forwarder.idle.clear()
-                    await p.forwarder.idle.wait()
-    fwd_task.cancel()
-    mqtt_task.cancel()
-    for task in (fwd_task, mqtt_task):
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    log.info("shutdown done in %.2f s", time.monotonic() - started)
+    pipeline = Pipeline(
+        settings, outbox, aggregator, ledger, intake, clocks, session, forwarder, stats
+    )
+    return pipeline, checkpointer
 
 
 async def _notify_loop(p: Pipeline, notifier: Notifier) -> None:

@@ -68,7 +68,7 @@ def status_document(p: Pipeline) -> dict[str, Any]:
             **dict(p.aggregator.counters),
             **dict(p.clocks.counters),
         },
-        "cameras": camera_section(p, now),
+        "cameras": camera_section(p, mono),
         "outbox": {
             "chunks": ob.chunk_count,
             "bytes": ob.chunk_bytes,

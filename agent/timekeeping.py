@@ -210,6 +210,11 @@ class Clocks:
             return recv_t, (*flags, "bad_time")
         return t, flags
 
+    def gateway_stepped(self) -> None:
+        """The gateway's wall clock stepped: every estimate (receive time - event time) is off
+        by the step, so start them over instead of blaming every camera at once."""
+        self._clocks.clear()
+
     def take_notices(self) -> list[str]:
         out, self.notices = self.notices, []
         return out

@@ -72,16 +72,18 @@ class Store:
             now = time.time()
             for c in chunks:
                 seq = int(c["seq"])
+                seq_end = int(c.get("seq_end", seq))
                 if db.execute(
                     "SELECT 1 FROM chunks WHERE gateway = ? AND seq = ?", (gw, seq)
                 ).fetchone():
                     dup += 1
                     continue
-                if seq > max_seq + 1:
+                # The first batch of a gateway starts its seq run wherever it starts.
+                if max_seq and seq > max_seq + 1:
                     gaps += 1
                 elif seq <= max_seq:
                     ooo += 1
-                max_seq = max(max_seq, seq)
+                max_seq = max(max_seq, seq_end)
                 db.execute(
                     "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
@@ -338,9 +340,17 @@ def _validate(batch: Any) -> None:
     chunks = batch["chunks"]
     if not isinstance(chunks, list) or not chunks:
         raise ValueError("chunks must be a non-empty list")
-    seqs = [int(c["seq"]) for c in chunks]
-    if seqs != list(range(int(batch["first_seq"]), int(batch["last_seq"]) + 1)):
-        raise ValueError("seqs must be first_seq..last_seq, contiguous and in order")
+    # Each chunk stands for seq..seq_end (seq_end > seq: a compacted chunk); together they
+    # must tile first_seq..last_seq exactly, in order (G8).
+    expect = int(batch["first_seq"])
+    for c in chunks:
+        seq = int(c["seq"])
+        seq_end = int(c.get("seq_end", seq))
+        if seq != expect or seq_end < seq:
+            raise ValueError("seqs must tile first_seq..last_seq, contiguous and in order")
+        expect = seq_end + 1
+    if expect != int(batch["last_seq"]) + 1:
+        raise ValueError("seqs must tile first_seq..last_seq, contiguous and in order")
     for c in chunks:
         for k in ("camera", "stream", "t", "rev", "count"):
             if k not in c:

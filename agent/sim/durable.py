@@ -1,0 +1,839 @@
+"""Deterministic simulation of the durable core (DESIGN.md "How the guarantees are proven").
+
+One seed decides everything. The real aggregator, ack ledger, intake, checkpoint, outbox (a
+real SQLite file; the same SQL as the agent, run inline) and forwarder (a real httpx client)
+run on an asyncio loop whose clock is virtual and whose selector never touches a socket, against
+a model broker session (redelivery with DUP, packet ids reused after PUBACK) and a model cloud
+(dedup by (gateway, seq), contiguity and key checks; 2xx, 409, 429/503 with Retry-After, 500,
+413, 422, a timeout after the batch landed, a reset). Faults land at any loop step: a crash
+(every object in memory lost; the file and the broker's unacked messages kept), a graceful stop,
+a gateway clock step either way, a failed (disk-full) checkpoint, ack pressure, a tiny quota.
+
+After each schedule the cloud's table plus the dead letters must equal what the broker accepted,
+exactly. A failure names its seed; `python -m agent.sim.durable --seed N -v` replays it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gzip
+import itertools
+import json
+import logging
+import random
+import selectors
+import shutil
+import sqlite3
+import sys
+import tempfile
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from agent.checkpoint import Checkpointer
+from agent.config import Settings, StreamSettings
+from agent.outbox import Outbox
+from agent.service import Pipeline, build_pipeline, shutdown_pipeline
+from agent.store import Store
+
+T = TypeVar("T")
+EPOCH = 1_764_126_000.0
+GATEWAY = "gw-sim"
+
+
+class Crash(BaseException):
+    """The simulated process died here (a BaseException: nothing may catch it)."""
+
+
+class Hang(Exception):
+    """Every task waits on something that can never happen."""
+
+
+class Violation(AssertionError):
+    """A guarantee was broken."""
+
+
+VIOLATIONS: list[str] = []
+
+
+def violated(msg: str) -> Violation:
+    """Record a violation (it may be raised inside a task that nobody awaits) and return it."""
+    VIOLATIONS.append(msg)
+    return Violation(msg)
+
+
+# -- the virtual loop ------------------------------------------------------------------------
+
+
+class VirtualClock:
+    def __init__(self) -> None:
+        self.t = 0.0  # monotonic
+        self.offset = EPOCH  # wall - monotonic; steps move it
+
+    def wall(self) -> float:
+        return self.t + self.offset
+
+    def mono(self) -> float:
+        return self.t
+
+
+class SimSelector(selectors.BaseSelector):
+    """Never waits: a timeout advances the virtual clock instead; `on_step` runs each step."""
+
+    def __init__(self, clock: VirtualClock, on_step: Callable[[], None]) -> None:
+        self._clock = clock
+        self._on_step = on_step
+        self._map: dict[Any, selectors.SelectorKey] = {}
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        key = selectors.SelectorKey(fileobj, self._fd(fileobj), events, data)
+        self._map[fileobj] = key
+        return key
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        return self._map.pop(fileobj)
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        self._map.pop(fileobj, None)
+        return self.register(fileobj, events, data)
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if timeout is None:
+            raise Hang("no task can make progress")
+        if timeout > 0:
+            self._clock.t += timeout
+        self._on_step()
+        return []
+
+    def get_map(self) -> Any:
+        return self._map
+
+    def close(self) -> None:
+        self._map.clear()
+
+    @staticmethod
+    def _fd(fileobj: Any) -> int:
+        return fileobj if isinstance(fileobj, int) else int(fileobj.fileno())
+
+
+class SimLoop(asyncio.SelectorEventLoop):
+    def __init__(self, clock: VirtualClock, on_step: Callable[[], None]) -> None:
+        super().__init__(SimSelector(clock, on_step))
+        self._vclock = clock
+
+    def time(self) -> float:
+        return self._vclock.t
+
+
+# -- the world: broker, cloud, the process ---------------------------------------------------
+
+
+@dataclass
+class Msg:
+    n: int
+    camera: str
+    stream: str
+    topic: bytes
+    payload: bytes
+    value: int
+    cls: str
+
+
+@dataclass
+class Params:
+    """One schedule's settings, drawn from the seed."""
+
+    cameras: int
+    messages: int
+    rate: float
+    mid_space: int
+    receive_maximum: int
+    max_ack_delay_s: float
+    max_batch_chunks: int
+    quota_chunks: int | None
+    timeout_s: float
+    crash_p: float
+    stop_p: float
+    step_p: float
+    disk_full_p: float
+    drop_p: float
+    identical_payloads: bool
+    answers: dict[str, float]
+
+
+def draw_params(rng: random.Random) -> Params:
+    answers = {
+        "ok": 6.0,
+        "409": 0.3 * rng.random(),
+        "503": rng.random(),
+        "429": 0.5 * rng.random(),
+        "500": rng.random(),
+        "413": 0.5 * rng.random(),
+        "422": 0.2 * rng.random(),
+        "landed_timeout": 1.5 * rng.random(),
+        "timeout": 0.5 * rng.random(),
+        "reset": 0.5 * rng.random(),
+    }
+    identical = rng.random() < 0.3
+    mid_space = rng.choice([8, 24, 65535])
+    receive_maximum = rng.choice([3, 6, 20, 100])
+    rate = rng.choice([5.0, 40.0, 200.0])
+    if identical:
+        # Byte-identical messages under a reused packet id are told apart only through the
+        # broker's id allocation: Mosquitto hands ids out in sequence, so an id comes back
+        # tens of thousands of messages after its PUBACK, long after its journal row is
+        # pruned. Model that proportion: a 64-id space, few in flight, a moderate rate.
+        mid_space, receive_maximum, rate = 64, rng.choice([3, 6, 20]), rng.choice([5.0, 40.0])
+    return Params(
+        cameras=rng.randint(1, 4),
+        messages=rng.randint(10, 140),
+        rate=rate,
+        mid_space=mid_space,
+        identical_payloads=identical,
+        receive_maximum=receive_maximum,
+        max_ack_delay_s=rng.choice([0.2, 1.0, 10.0]),
+        max_batch_chunks=rng.choice([1, 2, 5, 50]),
+        quota_chunks=rng.choice([None, None, 6, 15, 40]),
+        timeout_s=rng.choice([0.3, 2.0]),
+        crash_p=rng.choice([0.0, 0.0005, 0.002, 0.005]),
+        stop_p=rng.choice([0.0, 0.002, 0.01]),
+        step_p=rng.choice([0.0, 0.001]),
+        disk_full_p=rng.choice([0.0, 0.0, 0.05]),
+        drop_p=rng.choice([0.0, 0.002]),
+        answers=answers,
+    )
+
+
+class Broker:
+    """One persistent MQTT session: unacked messages are kept and redelivered with DUP after a
+    reconnect; a packet id is reused only after its PUBACK (next free id, in order)."""
+
+    def __init__(self, msgs: list[Msg], p: Params) -> None:
+        self.queue: deque[Msg] = deque(msgs)
+        self.inflight: dict[int, Msg] = {}  # mid -> message, in send order
+        self.acked: set[int] = set()  # message numbers acked
+        self.connected = False
+        self.receive_maximum = p.receive_maximum
+        self._space = p.mid_space
+        self._next_mid = 1
+        self.deliver: Callable[[Msg, int, bool], None] | None = None
+        self.changed = asyncio.Event()
+
+    def connect(self, deliver: Callable[[Msg, int, bool], None]) -> None:
+        self.connected = True
+        self.deliver = deliver
+        for mid, msg in list(self.inflight.items()):
+            deliver(msg, mid, True)
+
+    def disconnect(self) -> None:
+        self.connected = False
+        self.deliver = None
+
+    def ack(self, mid: int, qos: int) -> None:
+        if not self.connected:
+            return
+        msg = self.inflight.pop(mid, None)
+        if msg is None:
+            raise violated(f"PUBACK for packet id {mid}, which is not in flight")
+        self.acked.add(msg.n)
+        self.changed.set()
+
+    def can_send(self) -> bool:
+        return (
+            self.connected
+            and bool(self.queue)
+            and len(self.inflight) < min(self.receive_maximum, self._space)
+        )
+
+    def send_one(self) -> None:
+        assert self.deliver is not None
+        msg = self.queue.popleft()
+        mid = self._allocate()
+        self.inflight[mid] = msg
+        self.deliver(msg, mid, False)
+
+    def _allocate(self) -> int:
+        for _ in range(self._space):
+            mid = self._next_mid
+            self._next_mid = mid % self._space + 1
+            if mid not in self.inflight:
+                return mid
+        raise violated("no free packet id")
+
+    @property
+    def done(self) -> bool:
+        return not self.queue and not self.inflight
+
+
+class Cloud(httpx.AsyncBaseTransport):
+    """The cloud's contract: dedup by (gateway, seq), revs added, batches tile their range."""
+
+    def __init__(self, world: World) -> None:
+        self.w = world
+        self.stored: dict[int, dict[str, Any]] = {}
+        self.covered: list[tuple[int, int]] = []
+        self.key_body: dict[str, bytes] = {}
+        self.landed_keys: set[str] = set()
+        self.calm = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        w = self.w
+        token = w.incarnation
+        raw = await request.aread()
+        body = gzip.decompress(raw) if request.headers.get("Content-Encoding") == "gzip" else raw
+        key = request.headers["Idempotency-Key"]
+        seen = self.key_body.setdefault(key, body)
+        if seen != body:
+            raise violated(f"Idempotency-Key {key} reused for other content")
+        batch = json.loads(body)
+        self._check_tiling(batch, key)
+        rng = w.rng
+        answer = "ok" if self.calm else w.pick(w.p.answers)
+        if key in self.landed_keys and answer in ("413", "422"):
+            # A cloud that stored this batch answers a repeat as a duplicate, never a refusal.
+            answer = "409"
+        timeout_s = w.settings.forward.timeout_s
+        if answer in ("timeout", "landed_timeout", "reset"):
+            await asyncio.sleep(rng.uniform(0, timeout_s) if answer == "reset" else timeout_s)
+            w.alive(token)
+            if answer == "landed_timeout":
+                self._land(batch, key)
+            if answer == "reset":
+                raise httpx.RemoteProtocolError("connection reset")
+            raise httpx.ReadTimeout("timed out")
+        await asyncio.sleep(rng.expovariate(1 / 0.02))
+        w.alive(token)
+        status, headers = 200, {}
+        if answer == "409" and key in self.landed_keys:
+            status = 409
+        elif answer in ("503", "429"):
+            status = int(answer)
+            if rng.random() < 0.7:
+                headers["Retry-After"] = str(rng.randint(0, 3))
+        elif answer == "500":
+            status = 500
+        elif answer == "413" and len(batch["chunks"]) > 1:
+            status = 413
+        elif answer == "422":
+            status = 422
+        if status == 200:
+            self._land(batch, key)
+        return httpx.Response(status, headers=headers, stream=httpx.ByteStream(b"{}"))
+
+    def _check_tiling(self, batch: dict[str, Any], key: str) -> None:
+        expect = batch["first_seq"]
+        for c in batch["chunks"]:
+            if c["seq"] != expect:
+                raise violated(f"batch {key}: seq {c['seq']} where {expect} was due (G8)")
+            expect = c.get("seq_end", c["seq"]) + 1
+        if expect != batch["last_seq"] + 1 or key != f"{GATEWAY}:{batch['first_seq']}-{expect - 1}":
+            raise violated(f"batch {key} does not tile its range (G8)")
+
+    def _land(self, batch: dict[str, Any], key: str) -> None:
+        self.landed_keys.add(key)
+        for c in batch["chunks"]:
+            if c["seq"] in self.stored:
+                if self.stored[c["seq"]] != c:
+                    raise violated(f"seq {c['seq']} sent again with other content (G7)")
+                continue
+            self.stored[c["seq"]] = c
+            self.covered.append((c["seq"], c.get("seq_end", c["seq"])))
+
+
+class SimStore(Store):
+    """The real store with the quota measured in chunks (a tiny quota without big files)."""
+
+    quota_chunks: int | None = None
+
+    def usage(self) -> float:
+        if self.quota_chunks is None:
+            return 0.0
+        return self.chunk_count / self.quota_chunks
+
+
+class InlineRunner:
+    """Runs each store transaction inline on the loop; every call is a point where the world
+    may crash before or after it, or where the disk may be full."""
+
+    def __init__(self, world: World, token: int) -> None:
+        self.w = world
+        self.token = token
+
+    async def run(self, name: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        w = self.w
+        await asyncio.sleep(0)
+        w.alive(self.token)
+        w.maybe_crash(f"before {name}")
+        if name == "checkpoint" and w.rng.random() < w.p.disk_full_p and not w.cloud.calm:
+            raise sqlite3.OperationalError("database or disk is full")
+        result = fn(*args, **kw)
+        w.maybe_crash(f"after {name}")
+        await asyncio.sleep(0)
+        w.alive(self.token)
+        return result
+
+    def close(self) -> None:
+        pass
+
+
+# -- one schedule ----------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    seed: int
+    steps: int = 0
+    crashes: int = 0
+    stops: int = 0
+    clock_steps: int = 0
+    redelivered: int = 0
+    snapshots: int = 0
+    compacted: int = 0
+    dead_letters: int = 0
+    batches_refused: int = 0
+    trace: list[str] = field(default_factory=list)
+
+
+class World:
+    def __init__(self, seed: int, workdir: Path, *, verbose: bool = False) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.p = draw_params(self.rng)
+        self.clock = VirtualClock()
+        self.loop = SimLoop(self.clock, self._on_step)
+        self.workdir = workdir
+        self.msgs = self._messages()
+        self.broker = Broker(self.msgs, self.p)
+        self.cloud = Cloud(self)
+        self.settings = self._settings()
+        self.incarnation = 0
+        self.dead = False
+        self.out = Outcome(seed)
+        self.verbose = verbose
+        self.tasks: list[asyncio.Task[None]] = []
+
+    # -- randomness ---------------------------------------------------------------------------
+
+    def pick(self, weights: dict[str, float]) -> str:
+        total = sum(weights.values())
+        x = self.rng.random() * total
+        for k, v in weights.items():
+            x -= v
+            if x <= 0:
+                return k
+        return next(iter(weights))
+
+    def _messages(self) -> list[Msg]:
+        p, rng = self.p, self.rng
+        msgs = []
+        streams = ("det", "motion")
+        for n in range(p.messages):
+            cam = f"cam-{rng.randrange(p.cameras)}"
+            stream = rng.choice(streams)
+            value = rng.randint(0, 9) if not p.identical_payloads else 1
+            cls = rng.choice(("person", "car")) if not p.identical_payloads else "person"
+            doc: dict[str, Any] = {"conf": value, "cls": cls}
+            if not p.identical_payloads:
+                doc["i"] = n
+            payload = json.dumps(doc, separators=(",", ":")).encode()
+            topic = f"cameras/{cam}/{stream}".encode()
+            msgs.append(Msg(n, cam, stream, topic, payload, value, cls))
+        return msgs
+
+    def _settings(self) -> Settings:
+        stream = StreamSettings(
+            topic="cameras/{camera}/{stream}",
+            time_field=None,
+            numeric=("conf",),
+            categorical=("cls",),
+        )
+        base = Settings(gateway_id=GATEWAY, streams=(stream,))
+        p = self.p
+        return base.model_copy(
+            update={
+                "mqtt": base.mqtt.model_copy(update={"receive_maximum": p.receive_maximum}),
+                "aggregate": base.aggregate.model_copy(
+                    update={"allowed_lateness_s": 0.5, "idle_close_s": 1.5}
+                ),
+                "buffer": base.buffer.model_copy(
+                    update={
+                        "path": self.workdir / "buffer.sqlite3",
+                        "synchronous": "off",
+                        "checkpoint_interval_ms": 100,
+                        "max_ack_delay_ms": int(p.max_ack_delay_s * 1000),
+                    }
+                ),
+                "forward": base.forward.model_copy(
+                    update={
+                        "timeout_s": p.timeout_s,
+                        "max_batch_chunks": p.max_batch_chunks,
+                        "linger_ms": 50,
+                        "backoff_min_s": 0.1,
+                        "backoff_max_s": 2.0,
+                        "shutdown_drain_s": 1.0,
+                        "gzip": True,
+                    }
+                ),
+            }
+        )
+
+    # -- faults -------------------------------------------------------------------------------
+
+    def alive(self, token: int) -> None:
+        if self.dead or token != self.incarnation:
+            raise Crash()
+
+    def maybe_crash(self, where: str) -> None:
+        if not self.cloud.calm and self.rng.random() < self.p.crash_p * 3:
+            self.die(where)
+
+    def die(self, where: str) -> None:
+        if self.dead:
+            return
+        self.out.crashes += 1
+        self.note(f"crash {where}")
+        self.dead = True
+        self.broker.disconnect()
+        raise Crash()
+
+    def note(self, what: str) -> None:
+        self.out.trace.append(f"{self.clock.t:9.3f} #{self.incarnation} {what}")
+        if self.verbose:
+            print(self.out.trace[-1], file=sys.stderr)
+
+    def _on_step(self) -> None:
+        self.out.steps += 1
+        if self.out.steps > 200_000:
+            raise Violation("schedule does not end")
+        if VIOLATIONS or any(_died(t) for t in self.tasks):
+            self._stop_loop = True
+            self.loop.stop()
+            return
+        if self._reconnect_at is not None and self.clock.t >= self._reconnect_at:
+            self._reconnect_at = None
+            self._connect()
+        if self.dead or self.cloud.calm:
+            return
+        if self.rng.random() < self.p.crash_p:
+            self.note("crash at a loop step")
+            self.out.crashes += 1
+            self.dead = True
+            self.broker.disconnect()
+            self._stop_loop = True
+            self.loop.stop()
+        elif self.rng.random() < self.p.step_p:
+            step = self.rng.choice([-1, 1]) * self.rng.uniform(5, 120)
+            self.clock.offset += step
+            self.out.clock_steps += 1
+            self.note(f"gateway clock step {step:+.1f} s")
+        elif self.rng.random() < self.p.drop_p and self.broker.connected and self.pipeline:
+            self.note("connection drop")
+            self.broker.disconnect()
+            self._reconnect_at = self.clock.t + self.rng.uniform(0.05, 1.0)
+
+    # -- running ------------------------------------------------------------------------------
+
+    pipeline: Pipeline | None = None
+    _stop_loop = False
+    _reconnect_at: float | None = None
+
+    def run(self) -> Outcome:
+        VIOLATIONS.clear()
+        asyncio.set_event_loop(self.loop)
+        try:
+            for _ in range(40):
+                if self.broker.done and self._outbox_empty() and self.cloud.calm:
+                    break
+                if self.incarnation >= 12:
+                    self.cloud.calm = True
+                self._incarnation()
+            else:
+                raise Violation("did not settle after 40 starts")
+            self._oracle()
+        finally:
+            self.loop.close()
+            asyncio.set_event_loop(None)
+        return self.out
+
+    def _outbox_empty(self) -> bool:
+        con = sqlite3.connect(self.settings.buffer.path)
+        try:
+            (n,) = con.execute("SELECT count(*) FROM chunks").fetchone()
+            (w,) = con.execute("SELECT count(*) FROM open_windows").fetchone()
+            return int(n) == 0 and int(w) == 0
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            con.close()
+
+    def _incarnation(self) -> None:
+        self.incarnation += 1
+        self.dead = False
+        self._stop_loop = False
+        self.tasks = []
+        token = self.incarnation
+        self.note("start")
+        main = self.loop.create_task(self._process(token))
+        while not main.done():
+            self._stop_loop = False
+            with contextlib.suppress(Crash):
+                self._run_until(main)
+            if self.dead:
+                break
+        # The process is gone: abandon what it was doing (its effects are fenced off).
+        self.dead = True
+        self.broker.disconnect()
+        pending = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            with contextlib.suppress(BaseException):
+                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        if main.done() and not main.cancelled():
+            exc = main.exception()
+            if exc is not None and not isinstance(exc, Crash):
+                raise exc
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def _run_until(self, main: asyncio.Task[None]) -> None:
+        while not main.done() and not self._stop_loop:
+            # A stop scheduled by an earlier run (a finished future's callback) may end a run
+            # early: run again.
+            with contextlib.suppress(RuntimeError):
+                self.loop.run_until_complete(main)
+        self._check_tasks()
+
+    def _check_tasks(self) -> None:
+        if VIOLATIONS:
+            raise Violation(VIOLATIONS[0])
+        for t in self.tasks:
+            if t.done() and not t.cancelled():
+                exc = t.exception()
+                if exc is not None and not isinstance(exc, Crash):
+                    raise Violation(f"task {t.get_name()} died: {exc!r}") from exc
+
+    store: SimStore | None = None
+
+    async def _process(self, token: int) -> None:
+        """One run of the agent, from open to stop or death."""
+        outbox, recovery = await Outbox.open(
+            self.settings.buffer.path,
+            synchronous="off",
+            runner=InlineRunner(self, token),
+            now=self.clock.wall(),
+            store_cls=SimStore,
+        )
+        store = outbox.store
+        assert isinstance(store, SimStore)
+        store.quota_chunks = self.p.quota_chunks if not self.cloud.calm else None
+        self.store = store
+        async with httpx.AsyncClient(transport=self.cloud, timeout=None) as http:
+            p, checkpointer = await build_pipeline(
+                self.settings,
+                outbox,
+                recovery,
+                http,
+                clock=self.clock,
+                rng=random.Random(self.rng.random()),
+                send_ack=self._ack(token),
+                can_ack=lambda: self.broker.connected and token == self.incarnation,
+                confirm_acks=self._confirm(token),
+            )
+            self.pipeline = p
+            self.checkpointer = checkpointer
+            self._connect()
+            ckpt = asyncio.create_task(checkpointer.run(), name="checkpoint")
+            fwd = asyncio.create_task(p.forwarder.run(), name="forward")
+            pump = asyncio.create_task(self._pump(token), name="broker")
+            self.tasks = [ckpt, fwd, pump]
+            if outbox.chunk_count or outbox.batch is not None:
+                p.forwarder.wake.set()
+            await self._until_stop(token)
+            self.out.stops += 1
+            self.note("graceful stop")
+            await shutdown_pipeline(p, checkpointer, ckpt, [fwd, pump])
+            self.alive(token)
+            self.out.snapshots += p.stats.snapshots_written
+            self.out.compacted += p.stats.compacted_chunks
+            self.out.dead_letters += p.stats.dead_letters
+            self.broker.disconnect()
+
+    checkpointer: Checkpointer | None = None
+
+    def _ack(self, token: int) -> Callable[[int, int], None]:
+        def send(mid: int, qos: int) -> None:
+            if token == self.incarnation and not self.dead:
+                self.broker.ack(mid, qos)
+
+        return send
+
+    def _confirm(self, token: int) -> Callable[[], Awaitable[bool]]:
+        """The model broker processes a PUBACK at once; the round trip takes a little time."""
+
+        async def confirm() -> bool:
+            connected = self.broker.connected
+            await asyncio.sleep(0.002)
+            return connected and self.broker.connected and token == self.incarnation
+
+        return confirm
+
+    def _connect(self) -> None:
+        p = self.pipeline
+        if p is None or self.dead:
+            return
+        p.ledger.new_connection()
+        intake = p.intake
+        clock = self.clock
+
+        def deliver(m: Msg, mid: int, dup: bool) -> None:
+            if dup:
+                self.out.redelivered += 1
+            intake.handle(m.topic, m.payload, mid, 1, dup, clock.wall(), clock.mono())
+
+        self.broker.connect(deliver)
+        self.broker.changed.set()
+
+    async def _pump(self, token: int) -> None:
+        b = self.broker
+        while True:
+            self.alive(token)
+            if b.can_send():
+                b.send_one()
+                await asyncio.sleep(self.rng.expovariate(self.p.rate))
+            else:
+                b.changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        await b.changed.wait()
+
+    async def _until_stop(self, token: int) -> None:
+        """Run until a random graceful stop, or (when calm) until everything is delivered."""
+        while True:
+            await asyncio.sleep(0.05)
+            self.alive(token)
+            if self.cloud.calm:
+                if self.broker.done and self._agent_idle():
+                    return
+                if self.clock.t > 10_000:
+                    raise Violation("calm phase does not converge")
+                continue
+            if self.rng.random() < self.p.stop_p * 5:
+                return
+            if self.broker.done and self._agent_idle() and self.rng.random() < 0.2:
+                return
+
+    def _agent_idle(self) -> bool:
+        p = self.pipeline
+        assert p is not None
+        return p.outbox.chunk_count == 0 and p.outbox.batch is None and not len(p.ledger)
+
+    # -- the oracle ---------------------------------------------------------------------------
+
+    def _oracle(self) -> None:
+        if not self.broker.done:
+            raise Violation(f"broker still holds {len(self.broker.inflight)} unacked messages")
+        want: dict[tuple[str, str], list[Any]] = {}
+        for m in self.msgs:
+            e = want.setdefault((m.camera, m.stream), [0, 0, Counter()])
+            e[0] += 1
+            e[1] += m.value
+            e[2][m.cls] += 1
+        got: dict[tuple[str, str], list[Any]] = {}
+
+        def add(c: dict[str, Any]) -> None:
+            e = got.setdefault((c["camera"], c["stream"]), [0, 0, Counter()])
+            e[0] += c["count"]
+            if "conf" in c["num"]:
+                e[1] += int(c["num"]["conf"]["sum"])
+            e[2].update(c["cat"].get("cls", {}))
+
+        for c in self.cloud.stored.values():
+            add(c)
+        con = sqlite3.connect(self.settings.buffer.path)
+        try:
+            dead = con.execute("SELECT seq, seq_end, body FROM dead_letters").fetchall()
+            left = con.execute("SELECT count(*) FROM chunks").fetchone()[0]
+            snaps = con.execute("SELECT count(*) FROM open_windows").fetchone()[0]
+        finally:
+            con.close()
+        for _seq, _end, body in dead:
+            add(json.loads(body))
+        if left or snaps:
+            raise Violation(f"{left} chunks and {snaps} snapshots left after the final drain")
+        if got != want:
+            diff = {
+                k: (want.get(k, [0])[0], got.get(k, [0])[0])
+                for k in set(want) | set(got)
+                if want.get(k) != got.get(k)
+            }
+            raise Violation(f"cloud + dead letters != published: (want, got) counts {diff}")
+        # Seq coverage: every seq from the first to the last is stored or dead-lettered, once.
+        spans = sorted(self.cloud.covered + [(int(s), int(e or s)) for s, e, _ in dead])
+        for (a0, a1), (b0, _b1) in itertools.pairwise(spans):
+            if b0 != a1 + 1:
+                raise Violation(f"seq coverage broken between {a0}-{a1} and {b0} (G8)")
+
+
+def _died(t: asyncio.Task[Any]) -> bool:
+    if not t.done() or t.cancelled():
+        return False
+    exc = t.exception()
+    return exc is not None and not isinstance(exc, Crash)
+
+
+def run_seed(seed: int, *, verbose: bool = False, base: Path | None = None) -> Outcome:
+    root = base or (Path("/dev/shm") if Path("/dev/shm").is_dir() else None)
+    workdir = Path(tempfile.mkdtemp(prefix=f"edge-sim-{seed}-", dir=root))
+    logging.getLogger("agent").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    try:
+        world = World(seed, workdir, verbose=verbose)
+        try:
+            return world.run()
+        except (Violation, Hang) as e:
+            tail = "\n".join(world.out.trace[-25:])
+            raise Violation(
+                f"seed {seed}: {e}\n  replay: python -m agent.sim.durable --seed {seed} -v\n"
+                f"  last steps:\n{tail}"
+            ) from e
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seed", type=int, help="replay one seed (with -v: every step)")
+    ap.add_argument("--seeds", type=int, default=1000, help="how many seeds to run")
+    ap.add_argument("--first", type=int, default=0, help="first seed")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    seeds = [args.seed] if args.seed is not None else range(args.first, args.first + args.seeds)
+    started = time.monotonic()
+    totals: Counter[str] = Counter()
+    for seed in seeds:
+        try:
+            out = run_seed(seed, verbose=args.verbose)
+        except Violation as e:
+            print(f"FAIL {e}", file=sys.stderr)
+            return 1
+        for k in ("steps", "crashes", "stops", "clock_steps", "redelivered", "snapshots",
+                  "compacted", "dead_letters"):  # fmt: skip
+            totals[k] += getattr(out, k)
+    n = len(seeds)
+    print(
+        f"{n} schedules ok in {time.monotonic() - started:.1f} s: "
+        + ", ".join(f"{v} {k}" for k, v in totals.items())
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

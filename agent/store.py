@@ -1,0 +1,694 @@
+"""The outbox file: schema, SQL and every transaction, synchronous (sqlite3).
+
+One module owns the SQL. Each public method is one transaction, so a crash (or a cancelled
+caller) leaves either all of it or none of it. The agent runs these methods on one worker
+thread (agent/outbox.py); the deterministic simulation calls them inline; the CLI's dead-letter
+commands open the file beside a running agent (WAL, busy timeout).
+
+Invariants kept here (DESIGN.md G3, G7, G8):
+- `seq` only grows, per gateway, also across a reset of the file: a new file starts above a
+  high-water mark reserved in a side file (`<outbox>.seq`) and above the wall-clock floor.
+- At most one batch is cut at a time; once cut (table `batch`) its seqs, bytes and key do not
+  change until the cloud acknowledges it. Compaction, quota drops and dead-lettering touch only
+  rows after the cut.
+- Every row stands for the seq range [seq, seq_end]; the rows after the cut tile a contiguous
+  range, and compaction keeps it so (a compacted row declares the seqs it replaces).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from agent.model import encode_batch
+from agent.quota import LEVELS, compact_range, counted_messages
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS chunks (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at REAL NOT NULL,
+    body BLOB NOT NULL,
+    seq_end INTEGER
+);
+CREATE TABLE IF NOT EXISTS batch (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    last_row INTEGER NOT NULL,
+    chunks INTEGER NOT NULL,
+    messages INTEGER NOT NULL,
+    cut_at REAL NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS open_windows (
+    camera TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    t INTEGER NOT NULL,
+    rev INTEGER NOT NULL,
+    state BLOB NOT NULL,
+    PRIMARY KEY (camera, stream, t, rev)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ack_journal (
+    mid INTEGER PRIMARY KEY,
+    digest INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq INTEGER PRIMARY KEY,
+    created_at REAL NOT NULL,
+    body BLOB NOT NULL,
+    status INTEGER,
+    response TEXT,
+    seq_end INTEGER
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
+"""
+
+_MIGRATE_1_TO_2 = """
+ALTER TABLE chunks ADD COLUMN seq_end INTEGER;
+ALTER TABLE dead_letters ADD COLUMN seq_end INTEGER;
+"""
+
+# SQLite primary result codes that mean "this file is not a database we can trust".
+_CORRUPT_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
+
+# Seqs reserved ahead in the side file; one fsync per this many chunks.
+SEQ_RESERVE = 1_000_000
+# A new file starts at least here: wall-clock seconds x 1e6 (below 2**53 until the year 2255).
+SEQ_PER_SECOND_FLOOR = 1_000_000
+
+WindowKey = tuple[str, str, int, int]
+
+
+class OutboxError(Exception):
+    """The outbox cannot be opened or written (not corruption: the file is left alone)."""
+
+
+@dataclass
+class Recovery:
+    """What a start found in the outbox."""
+
+    journal: list[tuple[int, int]] = field(default_factory=list)
+    open_windows: list[bytes] = field(default_factory=list)
+    marks: dict[str, Any] = field(default_factory=dict)
+    chunks: int = 0
+    next_seq: int = 1
+    moved_aside: Path | None = None
+    new_file: bool = False
+
+
+@dataclass
+class CheckpointWrite:
+    """Everything one checkpoint transaction writes."""
+
+    chunks: Sequence[bytes] = ()
+    snapshots: Sequence[tuple[WindowKey, bytes]] = ()
+    drop_snapshots: Sequence[WindowKey] = ()
+    journal_upserts: Sequence[tuple[int, int]] = ()
+    journal_deletes: Sequence[int] = ()
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.chunks
+            or self.snapshots
+            or self.drop_snapshots
+            or self.journal_upserts
+            or self.journal_deletes
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A cut batch: immutable until the cloud acknowledges it (G7)."""
+
+    first_seq: int
+    last_seq: int
+    last_row: int
+    chunks: int
+    messages: int
+    body: bytes
+
+    def key(self, gateway_id: str) -> str:
+        return f"{gateway_id}:{self.first_seq}-{self.last_seq}"
+
+
+@dataclass(frozen=True, slots=True)
+class RoomMade:
+    compacted: int = 0
+    dropped: int = 0
+    dropped_messages: int = 0
+
+
+class Store:
+    """The outbox database and its cached counters."""
+
+    def __init__(self, con: sqlite3.Connection, path: Path) -> None:
+        self._db = con
+        self.path = path
+        self.chunk_count = 0
+        self.chunk_bytes = 0
+        self.oldest_created_at: float | None = None
+        self.last_seq = 0
+        self.page_size = 4096
+        self.max_pages = 2**31
+        self._reserved = 0
+        self.batch: Batch | None = None
+        # Crash-test hook (agent/faults.py): called inside the checkpoint transaction.
+        self.fault: Callable[[str], None] = lambda point: None
+        # Ranges the cloud refused whole since the last acknowledged batch, and the batch size
+        # the bisection got down to: a re-cut never repeats a refused range (one key, one
+        # content, G7), and a restart does not start the bisection over.
+        self._refused: set[tuple[int, int]] = set()
+        self._cut_limit: int | None = None
+
+    # -- open and recover ---------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls, path: Path, *, synchronous: str = "full", now: float | None = None
+    ) -> tuple[Store, Recovery]:
+        """Open (or create) the outbox. Only a really corrupt file is moved aside (G11)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        moved: Path | None = None
+        try:
+            con = _connect(path, synchronous)
+        except _Corrupt as e:
+            moved = _move_aside(path, str(e))
+            con = _connect(path, synchronous)
+        store = cls(con, path)
+        recovery = store._recover(time.time() if now is None else now)
+        recovery.moved_aside = moved
+        return store, recovery
+
+    def _recover(self, now: float) -> Recovery:
+        r = Recovery()
+        db = self._db
+        r.journal = [(int(a), int(b)) for a, b in db.execute("SELECT mid, digest FROM ack_journal")]
+        r.open_windows = [bytes(s) for (s,) in db.execute("SELECT state FROM open_windows")]
+        row = db.execute("SELECT value FROM meta WHERE key = 'marks'").fetchone()
+        if row is not None:
+            with contextlib.suppress(msgspec.DecodeError):
+                r.marks = msgspec.json.decode(row[0])
+        self._count()
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'chunks'").fetchone()
+        self._reserved = _read_reserved(self._seq_file)
+        if row is None:
+            # A new file (first start, or the old one was moved aside or deleted): start above
+            # every seq this gateway may have used, so the cloud's (gateway, seq) dedup never
+            # mistakes new chunks for old ones.
+            start = max(self._reserved, int(now) * SEQ_PER_SECOND_FLOOR)
+            db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('chunks', ?)", (start,))
+            self.last_seq = start
+            r.new_file = True
+        else:
+            self.last_seq = int(row[0])
+        self.batch = self._load_batch()
+        row = db.execute("SELECT value FROM meta WHERE key = 'refused'").fetchone()
+        if row is not None:
+            with contextlib.suppress(msgspec.DecodeError, TypeError, ValueError):
+                doc = msgspec.json.decode(row[0])
+                self._refused = {(int(a), int(b)) for a, b in doc["ranges"]}
+                self._cut_limit = int(doc["limit"])
+        r.chunks = self.chunk_count
+        r.next_seq = self.last_seq + 1
+        return r
+
+    @property
+    def _seq_file(self) -> Path:
+        return self.path.with_name(self.path.name + ".seq")
+
+    def _load_batch(self) -> Batch | None:
+        row = self._db.execute(
+            "SELECT first_seq, last_seq, last_row, chunks, messages, body FROM batch"
+        ).fetchone()
+        if row is None:
+            return None
+        return Batch(int(row[0]), int(row[1]), int(row[2]), int(row[3]), int(row[4]), row[5])
+
+    @contextlib.contextmanager
+    def _txn(self) -> Iterator[sqlite3.Connection]:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.exception("rollback failed")
+            self._count()
+            raise
+
+    # -- the checkpoint -----------------------------------------------------------------------
+
+    def checkpoint(self, w: CheckpointWrite, *, now: float) -> None:
+        """One transaction: new chunks, open-window snapshots, the ack journal."""
+        if not w:
+            return
+        if w.chunks and self.last_seq + len(w.chunks) > self._reserved:
+            self._reserve(self.last_seq + len(w.chunks) + SEQ_RESERVE)
+        with self._txn() as db:
+            if w.chunks:
+                db.executemany(
+                    "INSERT INTO chunks (created_at, body) VALUES (?, ?)",
+                    [(now, b) for b in w.chunks],
+                )
+                self.fault("mid_checkpoint")
+            if w.drop_snapshots:
+                db.executemany(
+                    "DELETE FROM open_windows WHERE camera=? AND stream=? AND t=? AND rev=?",
+                    w.drop_snapshots,
+                )
+            if w.snapshots:
+                db.executemany(
+                    "INSERT OR REPLACE INTO open_windows (camera, stream, t, rev, state)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [(*k, s) for k, s in w.snapshots],
+                )
+            if w.journal_deletes:
+                db.executemany(
+                    "DELETE FROM ack_journal WHERE mid = ?", [(m,) for m in w.journal_deletes]
+                )
+            if w.journal_upserts:
+                db.executemany(
+                    "INSERT OR REPLACE INTO ack_journal (mid, digest) VALUES (?, ?)",
+                    w.journal_upserts,
+                )
+        if w.chunks:
+            if self.chunk_count == 0:
+                self.oldest_created_at = now
+            self.chunk_count += len(w.chunks)
+            self.chunk_bytes += sum(len(b) for b in w.chunks)
+            self.last_seq += len(w.chunks)
+
+    def _reserve(self, upto: int) -> None:
+        """Durably reserve seqs up to `upto` in the side file before any of them is used."""
+        tmp = self._seq_file.with_name(self._seq_file.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(f"{upto}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._seq_file)
+        _fsync_dir(self.path.parent)
+        self._reserved = upto
+
+    # -- batches ------------------------------------------------------------------------------
+
+    def cut(self, *, gateway_id: str, max_chunks: int, max_bytes: int, now: float) -> Batch | None:
+        """The cut batch, or cut the next one: the oldest rows, in seq order, within limits."""
+        if self.batch is not None:
+            return self.batch
+        rows: list[tuple[int, int, bytes]] = []
+        size = 0
+        if self._cut_limit is not None:
+            max_chunks = min(max_chunks, self._cut_limit)
+        for seq, seq_end, body in self._db.execute(
+            "SELECT seq, seq_end, body FROM chunks ORDER BY seq LIMIT ?", (max_chunks,)
+        ):
+            if rows and size + len(body) > max_bytes:
+                break
+            rows.append((int(seq), int(seq_end) if seq_end is not None else int(seq), body))
+            size += len(body)
+        while len(rows) > 1 and (rows[0][0], rows[-1][1]) in self._refused:
+            rows.pop()
+        if not rows:
+            return None
+        body = encode_batch(gateway_id, rows, sent_at=now)
+        b = Batch(
+            first_seq=rows[0][0],
+            last_seq=rows[-1][1],
+            last_row=rows[-1][0],
+            chunks=len(rows),
+            messages=counted_messages(r[2] for r in rows),
+            body=body,
+        )
+        with self._txn() as db:
+            db.execute(
+                "INSERT INTO batch (id, first_seq, last_seq, last_row, chunks, messages, cut_at,"
+                " body) VALUES (1, ?, ?, ?, ?, ?, ?, ?)",
+                (b.first_seq, b.last_seq, b.last_row, b.chunks, b.messages, now, body),
+            )
+        self.batch = b
+        return b
+
+    def acknowledged(self, b: Batch) -> None:
+        """The cloud has the batch: forget its rows and the cut (one transaction)."""
+        self._check_cut(b)
+        with self._txn() as db:
+            sizes = [
+                int(n)
+                for (n,) in db.execute(
+                    "DELETE FROM chunks WHERE seq <= ? RETURNING length(body)", (b.last_row,)
+                )
+            ]
+            db.execute("DELETE FROM batch")
+            db.execute("DELETE FROM meta WHERE key = 'refused'")
+        self.batch = None
+        self._refused, self._cut_limit = set(), None
+        self.chunk_count -= len(sizes)
+        self.chunk_bytes -= sum(sizes)
+        if self.chunk_count <= 0:
+            self.chunk_count, self.chunk_bytes, self.oldest_created_at = 0, 0, None
+        else:
+            row = self._db.execute("SELECT created_at FROM chunks ORDER BY seq LIMIT 1").fetchone()
+            self.oldest_created_at = row[0] if row else None
+
+    def release(self, b: Batch) -> None:
+        """The cloud refused the batch as a whole (413, 400, 422): it may be cut smaller."""
+        self._check_cut(b)
+        refused = self._refused | {(b.first_seq, b.last_seq)}
+        limit = max(1, b.chunks // 2)
+        doc = {"ranges": sorted(refused), "limit": limit}
+        with self._txn() as db:
+            db.execute("DELETE FROM batch")
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('refused', ?)",
+                (msgspec.json.encode(doc),),
+            )
+        self.batch = None
+        self._refused, self._cut_limit = refused, limit
+
+    def dead_letter(self, b: Batch, *, status: int | None, response: str) -> None:
+        """Move the one chunk of a refused batch to the dead letters, with the cloud's answer."""
+        self._check_cut(b)
+        if b.chunks != 1:
+            raise ValueError("only a batch of one chunk is dead-lettered")
+        with self._txn() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO dead_letters (seq, created_at, body, status, response,"
+                " seq_end) SELECT seq, created_at, body, ?, ?, seq_end FROM chunks WHERE seq = ?",
+                (status, response, b.first_seq),
+            )
+            db.execute("DELETE FROM chunks WHERE seq = ?", (b.first_seq,))
+            db.execute("DELETE FROM batch")
+            db.execute("DELETE FROM meta WHERE key = 'refused'")
+        self.batch = None
+        self._refused, self._cut_limit = set(), None
+        self._count()
+
+    def _check_cut(self, b: Batch) -> None:
+        if self.batch != b:
+            raise ValueError(f"batch {b.first_seq}-{b.last_seq} is not the cut batch")
+
+    # -- bounded disk -------------------------------------------------------------------------
+
+    def set_quota(self, max_bytes: int) -> None:
+        """Cap the database (max_page_count) and the WAL (journal_size_limit) to max_bytes."""
+        wal_allowance = min(64 * 1024**2, max_bytes // 8)
+        row = self._db.execute("PRAGMA page_size").fetchone()
+        self.page_size = int(row[0]) if row else 4096
+        self.max_pages = max(64, (max_bytes - wal_allowance) // self.page_size)
+        self._db.execute(f"PRAGMA max_page_count = {self.max_pages}")
+        self._db.execute(f"PRAGMA journal_size_limit = {wal_allowance}")
+
+    def usage(self) -> float:
+        """Live pages as a fraction of the quota (free pages are reused, so they do not count)."""
+        (pages,) = self._db.execute("PRAGMA page_count").fetchone()
+        (free,) = self._db.execute("PRAGMA freelist_count").fetchone()
+        return (int(pages) - int(free)) / self.max_pages
+
+    def make_room(self, *, target: float, drop_oldest: bool) -> RoomMade:
+        """Bring usage under `target`: compact 1 s -> 10 s -> 60 s, then (if allowed) drop the
+        oldest. Never touches the cut batch (G7); keeps the seq coverage contiguous (G8)."""
+        compacted = dropped = dropped_msgs = 0
+        for _width, coarser in LEVELS:
+            start = self._first_uncut()
+            while start is not None and self.usage() > target:
+                rows = self._rows_from(start, 5000)
+                if not rows:
+                    break
+                new_rows = compact_range(rows, coarser=coarser)
+                nxt = rows[-1][1] + 1
+                if new_rows is not None:
+                    self._rewrite(rows, new_rows)
+                    compacted += len(rows) - len(new_rows)
+                start = self._first_row_at_or_after(nxt)
+        while drop_oldest and self.usage() > target:
+            start = self._first_uncut()
+            rows = self._rows_from(start, 1000) if start is not None else []
+            if not rows:
+                break
+            dropped_msgs += counted_messages(r[3] for r in rows)
+            dropped += len(rows)
+            with self._txn() as db:
+                db.execute(
+                    "DELETE FROM chunks WHERE seq >= ? AND seq <= ?", (rows[0][0], rows[-1][0])
+                )
+        self._count()
+        return RoomMade(compacted, dropped, dropped_msgs)
+
+    def _first_uncut(self) -> int | None:
+        after = self.batch.last_row if self.batch is not None else -1
+        return self._first_row_at_or_after(after + 1)
+
+    def _first_row_at_or_after(self, seq: int) -> int | None:
+        row = self._db.execute(
+            "SELECT seq FROM chunks WHERE seq >= ? ORDER BY seq LIMIT 1", (seq,)
+        ).fetchone()
+        return int(row[0]) if row else None
+
+    def _rows_from(self, start: int, limit: int) -> list[tuple[int, int, float, bytes]]:
+        """Up to `limit` rows from `start` whose seq ranges follow each other without a hole."""
+        out: list[tuple[int, int, float, bytes]] = []
+        for seq, seq_end, created, body in self._db.execute(
+            "SELECT seq, seq_end, created_at, body FROM chunks WHERE seq >= ? ORDER BY seq LIMIT ?",
+            (start, limit),
+        ):
+            s = int(seq)
+            if out and s != out[-1][1] + 1:
+                break
+            out.append((s, int(seq_end) if seq_end is not None else s, float(created), body))
+        return out
+
+    def _rewrite(
+        self, rows: list[tuple[int, int, float, bytes]], new_rows: list[tuple[float, bytes]]
+    ) -> None:
+        """Replace `rows` by `new_rows` over the same seq range: the new rows take the first
+        seqs of the range and the last of them declares the end of the range (seq_end)."""
+        first, end = rows[0][0], rows[-1][1]
+        params = []
+        for i, (created, body) in enumerate(new_rows):
+            seq = first + i
+            seq_end = end if i == len(new_rows) - 1 else seq
+            params.append((seq, created, body, seq_end if seq_end != seq else None))
+        with self._txn() as db:
+            db.execute("DELETE FROM chunks WHERE seq >= ? AND seq <= ?", (first, rows[-1][0]))
+            db.executemany(
+                "INSERT INTO chunks (seq, created_at, body, seq_end) VALUES (?, ?, ?, ?)", params
+            )
+
+    def _count(self) -> None:
+        row = self._db.execute(
+            "SELECT count(*), coalesce(sum(length(body)), 0), min(created_at) FROM chunks"
+        ).fetchone()
+        self.chunk_count, self.chunk_bytes, self.oldest_created_at = (
+            int(row[0]),
+            int(row[1]),
+            row[2],
+        )
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'chunks'").fetchone()
+        if row is not None:
+            self.last_seq = max(self.last_seq, int(row[0]))
+
+    def refresh_counts(self) -> None:
+        """Re-read the chunk count and size (`deadletter retry` may have added chunks)."""
+        self._count()
+
+    # -- state kept across restarts -----------------------------------------------------------
+
+    def save_marks(self, marks: dict[str, Any]) -> None:
+        with self._txn() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('marks', ?)",
+                (msgspec.json.encode(marks),),
+            )
+
+    def clear_marks(self) -> None:
+        with self._txn() as db:
+            db.execute("DELETE FROM meta WHERE key = 'marks'")
+
+    def file_bytes(self) -> int:
+        """Database plus WAL on disk."""
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(f"{self.path}{suffix}").st_size
+        return total
+
+    def dump(self) -> dict[str, Any]:
+        """Every table's rows (for the simulation's oracle and for tests)."""
+        db = self._db
+        return {
+            "chunks": db.execute("SELECT seq, seq_end, body FROM chunks ORDER BY seq").fetchall(),
+            "open_windows": db.execute("SELECT state FROM open_windows").fetchall(),
+            "journal": db.execute("SELECT mid, digest FROM ack_journal").fetchall(),
+            "dead_letters": db.execute("SELECT seq, seq_end, body FROM dead_letters").fetchall(),
+        }
+
+    def close(self) -> None:
+        self._db.close()
+
+
+# -- dead letters (CLI) ------------------------------------------------------------------------
+
+
+def list_dead_letters(path: Path) -> list[dict[str, Any]]:
+    con = sqlite3.connect(path, timeout=10)
+    try:
+        rows = con.execute(
+            "SELECT seq, created_at, status, response, length(body) FROM dead_letters ORDER BY seq"
+        ).fetchall()
+    finally:
+        con.close()
+    return [
+        {"seq": s, "created_at": c, "status": st, "response": r, "bytes": n}
+        for s, c, st, r, n in rows
+    ]
+
+
+def retry_dead_letters(path: Path, seqs: Sequence[int] | None) -> int:
+    """Put dead letters back in the outbox (all, or the given seqs) under new seqs; how many.
+
+    A dead letter stood for a range of seqs the cloud never stored; under its new seq it stands
+    for itself only (the old range stays a declared gap).
+    """
+    con = sqlite3.connect(path, timeout=10, isolation_level=None)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        if seqs is None:
+            chosen = [r[0] for r in con.execute("SELECT seq FROM dead_letters ORDER BY seq")]
+        else:
+            chosen = [
+                s for s in seqs
+                if con.execute("SELECT 1 FROM dead_letters WHERE seq = ?", (s,)).fetchone()
+            ]  # fmt: skip
+        for s in chosen:
+            con.execute(
+                "INSERT INTO chunks (created_at, body) SELECT created_at, body FROM dead_letters"
+                " WHERE seq = ?",
+                (s,),
+            )
+            con.execute("DELETE FROM dead_letters WHERE seq = ?", (s,))
+        con.execute("COMMIT")
+    except BaseException:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        raise
+    finally:
+        con.close()
+    return len(chosen)
+
+
+# -- opening -----------------------------------------------------------------------------------
+
+
+class _Corrupt(Exception):
+    pass
+
+
+def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
+    try:
+        con = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as e:
+        raise OutboxError(f"cannot open {path}: {e}") from None
+    try:
+        con.execute("PRAGMA busy_timeout=10000")
+        # DELETE ... RETURNING spills its rows to a temp file otherwise: flash writes for nothing.
+        con.execute("PRAGMA temp_store=MEMORY")
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        row = con.execute("PRAGMA quick_check").fetchone()
+        if row is None or row[0] != "ok":
+            raise _Corrupt(f"quick_check: {row[0] if row else 'no answer'}")
+        (version,) = con.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise OutboxError(
+                f"{path} has schema version {version}, newer than this agent's {SCHEMA_VERSION};"
+                " upgrade the agent or move the file away"
+            )
+        if version < SCHEMA_VERSION:
+            # One script, one transaction: a crash mid-migration leaves the old version.
+            con.executescript(
+                "BEGIN IMMEDIATE;"
+                + (_MIGRATE_1_TO_2 if version == 1 else "")
+                + _SCHEMA
+                + f"PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
+            )
+    except sqlite3.DatabaseError as e:
+        con.close()
+        if _errorcode(e) in _CORRUPT_CODES:
+            raise _Corrupt(str(e)) from None
+        raise OutboxError(f"cannot open {path}: {e}") from None
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def _errorcode(e: sqlite3.Error) -> int:
+    code = getattr(e, "sqlite_errorcode", None)
+    return int(code) & 0xFF if code is not None else -1
+
+
+def is_full(e: sqlite3.Error) -> bool:
+    """SQLITE_FULL: the disk or the page quota is full."""
+    return _errorcode(e) == 13
+
+
+def _read_reserved(p: Path) -> int:
+    try:
+        text = p.read_text().strip()
+    except FileNotFoundError:
+        return 0
+    except OSError as e:
+        log.warning("cannot read the seq high-water file %s (%s)", p, e)
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        log.warning("seq high-water file %s holds %r; ignored", p, text[:40])
+        return 0
+    return value if 0 <= value < 2**62 else 0
+
+
+def _fsync_dir(d: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _move_aside(path: Path, reason: str) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        n += 1
+    os.replace(path, target)
+    for suffix in ("-wal", "-shm"):
+        side = Path(f"{path}{suffix}")
+        if side.exists():
+            os.replace(side, Path(f"{target}{suffix}"))
+    log.error(
+        "outbox %s is corrupt (%s); moved it to %s and started a new one", path, reason, target
+    )
+    return target
