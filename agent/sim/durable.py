@@ -438,7 +438,8 @@ class World:
             cam = f"cam-{rng.randrange(p.cameras)}"
             stream = rng.choice(streams)
             value = rng.randint(0, 9) if not p.identical_payloads else 1
-            cls = rng.choice(("person", "car")) if not p.identical_payloads else "person"
+            # A category unique to each message: the oracle can name a lost or doubled one.
+            cls = f"m{n}" if not p.identical_payloads else "person"
             doc: dict[str, Any] = {"conf": value, "cls": cls}
             if not p.identical_payloads:
                 doc["i"] = n
@@ -453,6 +454,7 @@ class World:
             time_field=None,
             numeric=("conf",),
             categorical=("cls",),
+            max_categories=10_000,
         )
         base = Settings(gateway_id=GATEWAY, streams=(stream,))
         p = self.p
@@ -697,7 +699,15 @@ class World:
         def deliver(m: Msg, mid: int, dup: bool) -> None:
             if dup:
                 self.out.redelivered += 1
+            before = (p.stats.counted, p.stats.redelivered_skipped)
             intake.handle(m.topic, m.payload, mid, 1, dup, clock.wall(), clock.mono())
+            if self.verbose:
+                what = (
+                    "counted"
+                    if p.stats.counted > before[0]
+                    else ("skipped" if p.stats.redelivered_skipped > before[1] else "ignored")
+                )
+                self.note(f"deliver m{m.n} mid {mid}{' DUP' if dup else ''}: {what}")
 
         self.broker.connect(deliver)
         self.broker.changed.set()
@@ -775,7 +785,18 @@ class World:
                 for k in set(want) | set(got)
                 if want.get(k) != got.get(k)
             }
-            raise Violation(f"cloud + dead letters != published: (want, got) counts {diff}")
+            cats = {
+                k: sorted(
+                    (c, n)
+                    for c, n in (got.get(k, [0, 0, Counter()])[2] - want.get(k, [0, 0, Counter()])[2]
+                                 + (want.get(k, [0, 0, Counter()])[2] - got.get(k, [0, 0, Counter()])[2])).items()
+                )[:10]
+                for k in diff
+            }  # fmt: skip
+            raise Violation(
+                f"cloud + dead letters != published: (want, got) counts {diff}; "
+                f"messages off: {cats}"
+            )
         # Seq coverage: every seq from the first to the last is stored or dead-lettered, once.
         spans = sorted(self.cloud.covered + [(int(s), int(e or s)) for s, e, _ in dead])
         for (a0, a1), (b0, _b1) in itertools.pairwise(spans):
