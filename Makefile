@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test check venv mosquitto clean
+.PHONY: demo test check venv mosquitto clean simulate
 
 $(BIN)/edge-agent: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ demo: venv mosquitto
 
 test: venv mosquitto
 	$(BIN)/pytest -q
+
+# The deterministic simulation of the durable core, as long as you like:
+#   make simulate SEEDS=100000 [FIRST=0] [JOBS=2]; replay one: .venv/bin/python -m agent.sim.durable --seed N -v
+SEEDS ?= 20000
+FIRST ?= 0
+JOBS  ?= 2
+simulate: venv
+	$(BIN)/python -m agent.sim.durable --seeds $(SEEDS) --first $(FIRST) --jobs $(JOBS)
 
 check: venv
 	$(BIN)/ruff check agent tests

@@ -514,7 +514,7 @@ class World:
         self.out.steps += 1
         if self.out.steps > 200_000:
             raise Violation("schedule does not end")
-        if VIOLATIONS or any(_died(t) for t in self.tasks):
+        if VIOLATIONS or (self.out.steps % 16 == 0 and any(_died(t) for t in self.tasks)):
             self._stop_loop = True
             self.loop.stop()
             return
@@ -829,31 +829,69 @@ def run_seed(seed: int, *, verbose: bool = False, base: Path | None = None) -> O
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seed", type=int, help="replay one seed (with -v: every step)")
-    ap.add_argument("--seeds", type=int, default=1000, help="how many seeds to run")
-    ap.add_argument("--first", type=int, default=0, help="first seed")
-    ap.add_argument("-v", "--verbose", action="store_true")
-    args = ap.parse_args(argv)
-    seeds = [args.seed] if args.seed is not None else range(args.first, args.first + args.seeds)
-    started = time.monotonic()
+def run_seeds(seeds: list[int]) -> tuple[int, Counter[str], str | None]:
+    """Run seeds in order until one fails: (schedules run, totals, failure text or None)."""
     totals: Counter[str] = Counter()
-    for seed in seeds:
+    for i, seed in enumerate(seeds):
         try:
-            out = run_seed(seed, verbose=args.verbose)
+            out = run_seed(seed)
         except Violation as e:
-            print(f"FAIL {e}", file=sys.stderr)
-            return 1
+            return i + 1, totals, str(e)
         for k in ("steps", "crashes", "stops", "clock_steps", "redelivered", "snapshots",
                   "compacted", "dead_letters"):  # fmt: skip
             totals[k] += getattr(out, k)
-    n = len(seeds)
+    return len(seeds), totals, None
+
+
+def run_parallel(seeds: list[int], jobs: int) -> tuple[int, Counter[str], list[str]]:
+    """Split seeds over `jobs` processes (each seed still runs alone and replays alike)."""
+    if jobs <= 1:
+        n, totals, failure = run_seeds(seeds)
+        return n, totals, [failure] if failure else []
+    import multiprocessing
+
+    parts = [seeds[i::jobs] for i in range(jobs)]
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        results = pool.map(run_seeds, parts)
+    totals: Counter[str] = Counter()
+    failures = []
+    n = 0
+    for count, t, failure in results:
+        n += count
+        totals.update(t)
+        if failure:
+            failures.append(failure)
+    return n, totals, failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--seed", type=int, help="replay one seed (with -v: every step)")
+    ap.add_argument("--seeds", type=int, default=1000, help="how many seeds to run")
+    ap.add_argument("--first", type=int, default=0, help="first seed")
+    ap.add_argument("--jobs", type=int, default=1, help="processes")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    started = time.monotonic()
+    if args.seed is not None:
+        try:
+            out = run_seed(args.seed, verbose=args.verbose)
+        except Violation as e:
+            print(f"FAIL {e}", file=sys.stderr)
+            return 1
+        print(f"seed {args.seed} ok: {out.steps} steps, {out.crashes} crashes, {out.stops} stops")
+        return 0
+    seeds = list(range(args.first, args.first + args.seeds))
+    n, totals, failures = run_parallel(seeds, args.jobs)
+    for f in failures:
+        print(f"FAIL {f}", file=sys.stderr)
     print(
-        f"{n} schedules ok in {time.monotonic() - started:.1f} s: "
+        f"{n} schedules in {time.monotonic() - started:.1f} s"
+        + (" ok" if not failures else f", {len(failures)} failing")
+        + ": "
         + ", ".join(f"{v} {k}" for k, v in totals.items())
     )
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
