@@ -82,6 +82,7 @@ class Checkpointer:
         confirm_acks: Callable[[], Awaitable[bool]] | None = None,
         clock: Clock = SYSTEM_CLOCK,
         fault: Callable[[str], None] = lambda point: None,
+        stalled: Callable[[], bool] = lambda: False,
     ) -> None:
         self._s = settings
         self._outbox = outbox
@@ -98,6 +99,7 @@ class Checkpointer:
         self._confirmed_conn = -1
         self._clock = clock
         self._fault = fault
+        self._stalled = stalled
         self._pressure = int(settings.mqtt.receive_maximum * settings.buffer.ack_pressure_ratio)
         self._max_ack_delay_s = settings.buffer.max_ack_delay_ms / 1000
         # Windows closed but not yet committed (a failed commit is retried, nothing is lost).
@@ -117,6 +119,10 @@ class Checkpointer:
             except TimeoutError:
                 pass
             if self._stop.is_set():
+                return
+            if self._stalled():
+                log.warning("fault point stall_checkpoint reached: the checkpoint loop hangs")
+                await self._stop.wait()
                 return
             await self.checkpoint()
             progress()

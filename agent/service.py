@@ -336,6 +336,7 @@ async def build_pipeline(
         confirm_acks=confirm_acks or session.confirm_acks,
         clock=clock,
         fault=faults.hit,
+        stalled=lambda: faults.reached("stall_checkpoint"),
     )
     pipeline = Pipeline(
         settings, outbox, aggregator, ledger, intake, clocks, session, forwarder, stats
