@@ -30,10 +30,15 @@ class NumStats:
         self.last = 0.0
         self.last_t = -math.inf
 
-    def add(self, value: float, event_t: float) -> None:
+    def add(self, value: float, event_t: float) -> bool:
+        """Add one value; False, and nothing changed, when `sum` or `sumsq` would overflow."""
+        total = self.sum + value
+        total_sq = self.sumsq + value * value
+        if not (math.isfinite(total) and math.isfinite(total_sq)):
+            return False
         self.n += 1
-        self.sum += value
-        self.sumsq += value * value
+        self.sum = total
+        self.sumsq = total_sq
         if value < self.min:
             self.min = value
         if value > self.max:
@@ -42,6 +47,7 @@ class NumStats:
         if event_t > self.last_t or (event_t == self.last_t and value > self.last):
             self.last_t = event_t
             self.last = value
+        return True
 
     def merge(self, other: NumStats) -> None:
         self.n += other.n
@@ -129,11 +135,16 @@ class Chunk:
             self.recv_last = recv_t
         self.skew_sum += event_t - recv_t
 
-    def add_number(self, field: str, value: float, event_t: float) -> None:
+    def add_number(self, field: str, value: float, event_t: float) -> bool:
+        """False when the value would make a sum non-finite (the field is then left as it was)."""
         stats = self.num.get(field)
-        if stats is None:
-            stats = self.num[field] = NumStats()
-        stats.add(value, event_t)
+        if stats is not None:
+            return stats.add(value, event_t)
+        stats = NumStats()
+        if not stats.add(value, event_t):
+            return False
+        self.num[field] = stats
+        return True
 
     def add_category(self, field: str, value: str, max_categories: int) -> None:
         counts = self.cat.get(field)
