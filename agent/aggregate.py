@@ -165,8 +165,7 @@ class Aggregator:
             v = payload.get(f)
             if v is None:
                 continue
-            if (type(v) is float or type(v) is int) and math.isfinite(v):
-                window.add_number(f, v, event_t)
+            if _usable_number(v) and window.add_number(f, v, event_t):
                 continue
             self.counters["bad_numeric_field"] += 1
         for f in spec.categorical:
@@ -175,7 +174,7 @@ class Aggregator:
                 continue
             if type(v) is str and len(v) <= MAX_CATEGORY_LEN:
                 window.add_category(f, v, spec.max_categories)
-            elif type(v) is bool or type(v) is int:
+            elif type(v) is bool or (type(v) is int and -_MAX_CATEGORY_INT < v < _MAX_CATEGORY_INT):
                 window.add_category(f, str(v).lower(), spec.max_categories)
             else:
                 self.counters["bad_categorical_field"] += 1
@@ -299,6 +298,22 @@ class Aggregator:
             }
             for name, cam in self._cameras.items()
         }
+
+
+# An int category must print within MAX_CATEGORY_LEN characters; larger ones are refused before
+# str() sees them (str() of an int over 4300 digits raises ValueError).
+_MAX_CATEGORY_INT = 10 ** (MAX_CATEGORY_LEN - 1)
+# The largest |value| a numeric field may carry: its square (in `sumsq`) stays a finite float.
+MAX_NUMERIC_ABS = 1e154
+
+
+def _usable_number(v: object) -> bool:
+    """A JSON number with |v| <= MAX_NUMERIC_ABS (no inf, no NaN, no huge int).
+
+    A larger value would make `sumsq` infinite, which JSON cannot carry (it would go out as
+    null). The comparison is exact for ints of any size and never converts them.
+    """
+    return (type(v) is float or type(v) is int) and -MAX_NUMERIC_ABS <= v <= MAX_NUMERIC_ABS
 
 
 def _tick_rate(cam: _Camera, now: float) -> None:

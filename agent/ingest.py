@@ -199,8 +199,18 @@ class Intake:
             elif len(payload) > self._max_payload:
                 reason = "oversized"
             else:
-                reason, window_or_none = self._count(route, payload, recv_t, mono)
-                window = window_or_none
+                try:
+                    reason, window = self._count(route, payload, recv_t, mono)
+                except Exception:
+                    # A bug, not a bad message; still this message's failure alone. Counted and
+                    # acked like any reject, so the broker cannot hand it back to us forever.
+                    reason = "internal_error"
+                    self._warn.warning(
+                        "internal_error_traceback",
+                        "failed on a message on %r",
+                        topic_b[:200],
+                        exc_info=True,
+                    )
         if reason is not None:
             st.rejects[reason] += 1
             self._warn.warning(reason, "rejected a message on %r: %s", topic_b[:200], reason)
@@ -225,7 +235,8 @@ class Intake:
     ) -> tuple[str | None, Any]:
         try:
             doc = self._decode(payload)
-        except (msgspec.DecodeError, RecursionError):
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            # msgspec raises UnicodeDecodeError, not DecodeError, for invalid UTF-8 in a string.
             return "malformed_json", None
         if type(doc) is not dict:
             return "not_an_object", None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Annotated, Any, NotRequired, TypedDict
 
 import msgspec
 
@@ -31,10 +31,15 @@ class NumStats:
         self.last = 0.0
         self.last_t = -math.inf
 
-    def add(self, value: float, event_t: float) -> None:
+    def add(self, value: float, event_t: float) -> bool:
+        """Add one value; False, and nothing changed, when `sum` or `sumsq` would overflow."""
+        total = self.sum + value
+        total_sq = self.sumsq + value * value
+        if not (math.isfinite(total) and math.isfinite(total_sq)):
+            return False
         self.n += 1
-        self.sum += value
-        self.sumsq += value * value
+        self.sum = total
+        self.sumsq = total_sq
         if value < self.min:
             self.min = value
         if value > self.max:
@@ -43,6 +48,7 @@ class NumStats:
         if event_t > self.last_t or (event_t == self.last_t and value > self.last):
             self.last_t = event_t
             self.last = value
+        return True
 
     def merge(self, other: NumStats) -> None:
         self.n += other.n
@@ -130,11 +136,16 @@ class Chunk:
             self.recv_last = recv_t
         self.skew_sum += event_t - recv_t
 
-    def add_number(self, field: str, value: float, event_t: float) -> None:
+    def add_number(self, field: str, value: float, event_t: float) -> bool:
+        """False when the value would make a sum non-finite (the field is then left as it was)."""
         stats = self.num.get(field)
-        if stats is None:
-            stats = self.num[field] = NumStats()
-        stats.add(value, event_t)
+        if stats is not None:
+            return stats.add(value, event_t)
+        stats = NumStats()
+        if not stats.add(value, event_t):
+            return False
+        self.num[field] = stats
+        return True
 
     def add_category(self, field: str, value: str, max_categories: int) -> None:
         counts = self.cat.get(field)
@@ -201,6 +212,67 @@ class Chunk:
 
 
 _encoder = msgspec.json.Encoder()
+
+
+class BadChunk(ValueError):
+    """A stored chunk body that is not a well-formed chunk with finite numbers."""
+
+
+# The shape a stored body must have. msgspec refuses null, and numbers beyond the float range,
+# where a float is expected; `Chunk.from_wire` then reads the plain dicts it yields. Ints stay
+# within SQLite's 64 bits.
+_I64 = 2**63 - 1
+_Count = Annotated[int, msgspec.Meta(ge=0, le=_I64)]
+
+
+class _WireNum(TypedDict):
+    n: Annotated[int, msgspec.Meta(ge=1, le=_I64)]
+    sum: float
+    sumsq: float
+    min: float
+    max: float
+    last: float
+    last_t: float
+
+
+class _WireChunk(TypedDict):
+    camera: str
+    stream: str
+    t: Annotated[int, msgspec.Meta(ge=-_I64, le=_I64)]
+    width_s: Annotated[int, msgspec.Meta(ge=1, le=_I64)]
+    rev: _Count
+    count: _Count
+    num: NotRequired[dict[str, _WireNum]]
+    cat: NotRequired[dict[str, dict[str, _Count]]]
+    event_first: float
+    event_last: float
+    recv_first: float
+    recv_last: float
+    skew_s: NotRequired[float]
+    flags: NotRequired[list[str]]
+
+
+_chunk_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(_WireChunk)
+
+
+def is_finite(chunk: Chunk) -> bool:
+    """True when every number the chunk puts on the wire is finite (JSON has no inf or NaN)."""
+    values = [chunk.event_first, chunk.event_last, chunk.recv_first, chunk.recv_last]
+    values.append(chunk.skew_sum)
+    for s in chunk.num.values():
+        values += (s.sum, s.sumsq, s.min, s.max, s.last, s.last_t)
+    return all(math.isfinite(v) for v in values)
+
+
+def decode_chunk(body: bytes) -> Chunk:
+    """A stored chunk body as a Chunk; raises BadChunk, and nothing else, when it is not one."""
+    try:
+        chunk = Chunk.from_wire(_chunk_decoder.decode(body))
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise BadChunk(f"not a valid chunk: {e}") from None
+    if not is_finite(chunk):
+        raise BadChunk("not a valid chunk: a number is not finite")
+    return chunk
 
 
 def encode_chunk(chunk: Chunk) -> bytes:

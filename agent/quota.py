@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import msgspec
-
-from agent.model import Chunk, encode_chunk
+from agent.model import BadChunk, Chunk, decode_chunk, encode_chunk, is_finite
 
 LEVELS = ((1, 10), (10, 60))
 
@@ -30,8 +28,9 @@ def compact_range(rows: list[Row], *, coarser: int) -> list[tuple[float, bytes]]
     merged_away = 0
     for _seq, _end, created, body in rows:
         try:
-            c = Chunk.from_wire(msgspec.json.decode(body))
-        except (msgspec.DecodeError, KeyError, TypeError, ValueError, AttributeError):
+            c = decode_chunk(body)
+        except BadChunk:
+            # Not a valid chunk: kept as it is, never merged (compaction never loses a row).
             out.append((created, body))
             continue
         if c.width_s >= coarser:
@@ -65,6 +64,10 @@ def compact_range(rows: list[Row], *, coarser: int) -> list[tuple[float, bytes]]
         )
         for _, c, _ in item:
             merged.merge(c)
+        if not is_finite(merged):
+            # The group's sums would overflow: leave its chunks as they are.
+            result.extend((created, body) for created, _, body in item)
+            continue
         merged.flags.add("compacted")
         result.append((min(created for created, _, _ in item), encode_chunk(merged)))
     return result
@@ -73,9 +76,9 @@ def compact_range(rows: list[Row], *, coarser: int) -> list[tuple[float, bytes]]
 def counted_messages(bodies: Iterable[bytes]) -> int:
     """How many messages these chunk bodies hold (for drop accounting); unreadable bodies: 0."""
     total = 0
-    for b in bodies:
+    for body in bodies:
         try:
-            total += int(msgspec.json.decode(b)["count"])
-        except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+            total += decode_chunk(body).count
+        except BadChunk:
             continue
     return total

@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
-import msgspec
 
 from agent.acks import AckLedger
 from agent.aggregate import Aggregator
@@ -32,7 +31,7 @@ from agent.health import HealthServer, Response, json_response
 from agent.ingest import Intake, MqttSession, TopicRouter
 from agent.lock import OutboxLock
 from agent.metrics import render as render_metrics
-from agent.model import Chunk
+from agent.model import BadChunk, Chunk, decode_chunk
 from agent.notify import Notifier
 from agent.outbox import Outbox, Recovery
 from agent.stats import Stats
@@ -268,9 +267,15 @@ async def build_pipeline(
         max_open_windows=agg_s.max_open_windows,
     )
     mono = clock.mono()
-    restored = aggregator.restore(
-        (Chunk.from_wire(msgspec.json.decode(b)) for b in recovery.open_windows), now=mono
-    )
+    snapshots: list[Chunk] = []
+    for body in recovery.open_windows:
+        try:
+            snapshots.append(decode_chunk(body))
+        except BadChunk as e:
+            # Never a crash loop on a bad row: say it, count it, go on without it.
+            stats.rejects["snapshot_unreadable"] += 1
+            log.error("an open-window snapshot in the outbox is unreadable (%s); skipped", e)
+    restored = aggregator.restore(snapshots, now=mono)
     aggregator.import_marks(recovery.marks, now=mono)
     if recovery.marks:
         await outbox.clear_marks()

@@ -80,7 +80,15 @@ class RateLimitedLog:
         self._last: dict[str, float] = {}
         self._suppressed: Counter[str] = Counter()
 
-    def warning(self, key: str, msg: str, *args: object, now: float | None = None) -> None:
+    def warning(
+        self,
+        key: str,
+        msg: str,
+        *args: object,
+        now: float | None = None,
+        exc_info: bool = False,
+    ) -> None:
+        """`exc_info=True` adds the traceback of the exception being handled."""
         now = time.monotonic() if now is None else now
         last = self._last.get(key)
         if last is not None and now - last < self._interval_s:
@@ -89,6 +97,6 @@ class RateLimitedLog:
         self._last[key] = now
         n = self._suppressed.pop(key, 0)
         if n:
-            self._log.warning(msg + " (%d similar suppressed)", *args, n)
+            self._log.warning(msg + " (%d similar suppressed)", *args, n, exc_info=exc_info)
         else:
-            self._log.warning(msg, *args)
+            self._log.warning(msg, *args, exc_info=exc_info)

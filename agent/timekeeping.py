@@ -35,7 +35,10 @@ def parse_event_time(value: object, unit: str) -> float:
         return _rfc3339(value)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadTimestamp("expected a number")
-    f = float(value)
+    try:
+        f = float(value)
+    except OverflowError:  # an int literal of 309+ digits
+        raise BadTimestamp("too large") from None
     if not math.isfinite(f):
         raise BadTimestamp("not finite")
     seconds = epoch_auto(f) if unit == "auto" else f / _UNIT_DIVISORS[unit]

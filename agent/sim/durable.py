@@ -846,8 +846,8 @@ def run_seeds(seeds: list[int]) -> tuple[int, Counter[str], str | None]:
 def run_parallel(seeds: list[int], jobs: int) -> tuple[int, Counter[str], list[str]]:
     """Split seeds over `jobs` processes (each seed still runs alone and replays alike)."""
     if jobs <= 1:
-        n, totals, failure = run_seeds(seeds)
-        return n, totals, [failure] if failure else []
+        n, one, failure = run_seeds(seeds)
+        return n, one, [failure] if failure else []
     import multiprocessing
 
     parts = [seeds[i::jobs] for i in range(jobs)]
