@@ -10,7 +10,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.config import MqttSettings
-from agent.ingest import connect_properties
+from agent.ingest import BARRIER_TOPIC, connect_properties
 from agent.mqtt_compat import install_raw_handler, send_ack
 from agent.sim.procs import HOST, Mosquitto
 
@@ -50,6 +50,11 @@ async def receive(port: int, until: bytes | None, *, ack: bool) -> list[tuple[in
         if until is not None:
             async with asyncio.timeout(10):
                 await done.wait()
+        if ack:
+            # The agent's ack barrier (MqttSession.confirm_acks): the UNSUBACK comes back only
+            # after the broker has processed every PUBACK sent before it. Without it, leaving
+            # right away can lose the last PUBACKs and the next connection gets them again.
+            await client.unsubscribe(BARRIER_TOPIC, timeout=5)
     return got
 
 
