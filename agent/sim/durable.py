@@ -203,7 +203,7 @@ def draw_params(rng: random.Random) -> Params:
         quota_chunks=rng.choice([None, None, 6, 15, 40]),
         timeout_s=rng.choice([0.3, 2.0]),
         crash_p=rng.choice([0.0, 0.0005, 0.002, 0.005]),
-        stop_p=rng.choice([0.0, 0.002, 0.01]),
+        stop_p=rng.choice([0.0, 0.0005, 0.002]),
         step_p=rng.choice([0.0, 0.001]),
         disk_full_p=rng.choice([0.0, 0.0, 0.05]),
         drop_p=rng.choice([0.0, 0.002]),
@@ -358,6 +358,9 @@ class SimStore(Store):
         return self.chunk_count / self.quota_chunks
 
 
+WRITES = {"checkpoint", "cut", "acknowledged", "release", "dead_letter", "make_room"}
+
+
 class InlineRunner:
     """Runs each store transaction inline on the loop; every call is a point where the world
     may crash before or after it, or where the disk may be full."""
@@ -371,6 +374,11 @@ class InlineRunner:
         await asyncio.sleep(0)
         w.alive(self.token)
         w.maybe_crash(f"before {name}")
+        if name in WRITES:
+            # A write takes time (an fsync on slow flash): other tasks, stops and crashes may
+            # land while it is pending.
+            await asyncio.sleep(w.rng.uniform(0, 0.02))
+            w.alive(self.token)
         if name == "checkpoint" and w.rng.random() < w.p.disk_full_p and not w.cloud.calm:
             raise sqlite3.OperationalError("database or disk is full")
         result = fn(*args, **kw)
@@ -530,6 +538,10 @@ class World:
             self.broker.disconnect()
             self._stop_loop = True
             self.loop.stop()
+        elif self.rng.random() < self.p.stop_p and self.stop_requested is not None:
+            # A graceful stop (SIGTERM) at any loop step: in the middle of a checkpoint, a
+            # send, a compaction.
+            self.stop_requested.set()
         elif self.rng.random() < self.p.step_p:
             step = self.rng.choice([-1, 1]) * self.rng.uniform(5, 120)
             self.clock.offset += step
@@ -543,6 +555,7 @@ class World:
     # -- running ------------------------------------------------------------------------------
 
     pipeline: Pipeline | None = None
+    stop_requested: asyncio.Event | None = None
     _stop_loop = False
     _reconnect_at: float | None = None
 
@@ -726,18 +739,22 @@ class World:
                         await b.changed.wait()
 
     async def _until_stop(self, token: int) -> None:
-        """Run until a random graceful stop, or (when calm) until everything is delivered."""
+        """Run until a graceful stop (drawn at any loop step, see _on_step), or (when calm)
+        until everything is delivered."""
+        self.stop_requested = asyncio.Event()
         while True:
-            await asyncio.sleep(0.05)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await self.stop_requested.wait()
             self.alive(token)
+            if self.stop_requested.is_set():
+                return
             if self.cloud.calm:
                 if self.broker.done and self._agent_idle():
                     return
                 if self.clock.t > 10_000:
                     raise Violation("calm phase does not converge")
                 continue
-            if self.rng.random() < self.p.stop_p * 5:
-                return
             if self.broker.done and self._agent_idle() and self.rng.random() < 0.2:
                 return
 
