@@ -12,6 +12,7 @@ import contextlib
 import gzip
 import logging
 import random
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -130,16 +131,23 @@ class Forwarder:
             if pace:
                 await asyncio.sleep(pace)
             # The batch cut earlier (before a failure or a restart) goes first, unchanged (G7).
-            batch = await self._outbox.cut(
-                gateway_id=self._gateway_id,
-                max_chunks=self._limit,
-                max_bytes=s.max_batch_bytes,
-                now=self._clock.wall(),
-            )
+            try:
+                batch = await self._outbox.cut(
+                    gateway_id=self._gateway_id,
+                    max_chunks=self._limit,
+                    max_bytes=s.max_batch_bytes,
+                    now=self._clock.wall(),
+                )
+            except sqlite3.Error as e:
+                await asyncio.sleep(self._store_failed(e))
+                continue
             if batch is None:
                 await self._outbox.refresh_counts()
                 continue
-            delay = await self._send(batch)
+            try:
+                delay = await self._send(batch)
+            except sqlite3.Error as e:
+                delay = self._store_failed(e)
             if delay:
                 self.backoff_until = self._clock.wall() + delay
                 await asyncio.sleep(delay)
@@ -215,6 +223,17 @@ class Forwarder:
             )  # fmt: skip
             return 0.0
         return self._failed(first, last, outcome, text)
+
+    def _store_failed(self, e: sqlite3.Error) -> float:
+        """An outbox write failed (a full disk, an I/O error): nothing is lost — the batch and
+        its rows stay as they were — so back off and try again; never end the task."""
+        self._stats.outbox_errors += 1
+        delay = self._backoff.next_delay()
+        log.warning(
+            "outbox write failed in the forwarder (%s); attempt %d, retrying in %.1f s",
+            e, self._backoff.attempt, delay,
+        )  # fmt: skip
+        return delay
 
     def _acknowledged(self, batch: Batch, nbytes: int, latency_s: float) -> None:
         st = self._stats

@@ -97,7 +97,10 @@ class Service:
         stop = stop or asyncio.Event()
         self._install_signals(stop)
         lock = OutboxLock(self.settings.buffer.path)
-        lock.acquire()  # before anything else: a second instance must not touch a thing (G11)
+        try:
+            lock.acquire()  # before anything else: a second instance must not touch a thing
+        except OSError as e:
+            raise StartupError(f"cannot take the outbox lock {lock.path}: {e}") from None
         try:
             outbox, recovery = await Outbox.open(
                 self.settings.buffer.path, synchronous=self.settings.buffer.synchronous

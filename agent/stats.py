@@ -39,6 +39,7 @@ class Stats:
     buffer_full: bool = False
     dead_letters: int = 0
     gateway_clock_steps: int = 0
+    outbox_errors: int = 0
     # Batch round trips: cumulative histogram buckets (seconds) and their sum, for /metrics.
     latency_counts: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS_S))
     latency_sum_s: float = 0.0

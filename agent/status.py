@@ -92,6 +92,7 @@ def status_document(p: Pipeline) -> dict[str, Any]:
             if st.last_forward_ok
             else None,
             "last_error": st.last_forward_error,
+            "outbox_errors": st.outbox_errors,
             "backoff_remaining_s": round(max(0.0, fw.backoff_until - now), 1)
             if fw.backoff_until
             else None,

@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS batch (
     chunks INTEGER NOT NULL,
     messages INTEGER NOT NULL,
     cut_at REAL NOT NULL,
-    body BLOB NOT NULL
+    body BLOB NOT NULL  -- the gateway id the batch was cut for (its body is rebuilt)
 );
 CREATE TABLE IF NOT EXISTS open_windows (
     camera TEXT NOT NULL,
@@ -232,13 +232,27 @@ class Store:
     def _seq_file(self) -> Path:
         return self.path.with_name(self.path.name + ".seq")
 
-    def _load_batch(self) -> Batch | None:
+    def _load_batch(self, gateway_id: str | None = None) -> Batch | None:
+        """The cut batch, its body rebuilt from its rows (unchanged while cut) and its cut time:
+        the same bytes as when it was cut."""
         row = self._db.execute(
-            "SELECT first_seq, last_seq, last_row, chunks, messages, body FROM batch"
+            "SELECT first_seq, last_seq, last_row, chunks, messages, cut_at, body FROM batch"
         ).fetchone()
         if row is None:
             return None
-        return Batch(int(row[0]), int(row[1]), int(row[2]), int(row[3]), int(row[4]), row[5])
+        first, last, last_row, chunks, messages, cut_at, gw = row
+        rows = self._batch_rows(int(first), int(last_row))
+        body = encode_batch(bytes(gw).decode(), rows, sent_at=float(cut_at))
+        return Batch(int(first), int(last), int(last_row), int(chunks), int(messages), body)
+
+    def _batch_rows(self, first: int, last_row: int) -> list[tuple[int, int, bytes]]:
+        return [
+            (int(seq), int(seq_end) if seq_end is not None else int(seq), body)
+            for seq, seq_end, body in self._db.execute(
+                "SELECT seq, seq_end, body FROM chunks WHERE seq >= ? AND seq <= ? ORDER BY seq",
+                (first, last_row),
+            )
+        ]
 
     @contextlib.contextmanager
     def _txn(self) -> Iterator[sqlite3.Connection]:
@@ -248,10 +262,12 @@ class Store:
             yield db
             db.execute("COMMIT")
         except BaseException:
-            try:
-                db.execute("ROLLBACK")
-            except sqlite3.Error:
-                log.exception("rollback failed")
+            # SQLite may have rolled back already (SQLITE_FULL does).
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    log.exception("rollback failed")
             self._count()
             raise
 
@@ -338,12 +354,15 @@ class Store:
             messages=counted_messages(r[2] for r in rows),
             body=body,
         )
+        # Only the cut is stored (a few bytes, no second copy of the chunks): the body is
+        # rebuilt from the rows, which do not change while cut, and the stored cut time.
         with self._txn() as db:
             db.execute(
                 "INSERT INTO batch (id, first_seq, last_seq, last_row, chunks, messages, cut_at,"
                 " body) VALUES (1, ?, ?, ?, ?, ?, ?, ?)",
-                (b.first_seq, b.last_seq, b.last_row, b.chunks, b.messages, now, body),
-            )
+                (b.first_seq, b.last_seq, b.last_row, b.chunks, b.messages, now,
+                 gateway_id.encode()),
+            )  # fmt: skip
         self.batch = b
         return b
 

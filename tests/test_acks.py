@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from agent.acks import AckLedger
+from agent.acks import AckLedger, Pending
 from agent.aggregate import DURABLE
 
 
@@ -52,20 +52,69 @@ def test_dup_of_counted_message_is_recognised_after_reconnect() -> None:
     assert [p.mid for p in ledger.ackable()] == [7]
 
 
+def durable_now(p: Pending) -> bool:
+    return p.durable
+
+
 def test_journal_survives_restart_and_matches_redelivery() -> None:
     ledger = AckLedger()
     w = W()
     ledger.track(5, 1, 50, w.add(), 0.0)
     ledger.track(6, 1, 60, W().add(), 0.0)
     w.durable_version = DURABLE
-    upserts, deletes = ledger.journal_changes()
-    assert [(p.mid, p.digest) for p in upserts] == [(5, 50)]
-    assert deletes == [6]  # received but not durable: a stale row for id 6 must go
-    ledger.journal_written(upserts)
-    restarted = AckLedger([(p.mid, p.digest) for p in upserts])
+    plan = ledger.plan_journal(durable_now)
+    assert [(p.mid, p.digest) for p in plan.upserts] == [(5, 50)]
+    assert plan.deletes == [6]  # received but not durable: a stale row for id 6 must go
+    ledger.journal_written(plan)
+    assert all(p.journaled for p in plan.upserts)
+    assert ledger.plan_journal(durable_now).deletes == []  # deleted once
+    restarted = AckLedger([(p.mid, p.digest) for p in plan.upserts])
     assert restarted.redelivered(5, 50, 0.0)
     assert [p.mid for p in restarted.ackable()] == [5]
     assert not restarted.redelivered(6, 60, 0.0)
+
+
+def test_plan_changes_nothing_until_written() -> None:
+    """A failed commit must leave the ledger as it was: the next plan writes the same rows."""
+    ledger = AckLedger()
+    w = W()
+    ledger.track(5, 1, 50, w.add(), 0.0)
+    ledger.track(6, 1, 60, W().add(), 0.0)
+    w.durable_version = DURABLE
+    first = ledger.plan_journal(durable_now)
+    # The commit failed: journal_written is not called.
+    second = ledger.plan_journal(durable_now)
+    assert [p.mid for p in second.upserts] == [p.mid for p in first.upserts] == [5]
+    assert second.deletes == first.deletes == [6]
+    assert not any(p.journaled for p in second.upserts)
+    assert second.upserts[0].window is w  # still held until durable on disk
+    ledger.journal_written(second)
+    after = ledger.plan_journal(durable_now)
+    assert after.upserts == [] and after.deletes == []
+
+
+def test_plan_counts_what_the_commit_itself_makes_durable() -> None:
+    """The checkpoint journals messages whose window it is committing in the same transaction
+    (closed, or snapshotted up to a version), before they are durable in memory."""
+    ledger = AckLedger()
+    closing, snapped, open_ = W(), W(), W()
+    ledger.track(1, 1, 10, closing.add(), 0.0)
+    ledger.track(2, 1, 20, snapped.add(), 0.0)
+    v = snapped.version
+    ledger.track(3, 1, 30, snapped.add(), 0.0)  # after the snapshot's version
+    ledger.track(4, 1, 40, open_.add(), 0.0)
+
+    def will_be_durable(p: Pending) -> bool:
+        return p.window is closing or (p.window is snapped and p.version <= v)
+
+    plan = ledger.plan_journal(will_be_durable)
+    assert [p.mid for p in plan.upserts] == [1, 2]
+    assert plan.deletes == [3, 4]
+    assert ledger.ackable() == []  # nothing is durable in memory yet
+    closing.durable_version = DURABLE
+    snapped.durable_version = v
+    ledger.journal_written(plan)
+    assert [p.mid for p in ledger.ackable()] == [1, 2]
 
 
 def test_durable_messages_behind_a_slow_window_are_journaled_before_they_can_be_acked() -> None:
@@ -76,10 +125,11 @@ def test_durable_messages_behind_a_slow_window_are_journaled_before_they_can_be_
     ledger.track(2, 1, 20, fast.add(), 0.0)
     fast.durable_version = DURABLE
     assert ledger.ackable() == []
-    upserts, _ = ledger.journal_changes()
-    assert [p.mid for p in upserts] == [2]
-    ledger.journal_written(upserts)
-    assert ledger.journal_changes()[0] == []  # written once
+    plan = ledger.plan_journal(durable_now)
+    assert [p.mid for p in plan.upserts] == [2]
+    assert plan.deletes == [1]
+    ledger.journal_written(plan)
+    assert ledger.plan_journal(durable_now).upserts == []  # written once
     restarted = AckLedger([(2, 20)])
     assert restarted.redelivered(2, 20, 0.0)
 
@@ -92,11 +142,14 @@ def test_messages_of_a_lost_connection_are_journaled_once_durable() -> None:
     w = W()
     ledger.track(4, 1, 40, w.add(), 0.0)
     ledger.new_connection()  # the broker went away before the window closed
+    not_yet = ledger.plan_journal(durable_now)
+    assert not_yet.upserts == [] and not_yet.keep_orphans != []
+    ledger.journal_written(not_yet)  # a checkpoint without it: the orphan is still remembered
     w.durable_version = DURABLE  # the window closes and is committed
-    upserts, _ = ledger.journal_changes()
-    assert [(p.mid, p.digest) for p in upserts] == [(4, 40)]
-    ledger.journal_written(upserts)
-    assert ledger.journal_changes()[0] == []
+    plan = ledger.plan_journal(durable_now)
+    assert [(p.mid, p.digest) for p in plan.upserts] == [(4, 40)]
+    ledger.journal_written(plan)
+    assert ledger.plan_journal(durable_now).upserts == []
     assert AckLedger([(4, 40)]).redelivered(4, 40, 0.0)  # a crash now: recognised
 
 
@@ -107,8 +160,28 @@ def test_orphan_superseded_by_a_new_message_under_its_id_is_not_journaled() -> N
     ledger.new_connection()
     ledger.track(4, 1, 41, W().add(), 0.0)  # the broker reused id 4: the old one was acked
     old.durable_version = DURABLE
-    upserts, deletes = ledger.journal_changes()
-    assert upserts == [] and deletes == [4]
+    plan = ledger.plan_journal(durable_now)
+    assert plan.upserts == [] and plan.deletes == [4]
+
+
+def test_ignored_new_message_makes_the_journal_row_under_its_id_stale() -> None:
+    """Shutdown leaves a QoS 1 message unacked. If it is not a redelivery of the message
+    journaled under its id, that journal row is stale and must go, or the broker's redelivery
+    of the new message (DUP, maybe identical bytes) would be taken for the old one."""
+    ledger = AckLedger([(5, 50), (6, 60), (7, 70)])
+    ledger.ignored(5, 50, dup=False)  # identical bytes, but a new message (no DUP)
+    ledger.ignored(6, 61, dup=True)  # DUP, but not what was journaled under 6
+    ledger.ignored(7, 70, dup=True)  # the journaled message itself, redelivered: keep its row
+    ledger.ignored(8, 80, dup=False)  # no row: deleting is harmless
+    plan = ledger.plan_journal(durable_now)
+    assert 5 in plan.deletes and 6 in plan.deletes
+    assert 7 not in plan.deletes
+    assert plan.deletes == [5, 6, 8] and plan.upserts == []
+    assert not ledger.redelivered(5, 50, 0.0)  # forgotten in memory too
+    assert not ledger.redelivered(6, 60, 0.0)
+    ledger.journal_written(plan)
+    assert ledger.plan_journal(durable_now).deletes == []
+    assert ledger.redelivered(7, 70, 0.0)  # still recognised after the identical redelivery
 
 
 def test_ledger_lets_go_of_windows_once_durable() -> None:
@@ -121,10 +194,10 @@ def test_ledger_lets_go_of_windows_once_durable() -> None:
     ledger.track(1, 1, 10, w.add(), 0.0)
     ref = weakref.ref(w)
     w.durable_version = DURABLE
-    upserts, _ = ledger.journal_changes()
-    ledger.journal_written(upserts)
+    plan = ledger.plan_journal(durable_now)
+    ledger.journal_written(plan)
     ledger.pop_acked(len(ledger.ackable()))
-    del w, upserts
+    del w, plan
     gc.collect()
     assert ref() is None
     assert AckLedger().redelivered(1, 10, 0.0) is False and ledger.redelivered(1, 10, 0.0)

@@ -137,6 +137,41 @@ def test_restore_reopens_saved_windows() -> None:
     assert c.count == 2 and c.cat["cls"] == {"a": 2} and c.num["conf"].sum == 0.75
 
 
+def test_restore_remembers_the_snapshot_keys_to_drop() -> None:
+    """Each restored snapshot's key is kept on its window, so the commit of the window's chunk
+    can drop every snapshot of it (one durable home per count, G9)."""
+    agg = make()
+    add(agg, T0 + 0.5, T0 + 0.5, conf=0.5, cls="a")
+    add(agg, T0 + 1.5, T0 + 1.5, cam="c2", conf=0.5, cls="a")
+    saved = [Chunk.from_wire(w.to_wire()) for w in agg.open_windows()]
+    # Two snapshots of the same window (say rev 0 saved twice under another key): merged.
+    twin = Chunk.from_wire(saved[0].to_wire())
+    twin.rev = 1
+    again = make()
+    assert again.restore([*saved, twin], now=T0 + 2) == 2
+    keys = {w.camera: w.saved_keys for w in again.open_windows()}
+    assert keys["c1"] == [("c1", "det", T0, 0), ("c1", "det", T0, 1)]
+    assert keys["c2"] == [("c2", "det", T0 + 1, 0)]
+    assert all(w.saved_keys == [] for w in agg.open_windows())  # never saved: nothing to drop
+    (c1,) = [w for w in again.close_all() if w.camera == "c1"]
+    assert c1.count == 2
+
+
+def test_idle_close_runs_on_the_monotonic_clock_not_the_wall_clock() -> None:
+    """`mono` drives the idle timeout: a step of the wall clock (recv_t) neither closes an
+    idle camera's windows early nor holds them open."""
+    agg = make()
+    mono0 = 1000.0
+    w = agg.add("c1", "det", SPEC, {}, T0 + 0.5, T0 + 0.5, mono=mono0)
+    assert not isinstance(w, str)
+    # The wall clock jumps a day ahead: the chunk is stamped with it, the timer does not move.
+    agg.add("c1", "det", SPEC, {}, T0 + 0.6, T0 + 86400, mono=mono0 + 0.1)
+    assert agg.close_due(mono0 + 5.0) == []
+    closed = agg.close_due(mono0 + 5.2)
+    assert [c.t for c in closed] == [T0] and closed[0].count == 2
+    assert agg.open_count == 0
+
+
 # -- property: merging every rev of a window equals aggregating its messages at once ----------
 
 CLASSES = ["person", "car", "dog"]  # below the cap, so category counts are exact

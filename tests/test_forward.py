@@ -5,7 +5,7 @@ import gzip
 import json
 import random
 
-from agent.forward import encode_batch
+from agent.model import encode_batch
 from agent.pacing import Backoff, retry_after_s
 
 
@@ -29,14 +29,32 @@ def test_backoff_is_capped_with_jitter() -> None:
 
 
 def test_batch_body_splices_stored_chunks() -> None:
-    body = encode_batch(
-        "gw-1",
-        [(41, b'{"camera":"c","count":2}'), (42, b'{"camera":"d","count":1}')],
-        sent_at=1764126000.5,
-    )
+    stored = [b'{"camera":"c","count":2}', b'{"camera":"d","count":1}']
+    body = encode_batch("gw-1", [(41, 41, stored[0]), (42, 42, stored[1])], sent_at=1764126000.5)
     doc = json.loads(gzip.decompress(gzip.compress(body)))
     assert doc["schema"] == "edge-agent/v1" and doc["gateway"] == "gw-1"
     assert (doc["first_seq"], doc["last_seq"]) == (41, 42)
     assert doc["sent_at"] == "2025-11-26T03:00:00.500Z"
     assert [c["seq"] for c in doc["chunks"]] == [41, 42]
     assert doc["chunks"][0] == {"seq": 41, "camera": "c", "count": 2}
+    # A chunk standing for itself only carries no seq_end.
+    assert all("seq_end" not in c for c in doc["chunks"])
+    # Spliced, not re-encoded: the stored bytes appear verbatim after the seq prefix.
+    assert b'{"seq":41,"camera":"c","count":2}' in body
+
+
+def test_batch_body_declares_the_seqs_a_compacted_chunk_stands_for() -> None:
+    """A compacted row [seq, seq_end] declares its range; last_seq is the end of the last row's
+    range, so the batch covers a contiguous seq range without a gap at the cloud."""
+    body = encode_batch(
+        "gw-1",
+        [(10, 14, b'{"camera":"c","count":7}'), (15, 15, b'{"camera":"d","count":1}')],
+        sent_at=0.0,
+    )
+    doc = json.loads(body)
+    assert (doc["first_seq"], doc["last_seq"]) == (10, 15)
+    assert doc["chunks"][0] == {"seq": 10, "seq_end": 14, "camera": "c", "count": 7}
+    assert doc["chunks"][1] == {"seq": 15, "camera": "d", "count": 1}
+    assert doc["sent_at"] == "1970-01-01T00:00:00.000Z"
+    tail = encode_batch("gw-1", [(20, 29, b'{"count":3}')], sent_at=0.0)
+    assert (json.loads(tail)["first_seq"], json.loads(tail)["last_seq"]) == (20, 29)

@@ -17,13 +17,13 @@ import httpx
 import pytest
 
 from agent.config import ForwardSettings
-from agent.deadletters import list_dead_letters, retry_dead_letters
 from agent.forward import Forwarder, classify
 from agent.model import Chunk, encode_chunk
 from agent.outbox import CheckpointWrite, Outbox
 from agent.sim.cloud import load_merged
 from agent.sim.procs import Receiver
 from agent.stats import Stats
+from agent.store import list_dead_letters, retry_dead_letters
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Rig:
     stats: Stats
     receiver: Receiver
     path: Path
+    first_seq: int  # the seq of the first chunk written (a new file starts high, not at 1)
 
     async def fill(self, n: int, cameras: Callable[[int], str] = lambda i: f"cam-{i % 10}") -> None:
         chunks = []
@@ -59,7 +60,7 @@ async def rig(
     }  # fmt: skip
     settings = ForwardSettings(**options)
     path = tmp_path / "outbox.sqlite3"
-    outbox, _ = await Outbox.open(path, synchronous="normal")
+    outbox, rec = await Outbox.open(path, synchronous="normal")
     stats = Stats()
     async with httpx.AsyncClient(timeout=settings.timeout_s, follow_redirects=False) as client:
         fwd = Forwarder(
@@ -67,7 +68,7 @@ async def rig(
         )
         task = asyncio.create_task(fwd.run())
         try:
-            yield Rig(outbox, fwd, stats, receiver, path)
+            yield Rig(outbox, fwd, stats, receiver, path, rec.next_seq)
         finally:
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -84,7 +85,13 @@ async def test_2xx_delivers_and_deletes(rig: Rig) -> None:
     await rig.until(lambda: rig.outbox.chunk_count == 0, "drained")
     assert stored(rig) == 2500
     assert rig.stats.batches_sent == 3  # 1000 + 1000 + 500, contiguous, in order
-    assert rig.receiver.stats()["gateways"]["gw-test"]["gaps"] == 0
+    gw = rig.receiver.stats()["gateways"]["gw-test"]
+    assert gw["gaps"] == 0 and gw["out_of_order"] == 0
+    assert rig.outbox.batch is None
+    con = sqlite3.connect(rig.receiver.db)
+    seqs = [s for (s,) in con.execute("SELECT seq FROM chunks ORDER BY seq")]
+    con.close()
+    assert seqs == list(range(rig.first_seq, rig.first_seq + 2500))
 
 
 async def test_409_counts_as_acknowledged(rig: Rig) -> None:
@@ -110,12 +117,22 @@ async def test_throttle_honours_retry_after_and_cuts_the_pace(rig: Rig, status: 
 async def test_server_errors_retry_with_backoff_and_keep_everything(rig: Rig, status: int) -> None:
     rig.receiver.fault(status=status)
     await rig.fill(10)
+    await rig.until(lambda: rig.stats.batches_failed >= 1, "a failure")
+    first = rig.outbox.batch
+    assert first is not None and first.chunks == 10
+    await rig.fill(5)  # more chunks arrive while the batch is retried
     await rig.until(lambda: rig.stats.batches_failed >= 3, "three failures")
-    assert rig.outbox.chunk_count == 10
+    assert rig.outbox.chunk_count == 15
+    # G7: every retry sends the same cut batch: same seqs, bytes and Idempotency-Key.
+    assert rig.outbox.batch == first
+    body, headers = rig.forwarder.request(first)
+    assert rig.forwarder.request(first) == (body, headers)
+    assert headers["Idempotency-Key"] == f"gw-test:{rig.first_seq}-{rig.first_seq + 9}"
     assert rig.forwarder.unhealthy_reason is None
     rig.receiver.fault(status=None)
     await rig.until(lambda: rig.outbox.chunk_count == 0, "drained")
-    assert stored(rig) == 10
+    assert stored(rig) == 15
+    assert rig.receiver.stats()["gateways"]["gw-test"]["gaps"] == 0
 
 
 async def test_timeout_is_retried(rig: Rig) -> None:
@@ -174,7 +191,7 @@ async def test_poison_chunk_goes_to_dead_letters_and_the_rest_arrives(rig: Rig) 
     await rig.until(lambda: rig.outbox.chunk_count == 0, "drained", timeout_s=60)
     assert stored(rig) == 999
     dead = list_dead_letters(rig.path)
-    assert [d["seq"] for d in dead] == [618]
+    assert [d["seq"] for d in dead] == [rig.first_seq + 617]
     assert dead[0]["status"] == 422 and "cam-poison" in dead[0]["response"]
     assert rig.stats.dead_letters == 1
     # The operator fixes the cloud and retries: the chunk goes out under a new seq.
@@ -184,6 +201,10 @@ async def test_poison_chunk_goes_to_dead_letters_and_the_rest_arrives(rig: Rig) 
     assert list_dead_letters(rig.path) == []
     merged = load_merged(rig.receiver.db)
     assert sum(c.count for c in merged.values()) == 1000
+    con = sqlite3.connect(rig.receiver.db)
+    (poison_seq,) = con.execute("SELECT seq FROM chunks WHERE camera = 'cam-poison'").fetchone()
+    con.close()
+    assert poison_seq > rig.first_seq + 999  # a new seq, above every seq used before
 
 
 async def test_bad_request_on_a_single_chunk_is_a_dead_letter(rig: Rig) -> None:

@@ -1,44 +1,213 @@
 from __future__ import annotations
 
+import asyncio
+import os
 import sqlite3
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 
-from agent.outbox import CheckpointWrite, Outbox, OutboxError
+from agent.model import Chunk, encode_chunk
+from agent.outbox import Batch, CheckpointWrite, Outbox, OutboxError
+from agent.store import SEQ_PER_SECOND_FLOOR
+
+GW = "gw-test"
+T0 = 1764126000.0
+
+
+def chunk_body(i: int) -> bytes:
+    """A real one-message chunk for second T0 + i."""
+    c = Chunk("cam-1", "det", int(T0) + i, 1)
+    c.add_times(T0 + i, T0 + i + 0.1)
+    return encode_chunk(c)
+
+
+def batch_doc(b: Batch) -> dict[str, Any]:
+    doc: dict[str, Any] = msgspec.json.decode(b.body)
+    return doc
+
+
+async def cut(ob: Outbox, max_chunks: int = 10**6, max_bytes: int = 10**9) -> Batch | None:
+    return await ob.cut(gateway_id=GW, max_chunks=max_chunks, max_bytes=max_bytes, now=T0)
+
+
+def moved_aside(d: Path) -> list[Path]:
+    return list(d.glob("b.sqlite3.corrupt-*"))
+
+
+def side_files(path: Path) -> list[Path]:
+    return [Path(f"{path}{s}") for s in ("", "-wal", "-shm")]
 
 
 async def test_seq_is_never_reused_across_deletes_and_restarts(tmp_path: Path) -> None:
     path = tmp_path / "b.sqlite3"
-    ob, rec = await Outbox.open(path)
-    assert rec.next_seq == 1
+    ob, rec = await Outbox.open(path, now=T0)
+    s0 = rec.next_seq
+    assert rec.new_file and rec.chunks == 0
+    assert s0 > int(T0) * SEQ_PER_SECOND_FLOOR  # a new file starts at the wall-clock floor
     await ob.checkpoint(CheckpointWrite(chunks=[b'{"a":1}', b'{"a":2}', b'{"a":3}']), now=1.0)
-    rows = await ob.read_batch(after_seq=0, max_chunks=10, max_bytes=10**6)
-    assert [s for s, _ in rows] == [1, 2, 3]
-    await ob.delete_through(3)
-    assert ob.chunk_count == 0
+    b = await cut(ob)
+    assert b is not None
+    assert (b.first_seq, b.last_seq, b.chunks) == (s0, s0 + 2, 3)
+    assert [c["seq"] for c in batch_doc(b)["chunks"]] == [s0, s0 + 1, s0 + 2]
+    await ob.acknowledged(b)
+    assert ob.chunk_count == 0 and ob.batch is None
+    assert await cut(ob) is None
     await ob.close()
-    ob, rec = await Outbox.open(path)
-    assert rec.next_seq == 4 and rec.chunks == 0
+    ob, rec = await Outbox.open(path, now=T0 + 10)
+    assert rec.next_seq == s0 + 3 and rec.chunks == 0 and not rec.new_file
     await ob.checkpoint(CheckpointWrite(chunks=[b'{"a":4}']), now=2.0)
-    rows = await ob.read_batch(after_seq=0, max_chunks=10, max_bytes=10**6)
-    assert rows == [(4, b'{"a":4}')]
+    b = await cut(ob)
+    assert b is not None and (b.first_seq, b.last_seq) == (s0 + 3, s0 + 3)
+    assert batch_doc(b)["chunks"] == [{"seq": s0 + 3, "a": 4}]
     await ob.close()
 
 
 async def test_batch_respects_byte_limit_but_always_makes_progress(tmp_path: Path) -> None:
-    ob, _ = await Outbox.open(tmp_path / "b.sqlite3")
-    await ob.checkpoint(CheckpointWrite(chunks=[b"x" * 100] * 5), now=1.0)
-    rows = await ob.read_batch(after_seq=0, max_chunks=10, max_bytes=250)
-    assert [s for s, _ in rows] == [1, 2]
-    rows = await ob.read_batch(after_seq=0, max_chunks=10, max_bytes=10)
-    assert [s for s, _ in rows] == [1]
+    ob, rec = await Outbox.open(tmp_path / "b.sqlite3")
+    s0 = rec.next_seq
+    await ob.checkpoint(CheckpointWrite(chunks=[b'{"x":"' + b"x" * 92 + b'"}'] * 6), now=1.0)
+    b = await cut(ob, max_chunks=10, max_bytes=250)
+    assert b is not None and (b.first_seq, b.last_seq, b.chunks) == (s0, s0 + 1, 2)
+    await ob.acknowledged(b)
+    assert ob.batch is None and ob.chunk_count == 4
+    b = await cut(ob, max_chunks=10, max_bytes=10)  # one chunk is bigger: it still goes
+    assert b is not None and (b.first_seq, b.last_seq, b.chunks) == (s0 + 2, s0 + 2, 1)
+    await ob.acknowledged(b)
+    b = await cut(ob, max_chunks=2, max_bytes=10**6)
+    assert b is not None and (b.first_seq, b.last_seq, b.chunks) == (s0 + 3, s0 + 4, 2)
+    await ob.acknowledged(b)
+    assert ob.chunk_count == 1
+    await ob.close()
+
+
+async def test_a_released_batch_is_cut_again_smaller_also_after_a_restart(tmp_path: Path) -> None:
+    """413/400/422: the cloud refused the batch whole. Released, it is re-cut in halves (never
+    the refused range again); the bisection survives a restart and ends with an ack."""
+    path = tmp_path / "b.sqlite3"
+    ob, rec = await Outbox.open(path)
+    s0 = rec.next_seq
+    await ob.checkpoint(CheckpointWrite(chunks=[chunk_body(i) for i in range(8)]), now=1.0)
+    whole = await cut(ob)
+    assert whole is not None and whole.chunks == 8
+    await ob.release(whole)
+    assert ob.batch is None and ob.chunk_count == 8  # nothing lost
+    half = await cut(ob)
+    assert half is not None and (half.first_seq, half.last_seq) == (s0, s0 + 3)
+    assert half.key(GW) != whole.key(GW)
+    await ob.release(half)
+    await ob.close()
+
+    ob, rec = await Outbox.open(path)
+    assert rec.chunks == 8 and ob.batch is None
+    quarter = await cut(ob)
+    assert quarter is not None and (quarter.first_seq, quarter.last_seq) == (s0, s0 + 1)
+    await ob.acknowledged(quarter)
+    # Acknowledged: the bisection is over, the rest goes in one batch again.
+    rest = await cut(ob)
+    assert rest is not None and (rest.first_seq, rest.last_seq) == (s0 + 2, s0 + 7)
+    await ob.close()
+
+
+async def test_cut_batch_is_immutable_until_acknowledged(tmp_path: Path) -> None:
+    """G7: once cut, a batch keeps its seqs, bytes and key through more checkpoints, other
+    limits, a later clock and a restart; the next batch starts right after it."""
+    path = tmp_path / "b.sqlite3"
+    ob, rec = await Outbox.open(path)
+    s0 = rec.next_seq
+    await ob.checkpoint(CheckpointWrite(chunks=[chunk_body(i) for i in range(3)]), now=1.0)
+    first = await ob.cut(gateway_id=GW, max_chunks=10, max_bytes=10**6, now=T0)
+    assert first is not None and (first.first_seq, first.last_seq) == (s0, s0 + 2)
+    assert first.messages == 3
+    key = first.key(GW)
+    assert key == f"{GW}:{s0}-{s0 + 2}"
+
+    await ob.checkpoint(CheckpointWrite(chunks=[chunk_body(i) for i in range(3, 10)]), now=2.0)
+    again = await ob.cut(gateway_id=GW, max_chunks=1000, max_bytes=10**9, now=T0 + 60)
+    assert again == first and ob.batch == first
+    assert again is not None and again.body == first.body and again.key(GW) == key
+    # Smaller limits do not shrink it either (only release() after a 413/400/422 does).
+    assert await ob.cut(gateway_id=GW, max_chunks=1, max_bytes=1, now=T0 + 61) == first
+    # Only the cut batch can be acknowledged.
+    other = Batch(s0, s0 + 3, s0 + 3, 4, 4, first.body)
+    with pytest.raises(ValueError, match="not the cut batch"):
+        await ob.acknowledged(other)
+    assert ob.chunk_count == 10
+    await ob.close()
+
+    ob, rec = await Outbox.open(path)
+    assert rec.chunks == 10
+    assert ob.batch == first
+    restarted = await ob.cut(gateway_id=GW, max_chunks=1000, max_bytes=10**9, now=T0 + 3600)
+    assert restarted is not None
+    assert restarted.body == first.body and restarted.key(GW) == key
+    assert (restarted.first_seq, restarted.last_seq, restarted.chunks) == (s0, s0 + 2, 3)
+    await ob.acknowledged(restarted)
+    assert ob.chunk_count == 7 and ob.batch is None
+    nxt = await cut(ob)
+    assert nxt is not None and (nxt.first_seq, nxt.last_seq) == (s0 + 3, s0 + 9)
+    assert [c["t"] for c in batch_doc(nxt)["chunks"]] == [int(T0) + i for i in range(3, 10)]
+    assert nxt.messages == 7
+    await ob.close()
+
+
+async def test_seqs_never_repeat_after_the_file_is_deleted(tmp_path: Path) -> None:
+    """The `.seq` side file keeps the high-water mark when the database goes away (deleted by
+    hand, moved aside): the new file starts above it, even if the wall clock went back."""
+    path = tmp_path / "b.sqlite3"
+    ob, rec = await Outbox.open(path, now=T0)
+    await ob.checkpoint(CheckpointWrite(chunks=[chunk_body(i) for i in range(3)]), now=T0)
+    b = await cut(ob)
+    assert b is not None
+    used = list(range(b.first_seq, b.last_seq + 1))
+    assert len(used) == 3
+    await ob.close()
+    seq_file = tmp_path / "b.sqlite3.seq"
+    assert seq_file.exists()
+    for f in side_files(path):
+        f.unlink(missing_ok=True)
+
+    # The wall clock stepped back an hour: the floor alone would reuse seqs.
+    ob, rec = await Outbox.open(path, now=T0 - 3600)
+    assert rec.new_file and rec.chunks == 0
+    assert rec.next_seq > max(used)
+    await ob.checkpoint(CheckpointWrite(chunks=[chunk_body(9)]), now=T0)
+    b = await cut(ob)
+    assert b is not None and b.first_seq == rec.next_seq > max(used)
+    used.append(b.first_seq)
+    await ob.close()
+
+    # Without the side file, the wall-clock floor still starts a new file high.
+    for f in [*side_files(path), seq_file]:
+        f.unlink(missing_ok=True)
+    later = T0 + 86400
+    ob, rec = await Outbox.open(path, now=later)
+    assert rec.new_file
+    assert rec.next_seq >= int(later) * SEQ_PER_SECOND_FLOOR
+    assert rec.next_seq > max(used)
+    await ob.close()
+
+
+async def test_seqs_never_repeat_after_a_corrupt_file_is_moved_aside(tmp_path: Path) -> None:
+    path = tmp_path / "b.sqlite3"
+    ob, _ = await Outbox.open(path, now=T0)
+    await ob.checkpoint(CheckpointWrite(chunks=[chunk_body(i) for i in range(3)]), now=T0)
+    last = ob.last_seq
+    await ob.close()
+    for f in side_files(path)[1:]:
+        f.unlink(missing_ok=True)
+    path.write_bytes(b"garbage!" * 1024)
+    ob, rec = await Outbox.open(path, now=T0 - 3600)
+    assert rec.moved_aside is not None and rec.new_file
+    assert rec.next_seq > last
     await ob.close()
 
 
 async def test_checkpoint_is_all_or_nothing(tmp_path: Path) -> None:
     path = tmp_path / "b.sqlite3"
-    ob, _ = await Outbox.open(path)
+    ob, first = await Outbox.open(path)
     bad = CheckpointWrite(
         chunks=[b'{"a":1}'],
         journal_upserts=[(1, 10)],
@@ -46,10 +215,11 @@ async def test_checkpoint_is_all_or_nothing(tmp_path: Path) -> None:
     )
     with pytest.raises(sqlite3.Error):
         await ob.checkpoint(bad, now=1.0)
-    assert ob.chunk_count == 0
+    assert ob.chunk_count == 0 and ob.last_seq == first.next_seq - 1
     await ob.close()
     ob, rec = await Outbox.open(path)
-    assert rec.chunks == 0 and rec.journal == [] and rec.open_windows == [] and rec.next_seq == 1
+    assert rec.chunks == 0 and rec.journal == [] and rec.open_windows == []
+    assert rec.next_seq == first.next_seq  # the rolled-back chunk's seq was not consumed
     await ob.close()
 
 
@@ -66,10 +236,13 @@ async def test_state_tables_round_trip(tmp_path: Path) -> None:
     assert rec.open_windows == [b'{"w":1}']
     assert rec.journal == [(9, -3)]
     assert rec.marks == {"c": {"closed_before": 6.0}}
-    await ob.checkpoint(CheckpointWrite(drop_snapshots=[("c", "s", 5, 0)]), now=2.0)
+    await ob.checkpoint(
+        CheckpointWrite(drop_snapshots=[("c", "s", 5, 0)], journal_deletes=[9]), now=2.0
+    )
+    await ob.clear_marks()
     await ob.close()
     ob, rec = await Outbox.open(path)
-    assert rec.open_windows == []
+    assert rec.open_windows == [] and rec.journal == [] and rec.marks == {}
     await ob.close()
 
 
@@ -85,13 +258,92 @@ async def test_corrupt_file_is_moved_aside_and_a_new_one_started(tmp_path: Path)
     await ob.close()
 
 
+async def test_a_locked_outbox_is_an_error_and_is_not_moved_aside(tmp_path: Path) -> None:
+    """Only corruption moves the file aside (G11). A database another process holds (here: an
+    exclusive-mode connection that has written) is refused with OutboxError and left alone.
+    Takes the store's busy timeout (10 s) to fail."""
+    path = tmp_path / "b.sqlite3"
+    ob, _ = await Outbox.open(path)
+    await ob.checkpoint(CheckpointWrite(chunks=[chunk_body(i) for i in range(3)]), now=1.0)
+    await ob.close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute("INSERT INTO meta (key, value) VALUES ('holder', x'01')")
+        holder.execute("COMMIT")  # exclusive mode: the lock stays after the commit
+        with pytest.raises(OutboxError, match="locked"):
+            await Outbox.open(path)
+    finally:
+        holder.close()
+    assert moved_aside(tmp_path) == []
+    # The file is intact: every chunk is still there once the other process let go.
+    ob, rec = await Outbox.open(path)
+    assert rec.moved_aside is None and not rec.new_file and rec.chunks == 3
+    await ob.close()
+
+
+async def test_an_unopenable_path_is_an_error_and_is_not_moved_aside(tmp_path: Path) -> None:
+    path = tmp_path / "b.sqlite3"
+    path.mkdir()
+    (path / "keep").write_text("x")
+    with pytest.raises(OutboxError, match="cannot open"):
+        await Outbox.open(path)
+    assert path.is_dir() and (path / "keep").read_text() == "x"
+    assert moved_aside(tmp_path) == []
+
+
 async def test_newer_schema_refuses_to_start(tmp_path: Path) -> None:
     path = tmp_path / "b.sqlite3"
     con = sqlite3.connect(path)
+    con.execute("CREATE TABLE keep (x)")
+    con.execute("INSERT INTO keep VALUES (42)")
+    con.commit()
     con.execute("PRAGMA user_version = 99")
     con.close()
     with pytest.raises(OutboxError, match="schema version 99"):
         await Outbox.open(path)
+    # Not corruption: the file stays where it is, untouched.
+    assert moved_aside(tmp_path) == []
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 99
+    assert con.execute("SELECT x FROM keep").fetchall() == [(42,)]
+    con.close()
+
+
+async def test_version_1_file_is_migrated_and_keeps_its_rows_and_seqs(tmp_path: Path) -> None:
+    path = tmp_path / "b.sqlite3"
+    con = sqlite3.connect(path)
+    con.executescript(
+        """
+        CREATE TABLE chunks (seq INTEGER PRIMARY KEY AUTOINCREMENT, created_at REAL NOT NULL,
+                             body BLOB NOT NULL);
+        CREATE TABLE open_windows (camera TEXT NOT NULL, stream TEXT NOT NULL, t INTEGER NOT NULL,
+            rev INTEGER NOT NULL, state BLOB NOT NULL, PRIMARY KEY (camera, stream, t, rev))
+            WITHOUT ROWID;
+        CREATE TABLE ack_journal (mid INTEGER PRIMARY KEY, digest INTEGER NOT NULL) WITHOUT ROWID;
+        CREATE TABLE dead_letters (seq INTEGER PRIMARY KEY, created_at REAL NOT NULL,
+            body BLOB NOT NULL, status INTEGER, response TEXT);
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+        INSERT INTO chunks (created_at, body)
+            VALUES (1.0, CAST('{"a":1}' AS BLOB)), (1.0, CAST('{"a":2}' AS BLOB));
+        INSERT INTO ack_journal VALUES (7, 70);
+        PRAGMA user_version = 1;
+        """
+    )
+    con.close()
+    ob, rec = await Outbox.open(path, now=T0)
+    assert not rec.new_file and rec.moved_aside is None
+    assert rec.chunks == 2 and rec.next_seq == 3 and rec.journal == [(7, 70)]
+    b = await cut(ob)
+    assert b is not None and (b.first_seq, b.last_seq) == (1, 2)
+    assert batch_doc(b)["chunks"] == [{"seq": 1, "a": 1}, {"seq": 2, "a": 2}]
+    await ob.close()
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert "seq_end" in {r[1] for r in con.execute("PRAGMA table_info(chunks)")}
+    assert "seq_end" in {r[1] for r in con.execute("PRAGMA table_info(dead_letters)")}
+    con.close()
 
 
 async def test_pragmas(tmp_path: Path) -> None:
@@ -100,34 +352,51 @@ async def test_pragmas(tmp_path: Path) -> None:
     await ob.close()
     con = sqlite3.connect(path)
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert con.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 2
     con.close()
 
 
 async def test_checkpoint_and_forwarder_can_interleave_on_one_connection(tmp_path: Path) -> None:
-    """The checkpoint loop and the forwarder share the connection; their transactions must not
-    nest, and a reader must never see a checkpoint's chunks before its COMMIT."""
-    import asyncio
-
-    ob, _ = await Outbox.open(tmp_path / "b.sqlite3", synchronous="off")
+    """The checkpoint loop and the forwarder share the outbox; their transactions must not
+    nest, and a cut must never see a checkpoint's chunks before its COMMIT."""
+    ob, rec = await Outbox.open(tmp_path / "b.sqlite3", synchronous="off")
+    s0 = rec.next_seq
     sent: list[int] = []
 
     async def writer() -> None:
         for i in range(200):
             await ob.checkpoint(
-                CheckpointWrite(chunks=[b"{}"] * 5, journal_upserts=[(i, i)]), now=float(i)
+                CheckpointWrite(chunks=[b'{"a":1}'] * 5, journal_upserts=[(i, i)]), now=float(i)
             )
 
     async def forwarder() -> None:
         while len(sent) < 1000:
-            rows = await ob.read_batch(after_seq=0, max_chunks=7, max_bytes=10**6)
-            if rows:
-                sent.extend(s for s, _ in rows)
-                await ob.delete_through(rows[-1][0])
+            b = await ob.cut(gateway_id=GW, max_chunks=7, max_bytes=10**6, now=T0)
+            if b is not None:
+                seqs = [c["seq"] for c in batch_doc(b)["chunks"]]
+                assert seqs == list(range(b.first_seq, b.last_seq + 1))
+                sent.extend(seqs)
+                await ob.acknowledged(b)
             else:
                 await asyncio.sleep(0)
 
     await asyncio.wait_for(asyncio.gather(writer(), forwarder()), timeout=60)
-    assert sent == list(range(1, 1001))
-    assert ob.chunk_count == 0
+    assert sent == list(range(s0, s0 + 1000))
+    assert ob.chunk_count == 0 and ob.batch is None
     await ob.close()
+
+
+def test_seq_side_file_is_written_before_the_seqs_are_used(tmp_path: Path) -> None:
+    """The reserved high-water mark in `<outbox>.seq` is always above the last seq used."""
+    from agent.store import Store
+
+    path = tmp_path / "b.sqlite3"
+    store, _ = Store.open(path, now=T0)
+    try:
+        for n in (1, 5, 100):
+            store.checkpoint(CheckpointWrite(chunks=[b"{}"] * n), now=T0)
+            reserved = int((tmp_path / "b.sqlite3.seq").read_text())
+            assert reserved >= store.last_seq
+    finally:
+        store.close()
+    assert os.path.getsize(tmp_path / "b.sqlite3.seq") > 0

@@ -11,8 +11,8 @@ import msgspec
 import pytest
 
 from agent.model import Chunk, encode_chunk
-from agent.outbox import CheckpointWrite, Outbox
-from agent.quota import plan_compaction
+from agent.outbox import Batch, CheckpointWrite, Outbox
+from agent.quota import compact_range, counted_messages
 from agent.sim.cloud import load_merged
 from agent.sim.procs import wait_for
 from agent.sim.truth import compare_per_stream
@@ -41,8 +41,23 @@ def totals(bodies: list[bytes]) -> tuple[int, Counter[str], float]:
     return count, cats, conf
 
 
-async def all_bodies(ob: Outbox) -> list[bytes]:
-    return [b for _, b in await ob.read_batch(after_seq=0, max_chunks=10**7, max_bytes=10**12)]
+def all_rows(ob: Outbox) -> list[tuple[int, int | None, bytes]]:
+    """Every row of the outbox, (seq, seq_end, body), in seq order."""
+    return [(int(s), e, bytes(b)) for s, e, b in ob.store.dump()["chunks"]]
+
+
+def all_bodies(ob: Outbox) -> list[bytes]:
+    return [b for _, _, b in all_rows(ob)]
+
+
+def assert_tiled(rows: list[tuple[int, int | None, bytes]], first: int, last: int) -> None:
+    """The rows' [seq, seq_end] ranges cover first..last exactly, in order, without a hole."""
+    expect = first
+    for seq, seq_end, _ in rows:
+        end = seq if seq_end is None else seq_end
+        assert seq == expect and end >= seq, (seq, seq_end, expect)
+        expect = end + 1
+    assert expect == last + 1, (expect, last)
 
 
 async def fill(ob: Outbox, until_usage: float) -> list[bytes]:
@@ -56,33 +71,106 @@ async def fill(ob: Outbox, until_usage: float) -> list[bytes]:
     return written
 
 
-def test_plan_compaction_keeps_totals() -> None:
-    rows = [(i + 1, chunk(i % 3, "det", T0 + i // 3)) for i in range(60)]
-    plan = plan_compaction(rows, width=1, coarser=10)
-    kept = {s: b for s, b in rows if s not in plan.deletes}
-    kept.update(plan.updates)
-    assert totals(list(kept.values()))[0] == totals([b for _, b in rows])[0] == 300
-    assert len(kept) == 6  # 3 cameras x 2 ten-second windows
-    assert all(msgspec.json.decode(b)["width_s"] == 10 for _, b in plan.updates)
+async def cut(ob: Outbox, max_chunks: int) -> Batch:
+    b = await ob.cut(gateway_id="gw", max_chunks=max_chunks, max_bytes=10**9, now=float(T0))
+    assert b is not None
+    return b
+
+
+def test_compact_range_keeps_totals() -> None:
+    rows = [(100 + i, 100 + i, float(i), chunk(i % 3, "det", T0 + i // 3)) for i in range(60)]
+    new = compact_range(rows, coarser=10)
+    assert new is not None
+    bodies = [b for _, b in new]
+    got, want = totals(bodies), totals([b for *_, b in rows])
+    assert got[0] == want[0] == 300 and got[1] == want[1]
+    assert got[2] == pytest.approx(want[2])
+    assert len(new) == 6  # 3 cameras x 2 ten-second windows
+    docs = [msgspec.json.decode(b) for b in bodies]
+    assert all(d["width_s"] == 10 and d["t"] % 10 == 0 for d in docs)
+    assert all("compacted" in d.get("flags", []) for d in docs)
+    # In the order of their first member, stamped with the oldest member's created_at.
+    assert [(d["camera"], d["t"]) for d in docs] == [
+        (f"cam-{c:03d}", T0 // 10 * 10 + w) for w in (0, 10) for c in range(3)
+    ]
+    assert new[0][0] == 0.0
+    # Coarser again: the 10-second chunks merge into 60-second ones, still every count.
+    again = compact_range([(200 + i, 200 + i, c, b) for i, (c, b) in enumerate(new)], coarser=60)
+    assert again is not None and totals([b for _, b in again])[:2] == got[:2]
+    assert all(msgspec.json.decode(b)["width_s"] == 60 for _, b in again)
+
+
+def test_compact_range_returns_none_when_nothing_shrinks_and_keeps_unreadable_rows() -> None:
+    distinct = [(i, i, 0.0, chunk(i, "det", T0)) for i in range(5)]  # one chunk per camera
+    assert compact_range(distinct, coarser=10) is None
+    junk = (10, 10, 5.0, b"not json")
+    rows = [(1, 1, 1.0, chunk(1, "det", T0)), junk, (2, 2, 2.0, chunk(1, "det", T0 + 1))]
+    new = compact_range(rows, coarser=10)
+    assert new is not None and len(new) == 2
+    assert (5.0, b"not json") in new
+    assert totals([b for _, b in new if b != b"not json"])[0] == 10
+    assert counted_messages([b for *_, b in rows]) == 10
 
 
 async def test_compaction_under_a_tiny_quota_keeps_every_count(tmp_path: Path) -> None:
-    ob, _ = await Outbox.open(tmp_path / "b.sqlite3", synchronous="off")
+    ob, rec = await Outbox.open(tmp_path / "b.sqlite3", synchronous="off")
     await ob.set_quota(2 * 1024**2)
     written = await fill(ob, until_usage=0.9)
     before = ob.chunk_count
-    compacted, dropped, _ = await ob.make_room(target=0.3, drop_oldest=False)
-    assert dropped == 0 and compacted > 0
+    last = ob.last_seq
+    made = await ob.make_room(target=0.3, drop_oldest=False)
+    assert made.dropped == 0 and made.dropped_messages == 0 and made.compacted > 0
     assert await ob.usage() <= 0.3
-    assert ob.chunk_count == before - compacted
-    got = totals(await all_bodies(ob))
+    assert ob.chunk_count == before - made.compacted
+    got = totals(all_bodies(ob))
     want = totals(written)
     assert got[0] == want[0] and got[1] == want[1]
     assert got[2] == pytest.approx(want[2])
-    widths = Counter(msgspec.json.decode(b)["width_s"] for b in await all_bodies(ob))
+    widths = Counter(msgspec.json.decode(b)["width_s"] for b in all_bodies(ob))
     assert set(widths) <= {1, 10, 60} and (widths[10] or widths[60])
-    seqs = [s for s, _ in await ob.read_batch(after_seq=0, max_chunks=10**7, max_bytes=10**12)]
-    assert seqs == sorted(seqs)
+    # G8: the rows still stand for every seq written, contiguous, in order.
+    assert_tiled(all_rows(ob), rec.next_seq, last)
+    # ... and the batches cut from them tile it too.
+    b = await cut(ob, 10**6)
+    assert (b.first_seq, b.last_seq, b.chunks) == (rec.next_seq, last, ob.chunk_count)
+    assert b.messages == want[0]
+    await ob.close()
+
+
+async def test_compaction_never_touches_the_cut_batch(tmp_path: Path) -> None:
+    """G7 + G8: rows of the cut batch keep their seqs and bytes (the cloud may already hold
+    them under that key); the rows after the cut are rewritten so that their ranges tile the
+    seqs right after the batch, and every count survives."""
+    path = tmp_path / "b.sqlite3"
+    ob, rec = await Outbox.open(path, synchronous="off")
+    await ob.set_quota(2 * 1024**2)
+    written = await fill(ob, until_usage=0.9)
+    last = ob.last_seq
+    batch = await cut(ob, 300)
+    assert (batch.first_seq, batch.last_seq) == (rec.next_seq, rec.next_seq + 299)
+    cut_rows = [r for r in all_rows(ob) if r[0] <= batch.last_row]
+    assert len(cut_rows) == 300
+
+    made = await ob.make_room(target=0.1, drop_oldest=False)
+    assert made.compacted > 0 and made.dropped == 0
+    assert ob.batch == batch
+    rows = all_rows(ob)
+    assert [r for r in rows if r[0] <= batch.last_row] == cut_rows  # untouched, byte for byte
+    after = [r for r in rows if r[0] > batch.last_row]
+    assert len(after) < len(written) - 300
+    assert any(e is not None and e > s for s, e, _ in after)  # compacted rows declare ranges
+    assert_tiled(after, batch.last_seq + 1, last)
+    got, want = totals([b for *_, b in rows]), totals(written)
+    assert got[0] == want[0] and got[1] == want[1] and got[2] == pytest.approx(want[2])
+
+    # The cut batch is sent unchanged; the next batch starts right after it.
+    assert await cut(ob, 10**6) == batch
+    await ob.acknowledged(batch)
+    nxt = await cut(ob, 10**6)
+    assert (nxt.first_seq, nxt.last_seq) == (batch.last_seq + 1, last)
+    doc = msgspec.json.decode(nxt.body)
+    assert_tiled([(c["seq"], c.get("seq_end"), b"") for c in doc["chunks"]], nxt.first_seq, last)
+    assert sum(c["count"] for c in doc["chunks"]) + batch.messages == want[0]
     await ob.close()
 
 
@@ -90,10 +178,25 @@ async def test_drop_oldest_counts_what_it_drops(tmp_path: Path) -> None:
     ob, _ = await Outbox.open(tmp_path / "b.sqlite3", synchronous="off")
     await ob.set_quota(2 * 1024**2)
     written = await fill(ob, until_usage=0.9)
-    _, dropped, dropped_msgs = await ob.make_room(target=0.02, drop_oldest=True)
-    assert dropped > 0
-    remaining = totals(await all_bodies(ob))[0]
-    assert remaining + dropped_msgs == totals(written)[0]
+    made = await ob.make_room(target=0.02, drop_oldest=True)
+    assert made.dropped > 0
+    remaining = totals(all_bodies(ob))[0]
+    assert remaining + made.dropped_messages == totals(written)[0]
+    await ob.close()
+
+
+async def test_drop_oldest_never_drops_the_cut_batch(tmp_path: Path) -> None:
+    ob, _ = await Outbox.open(tmp_path / "b.sqlite3", synchronous="off")
+    await ob.set_quota(2 * 1024**2)
+    written = await fill(ob, until_usage=0.9)
+    batch = await cut(ob, 200)
+    cut_rows = [r for r in all_rows(ob) if r[0] <= batch.last_row]
+    made = await ob.make_room(target=0.0, drop_oldest=True)  # drop everything it may
+    assert made.dropped > 0 and ob.batch == batch
+    rows = all_rows(ob)
+    assert rows == cut_rows
+    assert totals([b for *_, b in rows])[0] + made.dropped_messages == totals(written)[0]
+    assert await cut(ob, 10**6) == batch
     await ob.close()
 
 
@@ -106,11 +209,36 @@ async def test_full_outbox_refuses_writes_and_keeps_what_it_has(tmp_path: Path) 
             await ob.checkpoint(CheckpointWrite(chunks=[chunk(1, "det", t)] * 50), now=1.0)
             t += 1
     count = ob.chunk_count
-    assert count > 0 and len(await all_bodies(ob)) == count
-    # The cloud drains it: room again.
-    await ob.delete_through(ob.last_seq)
+    assert count > 0 and len(all_bodies(ob)) == count
+    assert ob.last_seq == all_rows(ob)[-1][0]  # the refused write used no seq
+    # The checkpoint makes room first (compaction), then the cloud drains it: room again.
+    await ob.make_room(target=0.75, drop_oldest=False)
+    while (b := await cut(ob, 10**6) if ob.chunk_count else None) is not None:
+        await ob.acknowledged(b)
+    assert ob.chunk_count == 0
     await ob.checkpoint(CheckpointWrite(chunks=[chunk(1, "det", t)]), now=2.0)
     assert ob.chunk_count == 1
+    await ob.close()
+
+
+async def test_a_full_outbox_that_cannot_be_compacted_can_still_be_drained(tmp_path: Path) -> None:
+    """overflow = backpressure (the default): the outbox fills up with chunks no compaction
+    can merge (one 60-second chunk per camera). The cloud must still be able to drain it."""
+    ob, _ = await Outbox.open(tmp_path / "b.sqlite3", synchronous="off")
+    await ob.set_quota(1024**2)
+    cam = 0
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        while True:
+            cs = [Chunk(f"cam-{cam + k:05d}", "det", T0 // 60 * 60, 60) for k in range(20)]
+            for c in cs:
+                c.add_times(T0, T0 + 0.05)
+            await ob.checkpoint(CheckpointWrite(chunks=[encode_chunk(c) for c in cs]), now=1.0)
+            cam += 20
+    made = await ob.make_room(target=0.75, drop_oldest=False)
+    assert made.compacted == 0 and made.dropped == 0
+    b = await ob.cut(gateway_id="gw", max_chunks=500, max_bytes=1024**2, now=1.0)
+    assert b is not None
+    await ob.acknowledged(b)
     await ob.close()
 
 

@@ -44,3 +44,21 @@ def test_revs_merge_into_one_row(tmp_path: Path) -> None:
     assert merged[("cam-1", "det", 100)].cat["cls"] == {"car": 6}
     assert s.stats()["gateways"]["gw"]["rev0_repeats"] == 1
     assert s.stats()["messages"] == 6
+
+
+def test_first_seq_anywhere_and_compacted_ranges_are_not_gaps(tmp_path: Path) -> None:
+    """A gateway's first batch starts its seq run wherever it starts (a new outbox starts at the
+    wall-clock floor); a compacted chunk declares the seqs it stands for (seq..seq_end)."""
+    s = Store(tmp_path / "c.sqlite3")
+    start = 1_764_126_000_000_001
+    compacted = {**chunk(start, t=10), "seq_end": start + 4}
+    b = batch(compacted, chunk(start + 5, t=20))
+    assert b["last_seq"] == start + 5
+    assert s.ingest(b) == (2, 0)
+    s.ingest(batch({**chunk(start + 6, t=30), "seq_end": start + 9}))
+    s.ingest(batch(chunk(start + 10, t=40)))
+    gw = s.stats()["gateways"]["gw"]
+    assert gw["gaps"] == 0 and gw["out_of_order"] == 0 and gw["duplicates"] == 0
+    assert gw["max_seq"] == start + 10
+    s.ingest(batch(chunk(start + 12, t=50)))  # start + 11 never arrived: a gap
+    assert s.stats()["gateways"]["gw"]["gaps"] == 1
