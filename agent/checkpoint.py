@@ -107,7 +107,6 @@ class Checkpointer:
         self._warn = RateLimitedLog(log)
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
-        self.last_progress_mono: float | None = None
 
     async def run(self, progress: Callable[[], None] = lambda: None) -> None:
         """A cycle every checkpoint_interval_ms until `stop()`; the running cycle always ends."""
@@ -245,8 +244,7 @@ class Checkpointer:
         st = self._stats
         st.checkpoints += 1
         st.chunks_committed += len(closed)
-        self.last_progress_mono = self._clock.mono()
-        st.sample(self.last_progress_mono)
+        st.sample(self._clock.mono())
         if snapshots:
             st.snapshots_written += len(snapshots)
             log.info("ack pressure: saved %d open windows to ack early", len(snapshots))

@@ -323,10 +323,11 @@ class MqttSession:
         self.subscribed = asyncio.Event()
         self._backoff = Backoff(min_s=settings.reconnect_min_s, max_s=settings.reconnect_max_s)
 
-    async def confirm_acks(self, timeout_s: float = 5.0) -> bool:
+    async def confirm_acks(self, timeout_s: float = 1.0) -> bool:
         """A round trip (UNSUBSCRIBE of a topic we never subscribed to, answered by UNSUBACK)
         after every PUBACK sent so far: the broker handles a connection's packets in order, so
-        its answer means those acks have been processed. False if it could not be had."""
+        its answer means those acks have been processed. False if it could not be had within
+        timeout_s (short: the checkpoint waits for it; the rows are pruned a cycle later)."""
         client = self._client
         if client is None:
             return False

@@ -23,7 +23,7 @@ from agent.acks import AckLedger
 from agent.aggregate import Aggregator
 from agent.checkpoint import Checkpointer
 from agent.clock import SYSTEM_CLOCK, Clock
-from agent.config import Settings, secret_path
+from agent.config import AggregateSettings, Settings, secret_path
 from agent.credentials import TokenSource, client_tls_context
 from agent.faults import NO_FAULTS, Faults
 from agent.forward import Forwarder
@@ -242,6 +242,31 @@ async def _http_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
+def build_aggregator(a: AggregateSettings) -> Aggregator:
+    return Aggregator(
+        window_s=a.window_s,
+        allowed_lateness_s=a.allowed_lateness_s,
+        idle_close_s=a.idle_close_s,
+        late_policy=a.late_policy,
+        max_cameras=a.max_cameras,
+        max_streams_per_camera=a.max_streams_per_camera,
+        max_open_windows=a.max_open_windows,
+    )
+
+
+def build_clocks(a: AggregateSettings) -> Clocks:
+    return Clocks(
+        ClockPolicy(
+            skew_policy=a.skew_policy,
+            max_skew_s=a.max_skew_s,
+            max_future_s=a.max_future_s,
+            max_age_s=a.max_age_s,
+            bad_time_policy=a.bad_time_policy,
+            jump_s=a.clock_jump_s,
+        )
+    )
+
+
 async def build_pipeline(
     settings: Settings,
     outbox: Outbox,
@@ -259,16 +284,7 @@ async def build_pipeline(
     stats = Stats()
     if recovery.moved_aside is not None:
         stats.rejects["outbox_corrupt_moved_aside"] += 1
-    agg_s = settings.aggregate
-    aggregator = Aggregator(
-        window_s=agg_s.window_s,
-        allowed_lateness_s=agg_s.allowed_lateness_s,
-        idle_close_s=agg_s.idle_close_s,
-        late_policy=agg_s.late_policy,
-        max_cameras=agg_s.max_cameras,
-        max_streams_per_camera=agg_s.max_streams_per_camera,
-        max_open_windows=agg_s.max_open_windows,
-    )
+    aggregator = build_aggregator(settings.aggregate)
     mono = clock.mono()
     snapshots: list[Chunk] = []
     for body in recovery.open_windows:
@@ -295,16 +311,7 @@ async def build_pipeline(
         len(recovery.marks),
     )
     router = TopicRouter(settings.streams)
-    clocks = Clocks(
-        ClockPolicy(
-            skew_policy=agg_s.skew_policy,
-            max_skew_s=agg_s.max_skew_s,
-            max_future_s=agg_s.max_future_s,
-            max_age_s=agg_s.max_age_s,
-            bad_time_policy=agg_s.bad_time_policy,
-            jump_s=agg_s.clock_jump_s,
-        )
-    )
+    clocks = build_clocks(settings.aggregate)
     intake = Intake(
         router=router,
         aggregator=aggregator,

@@ -23,11 +23,12 @@ from agent.config import AggregateSettings, MqttSettings, StreamSettings
 from agent.ingest import Intake, TopicRouter, digest
 from agent.model import MAX_CATEGORY_LEN, BadChunk, Chunk, decode_chunk, encode_chunk
 from agent.quota import compact_range, counted_messages
+from agent.service import build_aggregator, build_clocks
 from agent.sim.cloud import load_merged
 from agent.sim.procs import Mosquitto, Publisher, wait_for
 from agent.sim.truth import compare
 from agent.stats import Stats
-from agent.timekeeping import BadTimestamp, ClockPolicy, Clocks, parse_event_time
+from agent.timekeeping import BadTimestamp, parse_event_time
 from tests.conftest import AgentFactory
 from tests.helpers import assert_exact, assert_seqs_clean
 
@@ -55,25 +56,8 @@ def build_intake() -> tuple[Intake, Aggregator, AckLedger, Stats]:
     ]
     a = AggregateSettings()
     m = MqttSettings()
-    aggregator = Aggregator(
-        window_s=a.window_s,
-        allowed_lateness_s=a.allowed_lateness_s,
-        idle_close_s=a.idle_close_s,
-        late_policy=a.late_policy,
-        max_cameras=a.max_cameras,
-        max_streams_per_camera=a.max_streams_per_camera,
-        max_open_windows=a.max_open_windows,
-    )
-    clocks = Clocks(
-        ClockPolicy(
-            skew_policy=a.skew_policy,
-            max_skew_s=a.max_skew_s,
-            max_future_s=a.max_future_s,
-            max_age_s=a.max_age_s,
-            bad_time_policy=a.bad_time_policy,
-            jump_s=a.clock_jump_s,
-        )
-    )
+    aggregator = build_aggregator(a)
+    clocks = build_clocks(a)
     ledger = AckLedger()
     stats = Stats()
     intake = Intake(

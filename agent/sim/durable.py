@@ -37,7 +37,6 @@ from typing import Any, TypeVar
 
 import httpx
 
-from agent.checkpoint import Checkpointer
 from agent.config import Settings, StreamSettings
 from agent.outbox import Outbox
 from agent.service import Pipeline, build_pipeline, shutdown_pipeline
@@ -405,7 +404,6 @@ class Outcome:
     snapshots: int = 0
     compacted: int = 0
     dead_letters: int = 0
-    batches_refused: int = 0
     trace: list[str] = field(default_factory=list)
 
 
@@ -664,7 +662,6 @@ class World:
                 confirm_acks=self._confirm(token),
             )
             self.pipeline = p
-            self.checkpointer = checkpointer
             self._connect()
             ckpt = asyncio.create_task(checkpointer.run(), name="checkpoint")
             fwd = asyncio.create_task(p.forwarder.run(), name="forward")
@@ -681,8 +678,6 @@ class World:
             self.out.compacted += p.stats.compacted_chunks
             self.out.dead_letters += p.stats.dead_letters
             self.broker.disconnect()
-
-    checkpointer: Checkpointer | None = None
 
     def _ack(self, token: int) -> Callable[[int, int], None]:
         def send(mid: int, qos: int) -> None:
