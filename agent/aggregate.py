@@ -100,6 +100,9 @@ class Aggregator:
         self.idle_close_s = idle_close_s
         self.late_policy = late_policy
         self.late_memory_s = late_memory_s
+        # At the camera cap, cameras silent this long with nothing open are forgotten.
+        self.forget_after_s = max(60.0, 2 * idle_close_s)
+        self._last_forget = -math.inf
         self._cameras: dict[str, _Camera] = {}
         self.open_count = 0
         self.counters: Counter[str] = Counter()
@@ -122,15 +125,15 @@ class Aggregator:
         ('late_dropped', or a cap: 'too_many_cameras', 'too_many_streams',
         'too_many_open_windows'). `recv_t` stamps the chunk (wall clock); `mono` (monotonic,
         default recv_t) drives the idle timeout."""
+        seen = recv_t if mono is None else mono
         cam = self._cameras.get(camera)
         if cam is None:
-            if len(self._cameras) >= self.max_cameras:
+            if len(self._cameras) >= self.max_cameras and not self._forget_silent(seen):
                 return "too_many_cameras"
             cam = self._cameras[camera] = _Camera()
         w = self.window_s
         t = int(event_t // w) * w
         cam.msgs += 1
-        seen = recv_t if mono is None else mono
         if seen > cam.last_recv:
             cam.last_recv = seen
         if event_t > cam.max_event:
@@ -142,6 +145,9 @@ class Aggregator:
         window = cam.windows.get(key)
         if window is None:
             if stream not in cam.streams:
+                if len(cam.streams) >= self.max_streams_per_camera:
+                    # The cap is on streams with open windows: forget the others first.
+                    cam.streams = {s for s, _ in cam.windows}
                 if len(cam.streams) >= self.max_streams_per_camera:
                     return "too_many_streams"
                 cam.streams.add(stream)
@@ -180,6 +186,22 @@ class Aggregator:
                 self.counters["bad_categorical_field"] += 1
         window.version += 1
         return window
+
+    def _forget_silent(self, now: float) -> bool:
+        """At the camera cap: forget cameras with no open window, silent for forget_after_s,
+        so an id flood does not lock honest cameras out for an hour. At most one scan per
+        second (a flood of new ids must not make every message scan every camera). True if
+        there is room now."""
+        if now - self._last_forget < 1.0:
+            return False
+        self._last_forget = now
+        before = now - self.forget_after_s
+        for name in [n for n, c in self._cameras.items() if not c.windows and c.last_recv < before]:
+            del self._cameras[name]
+        if len(self._cameras) < self.max_cameras:
+            self.counters["cameras_forgotten_at_cap"] += 1
+            return True
+        return False
 
     # -- closing --------------------------------------------------------------------------
 

@@ -268,3 +268,22 @@ def test_caps_reject_new_cameras_streams_and_windows_beyond_them() -> None:
     assert agg.add("a", "s3", SPEC, {}, T0, T0) == "too_many_streams"
     assert agg.add("b", "s1", SPEC, {}, T0 + 1, T0 + 1) == "too_many_open_windows"
     assert not isinstance(agg.add("a", "s1", SPEC, {}, T0, T0), str)  # existing windows still count
+
+
+def test_an_id_flood_does_not_lock_honest_cameras_or_streams_out() -> None:
+    """At the caps, ids that went silent with nothing open are forgotten (after
+    forget_after_s for cameras); the honest camera or stream gets in, not an hour later."""
+    agg = make(max_cameras=3, max_streams_per_camera=2)
+    for i in range(3):  # a flood of one-message ids fills the camera cap
+        assert not isinstance(agg.add(f"flood-{i}", "s", SPEC, {}, T0, T0), str)
+    assert agg.add("honest", "s", SPEC, {}, T0 + 1, T0 + 1) == "too_many_cameras"
+    agg.close_due(T0 + 30)  # the flood's windows close (idle); the ids stay silent
+    assert agg.add("honest", "s", SPEC, {}, T0 + 30, T0 + 30) == "too_many_cameras"
+    later = T0 + 1 + agg.forget_after_s + 1
+    assert not isinstance(agg.add("honest", "s", SPEC, {}, later, later), str)
+    assert agg.counters["cameras_forgotten_at_cap"] == 1
+    # Streams: the cap counts streams with open windows.
+    assert not isinstance(agg.add("honest", "x1", SPEC, {}, later, later), str)
+    assert agg.add("honest", "x2", SPEC, {}, later, later) == "too_many_streams"
+    agg.close_due(later + 30)
+    assert not isinstance(agg.add("honest", "x2", SPEC, {}, later + 30, later + 30), str)
