@@ -265,7 +265,9 @@ def test_agent_compacts_under_a_tiny_quota_and_loses_nothing(
     cfg = agents.config(name="tiny.toml")
     cfg.write_text(cfg.read_text().replace("[buffer]\n", '[buffer]\nmax_bytes = "1MiB"\n'))
     agent = agents.start(cfg)
-    pub_expected = publish(agents.broker, tmp_path, cameras=100, rate=10, duration_s=6, seed=22)
+    # 200 cameras x 2 streams x 6 s of 1-second chunks is well over a 1 MiB quota (the backlog
+    # alone must pass 90 %, however slowly a loaded machine publishes).
+    pub_expected = publish(agents.broker, tmp_path, cameras=200, rate=10, duration_s=6, seed=22)
     wait_for(
         lambda: (agent.status() or {}).get("outbox", {}).get("compacted_chunks", 0) > 0,
         timeout_s=30, what="compaction under the quota",

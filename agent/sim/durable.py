@@ -382,8 +382,6 @@ class InlineRunner:
             raise sqlite3.OperationalError("database or disk is full")
         result = fn(*args, **kw)
         w.maybe_crash(f"after {name}")
-        await asyncio.sleep(0)
-        w.alive(self.token)
         return result
 
     def close(self) -> None:
@@ -739,7 +737,7 @@ class World:
         self.stop_requested = asyncio.Event()
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.05):
+                async with asyncio.timeout(0.2):
                     await self.stop_requested.wait()
             self.alive(token)
             if self.stop_requested.is_set():
@@ -827,6 +825,8 @@ def run_seed(seed: int, *, verbose: bool = False, base: Path | None = None) -> O
     root = base or (Path("/dev/shm") if Path("/dev/shm").is_dir() else None)
     workdir = Path(tempfile.mkdtemp(prefix=f"edge-sim-{seed}-", dir=root))
     logging.getLogger("agent").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    # Tasks of a crashed process end with Crash, by design: not worth a log line each.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     try:
         world = World(seed, workdir, verbose=verbose)
         try:
