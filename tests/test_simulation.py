@@ -1,6 +1,6 @@
 """The deterministic simulation of the durable core (agent/sim/durable.py) as a test.
 
-SIM_SEEDS sets how many schedules (default 4000, split over 2 processes); SEED=n replays one
+SIM_SEEDS sets how many schedules (default 10,000, split over 2 processes); SEED=n replays one
 seed alone, exactly as it failed. `make simulate SEEDS=100000` is the long soak.
 """
 
@@ -21,7 +21,7 @@ def test_simulated_schedules_count_every_message_exactly_once() -> None:
     seeds = list(
         range(
             int(os.environ.get("SIM_FIRST", "0")),
-            int(os.environ.get("SIM_FIRST", "0")) + int(os.environ.get("SIM_SEEDS", "4000")),
+            int(os.environ.get("SIM_FIRST", "0")) + int(os.environ.get("SIM_SEEDS", "10000")),
         )
     )
     n, totals, failures = run_parallel(seeds, jobs=int(os.environ.get("SIM_JOBS", "2")))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gzip
 import itertools
 import json
@@ -214,9 +215,11 @@ class Broker:
     """One persistent MQTT session: unacked messages are kept and redelivered with DUP after a
     reconnect; a packet id is reused only after its PUBACK (next free id, in order)."""
 
-    def __init__(self, msgs: list[Msg], p: Params) -> None:
+    def __init__(self, msgs: list[Msg], p: Params, clock: VirtualClock) -> None:
         self.queue: deque[Msg] = deque(msgs)
         self.inflight: dict[int, Msg] = {}  # mid -> message, in send order
+        self.sent_at: dict[int, float] = {}  # mid -> monotonic time of the last delivery
+        self._clock = clock
         self.acked: set[int] = set()  # message numbers acked
         self.connected = False
         self.receive_maximum = p.receive_maximum
@@ -229,6 +232,7 @@ class Broker:
         self.connected = True
         self.deliver = deliver
         for mid, msg in list(self.inflight.items()):
+            self.sent_at[mid] = self._clock.t
             deliver(msg, mid, True)
 
     def disconnect(self) -> None:
@@ -239,6 +243,7 @@ class Broker:
         if not self.connected:
             return
         msg = self.inflight.pop(mid, None)
+        self.sent_at.pop(mid, None)
         if msg is None:
             raise violated(f"PUBACK for packet id {mid}, which is not in flight")
         self.acked.add(msg.n)
@@ -256,6 +261,7 @@ class Broker:
         msg = self.queue.popleft()
         mid = self._allocate()
         self.inflight[mid] = msg
+        self.sent_at[mid] = self._clock.t
         self.deliver(msg, mid, False)
 
     def _allocate(self) -> int:
@@ -379,6 +385,7 @@ class InlineRunner:
             await asyncio.sleep(w.rng.uniform(0, 0.02))
             w.alive(self.token)
         if name == "checkpoint" and w.rng.random() < w.p.disk_full_p and not w.cloud.calm:
+            w.disturbed = w.clock.t
             raise sqlite3.OperationalError("database or disk is full")
         result = fn(*args, **kw)
         w.maybe_crash(f"after {name}")
@@ -405,6 +412,19 @@ class Outcome:
     trace: list[str] = field(default_factory=list)
 
 
+@functools.cache
+def _base_settings() -> Settings:
+    """Validated once per process; each schedule copies it with its own values."""
+    stream = StreamSettings(
+        topic="cameras/{camera}/{stream}",
+        time_field=None,
+        numeric=("conf",),
+        categorical=("cls",),
+        max_categories=10_000,
+    )
+    return Settings(gateway_id=GATEWAY, streams=(stream,))
+
+
 class World:
     def __init__(self, seed: int, workdir: Path, *, verbose: bool = False) -> None:
         self.seed = seed
@@ -414,7 +434,10 @@ class World:
         self.loop = SimLoop(self.clock, self._on_step)
         self.workdir = workdir
         self.msgs = self._messages()
-        self.broker = Broker(self.msgs, self.p)
+        self.broker = Broker(self.msgs, self.p, self.clock)
+        # Monotonic time of the last event that may legitimately hold acks back (a start, a
+        # stop, a failed commit, a connection drop); see _check_acks_flow.
+        self.disturbed = 0.0
         self.cloud = Cloud(self)
         self.settings = self._settings()
         self.incarnation = 0
@@ -453,14 +476,7 @@ class World:
         return msgs
 
     def _settings(self) -> Settings:
-        stream = StreamSettings(
-            topic="cameras/{camera}/{stream}",
-            time_field=None,
-            numeric=("conf",),
-            categorical=("cls",),
-            max_categories=10_000,
-        )
-        base = Settings(gateway_id=GATEWAY, streams=(stream,))
+        base = _base_settings()
         p = self.p
         return base.model_copy(
             update={
@@ -527,6 +543,8 @@ class World:
             self._connect()
         if self.dead or self.cloud.calm:
             return
+        if self.out.steps % 32 == 0:
+            self._check_acks_flow()
         if self.rng.random() < self.p.crash_p:
             self.note("crash at a loop step")
             self.out.crashes += 1
@@ -538,6 +556,7 @@ class World:
             # A graceful stop (SIGTERM) at any loop step: in the middle of a checkpoint, a
             # send, a compaction.
             self.stop_requested.set()
+            self.disturbed = self.clock.t
         elif self.rng.random() < self.p.step_p:
             step = self.rng.choice([-1, 1]) * self.rng.uniform(5, 120)
             self.clock.offset += step
@@ -545,8 +564,26 @@ class World:
             self.note(f"gateway clock step {step:+.1f} s")
         elif self.rng.random() < self.p.drop_p and self.broker.connected and self.pipeline:
             self.note("connection drop")
+            self.disturbed = self.clock.t
             self.broker.disconnect()
             self._reconnect_at = self.clock.t + self.rng.uniform(0.05, 1.0)
+
+    def _check_acks_flow(self) -> None:
+        """Liveness: while connected and undisturbed, no message waits for its PUBACK longer
+        than max_ack_delay_ms plus a little (early acks under pressure must work, and timers
+        must not follow the wall clock when the gateway clock steps)."""
+        b = self.broker
+        if not b.connected or not b.sent_at or self.pipeline is None:
+            return
+        if self.stop_requested is not None and self.stop_requested.is_set():
+            return
+        since = max(min(b.sent_at.values()), self.disturbed)
+        limit = self.p.max_ack_delay_s + 1.0
+        if self.clock.t - since > limit:
+            raise violated(
+                f"a message waited {self.clock.t - since:.1f} s for its PUBACK "
+                f"(max_ack_delay {self.p.max_ack_delay_s:g} s)"
+            )
 
     # -- running ------------------------------------------------------------------------------
 
@@ -560,9 +597,12 @@ class World:
         asyncio.set_event_loop(self.loop)
         try:
             for _ in range(40):
-                if self.broker.done and self._outbox_empty() and self.cloud.calm:
+                settled = self.broker.done and self._outbox_empty()
+                if settled and self.cloud.calm:
                     break
-                if self.incarnation >= 12:
+                # Faults stop after 12 starts, or once everything went through: one calm run
+                # then drains what is left and checks that nothing is pending.
+                if self.incarnation >= 12 or settled:
                     self.cloud.calm = True
                 self._incarnation()
             else:
@@ -591,6 +631,7 @@ class World:
         self.tasks = []
         token = self.incarnation
         self.note("start")
+        self.disturbed = self.clock.t
         main = self.loop.create_task(self._process(token))
         while not main.done():
             self._stop_loop = False
@@ -699,6 +740,7 @@ class World:
         if p is None or self.dead:
             return
         p.ledger.new_connection()
+        self.disturbed = self.clock.t
         intake = p.intake
         clock = self.clock
 
