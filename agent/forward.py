@@ -110,6 +110,7 @@ class Forwarder:
         # Batch size: halved on 413/400/422 to bisect down to a refused chunk, doubled back on
         # each success, reset once the refused chunk is set aside.
         self._limit = settings.max_batch_chunks
+        self._timeouts_in_row = 0
 
     async def run(self) -> None:
         s = self._s
@@ -188,13 +189,29 @@ class Forwarder:
         status: int | None = None
         text = ""
         retry_after = None
+        wait_s = self._attempt_timeout_s()
+        timed_out = False
         try:
-            async with self._client.stream("POST", self._s.url, content=body, headers=headers) as r:
+            # One deadline for the whole attempt (a cloud trickling a byte at a time cannot hold
+            # the forwarder), on top of httpx's per-read timeout.
+            async with (
+                asyncio.timeout(wait_s + 1.0),
+                self._client.stream(
+                    "POST", self._s.url, content=body, headers=headers, timeout=wait_s
+                ) as r,
+            ):
                 status = r.status_code
                 text = await _read_capped(r)
                 retry_after = retry_after_s(r.headers.get("Retry-After"), now=self._clock.wall())
+        except httpx.TimeoutException as e:
+            timed_out = True
+            text = f"{type(e).__name__}: no answer within {wait_s:g} s"
+        except TimeoutError:
+            timed_out = True
+            text = f"no complete answer within {wait_s + 1.0:g} s"
         except httpx.HTTPError as e:
             text = f"{type(e).__name__}: {e}"
+        self._note_timeout(timed_out, wait_s)
         latency_s = self._clock.mono() - started
         self._stats.observe_latency(latency_s)
         outcome = classify(status, batch_size=batch.chunks, retry_after=retry_after)
@@ -223,6 +240,25 @@ class Forwarder:
             )  # fmt: skip
             return 0.0
         return self._failed(first, last, outcome, text)
+
+    def _attempt_timeout_s(self) -> float:
+        """forward.timeout_s, doubled after each attempt that timed out in a row (up to 8x):
+        a cut batch never changes, so a cloud slower than the timeout would otherwise never
+        take it. Back to timeout_s after any answer."""
+        return float(self._s.timeout_s * (1 << min(self._timeouts_in_row, 3)))
+
+    def _note_timeout(self, timed_out: bool, wait_s: float) -> None:
+        if not timed_out:
+            self._timeouts_in_row = 0
+            if self.unhealthy_reason and self.unhealthy_reason.startswith("cloud did not answer"):
+                self.unhealthy_reason = None
+            return
+        self._timeouts_in_row += 1
+        if self._timeouts_in_row >= 3:
+            self.unhealthy_reason = (
+                f"cloud did not answer within {wait_s:g} s, {self._timeouts_in_row} times in a "
+                f"row (forward.timeout_s = {self._s.timeout_s:g}; waiting longer each time)"
+            )
 
     def _store_failed(self, e: sqlite3.Error) -> float:
         """An outbox write failed (a full disk, an I/O error): nothing is lost — the batch and

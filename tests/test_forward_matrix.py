@@ -147,6 +147,27 @@ async def test_timeout_is_retried(rig: Rig) -> None:
     assert rig.receiver.stats()["chunks"] == 5  # the timed-out attempt may have landed: deduped
 
 
+async def test_a_cloud_always_slower_than_the_timeout_still_gets_the_batch(rig: Rig) -> None:
+    """The cut batch never changes, so only waiting longer can get it through: each timed-out
+    attempt doubles the wait (up to 8 x timeout_s); three in a row make /readyz say so."""
+    rig.receiver.fault(delay_ms=2500)  # always beyond timeout_s = 1, within 4 s
+    await rig.fill(5)
+    await rig.until(lambda: rig.outbox.chunk_count == 0, "drained", timeout_s=30)
+    assert rig.stats.batches_failed >= 2 and rig.stats.batches_sent == 1
+    assert rig.receiver.stats()["chunks"] == 5
+    assert rig.forwarder.unhealthy_reason is None  # cleared by the answer
+
+
+async def test_three_timeouts_in_a_row_are_reported(rig: Rig) -> None:
+    rig.receiver.fault(delay_ms=20000)
+    await rig.fill(2)
+    await rig.until(lambda: rig.stats.batches_failed >= 3, "three timeouts", timeout_s=30)
+    assert "cloud did not answer within" in (rig.forwarder.unhealthy_reason or "")
+    rig.receiver.fault(delay_ms=0)
+    await rig.until(lambda: rig.outbox.chunk_count == 0, "drained", timeout_s=30)
+    assert rig.forwarder.unhealthy_reason is None
+
+
 async def test_connection_refused_is_retried(rig: Rig) -> None:
     rig.receiver.kill()
     await rig.fill(5)

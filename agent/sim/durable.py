@@ -178,6 +178,7 @@ def draw_params(rng: random.Random) -> Params:
         "413": 0.5 * rng.random(),
         "422": 0.2 * rng.random(),
         "landed_timeout": 1.5 * rng.random(),
+        "slow": rng.choice([0.0, 1.0, 6.0]) * rng.random(),
         "timeout": 0.5 * rng.random(),
         "reset": 0.5 * rng.random(),
     }
@@ -304,7 +305,17 @@ class Cloud(httpx.AsyncBaseTransport):
         if key in self.landed_keys and answer in ("413", "422"):
             # A cloud that stored this batch answers a repeat as a duplicate, never a refusal.
             answer = "409"
-        timeout_s = w.settings.forward.timeout_s
+        timeout_s = float(request.extensions.get("timeout", {}).get("read") or 0.0)
+        if answer == "slow":
+            # Slower than forward.timeout_s, not forever: the cloud stores the batch either way;
+            # the agent sees the answer only if it waits long enough.
+            latency = rng.uniform(1.2, 2.5) * w.settings.forward.timeout_s
+            await asyncio.sleep(min(latency, timeout_s))
+            w.alive(token)
+            self._land(batch, key)
+            if latency > timeout_s:
+                raise httpx.ReadTimeout("timed out")
+            return httpx.Response(200, stream=httpx.ByteStream(b"{}"))
         if answer in ("timeout", "landed_timeout", "reset"):
             await asyncio.sleep(rng.uniform(0, timeout_s) if answer == "reset" else timeout_s)
             w.alive(token)
