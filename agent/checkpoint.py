@@ -37,6 +37,12 @@ HIGH_WATER = 0.9
 LOW_WATER = 0.75
 
 
+def piece_bytes(max_bytes: int) -> int:
+    """The most one checkpoint transaction writes (chunk and snapshot bodies): an eighth of the
+    quota, at most 4 MiB; a single window larger than that still goes alone."""
+    return min(4 * 1024**2, max_bytes // 8)
+
+
 def _key(w: Window) -> WindowKey:
     return (w.camera, w.stream, w.t, w.rev)
 
@@ -63,6 +69,18 @@ async def finish(aw: Awaitable[T]) -> T:
         if current is not None:
             current.cancel()
     return result
+
+
+def _take(windows: list[Window], budget: int) -> list[bytes]:
+    """Encoded bodies of the first windows within `budget` bytes (at least one)."""
+    out: list[bytes] = []
+    for w in windows:
+        body = encode_chunk(w)
+        if out and len(body) > budget:
+            break
+        out.append(body)
+        budget -= len(body)
+    return out
 
 
 class Checkpointer:
@@ -102,6 +120,7 @@ class Checkpointer:
         self._stalled = stalled
         self._pressure = int(settings.mqtt.receive_maximum * settings.buffer.ack_pressure_ratio)
         self._max_ack_delay_s = settings.buffer.max_ack_delay_ms / 1000
+        self.piece_bytes = piece_bytes(settings.buffer.max_bytes)
         # Windows closed but not yet committed (a failed commit is retried, nothing is lost).
         self._carry: list[Window] = []
         self._warn = RateLimitedLog(log)
@@ -126,13 +145,22 @@ class Checkpointer:
             await self.checkpoint()
             progress()
 
+    @property
+    def carried(self) -> int:
+        """Closed windows waiting for a commit (after a failed one, or beyond one piece)."""
+        return len(self._carry)
+
     def stop(self) -> None:
         """Ask `run` to return after the cycle in progress (if any) has finished."""
         self._stop.set()
 
     async def checkpoint(self, *, final: bool = False) -> None:
+        """One cycle; the final one (shutdown) goes on, piece by piece, until nothing closed is
+        left in memory or a commit fails."""
         async with self._lock:
-            await self._cycle(final)
+            ok = await self._cycle(final)
+            while final and ok and self._carry:
+                ok = await self._cycle(final)
 
     async def _make_room(self) -> None:
         """Keep the outbox under buffer.max_bytes: compact, then drop_oldest or backpressure."""
@@ -168,7 +196,7 @@ class Checkpointer:
         oldest = ledger.oldest_recv_t()
         return oldest is not None and now_mono - oldest >= self._max_ack_delay_s
 
-    async def _cycle(self, final: bool) -> None:
+    async def _cycle(self, final: bool) -> bool:
         try:
             await self._make_room()
         except sqlite3.Error as e:
@@ -180,14 +208,20 @@ class Checkpointer:
         closed = self._carry + (agg.close_all() if final else agg.close_due(mono))
         # Until committed, the closed windows live here and only here.
         self._carry = closed
-        closed_ids = {id(w) for w in closed}
+        all_closed = {id(w) for w in closed}
         snapshots: list[tuple[Window, int]] = []
         if not final and self._under_pressure(mono):
             snapshots = [
                 (w, w.version)
                 for w in ledger.holders()
-                if isinstance(w, Window) and id(w) not in closed_ids
+                if isinstance(w, Window) and id(w) not in all_closed
             ]
+        # One transaction holds at most a piece of bounded size: a backlog of closed windows
+        # (after failed commits) never grows into a transaction larger than the quota.
+        chunks, snap_bodies = self._piece(closed, snapshots)
+        closed, rest = closed[: len(chunks)], closed[len(chunks) :]
+        snapshots = snapshots[: len(snap_bodies)]
+        closed_ids = {id(w) for w in closed}
         snap_versions = {id(w): v for w, v in snapshots}
 
         def will_be_durable(p: Pending) -> bool:
@@ -205,9 +239,11 @@ class Checkpointer:
         stale_snapshots = [k for w in closed for k in w.saved_keys]
         stale_snapshots += [k for w, _ in snapshots for k in w.saved_keys if k != _key(w)]
         write = CheckpointWrite(
-            chunks=[encode_chunk(w) for w in closed],
+            chunks=chunks,
             drop_snapshots=stale_snapshots,
-            snapshots=[(_key(w), encode_chunk(w)) for w, _ in snapshots],
+            snapshots=[
+                (_key(w), body) for (w, _), body in zip(snapshots, snap_bodies, strict=True)
+            ],
             journal_upserts=[(p.mid, p.digest) for p in plan.upserts],
             journal_deletes=plan.deletes,
         )
@@ -221,19 +257,36 @@ class Checkpointer:
                 "ckpt",
                 "checkpoint failed (%s); %d closed windows kept in memory, acks held",
                 e,
-                len(closed),
+                len(self._carry),
             )
-            return
-        self._committed(closed, snapshots, plan)
+            return False
+        self._committed(closed, rest, snapshots, plan)
         if write.journal_upserts or closed:
             self._fault("after_commit")
         self._ack()
+        return True
+
+    def _piece(
+        self, closed: list[Window], snapshots: list[tuple[Window, int]]
+    ) -> tuple[list[bytes], list[bytes]]:
+        """Encoded chunks and snapshots up to the piece budget: chunks take at most half of it
+        while snapshots wait (they are what frees acks under pressure), and each kind gets at
+        least one body, so both always make progress."""
+        half = self.piece_bytes // 2 if snapshots else self.piece_bytes
+        chunks = _take(closed, half)
+        used = sum(len(b) for b in chunks)
+        snaps = _take([w for w, _ in snapshots], self.piece_bytes - used)
+        return chunks, snaps
 
     def _committed(
-        self, closed: list[Window], snapshots: list[tuple[Window, int]], plan: JournalPlan
+        self,
+        closed: list[Window],
+        rest: list[Window],
+        snapshots: list[tuple[Window, int]],
+        plan: JournalPlan,
     ) -> None:
         """Apply a committed cycle to memory (synchronously: nothing can interleave)."""
-        self._carry = []
+        self._carry = rest
         for w in closed:
             w.durable_version = DURABLE
             w.saved_keys = []

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from agent.checkpoint import Checkpointer
 from agent.config import Settings, StreamSettings
 from agent.outbox import Outbox
 from agent.service import Pipeline, build_pipeline, shutdown_pipeline
@@ -165,6 +166,7 @@ class Params:
     disk_full_p: float
     drop_p: float
     identical_payloads: bool
+    piece_bytes: int
     answers: dict[str, float]
 
 
@@ -208,6 +210,7 @@ def draw_params(rng: random.Random) -> Params:
         step_p=rng.choice([0.0, 0.001]),
         disk_full_p=rng.choice([0.0, 0.0, 0.05]),
         drop_p=rng.choice([0.0, 0.002]),
+        piece_bytes=rng.choice([4 * 1024**2, 4 * 1024**2, 400, 1500]),
         answers=answers,
     )
 
@@ -588,6 +591,9 @@ class World:
             return
         if self.stop_requested is not None and self.stop_requested.is_set():
             return
+        if self.checkpointer is not None and self.checkpointer.carried:
+            # A backlog of closed windows commits piece by piece: acks wait for it, rightly.
+            self.disturbed = self.clock.t
         since = max(min(b.sent_at.values()), self.disturbed)
         limit = self.p.max_ack_delay_s + 1.0
         if self.clock.t - since > limit:
@@ -599,6 +605,7 @@ class World:
     # -- running ------------------------------------------------------------------------------
 
     pipeline: Pipeline | None = None
+    checkpointer: Checkpointer | None = None
     stop_requested: asyncio.Event | None = None
     _stop_loop = False
     _reconnect_at: float | None = None
@@ -712,6 +719,9 @@ class World:
                 confirm_acks=self._confirm(token),
             )
             self.pipeline = p
+            # Small transaction pieces make a backlog of closed windows commit in several.
+            checkpointer.piece_bytes = self.p.piece_bytes
+            self.checkpointer = checkpointer
             self._connect()
             ckpt = asyncio.create_task(checkpointer.run(), name="checkpoint")
             fwd = asyncio.create_task(p.forwarder.run(), name="forward")

@@ -1,0 +1,78 @@
+"""The checkpoint against a real SQLite outbox: bounded transactions, acks after commit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.acks import AckLedger
+from agent.aggregate import Aggregator, StreamSpec
+from agent.checkpoint import Checkpointer, piece_bytes
+from agent.config import Settings
+from agent.outbox import Outbox
+from agent.stats import Stats
+
+T0 = 1_764_126_000.0
+SPEC = StreamSpec(categorical=("cls",), max_categories=1000)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def wall(self) -> float:
+        return T0 + self.t
+
+    def mono(self) -> float:
+        return self.t
+
+
+async def test_a_backlog_larger_than_the_quota_commits_in_pieces_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    """Closed windows worth three times a 1 MiB quota: each transaction holds one bounded
+    piece, so the outbox fills, the cloud drains it, and the rest commits — no transaction
+    ever grows past the quota (the old agent retried one ever-growing transaction forever)."""
+    settings = Settings(gateway_id="gw-test")
+    settings = settings.model_copy(
+        update={"buffer": settings.buffer.model_copy(update={"max_bytes": 1024**2})}
+    )
+    outbox, _ = await Outbox.open(tmp_path / "b.sqlite3", synchronous="off")
+    await outbox.set_quota(1024**2)
+    agg = Aggregator(window_s=1, allowed_lateness_s=0, idle_close_s=5)
+    ledger = AckLedger()
+    acked: list[int] = []
+    clock = Clock()
+
+    async def confirmed() -> bool:  # the broker has the PUBACKs: journal rows may go
+        return True
+
+    ckpt = Checkpointer(
+        settings=settings, outbox=outbox, aggregator=agg, ledger=ledger, stats=Stats(),
+        send_ack=lambda mid, qos: acked.append(mid), can_ack=lambda: True, clock=clock,
+        confirm_acks=confirmed,
+    )  # fmt: skip
+    messages = 0
+    for cam in range(1000):
+        for i in range(60):  # 60 long categories: ~3 KiB per chunk, ~3 MiB in all
+            cls = f"category-{i:03d}-with-a-long-name-of-forty"
+            w = agg.add(f"cam-{cam}", "det", SPEC, {"cls": cls}, T0 + cam % 3, T0, mono=0.0)
+            assert not isinstance(w, str)
+            messages += 1
+            ledger.track(messages % 65535 + 1, 1, messages, w, 0.0)
+    await ckpt.checkpoint(final=True)  # commits pieces until the quota is full
+    assert 0 < ckpt.carried < 1000, "some pieces committed, the rest waits in memory"
+    delivered = 0
+    for _ in range(100):
+        while (batch := await outbox.cut(
+            gateway_id="gw-test", max_chunks=500, max_bytes=10**7, now=T0
+        )) is not None:  # fmt: skip
+            delivered += batch.messages
+            await outbox.acknowledged(batch)
+        if not ckpt.carried:
+            break
+        await ckpt.checkpoint(final=True)
+    assert ckpt.carried == 0
+    assert delivered == messages
+    assert len(acked) == messages  # every message acked, once its chunk was committed
+    assert piece_bytes(1024**2) == 128 * 1024
+    await outbox.close()
