@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 
 MAX_RESPONSE_BYTES = 4096
+# After this many chunks dead-lettered in a row with no batch taken in between, the cloud is
+# suspected, not the chunks: nothing more is dead-lettered until a batch goes through.
+SUSPECT_CLOUD_AFTER = 10
 
 Kind = Literal["ok", "retry", "split", "poison"]
 
@@ -111,6 +114,8 @@ class Forwarder:
         # each success, reset once the refused chunk is set aside.
         self._limit = settings.max_batch_chunks
         self._timeouts_in_row = 0
+        # Chunks dead-lettered since the cloud last took a batch.
+        self._dead_in_row = 0
 
     async def run(self) -> None:
         s = self._s
@@ -229,7 +234,24 @@ class Forwarder:
                 first, last, outcome.detail, text[:200], self._limit,
             )  # fmt: skip
             return 0.0
+        if outcome.kind == "poison" and self._dead_in_row >= SUSPECT_CLOUD_AFTER:
+            # So many chunks refused one by one, nothing taken in between: the cloud (or a
+            # proxy) refuses everything. Keep the data, say so, and try again later.
+            return self._failed(
+                first,
+                last,
+                Outcome(
+                    "retry",
+                    outcome.detail,
+                    unhealthy=(
+                        f"cloud refused {self._dead_in_row} chunks in a row one by one "
+                        f"({outcome.detail}); not dead-lettering more until it takes one"
+                    ),
+                ),
+                text,
+            )
         if outcome.kind == "poison":
+            self._dead_in_row += 1
             await self._outbox.dead_letter(batch, status=status, response=text[:MAX_RESPONSE_BYTES])
             self._stats.dead_letters += 1
             self._limit = self._s.max_batch_chunks
@@ -278,6 +300,7 @@ class Forwarder:
         st.bytes_sent += nbytes
         st.last_forward_ok = self._clock.wall()
         self.unhealthy_reason = None
+        self._dead_in_row = 0
         self._backoff.reset()
         self.pacer.answered(latency_s)
         if self._limit < self._s.max_batch_chunks:

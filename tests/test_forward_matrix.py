@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from agent.config import ForwardSettings
-from agent.forward import Forwarder, classify
+from agent.forward import SUSPECT_CLOUD_AFTER, Forwarder, classify
 from agent.model import Chunk, encode_chunk
 from agent.outbox import CheckpointWrite, Outbox
 from agent.sim.cloud import load_merged
@@ -236,6 +236,22 @@ async def test_bad_request_on_a_single_chunk_is_a_dead_letter(rig: Rig) -> None:
     await rig.until(lambda: rig.stats.dead_letters == 1, "a dead letter")
     assert rig.outbox.chunk_count == 0
     assert json.loads(list_dead_letters(rig.path)[0]["response"])["error"] == "forced by /_fault"
+
+
+async def test_a_cloud_that_refuses_everything_does_not_empty_the_outbox(rig: Rig) -> None:
+    """A proxy answering 400 to every batch: after SUSPECT_CLOUD_AFTER chunks dead-lettered in
+    a row the cloud is suspected, not the chunks: the rest is kept, /readyz says why, and it
+    all goes out once the cloud takes a batch again."""
+    rig.receiver.fault(status=400)
+    await rig.fill(200)
+    await rig.until(lambda: rig.forwarder.unhealthy_reason is not None, "suspicion", timeout_s=30)
+    assert "refused 10 chunks in a row" in (rig.forwarder.unhealthy_reason or "")
+    assert rig.stats.dead_letters == SUSPECT_CLOUD_AFTER
+    assert rig.outbox.chunk_count == 200 - SUSPECT_CLOUD_AFTER
+    rig.receiver.fault(status=None)
+    await rig.until(lambda: rig.outbox.chunk_count == 0, "drained", timeout_s=30)
+    assert stored(rig) == 200 - SUSPECT_CLOUD_AFTER
+    assert rig.forwarder.unhealthy_reason is None
 
 
 def test_matrix_table() -> None:
