@@ -231,7 +231,7 @@ class Forwarder:
             self._limit = max(1, batch.chunks // 2)
             log.warning(
                 "batch %d-%d refused (%s: %s); retrying in halves of %d chunks",
-                first, last, outcome.detail, text[:200], self._limit,
+                first, last, outcome.detail, one_line(text), self._limit,
             )  # fmt: skip
             return 0.0
         if outcome.kind == "poison" and self._dead_in_row >= SUSPECT_CLOUD_AFTER:
@@ -258,7 +258,7 @@ class Forwarder:
             log.error(
                 "chunk %d refused by the cloud (%s: %s); moved to the dead letters "
                 "(see `edge-agent deadletter list`)",
-                first, outcome.detail, text[:200],
+                first, outcome.detail, one_line(text),
             )  # fmt: skip
             return 0.0
         return self._failed(first, last, outcome, text)
@@ -309,7 +309,7 @@ class Forwarder:
     def _failed(self, first: int, last: int, outcome: Outcome, text: str) -> float:
         st = self._stats
         st.batches_failed += 1
-        st.last_forward_error = f"{outcome.detail}: {text[:200]}" if text else outcome.detail
+        st.last_forward_error = f"{outcome.detail}: {one_line(text)}" if text else outcome.detail
         if outcome.unhealthy:
             self.unhealthy_reason = outcome.unhealthy
         if outcome.throttled:
@@ -325,6 +325,15 @@ class Forwarder:
             self._outbox.chunk_count,
         )  # fmt: skip
         return delay
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """The cloud's words as one printable line: newlines and control characters escaped, so a
+    response body cannot forge log lines."""
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+        for ch in text[:limit]
+    )
 
 
 async def _read_capped(r: httpx.Response) -> str:

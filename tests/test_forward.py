@@ -58,3 +58,13 @@ def test_batch_body_declares_the_seqs_a_compacted_chunk_stands_for() -> None:
     assert doc["sent_at"] == "1970-01-01T00:00:00.000Z"
     tail = encode_batch("gw-1", [(20, 29, b'{"count":3}')], sent_at=0.0)
     assert (json.loads(tail)["first_seq"], json.loads(tail)["last_seq"]) == (20, 29)
+
+
+def test_the_clouds_words_cannot_forge_log_lines() -> None:
+    from agent.forward import one_line
+
+    forged = 'bad\n2026-11-26 03:00:00 INFO agent: all good\r\x1b[2J{"x": 1}'
+    shown = one_line(forged)
+    assert "\n" not in shown and "\r" not in shown and "\x1b" not in shown
+    assert shown.startswith("bad\\n2026-11-26") and '{"x": 1}' in shown
+    assert len(one_line("y" * 5000)) == 200
