@@ -121,6 +121,16 @@ class Outbox:
     def max_pages(self) -> int:
         return self.store.max_pages
 
+    @property
+    def problem(self) -> str | None:
+        """Something wrong with the file itself (deleted under the agent), for /readyz."""
+        return self.store.problem
+
+    @property
+    def effective_max_bytes(self) -> int:
+        """buffer.max_bytes, or less when the disk has less room (see Store.usage)."""
+        return self.store.effective_max_pages * self.store.page_size
+
     def file_bytes(self) -> int:
         return self.store.file_bytes()
 

@@ -18,6 +18,8 @@ def ready_problems(p: Pipeline) -> list[str]:
         problems.append("MQTT not connected and subscribed")
     if p.forwarder.unhealthy_reason:
         problems.append(p.forwarder.unhealthy_reason)
+    if p.outbox.problem:
+        problems.append(p.outbox.problem)
     if p.stats.buffer_full:
         problems.append("outbox full: holding MQTT acks until the cloud drains it")
     return problems
@@ -74,6 +76,7 @@ def status_document(p: Pipeline) -> dict[str, Any]:
             "bytes": ob.chunk_bytes,
             "file_bytes": ob.file_bytes(),
             "usage_of_max_bytes": round(st.buffer_usage, 4),
+            "effective_max_bytes": ob.effective_max_bytes,
             "full": st.buffer_full,
             "oldest_unsent_age_s": round(now - oldest, 1) if oldest else None,
             "next_seq": ob.last_seq + 1,

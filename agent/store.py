@@ -168,6 +168,13 @@ class Store:
         self.max_pages = 2**31
         self._reserved = 0
         self.batch: Batch | None = None
+        self.wal_allowance = 64 * 1024**2
+        self.effective_max_pages = self.max_pages
+        # Free bytes on the outbox's filesystem (a parameter, so tests need no tiny disk).
+        self.disk_free: Callable[[Path], int] = _disk_free
+        self.problem: str | None = None
+        st = os.stat(path)
+        self._ident: tuple[int, int] | None = (st.st_dev, st.st_ino)
         # Crash-test hook (agent/faults.py): called inside the checkpoint transaction.
         self.fault: Callable[[str], None] = lambda point: None
         # Ranges the cloud refused whole since the last acknowledged batch, and the batch size
@@ -428,19 +435,50 @@ class Store:
     # -- bounded disk -------------------------------------------------------------------------
 
     def set_quota(self, max_bytes: int) -> None:
-        """Cap the database (max_page_count) and the WAL (journal_size_limit) to max_bytes."""
+        """Cap the database (max_page_count) and the WAL (journal_size_limit, and a WAL
+        checkpoint every that many bytes) to max_bytes."""
         wal_allowance = min(64 * 1024**2, max_bytes // 8)
         row = self._db.execute("PRAGMA page_size").fetchone()
         self.page_size = int(row[0]) if row else 4096
         self.max_pages = max(64, (max_bytes - wal_allowance) // self.page_size)
+        self.wal_allowance = wal_allowance
         self._db.execute(f"PRAGMA max_page_count = {self.max_pages}")
         self._db.execute(f"PRAGMA journal_size_limit = {wal_allowance}")
+        # Without this the WAL grows to SQLite's default ~4 MB before it is folded back in.
+        self._db.execute(f"PRAGMA wal_autocheckpoint = {max(16, wal_allowance // self.page_size)}")
 
     def usage(self) -> float:
-        """Live pages as a fraction of the quota (free pages are reused, so they do not count)."""
+        """Live pages as a fraction of the effective quota (free pages are reused, so they do
+        not count). The effective quota is buffer.max_bytes, or less when the disk has less
+        room: what the file holds plus the free space, minus a reserve that keeps deleting
+        sent chunks possible (their WAL pages need room too). Also notices a file deleted or
+        replaced under the running agent."""
         (pages,) = self._db.execute("PRAGMA page_count").fetchone()
         (free,) = self._db.execute("PRAGMA freelist_count").fetchone()
-        return (int(pages) - int(free)) / self.max_pages
+        self._check_file()
+        try:
+            room = self.disk_free(self.path.parent)
+        except OSError:
+            room = None
+        limit = self.max_pages
+        if room is not None:
+            reserve = 2 * self.wal_allowance + 256 * 1024
+            fits = (int(pages) * self.page_size + room - reserve) // self.page_size
+            limit = max(1, min(limit, fits))
+        self.effective_max_pages = limit
+        return (int(pages) - int(free)) / limit
+
+    def _check_file(self) -> None:
+        try:
+            st = os.stat(self.path)
+            ident: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except OSError:
+            ident = None
+        if ident != self._ident:
+            self.problem = (
+                f"outbox file {self.path} was deleted or replaced while the agent runs: what it"
+                " writes now goes to a file nobody will read; restart the agent"
+            )
 
     def make_room(self, *, target: float, drop_oldest: bool) -> RoomMade:
         """Bring usage under `target`: compact 1 s -> 10 s -> 60 s, then (if allowed) drop the
@@ -668,6 +706,11 @@ def _errorcode(e: sqlite3.Error) -> int:
 def is_full(e: sqlite3.Error) -> bool:
     """SQLITE_FULL: the disk or the page quota is full."""
     return _errorcode(e) == 13
+
+
+def _disk_free(d: Path) -> int:
+    st = os.statvfs(d)
+    return st.f_bavail * st.f_frsize
 
 
 def _read_reserved(p: Path) -> int:

@@ -400,3 +400,61 @@ def test_seq_side_file_is_written_before_the_seqs_are_used(tmp_path: Path) -> No
     finally:
         store.close()
     assert os.path.getsize(tmp_path / "b.sqlite3.seq") > 0
+
+
+def _chunk_bodies(n: int, start: int = 0) -> list[bytes]:
+    from agent.model import Chunk, encode_chunk
+
+    out = []
+    for i in range(start, start + n):
+        c = Chunk(f"cam-{i % 50}", "det", 1764126000 + i, 1)
+        c.add_times(1764126000.0 + i, 1764126000.5 + i)
+        c.add_category("cls", "x" * 200, 32)
+        out.append(encode_chunk(c))
+    return out
+
+
+def test_the_effective_quota_follows_the_free_disk_space(tmp_path: Path) -> None:
+    """A disk smaller than buffer.max_bytes is normal on a gateway: usage is measured against
+    what fits (file + free space - a reserve for deletes), so compaction and backpressure start
+    before SQLite hits a full disk."""
+    from agent.store import Store
+
+    store, _ = Store.open(tmp_path / "b.sqlite3", synchronous="off")
+    store.set_quota(1024**3)
+    store.checkpoint(CheckpointWrite(chunks=_chunk_bodies(200)), now=1.0)
+    store.disk_free = lambda d: 10 * 1024**3
+    roomy = store.usage()
+    assert roomy < 0.01
+    store.disk_free = lambda d: 0  # the disk is full: only what the file holds counts
+    assert store.usage() >= 0.9
+    assert store.effective_max_pages * store.page_size < 1024**3
+    store.close()
+
+
+def test_the_wal_stays_within_the_quota(tmp_path: Path) -> None:
+    from agent.store import Store
+
+    path = tmp_path / "b.sqlite3"
+    store, _ = Store.open(path, synchronous="off")
+    store.set_quota(1024**2)  # WAL allowance: 128 KiB
+    largest = 0
+    for i in range(40):
+        store.checkpoint(CheckpointWrite(chunks=_chunk_bodies(10, i * 10)), now=1.0)
+        largest = max(largest, (tmp_path / "b.sqlite3-wal").stat().st_size)
+    assert largest <= 4 * store.wal_allowance, largest  # SQLite's default would reach ~4 MB
+    store.close()
+
+
+def test_an_outbox_deleted_under_the_agent_is_reported(tmp_path: Path) -> None:
+    from agent.store import Store
+
+    path = tmp_path / "b.sqlite3"
+    store, _ = Store.open(path, synchronous="off")
+    store.set_quota(1024**3)
+    store.usage()
+    assert store.problem is None
+    path.unlink()
+    store.usage()
+    assert store.problem is not None and "deleted or replaced" in store.problem
+    store.close()
