@@ -272,10 +272,11 @@ class Checkpointer:
         """Encoded chunks and snapshots up to the piece budget: chunks take at most half of it
         while snapshots wait (they are what frees acks under pressure), and each kind gets at
         least one body, so both always make progress."""
-        half = self.piece_bytes // 2 if snapshots else self.piece_bytes
+        budget = min(self.piece_bytes, self._outbox.txn_budget)
+        half = budget // 2 if snapshots else budget
         chunks = _take(closed, half)
         used = sum(len(b) for b in chunks)
-        snaps = _take([w for w, _ in snapshots], self.piece_bytes - used)
+        snaps = _take([w for w, _ in snapshots], budget - used)
         return chunks, snaps
 
     def _committed(

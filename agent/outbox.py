@@ -127,9 +127,14 @@ class Outbox:
         return self.store.problem
 
     @property
+    def txn_budget(self) -> int:
+        """Bytes one transaction may write (within the WAL allowance)."""
+        return self.store.txn_budget
+
+    @property
     def effective_max_bytes(self) -> int:
         """buffer.max_bytes, or less when the disk has less room (see Store.usage)."""
-        return self.store.effective_max_pages * self.store.page_size
+        return self.store.max_pages * self.store.page_size
 
     def file_bytes(self) -> int:
         return self.store.file_bytes()

@@ -87,6 +87,9 @@ ALTER TABLE dead_letters ADD COLUMN seq_end INTEGER;
 # SQLite primary result codes that mean "this file is not a database we can trust".
 _CORRUPT_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
 
+# Kept free beside the database and its WAL allowance, so a delete can always be written.
+RESERVE_BYTES = 256 * 1024
+
 # Seqs reserved ahead in the side file; one fsync per this many chunks.
 SEQ_RESERVE = 1_000_000
 # A new file starts at least here: wall-clock seconds x 1e6 (below 2**53 until the year 2255).
@@ -168,8 +171,8 @@ class Store:
         self.max_pages = 2**31
         self._reserved = 0
         self.batch: Batch | None = None
-        self.wal_allowance = 64 * 1024**2
-        self.effective_max_pages = self.max_pages
+        self.wal_allowance = 0
+        self.max_bytes = 2**62
         # Free bytes on the outbox's filesystem (a parameter, so tests need no tiny disk).
         self.disk_free: Callable[[Path], int] = _disk_free
         self.problem: str | None = None
@@ -435,14 +438,21 @@ class Store:
     # -- bounded disk -------------------------------------------------------------------------
 
     def set_quota(self, max_bytes: int) -> None:
-        """Cap the database (max_page_count) and the WAL (journal_size_limit, and a WAL
-        checkpoint every that many bytes) to max_bytes."""
-        wal_allowance = min(64 * 1024**2, max_bytes // 8)
+        """Cap the database and its WAL to max_bytes (see `usage` for a smaller disk)."""
         row = self._db.execute("PRAGMA page_size").fetchone()
         self.page_size = int(row[0]) if row else 4096
-        self.max_pages = max(64, (max_bytes - wal_allowance) // self.page_size)
-        self.wal_allowance = wal_allowance
-        self._db.execute(f"PRAGMA max_page_count = {self.max_pages}")
+        self.max_bytes = max_bytes
+        self._apply_limit(max_bytes)
+
+    def _apply_limit(self, total: int) -> None:
+        """Database pages (max_page_count) and WAL (journal_size_limit and a WAL checkpoint
+        every that many bytes: an eighth of the total, at most 64 MiB) within `total` bytes."""
+        wal_allowance = min(64 * 1024**2, total // 8)
+        pages = max(16, (total - wal_allowance - RESERVE_BYTES) // self.page_size)
+        if (pages, wal_allowance) == (self.max_pages, self.wal_allowance):
+            return
+        self.max_pages, self.wal_allowance = pages, wal_allowance
+        self._db.execute(f"PRAGMA max_page_count = {pages}")
         self._db.execute(f"PRAGMA journal_size_limit = {wal_allowance}")
         # Without this the WAL grows to SQLite's default ~4 MB before it is folded back in.
         self._db.execute(f"PRAGMA wal_autocheckpoint = {max(16, wal_allowance // self.page_size)}")
@@ -450,23 +460,21 @@ class Store:
     def usage(self) -> float:
         """Live pages as a fraction of the effective quota (free pages are reused, so they do
         not count). The effective quota is buffer.max_bytes, or less when the disk has less
-        room: what the file holds plus the free space, minus a reserve that keeps deleting
-        sent chunks possible (their WAL pages need room too). Also notices a file deleted or
-        replaced under the running agent."""
+        room: what the database and its WAL hold now plus the free space. It is enforced
+        (max_page_count), with the WAL allowance and a reserve kept out of it, so deleting sent
+        chunks stays possible on a full disk. Also notices a file deleted under the agent."""
         (pages,) = self._db.execute("PRAGMA page_count").fetchone()
         (free,) = self._db.execute("PRAGMA freelist_count").fetchone()
         self._check_file()
         try:
-            room = self.disk_free(self.path.parent)
+            room: int | None = self.disk_free(self.path.parent)
         except OSError:
             room = None
-        limit = self.max_pages
+        total = self.max_bytes
         if room is not None:
-            reserve = 2 * self.wal_allowance + 256 * 1024
-            fits = (int(pages) * self.page_size + room - reserve) // self.page_size
-            limit = max(1, min(limit, fits))
-        self.effective_max_pages = limit
-        return (int(pages) - int(free)) / limit
+            total = min(total, self.file_bytes() + room)
+        self._apply_limit(total)
+        return (int(pages) - int(free)) / self.max_pages
 
     def _check_file(self) -> None:
         try:
@@ -521,17 +529,26 @@ class Store:
         return int(row[0]) if row else None
 
     def _rows_from(self, start: int, limit: int) -> list[tuple[int, int, float, bytes]]:
-        """Up to `limit` rows from `start` whose seq ranges follow each other without a hole."""
+        """Up to `limit` rows from `start` whose seq ranges follow each other without a hole,
+        and within the transaction budget (a rewrite must fit in the WAL allowance)."""
         out: list[tuple[int, int, float, bytes]] = []
+        budget = self.txn_budget
         for seq, seq_end, created, body in self._db.execute(
             "SELECT seq, seq_end, created_at, body FROM chunks WHERE seq >= ? ORDER BY seq LIMIT ?",
             (start, limit),
         ):
             s = int(seq)
-            if out and s != out[-1][1] + 1:
+            if out and (s != out[-1][1] + 1 or len(body) > budget):
                 break
             out.append((s, int(seq_end) if seq_end is not None else s, float(created), body))
+            budget -= len(body)
         return out
+
+    @property
+    def txn_budget(self) -> int:
+        """Bytes of rows one transaction may write: half the WAL allowance (no limit before
+        the quota is set)."""
+        return self.wal_allowance // 2 if self.wal_allowance else 2**62
 
     def _rewrite(
         self, rows: list[tuple[int, int, float, bytes]], new_rows: list[tuple[float, bytes]]

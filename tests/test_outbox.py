@@ -428,7 +428,7 @@ def test_the_effective_quota_follows_the_free_disk_space(tmp_path: Path) -> None
     assert roomy < 0.01
     store.disk_free = lambda d: 0  # the disk is full: only what the file holds counts
     assert store.usage() >= 0.9
-    assert store.effective_max_pages * store.page_size < 1024**3
+    assert store.max_pages * store.page_size < 1024**3
     store.close()
 
 
