@@ -4,6 +4,7 @@ refuses writes without losing anything, and a corrupt file never stops the agent
 from __future__ import annotations
 
 import sqlite3
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -278,3 +279,36 @@ def test_agent_compacts_under_a_tiny_quota_and_loses_nothing(
     # Compacted chunks cover 10 or 60 s, so compare per camera and stream over the run.
     assert_exact(compare_per_stream(pub_expected, load_merged(agents.receiver.db)))
     assert agent.stop() == 0
+
+
+def test_a_disk_smaller_than_the_quota_fills_drains_and_loses_nothing(
+    agents: AgentFactory, tmp_path: Path
+) -> None:
+    """The outbox on a 2 MB filesystem with buffer.max_bytes left at 1 GiB, the cloud down
+    while 100 cameras publish: the effective quota follows the disk, compaction and
+    backpressure hold everything, and when the cloud returns every message arrives once."""
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"needs a tmpfs mount (root): {mounted.stderr.decode().strip()}")
+    try:
+        agents.receiver.kill()
+        cfg = agents.config(name="small-disk.toml")
+        cfg.write_text(cfg.read_text().replace(str(agents.buffer), str(disk / "buffer.sqlite3")))
+        agent = agents.start(cfg)
+        expected = publish(agents.broker, tmp_path, cameras=100, rate=10, duration_s=12, seed=23)
+        status = agent.status() or {}
+        assert agent.running
+        assert status["outbox"]["effective_max_bytes"] < 2 * 1024**2
+        agents.receiver.start()
+        want = sum(e.count for e in expected.values())
+        wait_for(lambda: agents.receiver.messages() >= want, timeout_s=90, what="the backlog")
+        assert_exact(compare_per_stream(expected, load_merged(agents.receiver.db)))
+        assert agent.stop() == 0
+        assert "Traceback" not in agent.log_text()
+    finally:
+        agents.stop_all()
+        subprocess.run(["umount", "-l", str(disk)], check=False)
