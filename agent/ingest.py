@@ -286,10 +286,25 @@ def _too_deep(doc: dict[str, Any], limit: int) -> bool:
     return False
 
 
+# Room in a PUBLISH packet beyond its payload: fixed header, topic (ids are at most 64
+# characters, so a routable topic is short), packet id and properties (user properties too).
+PACKET_OVERHEAD_BYTES = 16 * 1024
+# MQTT's largest packet: 1 byte of header, 4 of remaining length, 268,435,455 of content.
+MQTT_MAX_PACKET_BYTES = 268_435_460
+
+
+def max_packet_bytes(settings: MqttSettings) -> int:
+    """The Maximum Packet Size we advertise: a PUBLISH whose payload passes
+    max_payload_bytes by more than the overhead is dropped by the broker, never read by us."""
+    return min(settings.max_payload_bytes + PACKET_OVERHEAD_BYTES, MQTT_MAX_PACKET_BYTES)
+
+
 def connect_properties(settings: MqttSettings) -> Properties:
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = settings.session_expiry_s
     props.ReceiveMaximum = settings.receive_maximum
+    # Without it one 200 MB message costs 200 MB+ of RSS (paho reads a packet whole).
+    props.MaximumPacketSize = max_packet_bytes(settings)
     return props
 
 

@@ -139,7 +139,11 @@ class Mosquitto(Proc):
         *,
         tls: tuple[Path, Path, Path] | None = None,
         require_certificate: bool = True,
+        anonymous: bool = True,
+        conf_extra: str = "",
     ) -> None:
+        """`anonymous=False` needs a `password_file` line in `conf_extra` (per listener
+        settings such as `max_qos` go there too)."""
         self.port = port or free_port()
         # With tls=(ca, cert, key): a second listener, TLS (and mTLS) only, on tls_port.
         self.tls_port = free_port() if tls else None
@@ -147,8 +151,9 @@ class Mosquitto(Proc):
         conf = workdir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} {HOST}\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
+            f"allow_anonymous {'true' if anonymous else 'false'}\n"
+            + conf_extra
+            + "persistence true\n"
             f"persistence_location {workdir}/\n"
             "autosave_interval 1\n"
             "max_queued_messages 0\n"
