@@ -15,7 +15,10 @@ def ready_problems(p: Pipeline) -> list[str]:
     """Reasons the agent is not ready (empty: ready)."""
     problems = []
     if not p.session.subscribed.is_set():
-        problems.append("MQTT not connected and subscribed")
+        refused = p.stats.mqtt_refused
+        problems.append(f"MQTT {refused}" if refused else "MQTT not connected and subscribed")
+    else:
+        problems.extend(p.stats.subscription_problems)
     if p.forwarder.unhealthy_reason:
         problems.append(p.forwarder.unhealthy_reason)
     if p.stats.buffer_full:

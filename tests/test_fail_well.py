@@ -3,15 +3,22 @@ subscriptions, refused credentials."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.sim.procs import Agent, Mosquitto, wait_for
+from agent.ingest import suback_problems
+from agent.sim.procs import Agent, Mosquitto, Receiver, wait_for
 from tests.conftest import AgentFactory
 
 MB = 1024 * 1024
@@ -67,3 +74,85 @@ def test_a_message_past_max_payload_is_dropped_by_the_broker_not_read(
     assert peak_rss_bytes(agent) - before < 20 * MB
     wait_for(lambda: agents.receiver.messages() == 1, timeout_s=20, what="honest message sent")
     assert agent.stop() == 0
+
+
+@contextlib.contextmanager
+def custom_agents(tmp_path: Path, receiver: Receiver, **broker: Any) -> Iterator[AgentFactory]:
+    """A private Mosquitto configured by `broker` (see procs.Mosquitto) and agents against it."""
+    mq = Mosquitto(tmp_path / "mosquitto-custom", **broker).start()
+    factory = AgentFactory(tmp_path, mq, receiver)
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
+        mq.stop()
+
+
+def start_unready(factory: AgentFactory, env: dict[str, str] | None = None) -> Agent:
+    """An agent that is not expected to become ready (AgentFactory.start waits for that)."""
+    agent = Agent(factory.config(), factory.tmp_path / "agent.log", factory.health_port)
+    if env:
+        agent._env = {**os.environ, **env}
+    factory.started.append(agent.start())
+    return agent
+
+
+def readyz(agent: Agent) -> tuple[int, list[str]] | None:
+    got = agent._get("/readyz")
+    return None if got is None else (got[0], list(got[1]["problems"]))
+
+
+def test_a_subscription_granted_at_qos_0_is_a_readyz_problem(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """Mosquitto with `max_qos 0` grants our QoS 1 subscription at QoS 0: /readyz and the log
+    name the topic instead of ingesting at QoS 0 in silence."""
+    with custom_agents(tmp_path, receiver, conf_extra="max_qos 0\n") as factory:
+        agent = start_unready(factory)
+        problem = "MQTT subscription 'site/cam/+/+' granted at QoS 0, not 1"
+        got = wait_for(
+            lambda: (r := readyz(agent)) and any(problem in p for p in r[1]) and r,
+            timeout_s=20,
+            what="the QoS 0 grant in /readyz",
+        )
+        assert got[0] == 503
+        assert (agent.status() or {})["mqtt"]["connected"] is True
+        assert problem in agent.log_text()
+        assert agent.stop() == 0
+
+
+def test_wrong_mqtt_credentials_say_what_the_broker_answered(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """A password file on the broker, a wrong password in the agent: /readyz gives the CONNACK
+    reason; the right password makes the agent ready."""
+    passwords = tmp_path / "mosquitto.passwd"
+    subprocess.run(
+        ["mosquitto_passwd", "-b", "-c", str(passwords), "agent", "right"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    extra = f"password_file {passwords}\n"
+    with custom_agents(tmp_path, receiver, anonymous=False, conf_extra=extra) as factory:
+        env = {"EDGE_AGENT__MQTT__USERNAME": "agent", "EDGE_AGENT__MQTT__PASSWORD": "wrong"}
+        agent = start_unready(factory, env)
+        problem = "MQTT broker refused: not authorized (135)"
+        got = wait_for(
+            lambda: (r := readyz(agent)) and problem in r[1] and r,
+            timeout_s=20,
+            what="the CONNACK reason in /readyz",
+        )
+        assert got[0] == 503
+        assert agent.stop() == 0
+        factory.start(env={**env, "EDGE_AGENT__MQTT__PASSWORD": "right"}).stop()
+
+
+def test_suback_problems_name_each_refused_or_downgraded_topic() -> None:
+    codes = [ReasonCode(PacketTypes.SUBACK, identifier=i) for i in (1, 0, 0x87)]
+    problems = suback_problems(["a/+", "b/+", "c/+"], codes)
+    assert problems == [
+        "MQTT subscription 'b/+' granted at QoS 0, not 1: its messages are not acknowledged "
+        "and can be lost (broker max_qos or ACL)",
+        "MQTT subscription 'c/+' refused by the broker: Not authorized (135)",
+    ]
+    assert suback_problems(["a/+"], [1]) == []
+    assert suback_problems(["a/+", "b/+"], [1]) == ["MQTT SUBACK answered 1 of 2 subscriptions"]
