@@ -461,7 +461,8 @@ def read_secret(
         return inline.get_secret_value()
     file = secret_path(file, credential)
     if file is not None:
-        lines = file.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a BOM (Windows editors) is not part of the secret.
+        lines = file.read_text(encoding="utf-8-sig").splitlines()
         return lines[0].strip() if lines else ""
     return None
 

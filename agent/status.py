@@ -21,6 +21,8 @@ def ready_problems(p: Pipeline) -> list[str]:
         problems.extend(p.stats.subscription_problems)
     if p.forwarder.unhealthy_reason:
         problems.append(p.forwarder.unhealthy_reason)
+    if p.forwarder.token_problem:
+        problems.append(p.forwarder.token_problem)
     if p.stats.buffer_full:
         problems.append("outbox full: holding MQTT acks until the cloud drains it")
     return problems
@@ -95,6 +97,7 @@ def status_document(p: Pipeline) -> dict[str, Any]:
             if st.last_forward_ok
             else None,
             "last_error": st.last_forward_error,
+            "token_problem": p.forwarder.token_problem,
             "outbox_errors": st.outbox_errors,
             "backoff_remaining_s": round(max(0.0, fw.backoff_until - now), 1)
             if fw.backoff_until

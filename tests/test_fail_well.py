@@ -16,7 +16,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import SecretStr
 
+from agent.credentials import TokenSource
 from agent.ingest import suback_problems
 from agent.sim.procs import Agent, Mosquitto, Receiver, wait_for
 from tests.conftest import AgentFactory
@@ -156,3 +158,60 @@ def test_suback_problems_name_each_refused_or_downgraded_topic() -> None:
     ]
     assert suback_problems(["a/+"], [1]) == []
     assert suback_problems(["a/+", "b/+"], [1]) == ["MQTT SUBACK answered 1 of 2 subscriptions"]
+
+
+def test_token_file_is_checked_on_read_and_the_last_good_token_kept(tmp_path: Path) -> None:
+    path = tmp_path / "cloud-token"
+    path.write_bytes("\ufeff token-one \r\nsecond line\n".encode())
+    source = TokenSource(None, path)
+    assert source() == "token-one" and source.problem is None
+    path.write_text("tökén-two\n")
+    assert source() == "token-one"
+    assert source.problem is not None
+    assert "U+00F6 at position 2" in source.problem and "tökén" not in source.problem
+    assert "keeping the previous token" in source.problem
+    path.write_bytes(b"token-\x01three\n")
+    assert source() == "token-one" and "U+0001" in (source.problem or "")
+    path.write_bytes(b"\xfftoken\n")
+    assert source() == "token-one" and "not UTF-8" in (source.problem or "")
+    path.write_text("token-four\n")
+    assert source() == "token-four" and source.problem is None
+    path.unlink()
+    assert source() == "token-four" and "cannot read" in (source.problem or "")
+    bad = TokenSource(SecretStr("n\u00e9e"), None)
+    assert bad() is None and "sending without a token" in (bad.problem or "")
+    fresh = tmp_path / "fresh"
+    fresh.write_text("caf\u00e9\n")
+    assert TokenSource(None, fresh)() is None
+
+
+def test_a_bad_token_never_kills_the_agent(agents: AgentFactory, tmp_path: Path) -> None:
+    """A BOM in the token file is stripped; a rotation to a non-ASCII token is refused (the
+    old token stays in use, /readyz says why) instead of the agent exiting 1."""
+    token_file = tmp_path / "cloud-token"
+    token_file.write_bytes("\ufefftoken-one\n".encode())
+    agents.receiver.fault(required_token="token-one")
+    agent = agents.start(env={"EDGE_AGENT__FORWARD__TOKEN_FILE": str(token_file)})
+    publish_one(agents.broker, *honest("cam-1"))
+    wait_for(lambda: agents.receiver.messages() == 1, timeout_s=20, what="first message")
+
+    token_file.write_text("tökén-two\n")
+    problem = f"the cloud token in {token_file} has a character not allowed in an HTTP header"
+    publish_one(agents.broker, *honest("cam-2"))
+    got = wait_for(
+        lambda: (r := readyz(agent)) and any(p.startswith(problem) for p in r[1]) and r,
+        timeout_s=20,
+        what="the token problem in /readyz",
+    )
+    assert got[0] == 503
+    wait_for(lambda: agents.receiver.messages() == 2, timeout_s=20, what="sent on the old token")
+    assert agent.running
+    assert (agent.status() or {})["forward"]["token_problem"].startswith(problem)
+
+    agents.receiver.fault(required_token="token-two")
+    token_file.write_text("token-two\n")
+    publish_one(agents.broker, *honest("cam-3"))
+    wait_for(lambda: agents.receiver.messages() == 3, timeout_s=20, what="sent on the new token")
+    wait_for(lambda: readyz(agent) == (200, []), timeout_s=20, what="ready again")
+    assert "tökén" not in agent.log_text()
+    assert agent.stop() == 0
