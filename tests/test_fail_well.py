@@ -19,6 +19,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import SecretStr
 
 from agent.credentials import TokenSource
+from agent.health import Cached, Response, json_response
 from agent.ingest import suback_problems
 from agent.sim.procs import Agent, Mosquitto, Receiver, wait_for
 from tests.conftest import AgentFactory
@@ -215,3 +216,20 @@ def test_a_bad_token_never_kills_the_agent(agents: AgentFactory, tmp_path: Path)
     wait_for(lambda: readyz(agent) == (200, []), timeout_s=20, what="ready again")
     assert "tökén" not in agent.log_text()
     assert agent.stop() == 0
+
+
+def test_cached_answers_are_built_at_most_once_per_ttl() -> None:
+    now = [100.0]
+    built: list[float] = []
+
+    def build() -> Response:
+        built.append(now[0])
+        return json_response(200, {"n": len(built)})
+
+    cached = Cached(build, ttl_s=1.0, clock=lambda: now[0])
+    assert cached() == cached() == json_response(200, {"n": 1})
+    now[0] += 0.99
+    assert cached()[2] == json_response(200, {"n": 1})[2]
+    now[0] += 0.01
+    assert cached()[2] == json_response(200, {"n": 2})[2]
+    assert built == [100.0, 101.0]

@@ -299,6 +299,11 @@ class Agent(Proc):
         got = self._get("/status")
         return got[1] if got else None
 
+    def cameras(self) -> dict[str, Any] | None:
+        """/status/cameras (every camera's detail), or None while the endpoint is not up."""
+        got = self._get("/status/cameras")
+        return got[1] if got else None
+
     def wait_ready(self, timeout_s: float = 20) -> None:
         def ready() -> bool:
             if not self.running:
