@@ -5,11 +5,14 @@ Nothing else in the agent reads the environment or the TOML file; the runner get
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -18,6 +21,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -77,6 +81,15 @@ ByteSize = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: object, info: ValidationInfo) -> object:
+        # pydantic's lax mode reads `port = true` as 1.
+        name = info.field_name
+        if isinstance(v, bool) and name and cls.model_fields[name].annotation in (int, float):
+            raise ValueError("expected a number, not true/false")
+        return v
 
 
 class MqttSettings(Section):
@@ -215,6 +228,15 @@ class ForwardSettings(Section):
     def _url(cls, v: str) -> str:
         if not re.match(r"^https?://[^/\s]+(/\S*)?$", v):
             raise ValueError("expected an http:// or https:// URL")
+        try:
+            parts = urlsplit(v)
+            port = parts.port
+        except ValueError:  # a port out of 0..65535, not a number, or a broken [IPv6] host
+            raise ValueError("expected an http(s) URL with a port from 1 to 65535") from None
+        if port == 0:
+            raise ValueError("expected an http(s) URL with a port from 1 to 65535")
+        if not parts.hostname:
+            raise ValueError("expected an http:// or https:// URL with a host")
         return v
 
     @model_validator(mode="after")
@@ -235,9 +257,15 @@ class HealthSettings(Section):
     @classmethod
     def _listen(cls, v: str) -> str:
         host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        if not sep or not host or not port.isdigit():
             raise ValueError("expected HOST:PORT, e.g. '127.0.0.1:9108'")
+        if not 1 <= int(port) <= 65535:
+            raise ValueError("the port must be a number from 1 to 65535, e.g. '127.0.0.1:9108'")
         return v
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
 
 
 class LogSettings(Section):
@@ -320,7 +348,10 @@ def _format_error(err: Any) -> str:
     if kind == "missing":
         return f"{loc}: required key is missing"
     value = err.get("input")
-    shown = "***" if "password" in loc or "token" in loc else repr(value)
+    if "password" in loc or "token" in loc:
+        shown = "***"
+    else:
+        shown = repr(mask_url(value) if isinstance(value, str) else value)
     if isinstance(value, dict):
         return f"{loc}: {msg}"
     return f"{loc} = {shown}: {msg}"
@@ -382,9 +413,43 @@ def load_settings(path: Path | str | None, *, overrides: dict[str, Any] | None =
     ):
         if f is not None and not f.is_file():
             problems.append(f"{key} = {str(f)!r}: file not found")
+    host_problem = _unresolvable(settings.health.host)
+    if host_problem:
+        problems.append(f"health.listen = {settings.health.listen!r}: {host_problem}")
     if problems:
         raise ConfigError(problems)
     return settings
+
+
+def _unresolvable(host: str) -> str | None:
+    """Why the health endpoint could not listen on `host`, or None (an IP, or a name that
+    resolves now)."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError):
+        return (
+            f"host {host!r} does not resolve; use an IP address (e.g. '127.0.0.1:9108') "
+            "or a name the gateway resolves"
+        )
+    return None
+
+
+_URL_USERINFO_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#@\s]*)@")
+
+
+def mask_url(url: str) -> str:
+    """The URL with the password of its `user:pass@` part masked ('user:***@')."""
+
+    def masked(m: re.Match[str]) -> str:
+        user, colon, _ = m.group(2).partition(":")
+        return f"{m.group(1)}{user}:***@" if colon else f"{m.group(1)}***@"
+
+    return _URL_USERINFO_RE.sub(masked, url, count=1)
 
 
 def read_secret(
@@ -396,7 +461,8 @@ def read_secret(
         return inline.get_secret_value()
     file = secret_path(file, credential)
     if file is not None:
-        lines = file.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a BOM (Windows editors) is not part of the secret.
+        lines = file.read_text(encoding="utf-8-sig").splitlines()
         return lines[0].strip() if lines else ""
     return None
 
@@ -438,4 +504,6 @@ def inline_secret_warnings(path: Path | str | None, settings: Settings) -> list[
 
 def effective_config(settings: Settings) -> dict[str, Any]:
     """The settings as plain data with every secret masked, for `check-config` and logs."""
-    return settings.model_dump(mode="json")
+    doc = settings.model_dump(mode="json")
+    doc["forward"]["url"] = mask_url(doc["forward"]["url"])
+    return doc

@@ -4,41 +4,102 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import ssl
 from pathlib import Path
 
 from pydantic import SecretStr
 
+from agent.stats import RateLimitedLog
+
 log = logging.getLogger(__name__)
 
 
+# What an HTTP header value may carry here: printable ASCII (RFC 9110 allows no control
+# characters; httpx refuses non-ASCII by raising when the request is built).
+_BAD_HEADER_CHAR = re.compile(r"[^\x20-\x7e]")
+
+
+def token_problem(token: str) -> str | None:
+    """Why `token` cannot go in an Authorization header, or None. Never quotes the token."""
+    if not token:
+        return "is empty"
+    bad = _BAD_HEADER_CHAR.search(token)
+    if bad is not None:
+        return (
+            f"has a character not allowed in an HTTP header (U+{ord(bad.group()):04X} at "
+            f"position {bad.start() + 1}; only printable ASCII is)"
+        )
+    return None
+
+
 class TokenSource:
-    """The cloud bearer token; a token file is re-read when it changes (rotation, no restart)."""
+    """The cloud bearer token; a token file is re-read when it changes (rotation, no restart).
+
+    A token is checked when read: a UTF-8 BOM and surrounding whitespace are stripped, and a
+    token that cannot be an HTTP header value is refused. Then the last good token stays in use
+    and `problem` says what is wrong (shown in /readyz; logged, rate-limited) until a good one
+    comes."""
 
     def __init__(self, inline: SecretStr | None, path: Path | None) -> None:
-        self._inline = inline.get_secret_value() if inline is not None else None
         self._path = path
         self._stamp: tuple[float, int] | None = None
         self._token: str | None = None
+        self._warn = RateLimitedLog(log, interval_s=60.0)
+        self.problem: str | None = None
+        self._inline: str | None = None
+        if inline is not None:
+            token = inline.get_secret_value().strip()
+            why = token_problem(token)
+            if why is None:
+                self._inline = token
+            else:
+                self.problem = f"forward.token {why}; sending without a token"
+                log.warning("%s", self.problem)
 
     def __call__(self) -> str | None:
-        if self._inline is not None:
+        if self._inline is not None or self._path is None:
             return self._inline
-        if self._path is None:
-            return None
         try:
             st = os.stat(self._path)
         except OSError as e:
-            log.warning("cannot read the cloud token file %s: %s", self._path, e.strerror)
+            self._stamp = None  # read it again once it is back, even unchanged
+            self._refuse(f"cannot read the cloud token file {self._path}: {e.strerror}")
             return self._token
         stamp = (st.st_mtime, st.st_size)
         if stamp != self._stamp:
-            lines = self._path.read_text(encoding="utf-8").splitlines()
-            token = lines[0].strip() if lines else ""
-            if self._stamp is not None and token != self._token:
-                log.info("cloud token file %s changed: using the new token", self._path)
-            self._stamp, self._token = stamp, token or None
+            self._stamp = stamp
+            self._read(self._path)
         return self._token
+
+    def _read(self, path: Path) -> None:
+        try:
+            # utf-8-sig: a BOM (Windows editors) is not part of the token.
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
+        except OSError as e:
+            self._stamp = None
+            self._refuse(f"cannot read the cloud token file {path}: {e.strerror}")
+            return
+        except UnicodeDecodeError:
+            self._refuse(f"the cloud token file {path} is not UTF-8 text")
+            return
+        token = lines[0].strip() if lines else ""
+        why = token_problem(token)
+        if why is not None:
+            self._refuse(f"the cloud token in {path} {why}")
+            return
+        if self._token is not None and token != self._token:
+            log.info("cloud token file %s changed: using the new token", path)
+        if self.problem is not None:
+            log.info("cloud token file %s is good again", path)
+        self._token, self.problem = token, None
+
+    def _refuse(self, problem: str) -> None:
+        self.problem = problem + (
+            "; keeping the previous token" if self._token else "; sending without a token"
+        )
+        # Keyed by the problem: a new problem is logged at once, a repeated one once a minute.
+        self._warn.warning(self.problem, "%s", self.problem)
 
 
 def client_tls_context(

@@ -185,6 +185,12 @@ class Forwarder:
             headers["Authorization"] = f"Bearer {token}"
         return body, headers
 
+    @property
+    def token_problem(self) -> str | None:
+        """What is wrong with the cloud token (its source's `problem`), if anything."""
+        problem: str | None = getattr(self._token, "problem", None)
+        return problem
+
     async def _send(self, batch: Batch) -> float:
         """Post one batch and act on the answer; returns seconds to wait before the next."""
         first, last = batch.first_seq, batch.last_seq

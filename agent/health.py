@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,8 +24,33 @@ READ_TIMEOUT_S = 5.0
 Response = tuple[int, str, bytes]
 
 
-def json_response(status: int, doc: Any) -> Response:
-    return status, "application/json", json.dumps(doc, indent=1).encode()
+def json_response(status: int, doc: Any, *, compact: bool = False) -> Response:
+    body = json.dumps(doc, separators=(",", ":")) if compact else json.dumps(doc, indent=1)
+    return status, "application/json", body.encode()
+
+
+class Cached:
+    """A route's answer, computed at most once per `ttl_s`: however many clients poll a large
+    document, building it costs the event loop (and so ingest) once a second at most."""
+
+    def __init__(
+        self,
+        build: Callable[[], Response],
+        *,
+        ttl_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._build = build
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._at: float | None = None
+        self._answer: Response | None = None
+
+    def __call__(self) -> Response:
+        now = self._clock()
+        if self._answer is None or self._at is None or now - self._at >= self._ttl_s:
+            self._answer, self._at = self._build(), now
+        return self._answer
 
 
 class HealthServer:
@@ -55,9 +81,11 @@ class HealthServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+        head = False
         try:
             try:
                 request = await self._read_request(conn, reader)
+                head = request.method == b"HEAD"
                 status, ctype, body = self._route(request)
             except (h11.RemoteProtocolError, ValueError, TimeoutError):
                 status, ctype, body = json_response(400, {"error": "bad request"})
@@ -72,7 +100,8 @@ class HealthServer:
                 headers.append(("Allow", "GET"))
             if conn.our_state is h11.SEND_RESPONSE:
                 writer.write(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
-                writer.write(conn.send(h11.Data(data=body)) or b"")
+                if not head:  # HEAD: the headers of the GET answer, no body (h11 insists)
+                    writer.write(conn.send(h11.Data(data=body)) or b"")
                 writer.write(conn.send(h11.EndOfMessage()) or b"")
             else:  # the request could not even be parsed: answer without h11's state machine
                 writer.write(

@@ -21,6 +21,7 @@ import msgspec
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.acks import AckLedger
@@ -286,11 +287,54 @@ def _too_deep(doc: dict[str, Any], limit: int) -> bool:
     return False
 
 
+# Room in a PUBLISH packet beyond its payload: fixed header, topic (ids are at most 64
+# characters, so a routable topic is short), packet id and properties (user properties too).
+PACKET_OVERHEAD_BYTES = 16 * 1024
+# MQTT's largest packet: 1 byte of header, 4 of remaining length, 268,435,455 of content.
+MQTT_MAX_PACKET_BYTES = 268_435_460
+
+
+def max_packet_bytes(settings: MqttSettings) -> int:
+    """The Maximum Packet Size we advertise: a PUBLISH whose payload passes
+    max_payload_bytes by more than the overhead is dropped by the broker, never read by us."""
+    return min(settings.max_payload_bytes + PACKET_OVERHEAD_BYTES, MQTT_MAX_PACKET_BYTES)
+
+
 def connect_properties(settings: MqttSettings) -> Properties:
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = settings.session_expiry_s
     props.ReceiveMaximum = settings.receive_maximum
+    # Without it one 200 MB message costs 200 MB+ of RSS (paho reads a packet whole).
+    props.MaximumPacketSize = max_packet_bytes(settings)
     return props
+
+
+def suback_problems(topics: Sequence[str], granted: Sequence[int | ReasonCode]) -> list[str]:
+    """What is wrong with a SUBACK for QoS 1 subscriptions: a refusal or a downgrade to QoS 0
+    (broker `max_qos 0`, an ACL) would lose messages without a word. One line per topic."""
+    problems = []
+    for topic, code in zip(topics, granted, strict=False):
+        value = code.value if isinstance(code, ReasonCode) else int(code)
+        if value >= 0x80:
+            name = code.getName() if isinstance(code, ReasonCode) else "failure"
+            problems.append(f"MQTT subscription {topic!r} refused by the broker: {name} ({value})")
+        elif value < 1:
+            problems.append(
+                f"MQTT subscription {topic!r} granted at QoS 0, not 1: its messages are not "
+                "acknowledged and can be lost (broker max_qos or ACL)"
+            )
+    if len(granted) < len(topics):
+        problems.append(f"MQTT SUBACK answered {len(granted)} of {len(topics)} subscriptions")
+    return problems
+
+
+def connect_refusal(e: aiomqtt.MqttError) -> str | None:
+    """'broker refused: not authorized (135)' for a negative CONNACK, else None."""
+    rc = getattr(e, "rc", None)
+    if isinstance(rc, ReasonCode) and rc.packetType == PacketTypes.CONNACK:
+        name = rc.getName()
+        return f"broker refused: {name[:1].lower()}{name[1:]} ({rc.value})"
+    return None
 
 
 def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
@@ -371,12 +415,14 @@ class MqttSession:
             try:
                 async with client:
                     self._client = client
-                    await client.subscribe(
-                        [
-                            (topic, SubscribeOptions(qos=1, retainHandling=2))
-                            for topic in self._router.subscriptions
-                        ]
+                    topics = self._router.subscriptions
+                    granted = await client.subscribe(
+                        [(topic, SubscribeOptions(qos=1, retainHandling=2)) for topic in topics]
                     )
+                    self._stats.mqtt_refused = None
+                    self._stats.subscription_problems = suback_problems(topics, granted)
+                    for problem in self._stats.subscription_problems:
+                        log.warning(problem)
                     self._stats.mqtt_connected = True
                     self._stats.mqtt_connected_since = time.time()
                     if attempt > 1:
@@ -395,6 +441,7 @@ class MqttSession:
                     async for _ in client.messages:
                         pass
             except aiomqtt.MqttError as e:
+                self._stats.mqtt_refused = connect_refusal(e)
                 delay = self._backoff.next_delay()
                 log.warning(
                     "MQTT %s:%d unavailable (%s); attempt %d, reconnecting in %.1f s",

@@ -27,7 +27,7 @@ from agent.config import AggregateSettings, Settings, secret_path
 from agent.credentials import TokenSource, client_tls_context
 from agent.faults import NO_FAULTS, Faults
 from agent.forward import Forwarder
-from agent.health import HealthServer, Response, json_response
+from agent.health import Cached, HealthServer, Response, json_response
 from agent.ingest import Intake, MqttSession, TopicRouter
 from agent.lock import OutboxLock
 from agent.metrics import render as render_metrics
@@ -35,7 +35,13 @@ from agent.model import BadChunk, Chunk, decode_chunk
 from agent.notify import Notifier
 from agent.outbox import Outbox, Recovery
 from agent.stats import Stats
-from agent.status import alive_problems, ready_problems, status_document, status_line
+from agent.status import (
+    alive_problems,
+    camera_document,
+    ready_problems,
+    status_document,
+    status_line,
+)
 from agent.timekeeping import ClockPolicy, Clocks
 
 log = logging.getLogger(__name__)
@@ -191,7 +197,10 @@ class Service:
             routes={
                 "/healthz": healthz,
                 "/readyz": readyz,
-                "/status": lambda: json_response(200, status_document(p)),
+                "/status": Cached(lambda: json_response(200, status_document(p))),
+                "/status/cameras": Cached(
+                    lambda: json_response(200, camera_document(p), compact=True)
+                ),
                 "/metrics": lambda: (200, METRICS_CONTENT_TYPE, render_metrics(p)),
             },
         )

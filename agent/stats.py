@@ -30,6 +30,10 @@ class Stats:
     mqtt_connected: bool = False
     mqtt_reconnects: int = 0
     mqtt_connected_since: float | None = None
+    # The broker's CONNACK refusal ("broker refused: not authorized (135)") until a connect works.
+    mqtt_refused: str | None = None
+    # SUBACK refusals and QoS downgrades of the current connection, one line per topic.
+    subscription_problems: list[str] = field(default_factory=list)
     last_forward_ok: float | None = None
     last_forward_error: str | None = None
     throttled: int = 0

@@ -15,11 +15,16 @@ def ready_problems(p: Pipeline) -> list[str]:
     """Reasons the agent is not ready (empty: ready)."""
     problems = []
     if not p.session.subscribed.is_set():
-        problems.append("MQTT not connected and subscribed")
+        refused = p.stats.mqtt_refused
+        problems.append(f"MQTT {refused}" if refused else "MQTT not connected and subscribed")
+    else:
+        problems.extend(p.stats.subscription_problems)
     if p.forwarder.unhealthy_reason:
         problems.append(p.forwarder.unhealthy_reason)
     if p.outbox.problem:
         problems.append(p.outbox.problem)
+    if p.forwarder.token_problem:
+        problems.append(p.forwarder.token_problem)
     if p.stats.buffer_full:
         problems.append("outbox full: holding MQTT acks until the cloud drains it")
     return problems
@@ -70,7 +75,7 @@ def status_document(p: Pipeline) -> dict[str, Any]:
             **dict(p.aggregator.counters),
             **dict(p.clocks.counters),
         },
-        "cameras": camera_section(p, mono),
+        "cameras": camera_summary(p),
         "outbox": {
             "chunks": ob.chunk_count,
             "bytes": ob.chunk_bytes,
@@ -95,6 +100,7 @@ def status_document(p: Pipeline) -> dict[str, Any]:
             if st.last_forward_ok
             else None,
             "last_error": st.last_forward_error,
+            "token_problem": p.forwarder.token_problem,
             "outbox_errors": st.outbox_errors,
             "backoff_remaining_s": round(max(0.0, fw.backoff_until - now), 1)
             if fw.backoff_until
@@ -104,6 +110,21 @@ def status_document(p: Pipeline) -> dict[str, Any]:
         },
         "drops": dict(st.drops),
     }
+
+
+def camera_summary(p: Pipeline) -> dict[str, Any]:
+    """The cameras in /status: counts only, so its size does not grow with the site."""
+    return {
+        "count": p.aggregator.camera_count,
+        "clock_suspect": sum(clock.suspect for _, clock in p.clocks.items()),
+        "max_skew_s": p.settings.aggregate.max_skew_s,
+        "detail": "/status/cameras",
+    }
+
+
+def camera_document(p: Pipeline) -> dict[str, Any]:
+    """/status/cameras: every camera's traffic and clock (10,000 cameras: about 2 MB)."""
+    return camera_section(p, time.monotonic())
 
 
 def camera_section(p: Pipeline, now: float) -> dict[str, Any]:

@@ -63,8 +63,9 @@ categorical = ["cls", "zone", "status"]
     assert_exact(compare_per_stream(expected, load_merged(agents.receiver.db)))
 
     status = agent.status()
-    assert status is not None
-    cams = status["cameras"]["by_id"]
+    detail = agent.cameras()
+    assert status is not None and detail is not None
+    cams = detail["by_id"]
     assert cams["cam-000"]["skew_s"] == pytest.approx(37.0, abs=0.5)
     assert cams["cam-001"]["skew_s"] == pytest.approx(-300.0, abs=0.5)
     assert cams["cam-002"]["skew_s"] == pytest.approx(8 / 60, abs=0.5)

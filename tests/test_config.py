@@ -56,6 +56,22 @@ def test_check_config_prints_effective_config_with_secrets_masked(
          "forward.token_file = '/nonexistent/t': file not found"),
         ('gateway_id = "gw"\n[log]\nlevel = "loud"\n', "log.level = 'loud'"),
         ("gateway_id = \n", "is not valid TOML"),
+        ('gateway_id = "gw"\n[forward]\nurl = "https://cloud.example:70000/ingest"\n',
+         "forward.url = 'https://cloud.example:70000/ingest': expected an http(s) URL with a port "
+         "from 1 to 65535"),
+        ('gateway_id = "gw"\n[forward]\nurl = "https://u:hunter2@cloud.example:0/x"\n',
+         "forward.url = 'https://u:***@cloud.example:0/x': expected an http(s) URL with a port"),
+        ('gateway_id = "gw"\n[health]\nlisten = "127.0.0.1:0"\n',
+         "health.listen = '127.0.0.1:0': the port must be a number from 1 to 65535"),
+        ('gateway_id = "gw"\n[health]\nlisten = "no-such-host.invalid:9108"\n',
+         "health.listen = 'no-such-host.invalid:9108': host 'no-such-host.invalid' does not "
+         "resolve"),
+        ('gateway_id = "gw"\n[mqtt]\nport = true\n',
+         "mqtt.port = True: expected a number, not true/false"),
+        ('gateway_id = "gw"\n[forward]\ntimeout_s = false\n',
+         "forward.timeout_s = False: expected a number, not true/false"),
+        ('gateway_id = "gw"\n[buffer]\nmax_bytes = true\n',
+         "buffer.max_bytes = True: expected a number, not true/false"),
     ],
 )  # fmt: skip
 def test_bad_config_names_key_value_and_allowed_and_exits_2(
@@ -68,6 +84,7 @@ def test_bad_config_names_key_value_and_allowed_and_exits_2(
     assert expected in err
     assert "Traceback" not in err
     assert all(line.startswith("config error: ") for line in err.splitlines())
+    assert "hunter2" not in err
 
 
 def test_run_with_bad_config_exits_2_without_traceback(
@@ -114,3 +131,17 @@ def test_sizes_accept_units() -> None:
     assert s.mqtt.max_payload_bytes == 65536
     s = load_settings(None, overrides={"gateway_id": "gw", "buffer": {"max_bytes": "10MB"}})
     assert s.buffer.max_bytes == 10_000_000
+
+
+def test_check_config_masks_the_password_in_a_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        'gateway_id = "gw"\n[forward]\nurl = "https://site42:hunter2@cloud.example/in"\n'
+    )
+    assert main(["check-config", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "hunter2" not in out
+    assert json.loads(out)["forward"]["url"] == "https://site42:***@cloud.example/in"
+    assert load_settings(cfg).forward.url == "https://site42:hunter2@cloud.example/in"

@@ -58,7 +58,12 @@ def test_endpoints_of_a_running_agent(agents: AgentFactory, tmp_path: Path) -> N
     assert doc["mqtt"]["connected"] is True and doc["mqtt"]["since"] is not None
     assert doc["ingest"]["counted"] == sum(e.count for e in expected.values())
     assert doc["cameras"]["count"] == 10
-    cam = doc["cameras"]["by_id"]["cam-000"]
+    assert "by_id" not in doc["cameras"]  # the summary: its size does not grow with the site
+    status, body, ctype = get(port, "/status/cameras")
+    assert status == 200 and ctype == "application/json"
+    cameras = json.loads(body)
+    assert cameras["count"] == 10 and len(cameras["by_id"]) == 10
+    cam = cameras["by_id"]["cam-000"]
     assert cam["messages"] > 0 and abs(cam["skew_s"]) < 5 and cam["flags"] == []
     assert doc["outbox"]["chunks"] == 0 and doc["outbox"]["next_seq"] > 1
     assert doc["forward"]["batches_sent"] > 0 and doc["forward"]["last_success_age_s"] is not None
@@ -79,7 +84,11 @@ def test_endpoints_of_a_running_agent(agents: AgentFactory, tmp_path: Path) -> N
     assert raw(port, b"GET /status HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n").startswith(
         b"HTTP/1.1 400"
     )
+    for path in ("/status", "/status/cameras", "/readyz", "/metrics", "/nope"):
+        head = get(port, path, method="HEAD")
+        assert head[0] == get(port, path)[0] and head[1] == b"", path
     assert get(port, "/healthz")[0] == 200  # still serving after the bad requests
+    assert "Traceback" not in agent.log_text()
     assert agent.stop() == 0
 
 

@@ -139,7 +139,11 @@ class Mosquitto(Proc):
         *,
         tls: tuple[Path, Path, Path] | None = None,
         require_certificate: bool = True,
+        anonymous: bool = True,
+        conf_extra: str = "",
     ) -> None:
+        """`anonymous=False` needs a `password_file` line in `conf_extra` (per listener
+        settings such as `max_qos` go there too)."""
         self.port = port or free_port()
         # With tls=(ca, cert, key): a second listener, TLS (and mTLS) only, on tls_port.
         self.tls_port = free_port() if tls else None
@@ -147,8 +151,9 @@ class Mosquitto(Proc):
         conf = workdir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} {HOST}\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
+            f"allow_anonymous {'true' if anonymous else 'false'}\n"
+            + conf_extra
+            + "persistence true\n"
             f"persistence_location {workdir}/\n"
             "autosave_interval 1\n"
             "max_queued_messages 0\n"
@@ -292,6 +297,11 @@ class Agent(Proc):
     def status(self) -> dict[str, Any] | None:
         """/status, or None while the endpoint is not up."""
         got = self._get("/status")
+        return got[1] if got else None
+
+    def cameras(self) -> dict[str, Any] | None:
+        """/status/cameras (every camera's detail), or None while the endpoint is not up."""
+        got = self._get("/status/cameras")
         return got[1] if got else None
 
     def wait_ready(self, timeout_s: float = 20) -> None:
