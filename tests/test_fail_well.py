@@ -233,3 +233,27 @@ def test_cached_answers_are_built_at_most_once_per_ttl() -> None:
     now[0] += 0.01
     assert cached()[2] == json_response(200, {"n": 2})[2]
     assert built == [100.0, 101.0]
+
+
+def test_a_health_port_in_use_exits_3_at_once_with_one_line(agents: AgentFactory) -> None:
+    """A startup failure is one line and exit 3, never a traceback and a process that hangs."""
+    import re
+    import socket
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = agents.config(name="port.toml")
+        text = re.sub(r'listen = "[^"]*"', f'listen = "127.0.0.1:{port}"', cfg.read_text())
+        cfg.write_text(text)
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert time.monotonic() - started < 15
+    out = done.stdout + done.stderr
+    assert "cannot start: health.listen" in out and "Traceback" not in out
