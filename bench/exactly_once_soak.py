@@ -1,0 +1,494 @@
+"""Exactly-once soak: end-to-end proofs with real processes, each scenario run N times in a row.
+
+    .venv/bin/python bench/exactly_once_soak.py --scenario ack-pressure --runs 20
+    .venv/bin/python -m bench.exactly_once_soak --scenario sigterm-slow-fsync --runs 20
+    .venv/bin/python bench/exactly_once_soak.py --scenario tiny-quota-late-cloud --seed 7 --runs 1
+
+Every run starts its own Mosquitto and reference receiver on free loopback ports, a fresh outbox,
+the agent as a child process (`edge-agent run`), and the camera simulator; it ends with a final
+SIGTERM of the agent (windows closed, drained) and compares the receiver's merged table with the
+ground truth computed from every publish the broker acknowledged (agent.sim.truth).
+
+Scenarios (each run bounded: RUN_BUDGET_S):
+
+- ack-pressure: mqtt.receive_maximum = 100; 40 cameras at 800 msgs/s for 15 s; five agent
+  restarts at seeded random moments (3 SIGTERM, 2 SIGKILL). Exact per (camera, stream, second).
+- tiny-quota-late-cloud: buffer.max_bytes = 2MiB, forward.timeout_s = 1; 60 cameras at
+  1,500 msgs/s for 15 s; the cloud answers 503 for 8 s, then for 8 s answers after 900-1300 ms
+  (re-drawn every 0.5 s: some answers within the timeout, some after it, the batch landing
+  anyway), then normally. Compacted chunks cover 10/60 s: exact per (camera, stream).
+- sigterm-slow-fsync: buffer.synchronous = full, every fsync/fdatasync of the agent 20-100 ms
+  slower (an LD_PRELOAD shim compiled at run time with gcc, given to the agent process only);
+  100 cameras at 2,000 msgs/s for 20 s; 8 SIGTERM restarts at seeded random moments. Exact per
+  (camera, stream, second).
+
+One line per run (scenario, seed, published, received, missing, duplicated, restarts, duration),
+then a summary. A failed run keeps its working directory under bench/out/exactly_once/ and prints
+its seed and an excerpt of the agent's log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from agent.sim.cloud import load_merged  # noqa: E402
+from agent.sim.procs import (  # noqa: E402
+    Agent,
+    Mosquitto,
+    Publisher,
+    Receiver,
+    agent_config,
+    free_port,
+    wait_for,
+)
+from agent.sim.truth import Comparison, Expected, compare, compare_per_stream  # noqa: E402
+
+OUT = ROOT / "bench" / "out" / "exactly_once"
+RUN_BUDGET_S = 60.0
+GATEWAY = "gw-soak"
+
+SLOW_FSYNC_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+#include <pthread.h>
+
+static int (*real_fsync)(int);
+static int (*real_fdatasync)(int);
+static unsigned long calls;
+static double slept_ms;
+static unsigned int seed;
+static int lo_ms = 20, hi_ms = 100;
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+
+__attribute__((constructor)) static void init(void) {
+    real_fsync = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
+    real_fdatasync = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
+    const char *lo = getenv("SLOW_FSYNC_MIN_MS"), *hi = getenv("SLOW_FSYNC_MAX_MS");
+    if (lo) lo_ms = atoi(lo);
+    if (hi) hi_ms = atoi(hi);
+    seed = (unsigned int)getpid();
+    fprintf(stderr, "slow-fsync shim loaded: fsync/fdatasync +%d..%d ms (pid %d)\n",
+            lo_ms, hi_ms, (int)getpid());
+}
+
+__attribute__((destructor)) static void fini(void) {
+    fprintf(stderr, "slow-fsync shim: %lu calls, %.0f ms slept\n", calls, slept_ms);
+}
+
+static void slow(void) {
+    pthread_mutex_lock(&mu);
+    int ms = lo_ms + (hi_ms > lo_ms ? rand_r(&seed) % (hi_ms - lo_ms + 1) : 0);
+    calls++;
+    slept_ms += ms;
+    pthread_mutex_unlock(&mu);
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+int fsync(int fd) { slow(); return real_fsync(fd); }
+int fdatasync(int fd) { slow(); return real_fdatasync(fd); }
+"""
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def build_shim(tmp: Path) -> Path:
+    src = tmp / "slow_fsync.c"
+    lib = tmp / "slow_fsync.so"
+    src.write_text(SLOW_FSYNC_C)
+    subprocess.run(
+        ["gcc", "-O2", "-shared", "-fPIC", "-o", str(lib), str(src), "-ldl", "-lpthread"],
+        check=True,
+    )
+    return lib
+
+
+@dataclass
+class Scenario:
+    name: str
+    cameras: int
+    rate_per_camera: float
+    duration_s: float
+    # Restart kinds in schedule order are drawn from this multiset ("TERM" / "KILL").
+    restarts: tuple[str, ...] = ()
+    config: dict[str, str] = field(default_factory=dict)  # "[section]" -> lines to add
+    per_stream: bool = False
+    slow_fsync: bool = False
+    late_cloud: bool = False
+
+
+SCENARIOS = {
+    "ack-pressure": Scenario(
+        "ack-pressure", cameras=40, rate_per_camera=20, duration_s=15,
+        restarts=("TERM", "TERM", "TERM", "KILL", "KILL"),
+        config={"[mqtt]": "receive_maximum = 100"},
+    ),
+    "tiny-quota-late-cloud": Scenario(
+        "tiny-quota-late-cloud", cameras=60, rate_per_camera=25, duration_s=15,
+        config={"[buffer]": 'max_bytes = "2MiB"', "[forward]": "timeout_s = 1"},
+        per_stream=True, late_cloud=True,
+    ),
+    "sigterm-slow-fsync": Scenario(
+        "sigterm-slow-fsync", cameras=100, rate_per_camera=20, duration_s=20,
+        restarts=("TERM",) * 8,
+        config={"[buffer]": 'synchronous = "full"'},
+        slow_fsync=True,
+    ),
+}  # fmt: skip
+
+
+@dataclass
+class RunResult:
+    scenario: str
+    seed: int
+    ok: bool = False
+    published: int = 0
+    acked_by_broker: int = 0
+    received: int = 0
+    missing: int = 0
+    duplicated: int = 0
+    mismatched_rows: int = 0
+    restarts: int = 0
+    restart_schedule: list[str] = field(default_factory=list)
+    gaps: int = 0
+    out_of_order: int = 0
+    final_exit: int | None = None
+    duration_s: float = 0.0
+    error: str = ""
+    workdir: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        return (
+            f"{self.scenario:22s} seed={self.seed:<6d} published={self.acked_by_broker:<6d} "
+            f"received={self.received:<6d} missing={self.missing:<4d} "
+            f"duplicated={self.duplicated:<4d} restarts={self.restarts} "
+            f"gaps={self.gaps} ooo={self.out_of_order} exit={self.final_exit} "
+            f"duration={self.duration_s:5.1f}s {'OK' if self.ok else 'FAIL'}"
+            + (f" ({self.error})" if self.error else "")
+        )
+
+
+class Run:
+    def __init__(self, sc: Scenario, seed: int, workdir: Path, shim: Path | None) -> None:
+        self.sc = sc
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.workdir = workdir
+        self.shim = shim
+        self.res = RunResult(sc.name, seed, workdir=str(workdir))
+        self.started = time.monotonic()
+        self.deadline = self.started + RUN_BUDGET_S
+        self.agents: list[Agent] = []
+        self.agent: Agent | None = None
+
+    def left(self) -> float:
+        return max(0.5, self.deadline - time.monotonic())
+
+    def start_agent(self) -> Agent:
+        a = Agent(self.cfg, self.workdir / "agent.log", self.health_port)
+        if self.shim is not None:  # the agent process only
+            a._env = {**os.environ, "LD_PRELOAD": str(self.shim)}
+        a.start()
+        self.agents.append(a)
+        a.wait_ready(timeout_s=min(30.0, self.left()))
+        self.agent = a
+        return a
+
+    def sample_outbox(self) -> None:
+        """Peak outbox usage and compaction seen during the run (polled, at most every 0.25 s)."""
+        now = time.monotonic()
+        if now - self.res.extra.get("_sampled", 0.0) < 0.25 or self.agent is None:
+            return
+        self.res.extra["_sampled"] = now
+        ob = (self.agent.status() or {}).get("outbox", {})
+        usage = float(ob.get("usage_of_max_bytes") or 0.0)
+        self.res.extra["peak_usage"] = round(max(self.res.extra.get("peak_usage", 0.0), usage), 3)
+        self.res.extra["peak_chunks"] = max(
+            self.res.extra.get("peak_chunks", 0), ob.get("chunks", 0)
+        )
+
+    def restart(self, kind: str) -> None:
+        assert self.agent is not None
+        a = self.agent
+        if kind == "KILL":
+            a.kill()
+        else:
+            a.signal(signal.SIGTERM)
+            code = a.wait(timeout_s=min(20.0, self.left()))
+            if code != 0:
+                raise RuntimeError(f"agent exited {code} after SIGTERM")
+        self.res.restarts += 1
+        self.start_agent()
+
+    def execute(self) -> RunResult:
+        sc = self.sc
+        self.broker = Mosquitto(self.workdir / "mosquitto").start()
+        self.receiver = Receiver(self.workdir / "cloud").start()
+        self.health_port = free_port()
+        cfg = agent_config(
+            path=self.workdir / "agent.toml",
+            gateway_id=GATEWAY,
+            mqtt_port=self.broker.port,
+            receiver_url=self.receiver.url,
+            buffer_path=self.workdir / "agent" / "buffer.sqlite3",
+            health_port=self.health_port,
+        )
+        (self.workdir / "agent").mkdir(exist_ok=True)
+        text = cfg.read_text()
+        for section, lines in sc.config.items():
+            assert section + "\n" in text, section
+            text = text.replace(section + "\n", f"{section}\n{lines}\n", 1)
+        cfg.write_text(text)
+        self.cfg = cfg
+
+        # The schedule, drawn before anything runs so the seed alone decides it.
+        kinds = list(sc.restarts)
+        self.rng.shuffle(kinds)
+        moments = sorted(self.rng.uniform(1.0, sc.duration_s - 1.0) for _ in kinds)
+        schedule = list(zip(moments, kinds, strict=True))
+        self.res.restart_schedule = [f"{k}@{t:.1f}s" for t, k in schedule]
+        cloud_plan: list[tuple[float, dict[str, Any]]] = []
+        if sc.late_cloud:
+            down_s = self.rng.uniform(7.5, 8.5)
+            slow_s = self.rng.uniform(7.5, 8.5)
+            cloud_plan.append((0.0, {"status": 503}))
+            t = down_s
+            cloud_plan.append((t, {"status": None, "delay_ms": self.rng.uniform(900, 1300)}))
+            while t + 0.5 < down_s + slow_s:
+                t += 0.5
+                cloud_plan.append((t, {"delay_ms": self.rng.uniform(900, 1300)}))
+            cloud_plan.append((down_s + slow_s, {"delay_ms": 0}))
+            self.res.extra["cloud"] = f"503 for {down_s:.1f}s, slow for {slow_s:.1f}s"
+
+        if cloud_plan and cloud_plan[0][0] == 0.0:
+            self.receiver.fault(**cloud_plan.pop(0)[1])
+        self.start_agent()
+        pub = Publisher(
+            self.broker, self.workdir, cameras=sc.cameras, rate=sc.rate_per_camera,
+            duration_s=sc.duration_s, seed=self.seed,
+        ).start()  # fmt: skip
+        t0 = time.monotonic() + 0.5  # the simulator starts publishing half a second later
+        while schedule or cloud_plan:
+            now = time.monotonic() - t0
+            if cloud_plan and now >= cloud_plan[0][0]:
+                self.receiver.fault(**cloud_plan.pop(0)[1])
+                continue
+            if schedule and now >= schedule[0][0]:
+                self.restart(schedule.pop(0)[1])
+                continue
+            if sc.late_cloud:
+                self.sample_outbox()
+            nxt = min(x[0] for x in (schedule[:1] + cloud_plan[:1]))
+            time.sleep(max(0.0, min(0.05, nxt - now)))
+            if time.monotonic() > self.deadline:
+                raise TimeoutError("run budget spent before the schedule was done")
+        while sc.late_cloud and pub.running:
+            self.sample_outbox()
+            pub.wait(0.25)
+        expected = pub.join()
+        self.res.extra.pop("_sampled", None)
+        self.res.published = int(pub.summary.get("published", 0))
+        self.res.acked_by_broker = int(pub.summary.get("acked", 0))
+        want = sum(e.count for e in expected.values())
+        try:
+            wait_for(
+                lambda: self.receiver.messages() >= want,
+                timeout_s=max(0.5, self.left() - 8), what=f"{want} messages at the receiver",
+            )  # fmt: skip
+        except TimeoutError as e:
+            self.res.error = str(e)
+        assert self.agent is not None
+        st = self.agent.status() or {}
+        self.res.extra["last_agent"] = {
+            "snapshots_written": st.get("outbox", {}).get("snapshots_written"),
+            "compacted_chunks": st.get("outbox", {}).get("compacted_chunks"),
+            "redelivered_skipped": st.get("ingest", {}).get("redelivered_skipped"),
+            "batches_failed": st.get("forward", {}).get("batches_failed"),
+        }
+        self.agent.signal(signal.SIGTERM)
+        try:
+            self.res.final_exit = self.agent.wait(timeout_s=min(10.0, self.left()))
+        except subprocess.TimeoutExpired:
+            self.res.error = (
+                self.res.error + "; " if self.res.error else ""
+            ) + "final SIGTERM hung"
+        self.judge(expected)
+        return self.res
+
+    def judge(self, expected: dict[tuple[str, str, int], Expected]) -> None:
+        merged = load_merged(self.receiver.db)
+        c: Comparison = (compare_per_stream if self.sc.per_stream else compare)(expected, merged)
+        self.res.received = c.received_messages
+        self.res.missing = c.missing
+        self.res.duplicated = c.duplicated
+        self.res.mismatched_rows = len(c.mismatched_rows)
+        if c.mismatched_rows:
+            self.res.extra["mismatched"] = c.mismatched_rows[:10]
+        gw = self.receiver.stats().get("gateways", {}).get(GATEWAY, {})
+        self.res.gaps = int(gw.get("gaps", 0))
+        self.res.out_of_order = int(gw.get("out_of_order", 0))
+        self.res.extra["cloud_duplicates"] = int(gw.get("duplicates", 0))
+        self.res.ok = (
+            c.expected_messages > 0
+            and c.exact
+            and self.res.gaps == 0
+            and self.res.out_of_order == 0
+            and self.res.final_exit == 0
+            and self.res.restarts == len(self.sc.restarts)
+            and not self.res.error
+        )
+
+    def cleanup(self) -> None:
+        for a in self.agents:
+            a.kill()
+        for p in (getattr(self, "receiver", None), getattr(self, "broker", None)):
+            if p is not None:
+                p.stop(timeout_s=5)
+
+
+def log_excerpt(workdir: Path, lines: int = 40) -> str:
+    try:
+        text = (workdir / "agent.log").read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return "(no agent log)"
+    keys = ("error", "warn", "fault", "traceback", "shim", "shutdown", "outbox ", "exception")
+    hits = [ln for ln in text if any(k in ln.lower() for k in keys)]
+    return "\n".join((hits[-lines:] if hits else []) + ["-- last lines --"] + text[-15:])
+
+
+def one_run(sc: Scenario, seed: int, shim: Path | None, keep: bool) -> RunResult:
+    workdir = OUT / sc.name / f"seed-{seed}"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    run = Run(sc, seed, workdir, shim)
+    try:
+        run.execute()
+    except Exception as e:  # a run that could not finish is a failed run, with its evidence
+        run.res.error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        (workdir / "traceback.txt").write_text(traceback.format_exc())
+        run.res.ok = False
+    finally:
+        run.cleanup()
+        run.res.duration_s = round(time.monotonic() - run.started, 1)
+    if shim is not None:  # what the shim did, from each agent's exit line (SIGTERM exits only)
+        calls = slept = 0.0
+        for ln in (workdir / "agent.log").read_text(errors="replace").splitlines():
+            if ln.startswith("slow-fsync shim: "):
+                parts = ln.split()
+                calls += float(parts[2])
+                slept += float(parts[4])
+        run.res.extra["fsync_calls_slowed"] = int(calls)
+        run.res.extra["fsync_ms_added"] = int(slept)
+    if run.res.ok and not keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        (workdir / "result.json").write_text(json.dumps(asdict(run.res), indent=2))
+    return run.res
+
+
+def summarize(name: str, results: list[RunResult]) -> dict[str, Any]:
+    durations = [r.duration_s for r in results]
+    ok = sum(r.ok for r in results)
+    return {
+        "scenario": name,
+        "runs": len(results),
+        "ok": ok,
+        "failed": len(results) - ok,
+        "failed_seeds": [r.seed for r in results if not r.ok],
+        "published_total": sum(r.acked_by_broker for r in results),
+        "restarts_total": sum(r.restarts for r in results),
+        "duration_min_s": min(durations),
+        "duration_median_s": statistics.median(durations),
+        "duration_max_s": max(durations),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--seed", type=int, help="seed of the first run (the next runs add 1)")
+    p.add_argument("--keep", action="store_true", help="keep the working directory of good runs")
+    p.add_argument("--json-out", type=Path, help="also write the results here")
+    p.add_argument("--max-bytes", help='override buffer.max_bytes (e.g. "1MiB"), for a variant run')
+    args = p.parse_args(argv)
+    sc = SCENARIOS[args.scenario]
+    if args.max_bytes:
+        lines = [ln for ln in sc.config.get("[buffer]", "").splitlines() if "max_bytes" not in ln]
+        lines.append(f'max_bytes = "{args.max_bytes}"')
+        sc = replace(sc, config={**sc.config, "[buffer]": "\n".join(lines)})
+    first = args.seed if args.seed is not None else time.time_ns() % 100_000
+    say(f"exactly-once soak: {sc.name}, {args.runs} runs, seeds {first}..{first + args.runs - 1}")
+    say(f"  {sc}")
+    tmp = Path(tempfile.mkdtemp(prefix="eo-shim-"))
+    results: list[RunResult] = []
+    failures: list[tuple[RunResult, str]] = []
+    try:
+        shim = build_shim(tmp) if sc.slow_fsync else None
+        for i in range(args.runs):
+            seed = first + i
+            r = one_run(sc, seed, shim, args.keep)
+            results.append(r)
+            extra = f" schedule={','.join(r.restart_schedule)}" if r.restart_schedule else ""
+            if "cloud" in r.extra:
+                extra += f" cloud=[{r.extra['cloud']}]"
+            say(r.line() + extra)
+            if not r.ok:
+                excerpt = log_excerpt(Path(r.workdir))
+                failures.append((r, excerpt))
+                say(f"  FAILED seed {seed}; evidence kept in {r.workdir}")
+                if r.extra.get("mismatched"):
+                    say("  " + "\n  ".join(r.extra["mismatched"]))
+                say("  agent log excerpt:\n    " + excerpt.replace("\n", "\n    "))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    s = summarize(sc.name, results)
+    say(
+        f"SUMMARY {sc.name}: {s['ok']}/{s['runs']} exact, {s['failed']} failed"
+        + (f" (seeds {s['failed_seeds']})" if s["failed_seeds"] else "")
+        + f"; duration min/median/max {s['duration_min_s']:.1f}/{s['duration_median_s']:.1f}/"
+        f"{s['duration_max_s']:.1f} s; {s['published_total']} messages, "
+        f"{s['restarts_total']} restarts"
+    )
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(
+            json.dumps(
+                {
+                    "summary": s,
+                    "runs": [asdict(r) for r in results],
+                    "failures": [{"seed": r.seed, "log_excerpt": e} for r, e in failures],
+                },
+                indent=2,
+            )
+        )
+    return 0 if s["failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
