@@ -168,6 +168,9 @@ class AckLedger:
         self._new_mids.difference_update(plan.deletes)
         self._new_mids.difference_update(p.mid for p in plan.upserts)
         self._prune.difference_update(plan.deletes)
+        # An upsert replaced the row under its id: a prune pending for that id (the row of an
+        # earlier message) is done, and must not delete the new row later.
+        self._prune.difference_update(p.mid for p in plan.upserts)
 
     def confirmed(self, acked: list[Pending]) -> None:
         """The broker has processed the PUBACKs of `acked` (a round trip after them came back
