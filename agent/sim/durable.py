@@ -398,9 +398,13 @@ class InlineRunner:
             # land while it is pending.
             await asyncio.sleep(w.rng.uniform(0, 0.02))
             w.alive(self.token)
-        if name == "checkpoint" and w.rng.random() < w.p.disk_full_p and not w.cloud.calm:
-            w.disturbed = w.clock.t
-            raise sqlite3.OperationalError("database or disk is full")
+        if name in WRITES and not w.cloud.calm:
+            # A full disk fails any write: the checkpoint's, and the forwarder's (cut, delete
+            # after an answer, release, dead letter), and compaction.
+            p_full = w.p.disk_full_p if name == "checkpoint" else w.p.disk_full_p / 3
+            if w.rng.random() < p_full:
+                w.disturbed = w.clock.t
+                raise sqlite3.OperationalError("database or disk is full")
         result = fn(*args, **kw)
         w.maybe_crash(f"after {name}")
         return result
