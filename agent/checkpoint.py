@@ -167,7 +167,9 @@ class Checkpointer:
         st = self._stats
         usage = await self._outbox.usage()
         st.buffer_usage = usage
-        if usage <= HIGH_WATER:
+        # Below the high water mark nothing needs doing — unless the last commit found the
+        # outbox full (a piece can be bigger than the room left under the mark).
+        if usage <= HIGH_WATER and not st.buffer_full:
             st.buffer_full = False
             return
         drop = self._s.buffer.overflow == "drop_oldest"

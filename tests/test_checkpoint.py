@@ -76,3 +76,57 @@ async def test_a_backlog_larger_than_the_quota_commits_in_pieces_and_loses_nothi
     assert len(acked) == messages  # every message acked, once its chunk was committed
     assert piece_bytes(1024**2) == 128 * 1024
     await outbox.close()
+
+
+async def test_a_commit_refused_as_full_below_the_high_water_mark_makes_room(
+    tmp_path: Path,
+) -> None:
+    """Usage just under the 90 % mark, so no compaction — yet the next piece does not fit and
+    the commit fails as full. The next cycle must make room (compact), not retry the same
+    failing commit forever (seen once in CI under load)."""
+    from agent.model import Chunk, encode_chunk
+    from agent.outbox import CheckpointWrite
+
+    settings = Settings(gateway_id="gw-test")
+    settings = settings.model_copy(
+        update={"buffer": settings.buffer.model_copy(update={"max_bytes": 1024**2})}
+    )
+    outbox, _ = await Outbox.open(tmp_path / "b.sqlite3", synchronous="off")
+    await outbox.set_quota(1024**2)
+    t = int(T0)
+    while await outbox.usage() < 0.895:  # compactable 1-second chunks of a few cameras
+        chunks = []
+        for cam in range(5 if await outbox.usage() < 0.87 else 1):
+            c = Chunk(f"cam-{cam}", "det", t, 1)
+            c.add_times(t, t + 0.1)
+            c.add_category("cls", "x" * 300, 32)
+            chunks.append(encode_chunk(c))
+        await outbox.checkpoint(CheckpointWrite(chunks=chunks), now=T0)
+        t += 1
+    assert await outbox.usage() <= 0.9
+    agg = Aggregator(window_s=1, allowed_lateness_s=0, idle_close_s=5)
+    ledger = AckLedger()
+    stats = Stats()
+
+    async def confirmed() -> bool:
+        return True
+
+    ckpt = Checkpointer(
+        settings=settings, outbox=outbox, aggregator=agg, ledger=ledger, stats=stats,
+        send_ack=lambda mid, qos: None, can_ack=lambda: True, clock=Clock(),
+        confirm_acks=confirmed,
+    )  # fmt: skip
+    for cam in range(400):  # ~120 KiB of closed windows: pieces larger than the room left
+        for i in range(3):
+            cls = f"category-{i:03d}-" + "y" * 80
+            w = agg.add(f"new-{cam}", "det", SPEC, {"cls": cls}, T0, T0, mono=0.0)
+            assert not isinstance(w, str)
+    await ckpt.checkpoint(final=True)
+    for _ in range(5):
+        if not ckpt.carried:
+            break
+        await ckpt.checkpoint(final=True)
+    assert stats.rejects["checkpoint_failed"] >= 1  # the situation really arose
+    assert ckpt.carried == 0
+    assert stats.compacted_chunks > 0
+    await outbox.close()
