@@ -271,6 +271,10 @@ class Intake:
             route.camera, route.stream, route.spec, doc, t, recv_t, flags=flags, mono=mono
         )
         if isinstance(window, str):
+            if window == "too_many_cameras":
+                # The stamp above started a clock estimate for an id the aggregator refused:
+                # drop it, or an id flood grows memory by one estimate per refused id.
+                self._clocks.forget(route.camera)
             return window, None
         return None, window
 

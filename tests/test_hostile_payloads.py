@@ -528,3 +528,20 @@ def test_hostile_messages_among_honest_ones_stop_nothing(
     hostile = [c for k, c in load_merged(agents.receiver.db).items() if k[0] == "cam-hostile"]
     assert sum(c.count for c in hostile) == 3 * 4
     assert agent.stop() == 0
+
+
+def test_an_id_flood_past_the_camera_cap_keeps_no_clock_estimates() -> None:
+    """Found by bench/hostile_soak.py: every id refused at the camera cap used to leave a
+    camera clock estimate behind (~1 KB each, 8 MiB a minute under a flood)."""
+
+    a = AggregateSettings(max_cameras=5)
+    clocks = build_clocks(a)
+    intake = Intake(
+        router=TopicRouter([StreamSettings(topic="site/cam/{camera}/{stream}", numeric=NUMERIC)]),
+        aggregator=build_aggregator(a), clocks=clocks, ledger=AckLedger(), stats=Stats(),
+        max_payload_bytes=65536,
+    )  # fmt: skip
+    for i in range(500):
+        payload = json.dumps({"ts": T0 + i / 1000, "conf": 0.5}).encode()
+        intake.handle(f"site/cam/flood-{i}/det".encode(), payload, i + 1, 1, False, T0, 0.0)
+    assert len(clocks.items()) <= 5
