@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -102,6 +102,8 @@ class Aggregator:
         self.late_memory_s = late_memory_s
         # At the camera cap, cameras silent this long with nothing open are forgotten.
         self.forget_after_s = max(60.0, 2 * idle_close_s)
+        # Told of every camera forgotten (the camera clock estimates go with it).
+        self.on_forget: Callable[[str], None] = lambda camera: None
         self._last_forget = -math.inf
         self._cameras: dict[str, _Camera] = {}
         self.open_count = 0
@@ -198,6 +200,7 @@ class Aggregator:
         before = now - self.forget_after_s
         for name in [n for n, c in self._cameras.items() if not c.windows and c.last_recv < before]:
             del self._cameras[name]
+            self.on_forget(name)
         if len(self._cameras) < self.max_cameras:
             self.counters["cameras_forgotten_at_cap"] += 1
             return True
@@ -226,6 +229,7 @@ class Aggregator:
                 self._close(cam, due, closed)
         for name in stale:
             del self._cameras[name]
+            self.on_forget(name)
         return closed
 
     def close_all(self) -> list[Window]:

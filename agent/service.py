@@ -321,6 +321,7 @@ async def build_pipeline(
     )
     router = TopicRouter(settings.streams)
     clocks = build_clocks(settings.aggregate)
+    aggregator.on_forget = clocks.forget
     intake = Intake(
         router=router,
         aggregator=aggregator,

@@ -274,6 +274,8 @@ def test_an_id_flood_does_not_lock_honest_cameras_or_streams_out() -> None:
     """At the caps, ids that went silent with nothing open are forgotten (after
     forget_after_s for cameras); the honest camera or stream gets in, not an hour later."""
     agg = make(max_cameras=3, max_streams_per_camera=2)
+    forgotten: list[str] = []
+    agg.on_forget = forgotten.append  # the camera clock estimates go with them
     for i in range(3):  # a flood of one-message ids fills the camera cap
         assert not isinstance(agg.add(f"flood-{i}", "s", SPEC, {}, T0, T0), str)
     assert agg.add("honest", "s", SPEC, {}, T0 + 1, T0 + 1) == "too_many_cameras"
@@ -282,6 +284,7 @@ def test_an_id_flood_does_not_lock_honest_cameras_or_streams_out() -> None:
     later = T0 + 1 + agg.forget_after_s + 1
     assert not isinstance(agg.add("honest", "s", SPEC, {}, later, later), str)
     assert agg.counters["cameras_forgotten_at_cap"] == 1
+    assert sorted(forgotten) == ["flood-0", "flood-1", "flood-2"]
     # Streams: the cap counts streams with open windows.
     assert not isinstance(agg.add("honest", "x1", SPEC, {}, later, later), str)
     assert agg.add("honest", "x2", SPEC, {}, later, later) == "too_many_streams"
