@@ -54,7 +54,9 @@ class Route:
 class TopicRouter:
     """Match topics against the `[[streams]]` patterns; first match wins."""
 
-    _CACHE_MAX = 20000
+    # Enough for every topic of a large site (1,000 cameras x 4 streams); a flood of new ids
+    # only churns it (cleared when full), so it stays small.
+    _CACHE_MAX = 4096
 
     def __init__(self, streams: Sequence[StreamSettings]) -> None:
         self._patterns: list[tuple[list[str], StreamSettings, StreamSpec]] = [
