@@ -94,7 +94,7 @@ class Checkpointer:
         aggregator: Aggregator,
         ledger: AckLedger,
         stats: Stats,
-        send_ack: Callable[[int, int], None],
+        send_acks: Callable[[list[int]], None],
         can_ack: Callable[[], bool],
         on_commit: Callable[[], None] = lambda: None,
         confirm_acks: Callable[[], Awaitable[bool]] | None = None,
@@ -107,7 +107,7 @@ class Checkpointer:
         self._agg = aggregator
         self._ledger = ledger
         self._stats = stats
-        self._send_ack = send_ack
+        self._send_acks = send_acks
         self._can_ack = can_ack
         self._on_commit = on_commit
         self._confirm_acks = confirm_acks
@@ -315,8 +315,7 @@ class Checkpointer:
             return
         # The queue holds only messages of the current connection (new_connection() empties it).
         popped = ledger.pop_acked(len(ackable))
-        for p in popped:
-            self._send_ack(p.mid, p.qos)
+        self._send_acks([p.mid for p in popped])
         self._stats.acked += len(popped)
         if ledger.connection != self._unconfirmed_conn:
             self._unconfirmed, self._unconfirmed_conn = [], ledger.connection

@@ -18,7 +18,6 @@ from typing import Any
 
 import aiomqtt
 import msgspec
-import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -29,7 +28,7 @@ from agent.aggregate import Aggregator, StreamSpec
 from agent.clock import SYSTEM_CLOCK, Clock, StepWatch
 from agent.config import MqttSettings, StreamSettings, read_secret
 from agent.credentials import client_tls_context
-from agent.mqtt_compat import install_raw_handler, send_ack
+from agent.mqtt_compat import FastReader, install, send_acks
 from agent.pacing import Backoff
 from agent.stats import RateLimitedLog, Stats
 from agent.timekeeping import BadTimestamp, Clocks, parse_event_time
@@ -151,9 +150,6 @@ class Intake:
     def close(self) -> None:
         """Stop counting: from now on messages stay unacked, for the broker to redeliver."""
         self.open = False
-
-    def on_message(self, msg: paho.MQTTMessage) -> None:
-        self.handle(msg._topic, bytes(msg.payload), msg.mid, msg.qos, bool(msg.dup))
 
     def handle(
         self,
@@ -370,6 +366,7 @@ class MqttSession:
         self._ledger = ledger
         self._stats = stats
         self._client: aiomqtt.Client | None = None
+        self.reader: FastReader | None = None
         self.subscribed = asyncio.Event()
         self._backoff = Backoff(min_s=settings.reconnect_min_s, max_s=settings.reconnect_max_s)
 
@@ -387,9 +384,10 @@ class MqttSession:
             return False
         return self._client is client
 
-    def ack(self, mid: int, qos: int) -> None:
+    def ack(self, mids: list[int]) -> None:
+        """PUBACK `mids` in order, as one write, on the current connection."""
         if self._client is not None:
-            send_ack(self._client, mid, qos)
+            send_acks(self._client, mids)
 
     @property
     def connected(self) -> bool:
@@ -414,7 +412,7 @@ class MqttSession:
                 tls_context=tls_context(s),
                 timeout=s.connect_timeout_s,
             )
-            install_raw_handler(client, self._intake.on_message)
+            self.reader = install(client, self._intake.handle)
             # Acks owed on an earlier connection are void; the broker redelivers those messages.
             self._ledger.new_connection()
             delay = s.reconnect_min_s

@@ -285,7 +285,7 @@ async def build_pipeline(
     faults: Faults = NO_FAULTS,
     clock: Clock = SYSTEM_CLOCK,
     rng: random.Random | None = None,
-    send_ack: Callable[[int, int], None] | None = None,
+    send_acks: Callable[[list[int]], None] | None = None,
     can_ack: Callable[[], bool] | None = None,
     confirm_acks: Callable[[], Awaitable[bool]] | None = None,
 ) -> tuple[Pipeline, Checkpointer]:
@@ -355,7 +355,7 @@ async def build_pipeline(
         aggregator=aggregator,
         ledger=ledger,
         stats=stats,
-        send_ack=send_ack or session.ack,
+        send_acks=send_acks or session.ack,
         can_ack=can_ack or (lambda: session.connected),
         on_commit=forwarder.wake.set,
         confirm_acks=confirm_acks or session.confirm_acks,

@@ -48,7 +48,7 @@ async def test_a_backlog_larger_than_the_quota_commits_in_pieces_and_loses_nothi
 
     ckpt = Checkpointer(
         settings=settings, outbox=outbox, aggregator=agg, ledger=ledger, stats=Stats(),
-        send_ack=lambda mid, qos: acked.append(mid), can_ack=lambda: True, clock=clock,
+        send_acks=acked.extend, can_ack=lambda: True, clock=clock,
         confirm_acks=confirmed,
     )  # fmt: skip
     messages = 0
@@ -113,7 +113,7 @@ async def test_a_commit_refused_as_full_below_the_high_water_mark_makes_room(
 
     ckpt = Checkpointer(
         settings=settings, outbox=outbox, aggregator=agg, ledger=ledger, stats=stats,
-        send_ack=lambda mid, qos: None, can_ack=lambda: True, clock=Clock(),
+        send_acks=lambda mids: None, can_ack=lambda: True, clock=Clock(),
         confirm_acks=confirmed,
     )  # fmt: skip
     for cam in range(400):  # ~120 KiB of closed windows: pieces larger than the room left

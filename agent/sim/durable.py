@@ -718,7 +718,7 @@ class World:
                 http,
                 clock=self.clock,
                 rng=random.Random(self.rng.random()),
-                send_ack=self._ack(token),
+                send_acks=self._ack(token),
                 can_ack=lambda: self.broker.connected and token == self.incarnation,
                 confirm_acks=self._confirm(token),
             )
@@ -743,10 +743,11 @@ class World:
             self.out.dead_letters += p.stats.dead_letters
             self.broker.disconnect()
 
-    def _ack(self, token: int) -> Callable[[int, int], None]:
-        def send(mid: int, qos: int) -> None:
+    def _ack(self, token: int) -> Callable[[list[int]], None]:
+        def send(mids: list[int]) -> None:
             if token == self.incarnation and not self.dead:
-                self.broker.ack(mid, qos)
+                for mid in mids:
+                    self.broker.ack(mid, 1)
 
         return send
 
