@@ -165,7 +165,7 @@ class FastReader:
         self._eof = False
         self._error: OSError | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._paused = False
+        self._watching = False
         self.wakeups = 0
         self.published = 0
         self.handed = 0
@@ -196,8 +196,9 @@ class FastReader:
         fd: int = sock.fileno()
         self._sock, self._fd = sock, fd
         self._buf = bytearray()
-        self._eof, self._error, self._handing, self._paused = False, None, False, False
+        self._eof, self._error, self._handing = False, None, False
         self._loop.add_reader(self._fd, self._on_readable)  # replaces aiomqtt's reader
+        self._watching = True
 
     def _detach(self, sock: Any) -> None:
         if sock is not self._sock:
@@ -205,25 +206,33 @@ class FastReader:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self._paused and self._fd >= 0:
+        if self._watching:
             self._loop.remove_reader(self._fd)
-        self._sock, self._fd, self._paused = None, -1, False
-
-    def _resume(self) -> None:
-        self._timer = None
-        if self._sock is not None and self._paused:
-            self._paused = False
-            self._loop.add_reader(self._fd, self._on_readable)
+            self._watching = False
+        self._sock, self._fd = None, -1
 
     # -- reading -------------------------------------------------------------------------
+    #
+    # Two modes. Watching: the socket's reader wakes us when bytes arrive. Polling: after a
+    # read that found bytes, the reader is off and a timer reads again `coalesce_s` later;
+    # while traffic flows it stays that way (no reader churn: with uvloop, each add_reader
+    # costs an ioctl and two epoll_ctl), and the first timer read that finds nothing turns
+    # the reader back on.
 
     def _on_readable(self) -> None:
+        self._read()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._read()
+
+    def _read(self) -> None:
         sock = self._sock
         if sock is None:
             return
         self.wakeups += 1
         try:
-            more = self._fill(sock)
+            got, more = self._fill(sock)
             self._drain()
         except Exception as exc:  # a bug here must end the connection, not the reader
             log.exception("MQTT read failed; reconnecting")
@@ -231,35 +240,43 @@ class FastReader:
             return
         if self._sock is not sock:
             return  # the connection ended while its packets were handled
+        loop = self._loop
         if more:
-            self._loop.call_soon(self._on_readable)
-        elif self._coalesce_s > 0:
-            self._loop.remove_reader(self._fd)
-            self._paused = True
-            self._timer = self._loop.call_later(self._coalesce_s, self._resume)
+            loop.call_soon(self._read)
+        elif got and self._coalesce_s > 0:
+            if self._watching:
+                loop.remove_reader(self._fd)
+                self._watching = False
+            if self._timer is None:
+                self._timer = loop.call_later(self._coalesce_s, self._on_timer)
+        elif not self._watching:
+            loop.add_reader(self._fd, self._on_readable)
+            self._watching = True
 
-    def _fill(self, sock: Any) -> bool:
-        """Read what the socket has. True if it may hold more than was read (a wakeup's cap)."""
+    def _fill(self, sock: Any) -> tuple[int, bool]:
+        """Read what the socket has: (bytes read, whether it may hold more: a wakeup's cap)."""
         buf = self._buf
+        got = 0
         for _ in range(16):
             try:
                 data = sock.recv(READ_BYTES)
             except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
-                return False
+                return got, False
             except ssl.SSLWantWriteError:
                 self._inner._call_socket_register_write()
-                return False
+                return got, False
             except OSError as e:
                 self._error = e
-                return False
+                return got, False
             if not data:
                 self._eof = True
-                return False
+                return got, False
             buf += data
+            got += len(data)
             self._inner._last_bytes_received = time.monotonic()
             if len(data) < READ_BYTES and not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
-                return False
-        return True
+                return got, False
+        return got, True
 
     def _drain(self) -> None:
         """Handle every complete packet in the buffer; keep a partial one for the next read."""
