@@ -30,7 +30,10 @@ def test_check_config_prints_effective_config_with_secrets_masked(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cfg = tmp_path / "c.toml"
-    cfg.write_text('gateway_id = "gw"\n[mqtt]\npassword = "hunter2"\n[forward]\ntoken = "s3cr3t"\n')
+    cfg.write_text(
+        'gateway_id = "gw"\n[mqtt]\npassword = "hunter2"\n[forward]\ntoken = "s3cr3t"\n'
+        f'[buffer]\npath = "{tmp_path}/buffer.sqlite3"\n'
+    )
     assert main(["check-config", "--config", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "hunter2" not in out and "s3cr3t" not in out
@@ -139,6 +142,7 @@ def test_check_config_masks_the_password_in_a_url(
     cfg = tmp_path / "c.toml"
     cfg.write_text(
         'gateway_id = "gw"\n[forward]\nurl = "https://site42:hunter2@cloud.example/in"\n'
+        f'[buffer]\npath = "{tmp_path}/buffer.sqlite3"\n'
     )
     assert main(["check-config", "--config", str(cfg)]) == 0
     out = capsys.readouterr().out

@@ -206,7 +206,7 @@ def test_secrets_never_leak(tmp_path: Path, broker: Mosquitto, receiver: Receive
     cfg = tmp_path / "inline.toml"
     cfg.write_text(
         'gateway_id = "gw"\n[mqtt]\nusername = "u"\npassword = "mqtt-pw-s3cr3t"\n'
-        '[forward]\ntoken = "cloud-t0ken-s3cr3t"\n'
+        f'[forward]\ntoken = "cloud-t0ken-s3cr3t"\n[buffer]\npath = "{tmp_path}/buffer.sqlite3"\n'
     )
     os.chmod(cfg, 0o644)
     r = subprocess.run(
