@@ -201,8 +201,10 @@ def status_line(p: Pipeline) -> str:
     oldest = ob.oldest_created_at
     age = f", oldest {time.time() - oldest:.0f} s" if oldest else ""
     cloud = p.forwarder.unhealthy_reason or ("retrying" if p.forwarder.backoff_until else "ok")
+    active, _ = p.aggregator.camera_activity(time.monotonic(), SILENT_AFTER_S)
     line = (
-        f"{st.rate(10, time.monotonic()):.0f} msgs/s, {p.aggregator.camera_count} cameras, "
+        f"{st.rate(10, time.monotonic()):.0f} msgs/s, {active} of "
+        f"{p.aggregator.camera_count} cameras active, "
         f"outbox {ob.chunk_count} chunks{age}, cloud: {cloud}"
     )
     return line[:200]

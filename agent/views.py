@@ -11,6 +11,11 @@ from agent.forward import one_line
 from agent.outage import duration_words, rfc3339
 
 
+def _n(count: int, word: str) -> str:
+    """'1 chunk', '3 chunks'."""
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
 def _ago(stamp: str | None, now: float) -> str:
     """'2026-11-26T15:35:09Z (3 s ago)' from an RFC 3339 stamp; 'never' for None."""
     if not stamp:
@@ -31,7 +36,7 @@ def status_lines(doc: dict[str, Any], now: float) -> list[str]:
         problems.append(f"data dropped: {doc['drops']}")
     if ob.get("dead_letters"):
         problems.append(
-            f"{ob['dead_letters']} chunks in the dead letters (edge-agent deadletter list)"
+            f"{_n(ob['dead_letters'], 'chunk')} in the dead letters (edge-agent deadletter list)"
         )
     lines = [f"PROBLEM  {p}" for p in problems]
     rejects = ", ".join(f"{k} {v}" for k, v in sorted(ing["rejects"].items()) if v) or "none"
@@ -67,7 +72,7 @@ def status_lines(doc: dict[str, Any], now: float) -> list[str]:
         rows.append(
             (
                 "clocks",
-                f"{cams['clock_suspect']} cameras off by more than {cams['max_skew_s']:g} s: "
+                f"{_n(cams['clock_suspect'], 'camera')} off by more than {cams['max_skew_s']:g} s: "
                 + ", ".join(ids)
                 + (f" and {more} more (/status/cameras)" if more > 0 else ""),
             )
@@ -85,8 +90,9 @@ def status_lines(doc: dict[str, Any], now: float) -> list[str]:
         rows.append(
             (
                 "failing",
-                f"since {_ago(fw['failing_since'], now)}, {fw.get('failures_in_row', 0)} "
-                f"failed attempts (a problem after {fw.get('alert_after_s', 0):g} s)",
+                f"since {_ago(fw['failing_since'], now)}, "
+                f"{_n(fw.get('failures_in_row', 0), 'failed attempt')} "
+                f"(a problem after {fw.get('alert_after_s', 0):g} s)",
             )
         )
     if fw.get("last_error"):

@@ -79,7 +79,8 @@ def test_dead_letters_listed_shown_retried_and_counted_as_they_are_now(
     assert "no dead letter with seq 1" in capsys.readouterr().err
 
     text = cli("status", "--config", str(config))
-    assert f"PROBLEM  {len(rows)} chunks in the dead letters" in text.stdout
+    noun = "chunk" if len(rows) == 1 else "chunks"
+    assert f"PROBLEM  {len(rows)} {noun} in the dead letters" in text.stdout
 
     agents.receiver.fault(poison_camera=None)
     # The README's order: --config first, then the seqs.
@@ -166,7 +167,7 @@ def test_status_tells_active_from_remembered_cameras_and_names_bad_clocks(
     )
     text = cli("status", "--config", str(config)).stdout
     clocks = next(s for s in text.splitlines() if s.startswith("clocks"))
-    assert "1 cameras off by more than 30 s: cam-009" in clocks
+    assert "1 camera off by more than 30 s: cam-009" in clocks
     assert agent.stop() == 0  # a clean stop saves the cameras' window marks
 
     agent = agents.start(config)
