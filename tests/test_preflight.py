@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 from pathlib import Path
@@ -36,7 +37,9 @@ def test_the_example_config_unedited_is_refused_naming_the_key_and_why(
     assert "gateway_id = 'site-42-gw-1'" in capsys.readouterr().err
     assert not (tmp_path / "buffer.sqlite3").exists()
     monkeypatch.setenv("EDGE_AGENT__GATEWAY_ID", "site-42-gw-7")
-    assert main(["check-config", "--config", str(example)]) == 0
+    assert (
+        main(["check-config", "--config", str(example), "--service-user", getpass.getuser()]) == 0
+    )
 
 
 def test_a_missing_buffer_directory_is_refused(

@@ -4,6 +4,7 @@ and never disturbs the running agent's session."""
 
 from __future__ import annotations
 
+import getpass
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from tests.conftest import AgentFactory
 def check(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "agent.cli", "check-config", "--config", str(config),
-         "--connect", "--timeout-s", "3", *extra],
+         "--connect", "--timeout-s", "3", "--service-user", getpass.getuser(), *extra],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 

@@ -4,6 +4,7 @@ camera that cannot take the agent down or disturb the honest cameras' counts."""
 from __future__ import annotations
 
 import datetime as dt
+import getpass
 import json
 import os
 import random
@@ -210,7 +211,8 @@ def test_secrets_never_leak(tmp_path: Path, broker: Mosquitto, receiver: Receive
     )
     os.chmod(cfg, 0o644)
     r = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "check-config", "--config", str(cfg)],
+        [sys.executable, "-m", "agent.cli", "check-config", "--config", str(cfg),
+         "--service-user", getpass.getuser()],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert r.returncode == 0

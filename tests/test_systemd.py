@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import subprocess
@@ -85,6 +86,9 @@ def test_installer_into_a_root_dir_and_back(tmp_path: Path) -> None:
         "check-config",
         "--config",
         str(config),
+        # --no-user: the installer gave the directories to whoever runs the test.
+        "--service-user",
+        getpass.getuser(),
     ]
     check = subprocess.run(check_config, capture_output=True, text=True, timeout=60)
     # The example's gateway id must be replaced: two gateways with one id collide in the cloud.
