@@ -313,11 +313,21 @@ class Aggregator:
     def camera_count(self) -> int:
         return len(self._cameras)
 
+    def camera_activity(self, now: float, silent_after_s: float) -> tuple[int, int]:
+        """(active, silent): cameras heard from within silent_after_s, and the others still
+        remembered (a camera restored at a restart counts from the restart)."""
+        active = sum(
+            1 for cam in self._cameras.values() if cam.msgs and now - cam.last_recv < silent_after_s
+        )
+        silent = sum(1 for cam in self._cameras.values() if now - cam.last_recv >= silent_after_s)
+        return active, silent
+
     def camera_info(self, now: float) -> dict[str, dict[str, Any]]:
         """Per camera: last seen, messages, rate, open windows (for /status)."""
         return {
             name: {
-                "last_seen_age_s": round(now - cam.last_recv, 1),
+                # None: remembered from before a restart, not heard from since it.
+                "last_seen_age_s": round(now - cam.last_recv, 1) if cam.msgs else None,
                 "messages": cam.msgs,
                 "msgs_per_s": round(cam.rate, 2),
                 "windows_open": len(cam.windows),

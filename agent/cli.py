@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,42 +19,19 @@ import uvloop
 from agent import __version__
 from agent.config import (
     ConfigError,
-    LogSettings,
     Settings,
     effective_config,
     inline_secret_warnings,
     load_settings,
 )
+from agent.logs import setup_logging
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 3
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        doc = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc)
-
-
-def setup_logging(s: LogSettings) -> None:
-    handler = logging.StreamHandler(sys.stdout)
-    if s.format == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(s.level.upper())
-    # paho logs every packet at debug; keep it at warning unless asked.
-    logging.getLogger("mqtt").setLevel(max(logging.WARNING, root.level))
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+# check-config --connect: the config is fine, the broker or the cloud is not.
+EXIT_CONNECT = 4
+# 128 + SIGPIPE, what a shell reports for a command whose reader went away.
+EXIT_BROKEN_PIPE = 141
 
 
 def _load(path: str) -> Settings:
@@ -66,16 +44,38 @@ def _load(path: str) -> Settings:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from agent.preflight import buffer_problem, default_service_user, gateway_id_problem
+
     settings = _load(args.config)
     print(json.dumps(effective_config(settings), indent=2))
     for warning in inline_secret_warnings(args.config, settings):
         print(f"warning: {warning}", file=sys.stderr)
+    user = args.service_user or default_service_user()
+    problems = [p for p in (gateway_id_problem(settings), buffer_problem(settings, user)) if p]
+    for p in problems:
+        print(f"config error: {p}", file=sys.stderr)
+    if problems:
+        return EXIT_CONFIG
+    if args.connect:
+        from agent.probe import probe_all
+
+        results = probe_all(settings, timeout_s=args.timeout_s)
+        for r in results:
+            print(f"{'ok' if r.ok else 'FAILED'}  {r.target}: {r.detail}", file=sys.stderr)
+        if not all(r.ok for r in results):
+            return EXIT_CONNECT
     print(f"config ok: {args.config}", file=sys.stderr)
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from agent.preflight import gateway_id_problem
+
     settings = _load(args.config)
+    problem = gateway_id_problem(settings)
+    if problem:
+        print(f"config error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     setup_logging(settings.log)
     for warning in inline_secret_warnings(args.config, settings):
         logging.getLogger("agent").warning(warning)
@@ -102,22 +102,12 @@ EXIT_NOT_READY = 1
 EXIT_UNREACHABLE = 3
 
 
-def _age_words(seconds: float | None) -> str:
-    if seconds is None:
-        return "none"
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     """Print /status for a person; exit 0 ready, 1 not ready, 3 unreachable."""
     import urllib.error
     import urllib.request
+
+    from agent.views import status_lines
 
     url = args.url
     if url is None:
@@ -132,41 +122,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_UNREACHABLE
     if args.json:
         print(json.dumps(doc, indent=2))
-        return 0 if doc.get("ready") else EXIT_NOT_READY
-    problems = list(doc.get("problems", []))
-    ob, fw, ing = doc["outbox"], doc["forward"], doc["ingest"]
-    if doc.get("drops"):
-        problems.append(f"data dropped: {doc['drops']}")
-    if ob.get("dead_letters"):
-        problems.append(f"{ob['dead_letters']} chunks in the dead letters")
-    for p in problems:
-        print(f"PROBLEM  {p}")
-    rejects = ", ".join(f"{k} {v}" for k, v in sorted(ing["rejects"].items())) or "none"
-    rows = [
-        ("gateway", f"{doc['gateway_id']}  (edge-agent {doc['version']}, "
-         f"up {_age_words(doc['uptime_s'])})"),
-        ("mqtt", ("connected" if doc["mqtt"]["connected"] else "DISCONNECTED")
-         + f", {doc['mqtt']['reconnects']} reconnects"),
-        ("ingest", f"{ing['msgs_per_s_10s']} msgs/s (10 s), {ing['msgs_per_s_60s']} msgs/s (60 s), "
-         f"{ing['unacked']} unacked"),
-        ("rejects", rejects),
-        ("cameras", f"{doc['cameras']['count']}, {doc['aggregate']['windows_open']} windows open"),
-        ("backlog", f"{ob['chunks']} chunks, oldest {_age_words(ob['oldest_unsent_age_s'])}, "
-         f"{ob['usage_of_max_bytes'] * 100:.1f}% of max_bytes"),
-        ("cloud", f"last success {_age_words(fw['last_success_age_s'])} ago, "
-         f"{fw['batches_sent']} batches sent, {fw['batches_failed']} failed, "
-         f"pace {fw['pace_chunks_per_s']:.0f} chunks/s"),
-    ]  # fmt: skip
-    if fw.get("last_error"):
-        rows.append(("last error", str(fw["last_error"])))
-    for k, v in rows:
-        print(f"{k:<10} {v}")
-    print("READY" if doc.get("ready") else "NOT READY")
+    else:
+        print("\n".join(status_lines(doc, time.time())))
     return 0 if doc.get("ready") else EXIT_NOT_READY
 
 
 def cmd_deadletter(args: argparse.Namespace) -> int:
-    from agent.store import list_dead_letters, retry_dead_letters
+    from agent.store import list_dead_letters, retry_dead_letters, show_dead_letter
+    from agent.views import deadletter_detail, deadletter_lines
 
     settings = _load(args.config)
     path = settings.buffer.path
@@ -175,18 +138,31 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
         return EXIT_STARTUP
     if args.action == "list":
         rows = list_dead_letters(path)
-        for r in rows:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["created_at"]))
-            print(
-                f"seq {r['seq']:>10}  {when}Z  HTTP {r['status']}  {r['bytes']} B  {r['response']}"
-            )
-        print(f"{len(rows)} dead letters", file=sys.stderr)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for line in deadletter_lines(rows):
+                print(line)
+            print(f"{len(rows)} dead letters", file=sys.stderr)
+        return 0
+    if args.action == "show":
+        doc = show_dead_letter(path, args.seq)
+        if doc is None:
+            print(f"deadletter show: no dead letter with seq {args.seq}", file=sys.stderr)
+            return 1
+        print(json.dumps(doc, indent=2) if args.json else "\n".join(deadletter_detail(doc)))
         return 0
     if not args.all and not args.seqs:
         print("deadletter retry: give --all or one or more SEQ", file=sys.stderr)
         return EXIT_CONFIG
+    if args.all and args.seqs:
+        print("deadletter retry: give --all or SEQ..., not both", file=sys.stderr)
+        return EXIT_CONFIG
     n = retry_dead_letters(path, None if args.all else args.seqs)
     print(f"{n} dead letters put back in the outbox; the agent sends them within seconds")
+    if args.seqs and n < len(args.seqs):
+        print(f"{len(args.seqs) - n} of the given seqs are not dead letters", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -255,6 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     cc = sub.add_parser("check-config", help="validate a config file and print it, secrets masked")
     cc.add_argument("--config", required=True)
+    cc.add_argument(
+        "--connect",
+        action="store_true",
+        help="also connect: the broker (CONNACK, SUBACK) and the cloud (TLS, credentials)",
+    )
+    cc.add_argument(
+        "--service-user",
+        default=None,
+        help="the user that runs the agent, for the buffer directory check "
+        "(default: edge-agent if it exists, else you)",
+    )
+    cc.add_argument("--timeout-s", type=float, default=10.0, help="for each --connect probe")
     cc.set_defaults(func=cmd_check_config)
 
     stp = sub.add_parser("status", help="show a running agent's /status; exit 1 if not ready")
@@ -264,12 +252,23 @@ def build_parser() -> argparse.ArgumentParser:
     stp.add_argument("--timeout-s", type=float, default=5.0)
     stp.set_defaults(func=cmd_status)
 
-    dl = sub.add_parser("deadletter", help="chunks the cloud refused for good: list, retry")
-    dl.add_argument("action", choices=["list", "retry"])
-    dl.add_argument("seqs", nargs="*", type=int, metavar="SEQ")
-    dl.add_argument("--all", action="store_true", help="retry every dead letter")
-    dl.add_argument("--config", required=True)
-    dl.set_defaults(func=cmd_deadletter)
+    dl = sub.add_parser("deadletter", help="chunks the cloud refused for good: list, show, retry")
+    dlsub = dl.add_subparsers(dest="action", required=True)
+    # Each action has its own parser so `retry --config F 7002 7104` (the README's order) and
+    # `retry 7002 7104 --config F` both parse: SEQ... is the only positional.
+    dl_list = dlsub.add_parser("list", help="every dead letter: what it holds, the cloud's answer")
+    dl_list.add_argument("--config", required=True)
+    dl_list.add_argument("--json", action="store_true", help="print JSON")
+    dl_show = dlsub.add_parser("show", help="one dead letter: its chunk and the cloud's answer")
+    dl_show.add_argument("seq", type=int, metavar="SEQ")
+    dl_show.add_argument("--config", required=True)
+    dl_show.add_argument("--json", action="store_true", help="print JSON")
+    dl_retry = dlsub.add_parser("retry", help="put dead letters back in the outbox")
+    dl_retry.add_argument("seqs", nargs="*", type=int, metavar="SEQ")
+    dl_retry.add_argument("--all", action="store_true", help="retry every dead letter")
+    dl_retry.add_argument("--config", required=True)
+    for parser in (dl_list, dl_show, dl_retry):
+        parser.set_defaults(func=cmd_deadletter)
 
     sim = sub.add_parser("simulate", help="local stand-ins: the cloud receiver, cameras")
     simsub = sim.add_subparsers(dest="what", required=True)
@@ -317,8 +316,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         rc: int = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe can still be handled
     except SystemExit as e:
         return int(e.code) if isinstance(e.code, int) else 1
+    except BrokenPipeError:
+        # `edge-agent status | head -2`: the reader has gone, which is not an error. Point
+        # stdout at /dev/null so the interpreter's own flush at exit stays quiet too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     return rc
 
 

@@ -222,6 +222,9 @@ class ForwardSettings(Section):
     max_bytes_per_s: ByteSize = 0
     min_chunks_per_s: float = Field(default=50.0, gt=0)
     fast_response_s: float = Field(default=1.0, gt=0)
+    # The cloud unreachable this long, or the oldest unsent chunk this old, is a problem in
+    # /readyz, /status and `edge-agent status` (exit 1): an outage you can alert on.
+    alert_after_s: float = Field(default=300.0, ge=1, le=30 * 86400)
 
     @field_validator("url")
     @classmethod

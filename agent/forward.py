@@ -22,6 +22,7 @@ import httpx
 from agent import __version__
 from agent.clock import SYSTEM_CLOCK, Clock
 from agent.config import ForwardSettings
+from agent.outage import recovery_line
 from agent.outbox import Batch, Outbox
 from agent.pacing import Backoff, Pacer, retry_after_s
 from agent.stats import Stats
@@ -304,7 +305,19 @@ class Forwarder:
         st.batches_sent += 1
         st.chunks_sent += batch.chunks
         st.bytes_sent += nbytes
-        st.last_forward_ok = self._clock.wall()
+        st.last_forward_ok = now = self._clock.wall()
+        if st.forward_failing_since is not None:
+            log.info(
+                "%s",
+                recovery_line(
+                    now=now,
+                    failing_since=st.forward_failing_since,
+                    failed_attempts=st.forward_failures_in_row,
+                    backlog=self._outbox.chunk_count,
+                ),
+            )
+        st.forward_failing_since, st.forward_failures_in_row = None, 0
+        st.last_forward_error = st.last_forward_error_at = None
         self.unhealthy_reason = None
         self._dead_in_row = 0
         self._backoff.reset()
@@ -316,6 +329,10 @@ class Forwarder:
         st = self._stats
         st.batches_failed += 1
         st.last_forward_error = f"{outcome.detail}: {one_line(text)}" if text else outcome.detail
+        st.last_forward_error_at = now = self._clock.wall()
+        if st.forward_failing_since is None:
+            st.forward_failing_since = now
+        st.forward_failures_in_row += 1
         if outcome.unhealthy:
             self.unhealthy_reason = outcome.unhealthy
         if outcome.throttled:

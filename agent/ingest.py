@@ -429,6 +429,7 @@ class MqttSession:
                         log.warning(problem)
                     self._stats.mqtt_connected = True
                     self._stats.mqtt_connected_since = time.time()
+                    self._stats.mqtt_down_since = None
                     if attempt > 1:
                         self._stats.mqtt_reconnects += 1
                     log.info(
@@ -446,6 +447,7 @@ class MqttSession:
                         pass
             except aiomqtt.MqttError as e:
                 self._stats.mqtt_refused = connect_refusal(e)
+                self._stats.mqtt_connect_failures += 1
                 delay = self._backoff.next_delay()
                 log.warning(
                     "MQTT %s:%d unavailable (%s); attempt %d, reconnecting in %.1f s",
@@ -459,5 +461,7 @@ class MqttSession:
                 self._client = None
                 self._stats.mqtt_connected = False
                 self._stats.mqtt_connected_since = None
+                if self._stats.mqtt_down_since is None:
+                    self._stats.mqtt_down_since = time.time()
                 self.subscribed.clear()
             await asyncio.sleep(delay)

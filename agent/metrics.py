@@ -7,25 +7,38 @@ bounded cardinality: reasons, never camera ids.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
+    InfoMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
 
+from agent import __version__
+from agent.reasons import AGGREGATE_EVENTS, CLOCK_EVENTS, DROP_REASONS, REJECT_REASONS
 from agent.stats import LATENCY_BUCKETS_S
+from agent.status import SILENT_AFTER_S, ready_problems
 
 if TYPE_CHECKING:
     from agent.service import Pipeline
 
 P = "edge_agent_"
-SKEW_BUCKETS_S = (0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0, 86400.0)
+
+
+def build_info() -> dict[str, str]:
+    """The labels of edge_agent_build_info: the one place that says which build this is."""
+    return {"version": __version__, "commit": "unknown"}
+
+
+def _with_zeros(counts: Mapping[str, int], known: Iterable[str]) -> list[tuple[str, int]]:
+    """Every known reason (0 if it never happened) plus any other counted, sorted."""
+    return sorted({**dict.fromkeys(known, 0), **counts}.items())
 
 
 class PipelineCollector(Collector):
@@ -42,9 +55,17 @@ class PipelineCollector(Collector):
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(P + name, doc, value=value)
 
-        yield gauge("up_seconds", "Seconds since the agent started.", time.time() - st.started_at)
+        now = time.time()
+        yield InfoMetricFamily(P + "build", "The agent's version and commit.", value=build_info())
+        yield gauge("start_time_seconds", "When the agent started (unix time).", st.started_at)
+        yield gauge("ready", "1 when /readyz answers 200.", float(not ready_problems(p)))
         yield gauge("mqtt_connected", "1 while connected and subscribed.", float(st.mqtt_connected))
-        yield counter("mqtt_reconnects", "MQTT reconnections.", st.mqtt_reconnects)
+        yield counter("mqtt_reconnects", "MQTT reconnections that succeeded.", st.mqtt_reconnects)
+        yield counter(
+            "mqtt_connect_failures",
+            "MQTT connects that failed and connections lost (reconnect attempts).",
+            st.mqtt_connect_failures,
+        )
         yield counter("messages_received", "MQTT messages received.", st.received)
         yield counter("messages_counted", "Messages counted into windows.", st.counted)
         yield counter(
@@ -57,16 +78,24 @@ class PipelineCollector(Collector):
         rejects = CounterMetricFamily(
             P + "messages_rejected", "Messages rejected, by reason.", labels=["reason"]
         )
-        for reason, n in sorted(st.rejects.items()):
+        for reason, n in _with_zeros(st.rejects, REJECT_REASONS):
             rejects.add_metric([reason], n)
         yield rejects
         agg = CounterMetricFamily(
             P + "aggregate_events", "Late deltas, late drops, bad fields.", labels=["kind"]
         )
-        for kind, n in sorted(p.aggregator.counters.items()):
+        for kind, n in _with_zeros(p.aggregator.counters, AGGREGATE_EVENTS):
             agg.add_metric([kind], n)
         yield agg
-        yield gauge("cameras", "Cameras tracked.", p.aggregator.camera_count)
+        active, silent = p.aggregator.camera_activity(time.monotonic(), SILENT_AFTER_S)
+        yield gauge("cameras", "Cameras remembered (an hour after their last message).",
+                    p.aggregator.camera_count)  # fmt: skip
+        yield gauge("cameras_active", f"Cameras heard from within {SILENT_AFTER_S:g} s.", active)
+        yield gauge(
+            "cameras_silent",
+            f"Cameras remembered, silent for {SILENT_AFTER_S:g} s or more.",
+            silent,
+        )
         clocks = p.clocks.items()
         yield gauge(
             "cameras_clock_suspect",
@@ -74,17 +103,20 @@ class PipelineCollector(Collector):
             sum(c.suspect for _, c in clocks),
         )
         skews = [abs(c.skew_s) for _, c in clocks if c.skew_s is not None]
-        yield HistogramMetricFamily(
-            P + "camera_clock_skew_abs_seconds",
-            "Absolute clock skew estimate of each camera (one observation per camera).",
-            buckets=[(f"{b:g}", float(sum(s <= b for s in skews))) for b in SKEW_BUCKETS_S]
-            + [("+Inf", float(len(skews)))],
-            sum_value=sum(skews),
+        yield gauge(
+            "cameras_clock_skew_max_abs_seconds",
+            "Largest absolute clock skew estimate among the cameras (0 when none).",
+            max(skews, default=0.0),
+        )
+        yield gauge(
+            "cameras_clock_skew_max_allowed_seconds",
+            "aggregate.max_skew_s: a camera beyond it is clock suspect.",
+            p.settings.aggregate.max_skew_s,
         )
         clock_events = CounterMetricFamily(
             P + "clock_events", "Clock jumps, restamps, bad times.", labels=["kind"]
         )
-        for kind, n in sorted(p.clocks.counters.items()):
+        for kind, n in _with_zeros(p.clocks.counters, CLOCK_EVENTS):
             clock_events.add_metric([kind], n)
         yield clock_events
         yield gauge("windows_open", "Open aggregation windows.", p.aggregator.open_count)
@@ -100,27 +132,45 @@ class PipelineCollector(Collector):
         yield gauge(
             "outbox_oldest_age_seconds",
             "Age of the oldest unsent chunk (0 when empty).",
-            time.time() - oldest if oldest else 0.0,
+            now - oldest if oldest else 0.0,
         )
         yield counter(
             "chunks_compacted", "Chunks merged away into coarser windows.", st.compacted_chunks
         )
         drops = CounterMetricFamily(P + "dropped", "Data dropped, by reason.", labels=["reason"])
-        for reason, n in sorted(st.drops.items()):
+        for reason, n in _with_zeros(st.drops, DROP_REASONS):
             drops.add_metric([reason], n)
         yield drops
-        yield counter("dead_letters", "Chunks the cloud refused for good.", st.dead_letters)
+        yield counter("dead_letters", "Chunks moved to the dead letters.", st.dead_letters)
+        yield gauge(
+            "outbox_dead_letters",
+            "Chunks in the dead letters now (deadletter retry lowers it).",
+            ob.dead_letter_count,
+        )
+        yield gauge(
+            "outbox_max_bytes", "The outbox quota in force (effective max bytes).",
+            ob.effective_max_bytes,
+        )  # fmt: skip
         yield counter("batches_sent", "Batches acknowledged by the cloud.", st.batches_sent)
         yield counter("batches_failed", "Batch attempts that failed.", st.batches_failed)
         yield counter("chunks_sent", "Chunks acknowledged by the cloud.", st.chunks_sent)
         yield counter("bytes_sent", "Request body bytes acknowledged.", st.bytes_sent)
         yield counter("throttled", "429/503 answers.", st.throttled)
         yield gauge("forward_pace_chunks_per_second", "Current send pace.", p.forwarder.pacer.rate)
-        last_ok = st.last_forward_ok
         yield gauge(
-            "forward_last_success_age_seconds",
-            "Seconds since the cloud last acknowledged a batch (-1: never).",
-            time.time() - last_ok if last_ok else -1.0,
+            "forward_last_success_timestamp_seconds",
+            "When the cloud last acknowledged a batch (unix time; 0: not since the start).",
+            st.last_forward_ok or 0.0,
+        )
+        yield gauge(
+            "forward_failing_since_timestamp_seconds",
+            "Since when the cloud has not acknowledged (unix time; 0: not failing).",
+            st.forward_failing_since or 0.0,
+        )
+        yield gauge(
+            "forward_alert_after_seconds",
+            "forward.alert_after_s: an outage or a backlog this old is a problem.",
+            p.settings.forward.alert_after_s,
         )
         yield HistogramMetricFamily(
             P + "batch_latency_seconds",
@@ -137,4 +187,5 @@ class PipelineCollector(Collector):
 def render(pipeline: Pipeline) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PipelineCollector(pipeline))
+    ProcessCollector(registry=registry)  # process_cpu_seconds_total, _resident_memory_bytes...
     return generate_latest(registry)

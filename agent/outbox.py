@@ -106,6 +106,10 @@ class Outbox:
         return self.store.oldest_created_at
 
     @property
+    def dead_letter_count(self) -> int:
+        return self.store.dead_letter_count
+
+    @property
     def last_seq(self) -> int:
         return self.store.last_seq
 

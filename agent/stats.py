@@ -30,12 +30,21 @@ class Stats:
     mqtt_connected: bool = False
     mqtt_reconnects: int = 0
     mqtt_connected_since: float | None = None
+    # Failed connects and lost connections (reconnect attempts), and since when MQTT is down.
+    mqtt_connect_failures: int = 0
+    mqtt_down_since: float | None = None
     # The broker's CONNACK refusal ("broker refused: not authorized (135)") until a connect works.
     mqtt_refused: str | None = None
     # SUBACK refusals and QoS downgrades of the current connection, one line per topic.
     subscription_problems: list[str] = field(default_factory=list)
     last_forward_ok: float | None = None
+    # The last failure and when it happened (wall clock); both cleared by the next success.
     last_forward_error: str | None = None
+    last_forward_error_at: float | None = None
+    # When the cloud stopped acknowledging (the first failure since the last success), and how
+    # many attempts have failed since: an outage's start, for alerts and the recovery line.
+    forward_failing_since: float | None = None
+    forward_failures_in_row: int = 0
     throttled: int = 0
     drops: Counter[str] = field(default_factory=Counter)
     compacted_chunks: int = 0

@@ -6,9 +6,15 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
+from agent.outage import outage_problems, rfc3339
 
 if TYPE_CHECKING:
     from agent.service import Pipeline
+
+# A remembered camera not heard from for this long is silent (/status, /metrics).
+SILENT_AFTER_S = 60.0
+# Clock-suspect camera ids named in /status (the full list is in /status/cameras).
+SUSPECT_IDS_SHOWN = 20
 
 
 def ready_problems(p: Pipeline) -> list[str]:
@@ -27,7 +33,20 @@ def ready_problems(p: Pipeline) -> list[str]:
         problems.append(p.forwarder.token_problem)
     if p.stats.buffer_full:
         problems.append("outbox full: holding MQTT acks until the cloud drains it")
+    problems.extend(outage(p, time.time()))
     return problems
+
+
+def outage(p: Pipeline, now: float) -> list[str]:
+    """The cloud unreachable, or the backlog waiting, for forward.alert_after_s or longer."""
+    st = p.stats
+    return outage_problems(
+        now=now,
+        alert_after_s=p.settings.forward.alert_after_s,
+        failing_since=st.forward_failing_since,
+        last_error=st.last_forward_error,
+        oldest_unsent_at=p.outbox.oldest_created_at,
+    )
 
 
 def alive_problems(p: Pipeline, tasks_done: list[str], now_mono: float) -> list[str]:
@@ -59,6 +78,8 @@ def status_document(p: Pipeline) -> dict[str, Any]:
             "connected": st.mqtt_connected,
             "since": st.mqtt_connected_since,
             "reconnects": st.mqtt_reconnects,
+            "connect_failures": st.mqtt_connect_failures,
+            "down_since": _stamp(st.mqtt_down_since),
         },
         "ingest": {
             "received": st.received,
@@ -89,7 +110,8 @@ def status_document(p: Pipeline) -> dict[str, Any]:
             "chunks_committed": st.chunks_committed,
             "snapshots_written": st.snapshots_written,
             "compacted_chunks": st.compacted_chunks,
-            "dead_letters": st.dead_letters,
+            "dead_letters": ob.dead_letter_count,
+            "dead_lettered_total": st.dead_letters,
         },
         "forward": {
             "batches_sent": st.batches_sent,
@@ -99,7 +121,12 @@ def status_document(p: Pipeline) -> dict[str, Any]:
             "last_success_age_s": round(now - st.last_forward_ok, 1)
             if st.last_forward_ok
             else None,
+            "last_success_at": _stamp(st.last_forward_ok),
             "last_error": st.last_forward_error,
+            "last_error_at": _stamp(st.last_forward_error_at),
+            "failing_since": _stamp(st.forward_failing_since),
+            "failures_in_row": st.forward_failures_in_row,
+            "alert_after_s": p.settings.forward.alert_after_s,
             "token_problem": p.forwarder.token_problem,
             "outbox_errors": st.outbox_errors,
             "backoff_remaining_s": round(max(0.0, fw.backoff_until - now), 1)
@@ -113,13 +140,25 @@ def status_document(p: Pipeline) -> dict[str, Any]:
 
 
 def camera_summary(p: Pipeline) -> dict[str, Any]:
-    """The cameras in /status: counts only, so its size does not grow with the site."""
+    """The cameras in /status: counts (and at most SUSPECT_IDS_SHOWN clock-suspect ids), so its
+    size does not grow with the site. `count` is every camera remembered (an hour after its
+    last message); `active` those heard from within SILENT_AFTER_S, `silent` the others."""
+    active, silent = p.aggregator.camera_activity(time.monotonic(), SILENT_AFTER_S)
+    suspects = sorted(name for name, clock in p.clocks.items() if clock.suspect)
     return {
         "count": p.aggregator.camera_count,
-        "clock_suspect": sum(clock.suspect for _, clock in p.clocks.items()),
+        "active": active,
+        "silent": silent,
+        "silent_after_s": SILENT_AFTER_S,
+        "clock_suspect": len(suspects),
+        "clock_suspect_ids": suspects[:SUSPECT_IDS_SHOWN],
         "max_skew_s": p.settings.aggregate.max_skew_s,
         "detail": "/status/cameras",
     }
+
+
+def _stamp(t: float | None) -> str | None:
+    return None if t is None else rfc3339(t)
 
 
 def camera_document(p: Pipeline) -> dict[str, Any]:
@@ -162,8 +201,10 @@ def status_line(p: Pipeline) -> str:
     oldest = ob.oldest_created_at
     age = f", oldest {time.time() - oldest:.0f} s" if oldest else ""
     cloud = p.forwarder.unhealthy_reason or ("retrying" if p.forwarder.backoff_until else "ok")
+    active, _ = p.aggregator.camera_activity(time.monotonic(), SILENT_AFTER_S)
     line = (
-        f"{st.rate(10, time.monotonic()):.0f} msgs/s, {p.aggregator.camera_count} cameras, "
+        f"{st.rate(10, time.monotonic()):.0f} msgs/s, {active} of "
+        f"{p.aggregator.camera_count} cameras active, "
         f"outbox {ob.chunk_count} chunks{age}, cloud: {cloud}"
     )
     return line[:200]

@@ -166,6 +166,8 @@ class Store:
         self.chunk_count = 0
         self.chunk_bytes = 0
         self.oldest_created_at: float | None = None
+        # Chunks in the dead letters now (not a cumulative count: `deadletter retry` lowers it).
+        self.dead_letter_count = 0
         self.last_seq = 0
         self.page_size = 4096
         self.max_pages = 2**31
@@ -579,6 +581,8 @@ class Store:
         row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'chunks'").fetchone()
         if row is not None:
             self.last_seq = max(self.last_seq, int(row[0]))
+        (n,) = self._db.execute("SELECT count(*) FROM dead_letters").fetchone()
+        self.dead_letter_count = int(n)
 
     def refresh_counts(self) -> None:
         """Re-read the chunk count and size (`deadletter retry` may have added chunks)."""
@@ -623,17 +627,68 @@ class Store:
 
 
 def list_dead_letters(path: Path) -> list[dict[str, Any]]:
-    con = sqlite3.connect(path, timeout=10)
+    """Every dead letter, oldest seq first: when, the cloud's answer, and what the chunk holds
+    (camera, stream, second, message count), for an operator deciding what to retry."""
+    con = _read_only(path)
     try:
         rows = con.execute(
-            "SELECT seq, created_at, status, response, length(body) FROM dead_letters ORDER BY seq"
+            "SELECT seq, seq_end, created_at, status, response, length(body), body"
+            " FROM dead_letters ORDER BY seq"
         ).fetchall()
     finally:
         con.close()
-    return [
-        {"seq": s, "created_at": c, "status": st, "response": r, "bytes": n}
-        for s, c, st, r, n in rows
-    ]
+    return [_dead_letter_row(r) for r in rows]
+
+
+def show_dead_letter(path: Path, seq: int) -> dict[str, Any] | None:
+    """One dead letter with its whole chunk and the cloud's whole stored answer; None if absent."""
+    con = _read_only(path)
+    try:
+        row = con.execute(
+            "SELECT seq, seq_end, created_at, status, response, length(body), body"
+            " FROM dead_letters WHERE seq = ?",
+            (seq,),
+        ).fetchone()
+    finally:
+        con.close()
+    if row is None:
+        return None
+    doc = _dead_letter_row(row)
+    try:
+        doc["chunk"] = msgspec.json.decode(row[6])
+    except msgspec.DecodeError:
+        doc["chunk"] = None
+    return doc
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection beside a running agent (WAL lets it read while the agent writes)."""
+    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+    con.execute("PRAGMA busy_timeout=10000")
+    return con
+
+
+def _dead_letter_row(r: tuple[Any, ...]) -> dict[str, Any]:
+    seq, seq_end, created_at, status, response, nbytes, body = r
+    try:
+        chunk = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        chunk = None
+    ok = isinstance(chunk, dict)
+    return {
+        "seq": seq,
+        "seq_end": seq_end,
+        "created_at": created_at,
+        "status": status,
+        "response": response,
+        "bytes": nbytes,
+        "camera": chunk.get("camera") if ok else None,
+        "stream": chunk.get("stream") if ok else None,
+        "t": chunk.get("t") if ok else None,
+        "width_s": chunk.get("width_s") if ok else None,
+        "rev": chunk.get("rev") if ok else None,
+        "messages": chunk.get("count") if ok else None,
+    }
 
 
 def retry_dead_letters(path: Path, seqs: Sequence[int] | None) -> int:

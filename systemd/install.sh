@@ -58,6 +58,9 @@ fi
 for cred in cloud-token mqtt-password; do
     [ -f "$etc/$cred" ] || install -m 0640 -g "$group" /dev/null "$etc/$cred"
 done
+# The outbox's directory (systemd's StateDirectory= makes it too, but check-config runs first).
+install -d -m 0750 -o "$([ "$make_user" = 1 ] && echo edge-agent || id -un)" -g "$group" \
+    "$root/var/lib/edge-agent"
 
 install -d "$unit_dir"
 install -m 0644 "$src/systemd/edge-agent.service" "$unit_dir/edge-agent.service"

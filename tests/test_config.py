@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import getpass
 import json
 from pathlib import Path
 
@@ -30,8 +31,11 @@ def test_check_config_prints_effective_config_with_secrets_masked(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cfg = tmp_path / "c.toml"
-    cfg.write_text('gateway_id = "gw"\n[mqtt]\npassword = "hunter2"\n[forward]\ntoken = "s3cr3t"\n')
-    assert main(["check-config", "--config", str(cfg)]) == 0
+    cfg.write_text(
+        'gateway_id = "gw"\n[mqtt]\npassword = "hunter2"\n[forward]\ntoken = "s3cr3t"\n'
+        f'[buffer]\npath = "{tmp_path}/buffer.sqlite3"\n'
+    )
+    assert main(["check-config", "--config", str(cfg), "--service-user", getpass.getuser()]) == 0
     out = capsys.readouterr().out
     assert "hunter2" not in out and "s3cr3t" not in out
     doc = json.loads(out)
@@ -139,8 +143,9 @@ def test_check_config_masks_the_password_in_a_url(
     cfg = tmp_path / "c.toml"
     cfg.write_text(
         'gateway_id = "gw"\n[forward]\nurl = "https://site42:hunter2@cloud.example/in"\n'
+        f'[buffer]\npath = "{tmp_path}/buffer.sqlite3"\n'
     )
-    assert main(["check-config", "--config", str(cfg)]) == 0
+    assert main(["check-config", "--config", str(cfg), "--service-user", getpass.getuser()]) == 0
     out = capsys.readouterr().out
     assert "hunter2" not in out
     assert json.loads(out)["forward"]["url"] == "https://site42:***@cloud.example/in"

@@ -4,6 +4,7 @@ camera that cannot take the agent down or disturb the honest cameras' counts."""
 from __future__ import annotations
 
 import datetime as dt
+import getpass
 import json
 import os
 import random
@@ -206,11 +207,12 @@ def test_secrets_never_leak(tmp_path: Path, broker: Mosquitto, receiver: Receive
     cfg = tmp_path / "inline.toml"
     cfg.write_text(
         'gateway_id = "gw"\n[mqtt]\nusername = "u"\npassword = "mqtt-pw-s3cr3t"\n'
-        '[forward]\ntoken = "cloud-t0ken-s3cr3t"\n'
+        f'[forward]\ntoken = "cloud-t0ken-s3cr3t"\n[buffer]\npath = "{tmp_path}/buffer.sqlite3"\n'
     )
     os.chmod(cfg, 0o644)
     r = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "check-config", "--config", str(cfg)],
+        [sys.executable, "-m", "agent.cli", "check-config", "--config", str(cfg),
+         "--service-user", getpass.getuser()],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert r.returncode == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import getpass
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -79,10 +81,27 @@ def test_installer_into_a_root_dir_and_back(tmp_path: Path) -> None:
     assert config.read_text() == (ROOT / "config.example.toml").read_text()
     assert (root / "etc/edge-agent/cloud-token").stat().st_mode & 0o777 == 0o640
     assert (root / "etc/systemd/system/edge-agent.service").read_text() == UNIT.read_text()
-    check = subprocess.run(
-        [str(root / "opt/edge-agent/venv/bin/edge-agent"), "check-config", "--config", str(config)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    check_config = [
+        str(root / "opt/edge-agent/venv/bin/edge-agent"),
+        "check-config",
+        "--config",
+        str(config),
+        # --no-user: the installer gave the directories to whoever runs the test.
+        "--service-user",
+        getpass.getuser(),
+    ]
+    check = subprocess.run(check_config, capture_output=True, text=True, timeout=60)
+    # The example's gateway id must be replaced: two gateways with one id collide in the cloud.
+    assert check.returncode == 2, check.stderr
+    assert "config error: gateway_id = 'site-42-gw-1': the example's value" in check.stderr
+    state = root / "var/lib/edge-agent"
+    assert state.is_dir()  # the installer makes the outbox's directory
+    edited = {
+        **os.environ,
+        "EDGE_AGENT__GATEWAY_ID": "site-7-gw-2",
+        "EDGE_AGENT__BUFFER__PATH": str(state / "buffer.sqlite3"),
+    }
+    check = subprocess.run(check_config, capture_output=True, text=True, timeout=60, env=edited)
     assert check.returncode == 0, check.stderr
     config.write_text(config.read_text() + "\n# edited\n")
     r = subprocess.run(args, capture_output=True, text=True, timeout=600)

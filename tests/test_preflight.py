@@ -1,0 +1,74 @@
+"""check-config against the machine: the example's gateway id, the outbox's directory."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def config(tmp_path: Path, gateway_id: str, buffer: Path) -> Path:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'gateway_id = "{gateway_id}"\n[buffer]\npath = "{buffer}"\n')
+    return cfg
+
+
+def test_the_example_config_unedited_is_refused_naming_the_key_and_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("EDGE_AGENT__BUFFER__PATH", str(tmp_path / "buffer.sqlite3"))
+    example = ROOT / "config.example.toml"
+    assert main(["check-config", "--config", str(example)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "config error: gateway_id = 'site-42-gw-1': the example's value; set this gateway's own "
+        "id (the cloud deduplicates by (gateway, seq)" in err
+    )
+    assert "Traceback" not in err
+    # `run` refuses it too, before touching anything.
+    assert main(["run", "--config", str(example)]) == 2
+    assert "gateway_id = 'site-42-gw-1'" in capsys.readouterr().err
+    assert not (tmp_path / "buffer.sqlite3").exists()
+    monkeypatch.setenv("EDGE_AGENT__GATEWAY_ID", "site-42-gw-7")
+    assert (
+        main(["check-config", "--config", str(example), "--service-user", getpass.getuser()]) == 0
+    )
+
+
+def test_a_missing_buffer_directory_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    buffer = tmp_path / "nowhere" / "buffer.sqlite3"
+    assert main(["check-config", "--config", str(config(tmp_path, "gw", buffer))]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"config error: buffer.path = '{buffer}': the directory '{buffer.parent}' does not exist"
+        in err
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand a directory to another user")
+def test_the_buffer_directory_must_be_writable_by_the_service_user(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = tmp_path / "state"
+    d.mkdir(mode=0o755)
+    os.chmod(tmp_path, 0o755)
+    cfg = config(tmp_path, "gw", d / "buffer.sqlite3")
+    assert main(["check-config", "--config", str(cfg), "--service-user", "nobody"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"the directory '{d}' is not writable by user 'nobody' (owner root, group root, mode 0755)"
+        in err
+    )
+    shutil.chown(d, user="nobody")
+    assert main(["check-config", "--config", str(cfg), "--service-user", "nobody"]) == 0
+    assert main(["check-config", "--config", str(cfg), "--service-user", "no-such-user-x"]) == 2
+    assert "no user 'no-such-user-x' on this machine" in capsys.readouterr().err
