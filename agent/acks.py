@@ -17,7 +17,8 @@ message and replaces the entry.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -66,6 +67,48 @@ class JournalPlan:
     deletes: list[int]
     keep_orphans: list[Pending]
     had_orphans: bool
+
+
+def _durable_after(
+    closing: AbstractSet[int], snapshots: Mapping[int, int]
+) -> Callable[[Pending], bool]:
+    """The checkpoint's rule as a predicate: durable now, or made durable by this commit."""
+
+    def will_be_durable(p: Pending) -> bool:
+        if p.durable:
+            return True
+        w = p.window
+        if w is None:
+            return False
+        if id(w) in closing:
+            return True
+        v = snapshots.get(id(w))
+        return v is not None and p.version <= v
+
+    return will_be_durable
+
+
+def _durable_unjournaled(
+    queue: Iterable[Pending], closing: AbstractSet[int], snapshots: Mapping[int, int]
+) -> list[Pending]:
+    """`[p for p in queue if not p.journaled and _durable_after(...)(p)]`, inlined (hot)."""
+    out: list[Pending] = []
+    append = out.append
+    for p in queue:
+        if p.journaled:
+            continue
+        w = p.window
+        if p.acked or w is None or w.durable_version >= p.version:
+            append(p)
+            continue
+        wid = id(w)
+        if wid in closing:
+            append(p)
+        elif snapshots:
+            v = snapshots.get(wid)
+            if v is not None and p.version <= v:
+                append(p)
+    return out
 
 
 class AckLedger:
@@ -124,7 +167,13 @@ class AckLedger:
             out.append(p)
         return out
 
-    def plan_journal(self, will_be_durable: Callable[[Pending], bool]) -> JournalPlan:
+    def plan_journal(
+        self,
+        will_be_durable: Callable[[Pending], bool] | None = None,
+        *,
+        closing: AbstractSet[int] = frozenset(),
+        snapshots: Mapping[int, int] | None = None,
+    ) -> JournalPlan:
         """What the checkpoint must write to the ack journal, in the same transaction; changes
         nothing until `journal_written` is called after the commit.
 
@@ -132,8 +181,17 @@ class AckLedger:
         that can be acked now: a durable message queued behind a slow window is redelivered
         after a crash and must be recognised then. Plus the ids of new messages not yet
         durable, whose journal rows (from an earlier message under the same id) are stale.
+
+        What will be durable: `will_be_durable`, or (the checkpoint's form, the same rule
+        inlined: the queue holds every message of the open windows, seconds of traffic, and
+        is walked each cycle) what is durable now, or whose window is in `closing` (ids), or
+        whose window is snapshotted at a version (`snapshots`: id -> version) covering it.
         """
-        upserts = [p for p in self._queue if not p.journaled and will_be_durable(p)]
+        if will_be_durable is None:
+            will_be_durable = _durable_after(closing, snapshots or {})
+            upserts = _durable_unjournaled(self._queue, closing, snapshots or {})
+        else:
+            upserts = [p for p in self._queue if not p.journaled and will_be_durable(p)]
         keep_orphans: list[Pending] = []
         if self._orphans:
             seen = {id(p) for p in upserts}

@@ -223,21 +223,9 @@ class Checkpointer:
         chunks, snap_bodies = self._piece(closed, snapshots)
         closed, rest = closed[: len(chunks)], closed[len(chunks) :]
         snapshots = snapshots[: len(snap_bodies)]
-        closed_ids = {id(w) for w in closed}
-        snap_versions = {id(w): v for w, v in snapshots}
-
-        def will_be_durable(p: Pending) -> bool:
-            if p.durable:
-                return True
-            w = p.window
-            if w is None:
-                return False
-            if id(w) in closed_ids:
-                return True
-            v = snap_versions.get(id(w))
-            return v is not None and p.version <= v
-
-        plan = ledger.plan_journal(will_be_durable)
+        plan = ledger.plan_journal(
+            closing={id(w) for w in closed}, snapshots={id(w): v for w, v in snapshots}
+        )
         stale_snapshots = [k for w in closed for k in w.saved_keys]
         stale_snapshots += [k for w, _ in snapshots for k in w.saved_keys if k != _key(w)]
         write = CheckpointWrite(

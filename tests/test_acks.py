@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from agent.acks import AckLedger, Pending
 from agent.aggregate import DURABLE
 
@@ -227,3 +230,41 @@ def test_a_pruned_id_reused_before_the_prune_is_written_keeps_the_new_row() -> N
     assert [(p.mid, p.digest) for p in plan.upserts] == [(5, 2828)] and 5 not in plan.deletes
     ledger.journal_written(plan)
     assert 5 not in ledger.plan_journal(lambda p: p.durable).deletes
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_the_checkpoints_inlined_rule_plans_what_the_predicate_plans(data: st.DataObject) -> None:
+    """plan_journal(closing=..., snapshots=...) is the hot form of plan_journal(predicate)."""
+    windows = [W() for _ in range(data.draw(st.integers(1, 6)))]
+    ledger = AckLedger()
+    for mid in range(1, data.draw(st.integers(0, 40)) + 1):
+        w = data.draw(st.sampled_from([None, *windows]))
+        ledger.track(mid, 1, mid, w.add() if w is not None else None, 0.0)
+        if data.draw(st.booleans()):
+            ledger.journal_written(ledger.plan_journal(lambda p: p.durable))
+        if data.draw(st.integers(0, 9)) == 0:
+            ledger.pop_acked(min(len(ledger), len(ledger.ackable())))
+    for w in windows:
+        w.durable_version = data.draw(st.sampled_from([0, w.version // 2, w.version, DURABLE]))
+    closing = {id(w) for w in windows if data.draw(st.booleans())}
+    snaps = {
+        id(w): data.draw(st.integers(0, w.version + 1))
+        for w in windows
+        if id(w) not in closing and data.draw(st.booleans())
+    }
+
+    def predicate(p: Pending) -> bool:
+        if p.durable:
+            return True
+        if p.window is None:
+            return False
+        v = snaps.get(id(p.window))
+        return id(p.window) in closing or (v is not None and p.version <= v)
+
+    fast, slow = (
+        ledger.plan_journal(closing=closing, snapshots=snaps),
+        ledger.plan_journal(predicate),
+    )
+    assert fast.upserts == slow.upserts
+    assert fast.deletes == slow.deletes
