@@ -15,7 +15,7 @@ from pathlib import Path
 
 import uvloop
 
-from agent import __version__
+from agent import buildinfo
 from agent.config import (
     ConfigError,
     LogSettings,
@@ -67,7 +67,8 @@ def _load(path: str) -> Settings:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _load(args.config)
-    print(json.dumps(effective_config(settings), indent=2))
+    if not args.quiet:
+        print(json.dumps(effective_config(settings), indent=2))
     for warning in inline_secret_warnings(args.config, settings):
         print(f"warning: {warning}", file=sys.stderr)
     print(f"config ok: {args.config}", file=sys.stderr)
@@ -86,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.service import StartupError, run_service
 
     logging.getLogger("agent").info(
-        "edge-agent %s starting, gateway %s", __version__, settings.gateway_id
+        "%s starting, gateway %s", buildinfo.describe(), settings.gateway_id
     )
     try:
         uvloop.run(run_service(settings, faults=Faults.from_env(), notifier=Notifier.from_env()))
@@ -246,7 +247,7 @@ def _clock_fault(spec: str) -> tuple[int, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
-    p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    p.add_argument("--version", action="version", version=buildinfo.describe())
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the agent")
@@ -255,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cc = sub.add_parser("check-config", help="validate a config file and print it, secrets masked")
     cc.add_argument("--config", required=True)
+    cc.add_argument(
+        "--quiet", action="store_true", help="print only problems (the unit's ExecStartPre)"
+    )
     cc.set_defaults(func=cmd_check_config)
 
     stp = sub.add_parser("status", help="show a running agent's /status; exit 1 if not ready")
