@@ -60,6 +60,12 @@ lock: venv
 		--generate-hashes --custom-compile-command 'make lock' $(if $(UPGRADE),--upgrade) \
 		-c requirements.lock -o requirements-dev.lock
 
+# The Debian package, built with the distribution's own interpreter (packaging/build-deb.sh).
+DEB_PYTHON ?= /usr/bin/python3
+.PHONY: deb
+deb:
+	PYTHON=$(DEB_PYTHON) packaging/build-deb.sh
+
 .PHONY: install uninstall
 install:
 	systemd/install.sh
