@@ -33,6 +33,8 @@ ETC = Path("/etc/edge-agent")
 STATE = Path("/var/lib/edge-agent")
 PREFIX = Path("/opt/edge-agent")
 DSH_STATE = Path("/var/lib/systemd/deb-systemd-helper-enabled/edge-agent.service.dsh-also")
+# A gateway without internet: dpkg runs in a new, empty network namespace.
+OFFLINE = ["unshare", "--net"]
 
 pytestmark = pytest.mark.deb
 
@@ -44,8 +46,8 @@ def _can_install() -> None:
         why = "installs a .deb on this machine: needs root"
     elif shutil.which("dpkg") is None or shutil.which("dpkg-deb") is None:
         why = "needs dpkg and dpkg-deb (Debian or Ubuntu)"
-    elif shutil.which("setpriv") is None:
-        why = "needs setpriv (util-linux) to run the unit's commands as the service user"
+    elif shutil.which("setpriv") is None or shutil.which("unshare") is None:
+        why = "needs setpriv and unshare (util-linux): the service user, an offline install"
     else:
         return
     if os.environ.get("CI"):
@@ -153,7 +155,7 @@ def as_service_user(argv: list[str]) -> list[str]:
     ]
 
 
-def test_package_metadata_and_contents(deb: Path) -> None:
+def test_package_metadata_and_contents(deb: Path, tmp_path: Path) -> None:
     info = run("dpkg-deb", "--info", str(deb))
     assert info.returncode == 0, info.stderr
     fields = dict(
@@ -196,6 +198,19 @@ def test_package_metadata_and_contents(deb: Path) -> None:
     assert locked <= shipped, locked - shipped
     assert {s for s in shipped if not s.startswith("edge_agent-")} == locked
 
+    # preinst refuses, before anything is unpacked, a machine without the interpreter the
+    # virtualenv was built with.
+    ctrl = Path(tmp_path) / "control"
+    assert run("dpkg-deb", "--control", str(deb), str(ctrl)).returncode == 0
+    preinst = (ctrl / "preinst").read_text()
+    interpreter = f"/usr/bin/python{pyver()}"
+    assert interpreter in preinst
+    missing = ctrl / "preinst-elsewhere"
+    missing.write_text(preinst.replace(interpreter, str(tmp_path / "no-such-python")))
+    refused = run("sh", str(missing), "install")
+    assert refused.returncode == 1
+    assert f"was built for Python {pyver()}" in refused.stderr, refused.stderr
+
     if shutil.which("lintian"):
         lint = run("lintian", "--no-tag-display-limit", str(deb), timeout_s=300)
         errors = [line for line in lint.stdout.splitlines() if line.startswith(("E:", "W:"))]
@@ -206,8 +221,9 @@ def test_package_metadata_and_contents(deb: Path) -> None:
 def test_install_run_upgrade_remove_purge(
     deb: Path, machine: None, broker: Mosquitto, receiver: Receiver, tmp_path: Path
 ) -> None:
-    # Install: the user, the directories, the credentials; nothing enabled or started.
-    r = run("dpkg", "-i", str(deb))
+    # Install, with no network at all (an empty network namespace): the user, the
+    # directories, the credentials; nothing enabled or started.
+    r = run(*OFFLINE, "dpkg", "-i", str(deb))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Next steps" in r.stdout
     user = pwd.getpwnam("edge-agent")
@@ -270,8 +286,9 @@ def test_install_run_upgrade_remove_purge(
     assert f"commit {git_commit(ROOT)}" in agent.log_text()
     assert mode(STATE / "outbox.sqlite3")[0] == "edge-agent"
 
-    # Upgrade over itself: the edited conffile, the outbox and the user stay, no questions.
-    r = run("dpkg", "-i", str(deb))
+    # Upgrade over itself, offline too: the edited conffile, the outbox and the user stay, and
+    # dpkg asks nothing (stdin is /dev/null: a conffile question would fail the install).
+    r = run(*OFFLINE, "dpkg", "-i", str(deb))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Next steps" not in r.stdout
     assert config.read_text() == edited
