@@ -91,6 +91,9 @@ install -D -m 0644 "$src/systemd/edge-agent.service" "$root/lib/systemd/system/e
 install -d -m 0750 "$root/etc/edge-agent"
 install -m 0640 "$src/config.example.toml" "$root/etc/edge-agent/config.toml"
 install -m 0644 "$src/README.md" "$root$prefix/README.md"
+# `edge-agent status` and friends on the operator's PATH.
+install -d -m 0755 "$root/usr/bin"
+ln -s "$prefix/bin/edge-agent" "$root/usr/bin/edge-agent"
 doc="$root/usr/share/doc/edge-agent"
 install -d -m 0755 "$doc" "$root/usr/share/lintian/overrides"
 install -m 0644 "$src/packaging/debian/lintian-overrides" "$root/usr/share/lintian/overrides/edge-agent"

@@ -243,6 +243,7 @@ def test_install_run_upgrade_remove_purge(
     # The installed program names its build, and checks the shipped config.
     version = run(str(PREFIX / "bin" / "edge-agent"), "--version")
     assert version.stdout.strip() == f"edge-agent {__version__} (commit {git_commit(ROOT)})"
+    assert run("/usr/bin/edge-agent", "--version").stdout == version.stdout
     pre = unit_commands("ExecStartPre")
     assert pre[0] == str(PREFIX / "bin" / "edge-agent") and "check-config" in pre
     check = run(*as_service_user(pre))
@@ -301,6 +302,7 @@ def test_install_run_upgrade_remove_purge(
     r = run("dpkg", "--remove", "edge-agent")
     assert r.returncode == 0, r.stdout + r.stderr
     assert not PREFIX.exists() and not UNIT.exists()
+    assert not Path("/usr/bin/edge-agent").is_symlink()
     assert config.read_text() == edited
     assert (ETC / "cloud-token").exists() and (STATE / "outbox.sqlite3").exists()
 
