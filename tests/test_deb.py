@@ -155,6 +155,7 @@ def as_service_user(argv: list[str]) -> list[str]:
     ]
 
 
+@pytest.mark.timeout(600)  # the first test also builds the package (and lintian reads it)
 def test_package_metadata_and_contents(deb: Path, tmp_path: Path) -> None:
     info = run("dpkg-deb", "--info", str(deb))
     assert info.returncode == 0, info.stderr
