@@ -5,10 +5,14 @@ BIN    := $(VENV)/bin
 
 .PHONY: demo test check venv mosquitto clean simulate
 
-$(BIN)/edge-agent: pyproject.toml
+# Dependencies come from the locks only (exact versions, hashes checked); the project itself
+# is installed without dependencies. `make lock` regenerates the locks.
+$(BIN)/edge-agent: pyproject.toml requirements.lock requirements-dev.lock
+	packaging/check-python.sh $(PYTHON) >/dev/null
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
 venv: $(BIN)/edge-agent
@@ -40,7 +44,27 @@ check: venv
 	$(BIN)/mypy agent tests
 
 clean:
-	rm -rf $(VENV) demo-run .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build dist demo-run .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# The locks: requirements.lock (runtime: every install path and the .deb) and
+# requirements-dev.lock (the same runtime pins plus the tools CI uses). After editing the
+# dependencies in pyproject.toml: `make lock`, review the diff, commit both files.
+# `make lock UPGRADE=1` moves every pin to the newest release that pyproject.toml allows.
+UV_VERSION := 0.13.9
+.PHONY: lock
+lock: venv
+	$(BIN)/pip install -q 'uv==$(UV_VERSION)'
+	$(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes \
+		--custom-compile-command 'make lock' $(if $(UPGRADE),--upgrade) -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
+		--generate-hashes --custom-compile-command 'make lock' $(if $(UPGRADE),--upgrade) \
+		-c requirements.lock -o requirements-dev.lock
+
+# The Debian package, built with the distribution's own interpreter (packaging/build-deb.sh).
+DEB_PYTHON ?= /usr/bin/python3
+.PHONY: deb
+deb:
+	PYTHON=$(DEB_PYTHON) packaging/build-deb.sh
 
 .PHONY: install uninstall
 install:

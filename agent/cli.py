@@ -16,7 +16,7 @@ from pathlib import Path
 
 import uvloop
 
-from agent import __version__
+from agent import buildinfo
 from agent.config import (
     ConfigError,
     Settings,
@@ -47,7 +47,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from agent.preflight import buffer_problem, default_service_user, gateway_id_problem
 
     settings = _load(args.config)
-    print(json.dumps(effective_config(settings), indent=2))
+    if not args.quiet:
+        print(json.dumps(effective_config(settings), indent=2))
     for warning in inline_secret_warnings(args.config, settings):
         print(f"warning: {warning}", file=sys.stderr)
     user = args.service_user or default_service_user()
@@ -86,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.service import StartupError, run_service
 
     logging.getLogger("agent").info(
-        "edge-agent %s starting, gateway %s", __version__, settings.gateway_id
+        "%s starting, gateway %s", buildinfo.describe(), settings.gateway_id
     )
     try:
         uvloop.run(run_service(settings, faults=Faults.from_env(), notifier=Notifier.from_env()))
@@ -222,7 +223,7 @@ def _clock_fault(spec: str) -> tuple[int, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
-    p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    p.add_argument("--version", action="version", version=buildinfo.describe())
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the agent")
@@ -243,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: edge-agent if it exists, else you)",
     )
     cc.add_argument("--timeout-s", type=float, default=10.0, help="for each --connect probe")
+    cc.add_argument(
+        "--quiet", action="store_true", help="print only problems (the unit's ExecStartPre)"
+    )
     cc.set_defaults(func=cmd_check_config)
 
     stp = sub.add_parser("status", help="show a running agent's /status; exit 1 if not ready")

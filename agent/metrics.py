@@ -20,7 +20,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from agent import __version__
+from agent import buildinfo
 from agent.reasons import AGGREGATE_EVENTS, CLOCK_EVENTS, DROP_REASONS, REJECT_REASONS
 from agent.stats import LATENCY_BUCKETS_S
 from agent.status import SILENT_AFTER_S, ready_problems
@@ -33,7 +33,7 @@ P = "edge_agent_"
 
 def build_info() -> dict[str, str]:
     """The labels of edge_agent_build_info: the one place that says which build this is."""
-    return {"version": __version__, "commit": "unknown"}
+    return {"version": buildinfo.version(), "commit": buildinfo.commit()}
 
 
 def _with_zeros(counts: Mapping[str, int], known: Iterable[str]) -> list[tuple[str, int]]:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install edge-agent as a systemd service:  sudo systemd/install.sh
-#   creates the edge-agent user, a virtualenv in /opt/edge-agent/venv, /etc/edge-agent with an
-#   example config and empty credential files (kept if present), the unit, and prints next steps.
+#   creates the edge-agent user, a virtualenv in /opt/edge-agent (dependencies from
+#   requirements.lock, hashes checked), /etc/edge-agent with an example config and empty
+#   credential files (kept if present), the unit, and prints next steps.
+# A gateway without internet, or a fleet: use the Debian package instead (make deb; README).
 # Uninstall (keeps /var/lib/edge-agent and /etc/edge-agent):  sudo systemd/install.sh --uninstall
 # Options for packaging and tests: --root DIR (install under DIR), --no-user, --no-systemctl.
 set -euo pipefail
@@ -31,21 +33,34 @@ if [ "$action" = uninstall ]; then
     exit 0
 fi
 
+if [ -z "$root" ] && dpkg-query -W -f='${db:Status-Status}' edge-agent 2>/dev/null | grep -qx installed; then
+    echo "the edge-agent Debian package is installed; upgrade it with a newer package," \
+         "or remove it (dpkg --remove edge-agent) before using this script" >&2
+    exit 1
+fi
+python="$("$src/packaging/check-python.sh" "${PYTHON:-python3}")"
+
 if [ "$make_user" = 1 ] && ! id edge-agent >/dev/null 2>&1; then
     useradd --system --home-dir /var/lib/edge-agent --no-create-home \
         --shell /usr/sbin/nologin edge-agent
 fi
 group=$([ "$make_user" = 1 ] && echo edge-agent || id -gn)
 
+# Earlier versions of this script put the virtualenv in /opt/edge-agent/venv; the unit now
+# runs /opt/edge-agent/bin/edge-agent, as in the Debian package.
+rm -rf "$prefix/venv"
 mkdir -p "$prefix"
-python3 -m venv "$prefix/venv"
-"$prefix/venv/bin/pip" install -q --upgrade pip
-# Build from a clean copy of the sources: a stale build/ left in a checkout would otherwise
-# end up in the installed package.
+"$python" -m venv "$prefix"
+"$prefix/bin/pip" install -q --upgrade pip
+"$prefix/bin/pip" install -q --require-hashes -r "$src/requirements.lock"
+# Build from a clean copy of the sources, stamped with the commit: a stale build/ left in a
+# checkout would otherwise end up in the installed package.
 stage="$(mktemp -d)"
 trap 'rm -rf "$stage"' EXIT
 cp -r "$src/pyproject.toml" "$src/README.md" "$src/agent" "$stage/"
-"$prefix/venv/bin/pip" install -q --no-cache-dir "$stage"
+rm -f "$stage/agent/_build.py"
+PYTHONPATH="$src" "$python" -m agent.buildinfo --stamp "$stage" >/dev/null
+"$prefix/bin/pip" install -q --no-cache-dir --no-deps "$stage"
 install -m 0644 "$src/README.md" "$prefix/README.md"
 
 install -d -m 0750 -g "$group" "$etc"
@@ -67,11 +82,11 @@ install -m 0644 "$src/systemd/edge-agent.service" "$unit_dir/edge-agent.service"
 if have_systemd; then systemctl daemon-reload; fi
 
 cat <<EOT
-edge-agent installed in $prefix.
+$("$prefix/bin/edge-agent" --version) installed in $prefix.
 Next steps:
   1. edit $etc/config.toml (gateway_id, [mqtt], [forward].url); put the cloud token in
      $etc/cloud-token and the broker password, if any, in $etc/mqtt-password
-  2. $prefix/venv/bin/edge-agent check-config --config $etc/config.toml
+  2. $prefix/bin/edge-agent check-config --config $etc/config.toml
   3. systemctl enable --now edge-agent
-  4. $prefix/venv/bin/edge-agent status      (or: journalctl -u edge-agent -f)
+  4. $prefix/bin/edge-agent status      (or: journalctl -u edge-agent -f)
 EOT

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from agent import __version__
+from agent.buildinfo import git_commit
+
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "edge-agent.service"
 
@@ -52,7 +55,7 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     # Verify every key; only the ExecStart binary (installed by install.sh) is swapped for one
     # that exists here.
     unit = tmp_path / "edge-agent.service"
-    unit.write_text(UNIT.read_text().replace("/opt/edge-agent/venv/bin/edge-agent", "/bin/true"))
+    unit.write_text(UNIT.read_text().replace("/opt/edge-agent/bin/edge-agent", "/bin/true"))
     r = subprocess.run(
         ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
     )
@@ -76,13 +79,13 @@ def test_installer_into_a_root_dir_and_back(tmp_path: Path) -> None:
     r = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "Next steps" in r.stdout
-    assert (root / "opt/edge-agent/venv/bin/edge-agent").exists()
+    assert (root / "opt/edge-agent/bin/edge-agent").exists()
     config = root / "etc/edge-agent/config.toml"
     assert config.read_text() == (ROOT / "config.example.toml").read_text()
     assert (root / "etc/edge-agent/cloud-token").stat().st_mode & 0o777 == 0o640
     assert (root / "etc/systemd/system/edge-agent.service").read_text() == UNIT.read_text()
     check_config = [
-        str(root / "opt/edge-agent/venv/bin/edge-agent"),
+        str(root / "opt/edge-agent/bin/edge-agent"),
         "check-config",
         "--config",
         str(config),
@@ -103,6 +106,11 @@ def test_installer_into_a_root_dir_and_back(tmp_path: Path) -> None:
     }
     check = subprocess.run(check_config, capture_output=True, text=True, timeout=60, env=edited)
     assert check.returncode == 0, check.stderr
+    version = subprocess.run(
+        [str(root / "opt/edge-agent/bin/edge-agent"), "--version"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert version.stdout.strip() == f"edge-agent {__version__} (commit {git_commit(ROOT)})"
     config.write_text(config.read_text() + "\n# edited\n")
     r = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert "kept the existing" in r.stdout and config.read_text().endswith("# edited\n")
