@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import uvloop
@@ -190,6 +191,54 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tap(args: argparse.Namespace) -> int:
+    """Print each message on the broker as the agent would see it (see agent/tap.py)."""
+    from agent.tap import TapError, TapOptions, check_id, run_tap
+
+    settings = _load(args.config)
+    try:
+        check_id("--camera", args.camera)
+        check_id("--stream", args.stream)
+    except ValueError as e:
+        print(f"tap: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    opts = TapOptions(
+        camera=args.camera,
+        stream=args.stream,
+        json=args.json,
+        count=args.count,
+        seconds=args.seconds,
+    )
+    try:
+        return run_tap(settings, opts, sys.stdout, sys.stderr)
+    except TapError as e:
+        print(f"tap: {e}", file=sys.stderr)
+        return EXIT_STARTUP
+    except BrokenPipeError:  # `edge-agent tap ... | head`: the reader has gone, so have we
+        _quiet_stdout()
+        return 0
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null so the exit flush cannot raise again."""
+    import os
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be > 0")
+        return value
+
+    return parse
+
+
 def cmd_simulate_cloud(args: argparse.Namespace) -> int:
     from agent.sim.cloud import serve
 
@@ -270,6 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--all", action="store_true", help="retry every dead letter")
     dl.add_argument("--config", required=True)
     dl.set_defaults(func=cmd_deadletter)
+
+    tap = sub.add_parser("tap", help="print each message on the broker as the agent sees it")
+    tap.add_argument("--config", required=True, help="the agent's TOML config")
+    tap.add_argument("--camera", default=None, help="only this camera id")
+    tap.add_argument("--stream", default=None, help="only this stream")
+    tap.add_argument("--json", action="store_true", help="one JSON object per line")
+    tap.add_argument("--count", type=_positive(int), default=None, help="stop after N messages")
+    tap.add_argument("--seconds", type=_positive(float), default=None, help="stop after S s")
+    tap.set_defaults(func=cmd_tap)
 
     sim = sub.add_parser("simulate", help="local stand-ins: the cloud receiver, cameras")
     simsub = sim.add_subparsers(dest="what", required=True)
