@@ -191,6 +191,30 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    """Live view of a running agent; plain snapshots when stdout is not a terminal."""
+    from agent.top import TopOptions, run_top
+
+    url = args.url
+    if url is None:
+        listen = _load(args.config).health.listen if args.config else "127.0.0.1:9108"
+        url = f"http://{listen}"
+    opts = TopOptions(
+        url=url,
+        interval_s=args.interval_s,
+        sort=args.sort,
+        silent_s=args.silent_s,
+        once=args.once,
+        iterations=args.iterations,
+        rows=args.rows,
+    )
+    try:
+        return run_top(opts)
+    except BrokenPipeError:  # `edge-agent top --once | head`
+        _quiet_stdout()
+        return 0
+
+
 def cmd_tap(args: argparse.Namespace) -> int:
     """Print each message on the broker as the agent would see it (see agent/tap.py)."""
     from agent.tap import TapError, TapOptions, check_id, run_tap
@@ -319,6 +343,24 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--all", action="store_true", help="retry every dead letter")
     dl.add_argument("--config", required=True)
     dl.set_defaults(func=cmd_deadletter)
+
+    top = sub.add_parser("top", help="live view of a running agent: pipeline stages, cameras")
+    top.add_argument("--url", default=None, help="e.g. http://127.0.0.1:9108")
+    top.add_argument("--config", default=None, help="read health.listen from this config")
+    top.add_argument("--interval-s", type=_positive(float), default=2.0, help="refresh every")
+    top.add_argument(
+        "--sort",
+        choices=["problem", "rate", "name", "skew", "last"],
+        default="problem",
+        help="camera order (keys p r n k l while running)",
+    )
+    top.add_argument(
+        "--silent-s", type=_positive(float), default=30.0, help="a camera unheard this long"
+    )
+    top.add_argument("--once", action="store_true", help="one plain snapshot; exit like status")
+    top.add_argument("--iterations", type=_positive(int), default=None, help="stop after N")
+    top.add_argument("--rows", type=_positive(int), default=20, help="cameras per plain snapshot")
+    top.set_defaults(func=cmd_top)
 
     tap = sub.add_parser("tap", help="print each message on the broker as the agent sees it")
     tap.add_argument("--config", required=True, help="the agent's TOML config")
