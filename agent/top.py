@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import curses
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -113,7 +114,8 @@ def plain(poll: Fetch, opts: TopOptions, out: TextIO) -> int:
                 sort=opts.sort,
                 silent_s=opts.silent_s,
                 width=10_000,
-                height=_plain_height(cur, opts.rows),
+                height=10_000,
+                max_rows=opts.rows,
             )
             for text, _ in render(base, cur, view):
                 print(text, file=out)
@@ -124,11 +126,6 @@ def plain(poll: Fetch, opts: TopOptions, out: TextIO) -> int:
             time.sleep(max(0.0, cur.at + opts.interval_s - time.monotonic()))
     except KeyboardInterrupt:
         return EXIT_OK
-
-
-def _plain_height(cur: Sample, rows: int) -> int:
-    problems = len(cur.status.get("problems", [])) if cur.status else 0
-    return 15 + problems + rows  # the stage lines, the problems, `rows` cameras
 
 
 def _exit_code(cur: Sample) -> int:
@@ -151,6 +148,7 @@ def _screen(stdscr: curses.window, poll: Fetch, opts: TopOptions) -> int:
     next_poll = cur.at + opts.interval_s
     shown = 1
     while True:
+        _follow_terminal_size(stdscr)
         height, width = stdscr.getmaxyx()
         view = ViewOptions(
             url=opts.url,
@@ -177,6 +175,17 @@ def _screen(stdscr: curses.window, poll: Fetch, opts: TopOptions) -> int:
             base = history.add(cur)
             shown += 1
             next_poll = cur.at + opts.interval_s
+
+
+def _follow_terminal_size(stdscr: curses.window) -> None:
+    """Take the terminal's real size. ncurses learns of a resize from SIGWINCH, but a pane
+    sized after the program started (tmux, some SSH clients) can leave it at terminfo's 80x24."""
+    try:
+        cols, lines = os.get_terminal_size(sys.stdout.fileno())
+    except (OSError, ValueError):
+        return
+    if lines > 0 and cols > 0 and (lines, cols) != stdscr.getmaxyx():
+        curses.resizeterm(lines, cols)
 
 
 def _draw(stdscr: curses.window, lines: list[Line], height: int) -> None:

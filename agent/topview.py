@@ -42,6 +42,7 @@ class ViewOptions:
     silent_s: float = 30.0
     width: int = 120
     height: int = 40
+    max_rows: int | None = None  # cameras shown at most, whatever the height
 
 
 def get(doc: Mapping[str, Any] | None, *path: str, default: Any = None) -> Any:
@@ -190,10 +191,11 @@ def render(prev: Sample | None, cur: Sample, o: ViewOptions) -> list[Line]:
     clock = time.strftime("%H:%M:%S", time.gmtime()) + "Z"
     st = cur.status
     if st is None:
-        return [
+        down: list[Line] = [
             (f"edge-agent top  {o.url}  every {o.interval_s:g} s  {clock}", "title"),
             (f"agent not reachable at {o.url}: {cur.error}; retrying", "problem"),
         ]
+        return [(text[: o.width], style) for text, style in down]
     up = age(get(st, "uptime_s"))
     lines: list[Line] = [
         (
@@ -289,7 +291,10 @@ def _cameras(prev: Sample | None, cur: Sample, o: ViewOptions, room: int) -> lis
         ),
     ]
     fit = max(0, room - len(out) - 1)
-    shown = rows if len(rows) <= fit + 1 else rows[:fit]
+    if o.max_rows is not None:
+        fit = min(fit, o.max_rows)
+    # The line that says how many are left out would take the last row's place: show that row.
+    shown = rows if len(rows) <= fit + (o.max_rows is None) else rows[:fit]
     for r in shown:
         skew = f"{round(r.skew_s, 2) + 0.0:+.2f}" if r.skew_s is not None else "—"
         spread = f"{r.spread_s:.2f}" if r.spread_s is not None else "—"
