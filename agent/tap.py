@@ -228,7 +228,7 @@ def format_line(doc: Mapping[str, Any]) -> str:
         est = doc.get("skew_estimate_s")
         if est is not None:
             suspect = ", CLOCK SUSPECT" if doc["clock_suspect"] else ""
-            skew += f" (camera estimate {est:+.1f} s{suspect})"
+            skew += f" (camera estimate {round(est, 1) + 0.0:+.1f} s{suspect})"  # no -0.0
         parts.append(skew)
     elif doc.get("time_raw") is not None:
         parts.append(f"BAD TIMESTAMP {doc['time_field']}={_short(doc['time_raw'])}: gateway time")

@@ -177,9 +177,10 @@ def cloud_state(status: Mapping[str, Any]) -> tuple[str, bool]:
     if cloudy:
         return str(cloudy[0]), True
     backoff, error = get(fw, "backoff_remaining_s"), get(fw, "last_error")
-    if backoff and error:
-        return f"retrying in {backoff:.0f} s after: {error}", True
     last = get(fw, "last_success_age_s")
+    if backoff and error:
+        since = f"no success for {age(last)}, " if last is not None else ""
+        return f"FAILING: {since}retrying in {backoff:.0f} s after: {error}", True
     if last is None:
         return ("idle, nothing sent yet" if not get(status, "outbox", "chunks") else
                 "nothing accepted yet"), False  # fmt: skip

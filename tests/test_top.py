@@ -203,6 +203,10 @@ def test_top_prints_plain_lines_when_stdout_is_not_a_terminal(
     assert re.search(r"forward   — chunks/s", snapshots[0])  # no rate before a second sample
     assert re.search(r"forward   [\d.,]+ chunks/s", snapshots[1])
     assert "… 3 more cameras" in snapshots[1]
+    # `top | head -2`: the reader goes away; top ends quietly.
+    cmd = f"{shlex.join([sys.executable, '-m', 'agent.cli', 'top', '--url', url, '--iterations', '3', '--interval-s', '0.3'])} | head -2; echo rc=${{PIPESTATUS[0]}}"  # fmt: skip
+    piped = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
+    assert piped.stdout.splitlines()[1:] == ["READY", "rc=0"] and piped.stderr == "", piped
     assert agent.stop() == 0
 
     gone = top_cli("--url", url, "--once")
