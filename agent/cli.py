@@ -217,12 +217,14 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 def cmd_tap(args: argparse.Namespace) -> int:
     """Print each message on the broker as the agent would see it (see agent/tap.py)."""
-    from agent.tap import TapError, TapOptions, check_id, run_tap
+    from agent.tap import TapError, TapOptions, check_id, run_tap, subscriptions
 
     settings = _load(args.config)
     try:
         check_id("--camera", args.camera)
         check_id("--stream", args.stream)
+        if not subscriptions(settings, args.camera, args.stream):
+            raise ValueError(f"--stream {args.stream!r}: no [[streams]] entry carries that stream")
     except ValueError as e:
         print(f"tap: {e}", file=sys.stderr)
         return EXIT_CONFIG

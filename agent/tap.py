@@ -279,8 +279,8 @@ class TapOptions:
 
 def run_tap(settings: Settings, opts: TapOptions, out: TextIO, err: TextIO) -> int:
     """Subscribe, print a line per message until count/seconds/Ctrl-C; 0, or raise TapError."""
-    tap = Tap(settings)
     topics = subscriptions(settings, opts.camera, opts.stream)
+    tap = Tap(settings)
     inbox: queue.Queue[tuple[bytes, bytes, float, float]] = queue.Queue(QUEUE_MAX)
     skipped = [0]
 
@@ -298,6 +298,13 @@ def run_tap(settings: Settings, opts: TapOptions, out: TextIO, err: TextIO) -> i
         file=err,
         flush=True,
     )
+    closing = threading.Event()
+
+    def on_disconnect(_c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        if not closing.is_set():  # paho reconnects by itself; on_connect subscribes again
+            print(f"tap: connection to the broker lost ({rc}); reconnecting", file=err, flush=True)
+
+    client.on_disconnect = on_disconnect
     deadline = None if opts.seconds is None else time.monotonic() + opts.seconds
     shown = 0
     try:
@@ -319,6 +326,7 @@ def run_tap(settings: Settings, opts: TapOptions, out: TextIO, err: TextIO) -> i
     except KeyboardInterrupt:
         pass
     finally:
+        closing.set()
         client.disconnect()
         client.loop_stop()
     if skipped[0]:

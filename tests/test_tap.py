@@ -201,6 +201,16 @@ def test_tap_bad_input_and_unreachable_broker(tmp_path: Path) -> None:
 
     bad_camera = tap("--camera", "cam/1")
     assert bad_camera.returncode == 2 and "--camera 'cam/1'" in bad_camera.stderr
+    no_stream = tap("--stream", "audio")  # the default pattern has a {stream} level: fine
+    assert no_stream.returncode == 3, no_stream.stderr  # ...so it gets as far as the broker
+    named = cfg.with_name("named.toml")
+    named.write_text(cfg.read_text() + '[[streams]]\ntopic = "site/{camera}/det"\nname = "det"\n')
+    no_stream = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "tap", "--config", str(named), "--stream", "audio"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert no_stream.returncode == 2
+    assert "--stream 'audio': no [[streams]] entry carries that stream" in no_stream.stderr
     bad_count = tap("--count", "0")
     assert bad_count.returncode == 2 and "--count" in bad_count.stderr
     bad_seconds = tap("--seconds", "soon")
@@ -209,3 +219,45 @@ def test_tap_bad_input_and_unreachable_broker(tmp_path: Path) -> None:
     assert down.returncode == 3
     assert "cannot connect to the broker at 127.0.0.1:" in down.stderr
     assert "Traceback" not in down.stderr
+
+
+def test_unit_of_names_the_unit_parse_event_time_reads() -> None:
+    from agent.timekeeping import parse_event_time, unit_of
+
+    for value, unit in [
+        (1_764_126_000, "s"), (1_764_126_000.5, "s"), (1_764_126_000_123, "ms"),
+        (1_764_126_000_123_456, "us"), (1_764_126_000_123_456_789, "ns"),
+        ("2026-11-26T03:00:00Z", "rfc3339"),
+    ]:  # fmt: skip
+        assert unit_of(value, "auto") == unit, value
+        assert abs(parse_event_time(value, unit) - parse_event_time(value, "auto")) < 1e-3
+    assert unit_of(1_764_126_000_123, "s") == "s"  # a configured unit is what is read
+    assert unit_of(True, "auto") == "auto" and unit_of(10**400, "auto") == "auto"
+
+
+def test_tap_rides_out_a_broker_restart(
+    broker: Mosquitto, tmp_path: Path, taps: Callable[..., TapProc]
+) -> None:
+    tap = taps(config_for(tmp_path, broker), "--count", "2", "--seconds", "60")
+    tap.wait_subscribed()
+    c = publisher(broker)
+    send(c, "site/cam/cam-001/motion", json.dumps({"ts": time.time(), "level": 0.5}))
+    wait_for(lambda: len(tap.lines()) == 1, timeout_s=10, what="the first line")
+    c.disconnect()
+    c.loop_stop()
+    broker.stop()
+    wait_for(lambda: "connection to the broker lost" in tap.err_path.read_text(), timeout_s=10, what="tap to notice")  # fmt: skip
+    broker.start()
+    # tap reconnects and subscribes again by itself: publish until a message gets through.
+    c = publisher(broker)
+
+    def second_line() -> bool:
+        send(c, "site/cam/cam-002/motion", json.dumps({"ts": time.time(), "level": 0.7}))
+        return tap.popen.poll() is not None
+
+    wait_for(second_line, timeout_s=30, what="a message after the restart", poll_s=0.5)
+    rc, out, err = tap.result()
+    c.disconnect()
+    c.loop_stop()
+    assert rc == 0, err
+    assert "cam-002/motion  counted" in out.splitlines()[1]
