@@ -107,7 +107,8 @@ def refused_fields(spec: StreamSpec, payload: Mapping[str, Any]) -> list[str]:
 
 
 class Tap:
-    """Classifies raw messages with the agent's intake; pure apart from the log capture."""
+    """Classifies raw messages with the agent's intake, keeping state as the agent does (clock
+    estimates, open windows) but acking, journaling and sending nothing."""
 
     def __init__(self, settings: Settings) -> None:
         from agent.service import build_aggregator, build_clocks
