@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test check venv mosquitto clean simulate
+.PHONY: demo test check venv mosquitto tmux clean simulate
 
 # Dependencies come from the locks only (exact versions, hashes checked); the project itself
 # is installed without dependencies. `make lock` regenerates the locks.
@@ -24,10 +24,17 @@ mosquitto:
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq mosquitto; \
 		else sudo apt-get update -qq && sudo apt-get install -y -qq mosquitto; fi; }
 
+# tests/test_top.py runs `edge-agent top` in a real pseudo-terminal: tmux.
+tmux:
+	@command -v tmux >/dev/null 2>&1 || { \
+		echo "installing tmux (apt-get)"; \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq tmux; \
+		else sudo apt-get update -qq && sudo apt-get install -y -qq tmux; fi; }
+
 demo: venv mosquitto
 	$(BIN)/python -m agent.demo
 
-test: venv mosquitto
+test: venv mosquitto tmux
 	$(BIN)/pytest -q
 
 # The deterministic simulation of the durable core, as long as you like:

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import uvloop
@@ -167,6 +168,80 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    """Live view of a running agent; plain snapshots when stdout is not a terminal."""
+    from agent.top import TopOptions, run_top
+
+    url = args.url
+    if url is None:
+        listen = _load(args.config).health.listen if args.config else "127.0.0.1:9108"
+        url = f"http://{listen}"
+    opts = TopOptions(
+        url=url,
+        interval_s=args.interval_s,
+        sort=args.sort,
+        silent_s=args.silent_s,
+        once=args.once,
+        iterations=args.iterations,
+        rows=args.rows,
+    )
+    try:
+        return run_top(opts)
+    except BrokenPipeError:  # `edge-agent top --once | head`
+        _quiet_stdout()
+        return 0
+
+
+def cmd_tap(args: argparse.Namespace) -> int:
+    """Print each message on the broker as the agent would see it (see agent/tap.py)."""
+    from agent.tap import TapError, TapOptions, check_id, run_tap, subscriptions
+
+    settings = _load(args.config)
+    try:
+        check_id("--camera", args.camera)
+        check_id("--stream", args.stream)
+        if not subscriptions(settings, args.camera, args.stream):
+            raise ValueError(f"--stream {args.stream!r}: no [[streams]] entry carries that stream")
+    except ValueError as e:
+        print(f"tap: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    opts = TapOptions(
+        camera=args.camera,
+        stream=args.stream,
+        json=args.json,
+        count=args.count,
+        seconds=args.seconds,
+    )
+    try:
+        return run_tap(settings, opts, sys.stdout, sys.stderr)
+    except TapError as e:
+        print(f"tap: {e}", file=sys.stderr)
+        return EXIT_STARTUP
+    except BrokenPipeError:  # `edge-agent tap ... | head`: the reader has gone, so have we
+        _quiet_stdout()
+        return 0
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null so the exit flush cannot raise again."""
+    import os
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be > 0")
+        return value
+
+    return parse
+
+
 def cmd_simulate_cloud(args: argparse.Namespace) -> int:
     from agent.sim.cloud import serve
 
@@ -273,6 +348,33 @@ def build_parser() -> argparse.ArgumentParser:
     dl_retry.add_argument("--config", required=True)
     for parser in (dl_list, dl_show, dl_retry):
         parser.set_defaults(func=cmd_deadletter)
+
+    top = sub.add_parser("top", help="live view of a running agent: pipeline stages, cameras")
+    top.add_argument("--url", default=None, help="e.g. http://127.0.0.1:9108")
+    top.add_argument("--config", default=None, help="read health.listen from this config")
+    top.add_argument("--interval-s", type=_positive(float), default=2.0, help="refresh every")
+    top.add_argument(
+        "--sort",
+        choices=["problem", "rate", "name", "skew", "last"],
+        default="problem",
+        help="camera order (keys p r n k l while running)",
+    )
+    top.add_argument(
+        "--silent-s", type=_positive(float), default=30.0, help="a camera unheard this long"
+    )
+    top.add_argument("--once", action="store_true", help="one plain snapshot; exit like status")
+    top.add_argument("--iterations", type=_positive(int), default=None, help="stop after N")
+    top.add_argument("--rows", type=_positive(int), default=20, help="cameras per plain snapshot")
+    top.set_defaults(func=cmd_top)
+
+    tap = sub.add_parser("tap", help="print each message on the broker as the agent sees it")
+    tap.add_argument("--config", required=True, help="the agent's TOML config")
+    tap.add_argument("--camera", default=None, help="only this camera id")
+    tap.add_argument("--stream", default=None, help="only this stream")
+    tap.add_argument("--json", action="store_true", help="one JSON object per line")
+    tap.add_argument("--count", type=_positive(int), default=None, help="stop after N messages")
+    tap.add_argument("--seconds", type=_positive(float), default=None, help="stop after S s")
+    tap.set_defaults(func=cmd_tap)
 
     sim = sub.add_parser("simulate", help="local stand-ins: the cloud receiver, cameras")
     simsub = sim.add_subparsers(dest="what", required=True)

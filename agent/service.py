@@ -251,8 +251,9 @@ async def _http_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
-def build_aggregator(a: AggregateSettings) -> Aggregator:
-    return Aggregator(
+def build_aggregator(a: AggregateSettings, cls: type[Aggregator] = Aggregator) -> Aggregator:
+    """The aggregator the config asks for (`cls`: `edge-agent tap` passes a recording one)."""
+    return cls(
         window_s=a.window_s,
         allowed_lateness_s=a.allowed_lateness_s,
         idle_close_s=a.idle_close_s,

@@ -27,6 +27,25 @@ def epoch_auto(value: float) -> float:
     return value
 
 
+def unit_of(value: object, unit: str) -> str:
+    """The unit `parse_event_time` reads `value` in: `unit` itself, or for "auto" the one told
+    by magnitude ("s", "ms", "us", "ns") or "rfc3339" for a string (for `edge-agent tap`)."""
+    if unit != "auto":
+        return unit
+    if isinstance(value, str):
+        return "rfc3339"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "auto"
+    try:
+        a = abs(float(value))
+    except OverflowError:  # an int of 309+ digits: no time in any unit
+        return "auto"
+    for threshold, divisor in _AUTO_DIVISORS:
+        if a >= threshold:
+            return next(name for name, d in _UNIT_DIVISORS.items() if d == divisor)
+    return "s"
+
+
 def parse_event_time(value: object, unit: str) -> float:
     """Epoch seconds from a payload value; raises BadTimestamp when it is not one."""
     if unit == "rfc3339" or (unit == "auto" and isinstance(value, str)):
