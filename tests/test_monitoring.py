@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import __version__
+from agent import __version__, buildinfo
 from agent.reasons import AGGREGATE_EVENTS, CLOCK_EVENTS, DROP_REASONS, REJECT_REASONS
 from tests.conftest import AgentFactory
 
@@ -87,7 +87,8 @@ def test_metrics_of_a_fresh_agent(agents: AgentFactory) -> None:
 
     (info,) = families["edge_agent_build_info"].samples
     assert info.name == "edge_agent_build_info" and info.value == 1
-    assert info.labels == {"version": __version__, "commit": "unknown"}
+    assert info.labels == {"version": __version__, "commit": buildinfo.commit()}
+    assert info.labels["commit"] != buildinfo.UNKNOWN  # a checkout knows its commit
     assert families["process_resident_memory_bytes"].samples[0].value > 0
     assert "process_cpu_seconds" in families
     start = families["edge_agent_start_time_seconds"].samples[0].value
