@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from agent import memory
 from agent.acks import AckLedger
 from agent.aggregate import Aggregator
 from agent.checkpoint import Checkpointer
@@ -375,6 +376,11 @@ async def _notify_loop(p: Pipeline, notifier: Notifier) -> None:
     await p.session.subscribed.wait()
     notifier.ready(status_line(p))
     log.info("ready: outbox open, MQTT subscribed")
+    memory.trim()  # what start-up freed
+    last_trim = time.monotonic()
     while True:
         await asyncio.sleep(5)
         notifier.status(status_line(p))
+        if time.monotonic() - last_trim >= memory.TRIM_EVERY_S:
+            memory.trim()
+            last_trim = time.monotonic()
