@@ -5,11 +5,14 @@ Nothing else in the agent reads the environment or the TOML file; the runner get
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import json
 import os
 import re
 import socket
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -24,11 +27,6 @@ from pydantic import (
     ValidationInfo,
     field_validator,
     model_validator,
-)
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
 )
 
 ENV_PREFIX = "EDGE_AGENT__"
@@ -286,14 +284,8 @@ def _default_streams() -> tuple[StreamSettings, ...]:
     )
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter="__",
-        extra="forbid",
-        frozen=True,
-        case_sensitive=False,
-    )
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     gateway_id: str = Field(min_length=1, max_length=128)
     mqtt: MqttSettings = MqttSettings()
@@ -303,18 +295,6 @@ class Settings(BaseSettings):
     forward: ForwardSettings = ForwardSettings()
     health: HealthSettings = HealthSettings()
     log: LogSettings = LogSettings()
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment first: an `EDGE_AGENT__SECTION__KEY` variable overrides the TOML file.
-        return (env_settings, init_settings)
 
     @field_validator("gateway_id")
     @classmethod
@@ -374,6 +354,46 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     return sorted(getattr(model, "model_fields", {}))
 
 
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """`EDGE_AGENT__SECTION__KEY=value` variables as nested keys (names case-insensitive); a
+    value that starts with `[` or `{` is JSON (e.g. `EDGE_AGENT__STREAMS='[{"topic": ...}]'`).
+    Plain values stay text: the validation parses them like the TOML's."""
+    out: dict[str, Any] = {}
+    prefix = ENV_PREFIX.lower()
+    for name, value in sorted(environ.items()):
+        lowered = name.lower()
+        if not lowered.startswith(prefix):
+            continue
+        path = lowered[len(prefix) :].split("__")
+        if not all(path):
+            continue
+        parsed: Any = value
+        if value.lstrip()[:1] in ("[", "{"):
+            # Not JSON: left as text, and the validation names the key and what it expected.
+            with contextlib.suppress(ValueError):
+                parsed = json.loads(value)
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                break
+            node = child
+        else:
+            node[path[-1]] = parsed
+    return out
+
+
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, tables merged key by key."""
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merged(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
 def load_settings(path: Path | str | None, *, overrides: dict[str, Any] | None = None) -> Settings:
     """Read TOML at `path` (None: env only), apply env overrides, validate. Raises ConfigError."""
     data: dict[str, Any] = {}
@@ -391,6 +411,8 @@ def load_settings(path: Path | str | None, *, overrides: dict[str, Any] | None =
             raise ConfigError([f"config file {str(p)!r} is not UTF-8 text"]) from None
     if overrides:
         data = {**data, **overrides}
+    # Environment first: an `EDGE_AGENT__SECTION__KEY` variable overrides the TOML file.
+    data = _merged(data, env_overrides(os.environ))
     try:
         settings = Settings(**data)
     except ValidationError as e:

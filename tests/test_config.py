@@ -128,6 +128,25 @@ def test_bad_env_override_names_the_key(tmp_path: Path, monkeypatch: pytest.Monk
     assert any(p.startswith("buffer.synchronous = 'sometimes'") for p in e.value.problems)
 
 
+def test_env_names_are_case_insensitive_tables_json_and_typos_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('gateway_id = "gw"\n[forward]\nlinger_ms = 50\n')
+    monkeypatch.setenv("edge_agent__Forward__Timeout_S", "3.5")
+    monkeypatch.setenv(
+        "EDGE_AGENT__STREAMS", '[{"topic": "a/{camera}/{stream}", "numeric": ["v"]}]'
+    )
+    s = load_settings(cfg)
+    assert s.forward.timeout_s == 3.5
+    assert s.forward.linger_ms == 50  # the table is merged, not replaced
+    assert [st.topic for st in s.streams] == ["a/{camera}/{stream}"]
+    monkeypatch.setenv("EDGE_AGENT__MQTT__HOTS", "10.0.0.5")
+    with pytest.raises(ConfigError) as e:
+        load_settings(cfg)
+    assert any("mqtt.hots" in p for p in e.value.problems), e.value.problems
+
+
 def test_sizes_accept_units() -> None:
     s = load_settings(None, overrides={"gateway_id": "gw", "buffer": {"max_bytes": "64MiB"}})
     assert s.buffer.max_bytes == 64 * 1024**2
