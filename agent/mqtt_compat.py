@@ -43,7 +43,7 @@ PublishHandler = Callable[[bytes, bytes, int, int, bool], None]
 
 # After a read, leave the socket alone this long: one wakeup then takes a few milliseconds of
 # messages (30 at 3,000 msgs/s) instead of one.
-READ_COALESCE_S = 0.005
+READ_COALESCE_S = 0.01
 # One recv() asks for this much; a wakeup reads until the socket is empty or this × 16.
 READ_BYTES = 256 * 1024
 
