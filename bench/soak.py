@@ -70,6 +70,7 @@ CAMERAS = 300
 RATE_PER_CAMERA = 10.0
 GATEWAY = "bench-gw"
 MB = 1024 * 1024
+WAL_CAP = 64 * MB  # agent/store.py: min(64 MiB, buffer.max_bytes / 8), max_bytes 1 GiB shipped
 
 # /status gauges that must not grow under a steady load: (label, path in /status, unit).
 GAUGES: tuple[tuple[str, tuple[str, ...], str], ...] = (
@@ -165,6 +166,7 @@ class Sample:
     bare_msgs: int
     status: dict[str, Any]
     wal_bytes: int
+    db_bytes: int
     busy_pct: float
     steal_pct: float
     # derived over the interval ending here
@@ -196,6 +198,7 @@ def take_sample(
         bare_msgs=bare.count,
         status=st,
         wal_bytes=file_size(wal),
+        db_bytes=file_size(wal.with_name(wal.name.removesuffix("-wal"))),
         busy_pct=busy,
         steal_pct=steal,
     )
@@ -441,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         gauge_rows.append((label, unit, g, [_num(dig(s.status, path)) for s in second]))
     gauge_rows.append(("outbox_wal_bytes", "B", fit(second, lambda s: float(s.wal_bytes)),
                        [float(s.wal_bytes) for s in second]))  # fmt: skip
+    gauge_rows.append(("outbox_db_file_bytes", "B", fit(second, lambda s: float(s.db_bytes)),
+                       [float(s.db_bytes) for s in second]))  # fmt: skip
     threads = fit(second, lambda s: _num(s.agent.get("Threads")))
     gauge_rows.append(("agent_threads", "threads", threads,
                        [_num(s.agent.get("Threads")) for s in second]))  # fmt: skip
@@ -456,7 +461,13 @@ def main(argv: list[str] | None = None) -> int:
         if g is not None and g.significant and g.slope > 0:
             rise = g.slope * span_h
             if rise > GROWTH_FLOOR.get(unit, 1) and rise > 0.05 * max(abs(g.mean), 1e-9):
-                growing.append(f"{label} (+{_human(g.slope, unit)}/hour over the second half)")
+                what = f"{label} (+{_human(g.slope, unit)}/hour over the second half"
+                if label in ("outbox_wal_bytes", "outbox_file_bytes") and vs:
+                    # The agent caps its WAL (journal_size_limit, wal_autocheckpoint) at
+                    # min(64 MiB, buffer.max_bytes / 8): it fills, is checkpointed, restarts.
+                    cap = "within" if max(vs) <= WAL_CAP * 1.05 else "ABOVE"
+                    what += f"; max {max(vs) / MB:.1f} MB, {cap} the WAL's 64 MiB cap"
+                growing.append(what + ")")
     rss_floor = 1.0  # MB/hour: below it RSS is called flat whatever the noise
     rss_flat = f_rss is None or f_rss.slope <= rss_floor or not f_rss.significant
     if not rss_flat and f_bare_rss is not None and f_rss is not None:
@@ -601,6 +612,7 @@ def _sample_doc(s: Sample) -> dict[str, Any]:
         "outbox_bytes": dig(st, ("outbox", "bytes")),
         "outbox_file_bytes": dig(st, ("outbox", "file_bytes")),
         "wal_bytes": s.wal_bytes,
+        "db_file_bytes": s.db_bytes,
         "rejects": sum((dig(st, ("ingest", "rejects")) or {}).values()),
         "drops": sum((dig(st, ("drops",)) or {}).values()),
         "machine_busy_pct": round(s.busy_pct, 1),
