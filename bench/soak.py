@@ -752,7 +752,7 @@ def write_md(
             f"{dig(st, ('aggregate', 'windows_open'))} | {dig(st, ('ingest', 'unacked'))} | "
             f"{dig(st, ('outbox', 'chunks'))} | "
             f"{(dig(st, ('outbox', 'file_bytes')) or 0) / MB:.1f} | {s.wal_bytes / MB:.1f} | "
-            f"{s.busy_pct:.0f} |"
+            f"{'n/a' if s is samples[0] else f'{s.busy_pct:.0f}'} |"
         )
     lines += [
         "",
