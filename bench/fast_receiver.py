@@ -20,6 +20,7 @@ It answers 200 {"stored": new, "duplicates": dup} like the reference receiver. N
 per chunk, so memory stays flat whatever the backlog.
 
     python bench/fast_receiver.py --port 8099
+    python bench/fast_receiver.py --self-test      # the bookkeeping vs tests/test_receiver.py
     GET /_stats -> {"chunks", "messages", "late_deltas", "batches", "bad", "bytes", "first_at",
                     "last_at", "gateways": {gw: {"max_seq", "gaps", "out_of_order",
                     "duplicates", "ranges"}}}
@@ -238,10 +239,71 @@ class Handler(BaseHTTPRequestHandler):
         self._reply(200, {"stored": new, "duplicates": dup})
 
 
+def self_test() -> None:
+    """tests/test_receiver.py's bookkeeping scenarios and the refusals, in process (bench/ is
+    outside the test suite): raises AssertionError on a difference from the reference."""
+
+    def chunk(seq: int, t: int, seq_end: int | None = None, rev: int = 0) -> dict[str, Any]:
+        c: dict[str, Any] = {"seq": seq, "camera": "cam-1", "stream": "det", "t": t,
+                             "width_s": 1, "rev": rev, "count": 1}  # fmt: skip
+        if seq_end is not None:
+            c["seq_end"] = seq_end
+        return c
+
+    def batch(*cs: dict[str, Any], **over: Any) -> BatchHead:
+        doc = {"schema": SCHEMA, "gateway": "gw", "first_seq": cs[0]["seq"] if cs else 1,
+               "last_seq": cs[-1].get("seq_end", cs[-1]["seq"]) if cs else 1,
+               "chunks": list(cs), **over}  # fmt: skip
+        b = _decode(json.dumps(doc).encode())
+        validate(b)
+        return b
+
+    s = State()
+    assert s.ingest(batch(chunk(1, 1), chunk(2, 2))) == (2, 0)
+    assert s.ingest(batch(chunk(1, 1), chunk(2, 2))) == (0, 2)
+    s.ingest(batch(chunk(5, 5)))
+    s.ingest(batch(chunk(3, 3)))
+    g = s.stats()["gateways"]["gw"]
+    assert (g["duplicates"], g["gaps"], g["out_of_order"], g["max_seq"]) == (2, 1, 1, 5), g
+    s = State()
+    start = 1_764_126_000_000_001
+    assert s.ingest(batch(chunk(start, 10, start + 4), chunk(start + 5, 20))) == (2, 0)
+    s.ingest(batch(chunk(start + 6, 30, start + 9)))
+    s.ingest(batch(chunk(start + 10, 40, rev=1)))
+    g = s.stats()["gateways"]["gw"]
+    assert (g["gaps"], g["out_of_order"], g["duplicates"], g["max_seq"]) == (0, 0, 0, start + 10)
+    assert (s.messages, s.late_deltas) == (4, 1)
+    s.ingest(batch(chunk(start + 12, 50)))
+    assert s.stats()["gateways"]["gw"]["gaps"] == 1
+    assert s.ingest(batch(chunk(start + 7, 30))) == (0, 1)  # inside a compacted range: a dup
+    bad: dict[str, Any]
+    for bad in (
+        {"chunks": [chunk(1, 1), chunk(3, 3)], "last_seq": 3},  # not tiling
+        {"chunks": [chunk(1, 1)], "last_seq": 2},  # last_seq beyond the chunks
+        {"chunks": [chunk(2, 1, seq_end=1)], "first_seq": 2, "last_seq": 1},  # seq_end < seq
+        {"chunks": [chunk(1, 1)], "schema": "v0"},
+        {"chunks": []},
+        {"chunks": [{"seq": 1}]},  # a chunk without camera, stream, t, rev, count
+    ):
+        doc = {"schema": SCHEMA, "gateway": "gw", "first_seq": 1, "last_seq": 1, **bad}
+        try:
+            validate(_decode(json.dumps(doc).encode()))
+        except (ValueError, msgspec.DecodeError):
+            continue
+        raise AssertionError(f"not refused: {bad}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=int)
+    p.add_argument("--self-test", action="store_true", help="check the bookkeeping, then exit")
     args = p.parse_args()
+    if args.self_test:
+        self_test()
+        print("fast_receiver self-test: ok")
+        return 0
+    if args.port is None:
+        p.error("--port is required")
     Handler.state = State()
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
