@@ -229,7 +229,10 @@ def agent_drain(
             s = agent.status()
             if s is not None:
                 sent, nbytes = s["forward"]["chunks_sent"], s["forward"]["bytes_sent"]
-                timeline.append((time.monotonic(), sent))
+                # /status is rebuilt at most once a second: a repeated answer is not a new
+                # point (it made whole tenths of the backlog read 0 chunks/s)
+                if not timeline or sent != timeline[-1][1]:
+                    timeline.append((time.monotonic(), sent))
                 if s["outbox"]["chunks"] == 0 and sent >= n:
                     done = True
                     break
