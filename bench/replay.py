@@ -555,9 +555,9 @@ def main(argv: list[str] | None = None) -> int:
     if base_ref.get("receiver_cpu_cores") is not None and base_ref["receiver_cpu_cores"] < 0.7:
         rep.note(
             f"the reference receiver alone used {base_ref['receiver_cpu_cores']} cores while "
-            "batches were posted back to back: it is latency-bound, not CPU-bound (its replies "
-            "are written in two send() calls without TCP_NODELAY, so each meets the client's "
-            "delayed ACK; the null receiver, with TCP_NODELAY, takes "
+            "batches were posted back to back: it was waiting, not computing, part of the time "
+            "(it replies with TCP_NODELAY, so not on delayed ACKs: look at the machine's load "
+            "during the run; the null receiver took "
             f"{_rate(base_null.get('chunks_per_s'))} chunks/s over the same client)"
         )
     if q_rate and agent_alone and agent_alone < 0.85 * q_rate:
