@@ -85,3 +85,9 @@ uninstall:
 .PHONY: bench
 bench: venv mosquitto
 	$(BIN)/python bench/run_all.py
+
+# An hour at 300 cameras x 10 msgs/s with a bare subscriber alongside; writes bench/SOAK.md.
+# A smoke run: $(BIN)/python bench/soak.py --minutes 3
+.PHONY: soak
+soak: venv mosquitto
+	$(BIN)/python bench/soak.py --json-out bench/out/soak.json
