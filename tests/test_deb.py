@@ -248,6 +248,13 @@ def test_install_run_upgrade_remove_purge(
     pre = unit_commands("ExecStartPre")
     assert pre[0] == str(PREFIX / "bin" / "edge-agent") and "check-config" in pre
     check = run(*as_service_user(pre))
+    # Unedited, the unit does not start: two gateways with the example's id would collide.
+    assert check.returncode == 2, check.stdout + check.stderr
+    assert "gateway_id = 'site-42-gw-1'" in check.stderr
+    config.write_text(
+        config.read_text().replace('gateway_id = "site-42-gw-1"', 'gateway_id = "site-7-gw-2"', 1)
+    )
+    check = run(*as_service_user(pre))
     assert check.returncode == 0, check.stderr
     assert check.stdout == ""  # --quiet: the journal gets problems only
 

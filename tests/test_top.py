@@ -56,8 +56,14 @@ class Tmux:
 
     def wait_exit(self) -> str:
         """What the shell around top wrote once top had exited."""
-        wait_for(self.result_path.exists, timeout_s=20, what="top to exit")
-        return self.result_path.read_text().strip()
+
+        def written() -> str | None:
+            # The shell's `echo > file` creates the file before it writes the line.
+            text = self.result_path.read_text().strip() if self.result_path.exists() else ""
+            return text or None
+
+        done: str = wait_for(written, timeout_s=20, what="top to exit")
+        return done
 
     def screen(self) -> str:
         return self.tmux("capture-pane", "-p", "-t", "top")
