@@ -44,8 +44,9 @@ PublishHandler = Callable[[bytes, bytes, int, int, bool], None]
 # After a read, leave the socket alone this long: one wakeup then takes a few milliseconds of
 # messages (30 at 3,000 msgs/s) instead of one.
 READ_COALESCE_S = 0.01
-# One recv() asks for this much; a wakeup reads until the socket is empty or this × 16.
+# One recv() asks for this much; a wakeup reads until the socket would block, or READ_CAP.
 READ_BYTES = 256 * 1024
+READ_CAP = 4 * READ_BYTES
 
 _PUBLISH = 0x30
 _PUBACK = 0x40
@@ -254,10 +255,15 @@ class FastReader:
             self._watching = True
 
     def _fill(self, sock: Any) -> tuple[int, bool]:
-        """Read what the socket has: (bytes read, whether it may hold more: a wakeup's cap)."""
+        """Read until the socket would block: (bytes read, whether it may hold more: a
+        wakeup reads at most READ_CAP, then yields to the loop and comes back).
+
+        Until it would block, not until a short read: a TLS socket returns one record (16 KB)
+        per recv() while more wait in the kernel, so stopping at a short read would cap TLS
+        intake at a record per wakeup."""
         buf = self._buf
         got = 0
-        for _ in range(16):
+        while got < READ_CAP:
             try:
                 data = sock.recv(READ_BYTES)
             except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
@@ -274,8 +280,6 @@ class FastReader:
             buf += data
             got += len(data)
             self._inner._last_bytes_received = time.monotonic()
-            if len(data) < READ_BYTES and not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
-                return got, False
         return got, True
 
     def _drain(self) -> None:

@@ -18,6 +18,8 @@ import pytest
 import trustme
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.config import MqttSettings
+from agent.ingest import connect_properties
 from agent.model import Chunk
 from agent.sim.cloud import load_merged
 from agent.sim.procs import (
@@ -325,3 +327,61 @@ def _flood(port: int) -> dict[str, int]:
         c.disconnect()
         c.loop_stop()
     return {"total": total}
+
+
+async def test_fast_reader_drains_a_tls_backlog_in_few_wakeups(
+    pki: dict[str, Path], tls_broker: Mosquitto
+) -> None:
+    """A TLS socket returns one record (16 KB) per recv(): the reader must keep reading until
+    the socket would block, or TLS intake is capped at one record per wakeup (10 ms)."""
+    import asyncio
+    import ssl
+
+    import aiomqtt
+    from paho.mqtt.subscribeoptions import SubscribeOptions
+
+    from agent.mqtt_compat import FastReader, install, send_acks
+
+    ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+    ctx.load_cert_chain(str(pki["client_cert"]), str(pki["client_key"]))
+    n, got = 3000, []
+    done = asyncio.Event()
+
+    def client() -> aiomqtt.Client:
+        return aiomqtt.Client(
+            HOST, tls_broker.tls_port or 0, identifier="tls-backlog", tls_context=ctx,
+            protocol=aiomqtt.ProtocolVersion.V5, clean_start=False,
+            properties=connect_properties(MqttSettings(session_expiry_s=600)),
+        )  # fmt: skip
+
+    first = client()
+    install(first, lambda *a: None)
+    async with first:
+        await first.subscribe("tls/#", options=SubscribeOptions(qos=1))
+    # While the subscriber is away, the broker queues 3 MB for it (plain listener).
+    pub = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    pub.connect(HOST, tls_broker.port)
+    pub.loop_start()
+    try:
+        for i in range(n):
+            pub.publish("tls/cam", b"%05d" % i + b"x" * 1000, qos=1).wait_for_publish(10)
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+
+    second = client()
+
+    def handler(topic: bytes, payload: bytes, mid: int, qos: int, dup: bool) -> None:
+        got.append(int(payload[:5]))
+        send_acks(second, [mid])
+        if len(got) == n:
+            done.set()
+
+    reader = install(second, handler)
+    assert isinstance(reader, FastReader)
+    async with second:
+        async with asyncio.timeout(30):
+            await done.wait()
+    assert got == list(range(n))
+    # ~3 MB in 16 KB records is ~190 records: one per wakeup would take ~190 wakeups.
+    assert reader.wakeups < 100, reader.wakeups
