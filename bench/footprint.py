@@ -16,7 +16,7 @@ reference receiver. Measured on the agent's pid from /proc:
                weighted by the chunk's message count
 
 Baselines in the same run:
-  bare aiomqtt subscriber (bench/bare_sub.py) on the same broker at the same time, receiving the
+  bare aiomqtt subscriber (bench.bare_sub) on the same broker at the same time, receiving the
     same messages: its CPU and peak RSS
   raw SQLite: a child process writes the very same chunk bodies into the same table with the
     agent's commit cadence (its number of checkpoints and batches), WAL + synchronous FULL,
@@ -24,7 +24,7 @@ Baselines in the same run:
     chunks"; the difference is what the agent adds (ack journal, open-window state, ...)
   delay floor: window + allowed lateness + checkpoint interval + linger (the design's own wait)
 
-    python bench/footprint.py [--quick] [--duration S]
+    python -m bench.footprint [--quick] [--duration S]
 """
 
 from __future__ import annotations
@@ -38,10 +38,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import msgspec
-from common import (
+
+from agent.sim.procs import Publisher
+from bench.common import (
+    ROOT,
     BareSub,
     Mosquitto,
     ProcStat,
@@ -49,6 +50,7 @@ from common import (
     Report,
     Sampler,
     agent_figure,
+    bench_command,
     fresh_dir,
     kill_quietly,
     parser,
@@ -58,8 +60,6 @@ from common import (
     wait_for,
     weighted_percentile,
 )
-
-from agent.sim.procs import Publisher
 
 CAMERAS = 300
 RATE = 10.0
@@ -304,15 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     bodies_file.write_bytes(msgspec.msgpack.encode(bodies))
     base = json.loads(
         subprocess.run(
-            [
-                sys.executable,
-                __file__,
+            bench_command(
+                "footprint",
                 "--sqlite-baseline",
                 str(work / "baseline.sqlite3"),
                 str(bodies_file),
                 str(commits),
                 str(batches),
-            ],
+            ),
+            cwd=ROOT,
             capture_output=True,
             text=True,
             check=True,

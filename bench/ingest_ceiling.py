@@ -1,13 +1,13 @@
 """Ingest ceiling: the highest rate the agent sustains end to end with zero loss.
 
 For each rate of a ladder, a fresh private Mosquitto is started with one consumer, and
-publishers in separate processes (bench/loadgen.py; `--generator sim` uses the camera simulator
+publishers in separate processes (bench.loadgen; `--generator sim` uses the camera simulator
 instead) publish at that rate for N s at QoS 1 over 300 cameras x 3 streams. Consumers, run one
 after the other at every rate (so machine noise hits them alike):
 
   agent          the agent (shipped defaults, idle_close_s = 2 to end runs sooner) forwarding
                  to the reference receiver; delivered = sum of counts stored by the receiver
-  bare_aiomqtt   baseline: bench/bare_sub.py, one aiomqtt client that only counts
+  bare_aiomqtt   baseline: bench.bare_sub, one aiomqtt client that only counts
   mosquitto_sub  baseline: the broker's own C client, `mosquitto_sub -q 1`
 
 A step passes ("sustained") when
@@ -21,7 +21,7 @@ A step passes ("sustained") when
 The ceiling is the highest offered rate of a passing step; after the first failure the ladder
 is bisected between the last pass and the failure.
 
-    python bench/ingest_ceiling.py [--quick] [--duration S] [--rates 5000,10000,...]
+    python -m bench.ingest_ceiling [--quick] [--duration S] [--rates 5000,10000,...]
 """
 
 from __future__ import annotations
@@ -33,9 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (
+from bench.common import (
     BareSub,
     MosqSub,
     Mosquitto,
@@ -51,7 +49,7 @@ from common import (
     say,
     start_agent,
 )
-from loadgen import LoadOptions, run_load
+from bench.loadgen import LoadOptions, run_load
 
 CONSUMERS = ("agent", "bare_aiomqtt", "mosquitto_sub")
 IDLE_CLOSE_S = 2.0

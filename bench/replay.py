@@ -11,9 +11,9 @@ Runs, in this order, each on a fresh copy / fresh receiver:
   receiver alone (baseline)  the same chunks, batched and gzipped exactly as the agent does (500
                              chunks, level 5), POSTed back to back on one keep-alive connection
                              to the reference receiver: what the receiver can take
-  fast receiver alone        the same into bench/fast_receiver.py (validates schema and seq
+  fast receiver alone        the same into bench.fast_receiver (validates schema and seq
                              tiling, dedups by (gateway, seq), counts messages; stores nothing)
-  null receiver alone        the same into bench/null_receiver.py (checks a chunk count only):
+  null receiver alone        the same into bench.null_receiver (checks a chunk count only):
                              transport
   agent -> null, 1/4 backlog the agent's own ceiling on a quarter of the backlog, and...
   agent -> null receiver     ...on all of it: does the rate depend on the backlog size? (used to
@@ -23,7 +23,7 @@ Runs, in this order, each on a fresh copy / fresh receiver:
                              up, so the figure is the agent's
   agent -> reference         end to end into the SQLite reference receiver (receiver-bound)
 
-    python bench/replay.py [--quick] [--seconds S]   (backlog = 300 x 3 x S chunks)
+    python -m bench.replay [--quick] [--seconds S]   (backlog = 300 x 3 x S chunks)
 """
 
 from __future__ import annotations
@@ -44,9 +44,11 @@ from typing import Any
 
 import msgspec
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (
+from agent.config import ForwardSettings
+from agent.model import Chunk, encode_batch, encode_chunk
+from agent.outbox import CheckpointWrite, Outbox
+from agent.sim.procs import Proc, port_open
+from bench.common import (
     HOST,
     Agent,
     Mosquitto,
@@ -54,6 +56,8 @@ from common import (
     Receiver,
     Report,
     Sampler,
+    bench_command,
+    child_env,
     free_port,
     fresh_dir,
     kill_quietly,
@@ -61,11 +65,6 @@ from common import (
     wait_for,
     write_agent_config,
 )
-
-from agent.config import ForwardSettings
-from agent.model import Chunk, encode_batch, encode_chunk
-from agent.outbox import CheckpointWrite, Outbox
-from agent.sim.procs import Proc, port_open
 
 CAMERAS = 300
 STREAMS = (("detections", 7), ("motion", 2), ("health", 1))  # messages per camera-second
@@ -278,16 +277,16 @@ def _r(x: float | None) -> float | None:
 
 
 class NullReceiver:
-    """bench/null_receiver.py as a child process (agent.sim.procs.Proc)."""
+    """bench.null_receiver as a child process (agent.sim.procs.Proc)."""
 
-    script = "null_receiver.py"
+    script = "null_receiver"
 
     def __init__(self, log_path: Path) -> None:
         self.port = free_port()
+        # Proc takes no cwd: the repository root goes on the child's PYTHONPATH instead.
         self.proc = Proc(
-            [sys.executable, str(Path(__file__).resolve().parent / self.script),
-             "--port", str(self.port)], log_path,
-        ).start()  # fmt: skip
+            bench_command(self.script, "--port", str(self.port)), log_path, env=child_env()
+        ).start()
         wait_for(
             lambda: port_open(self.port) or not self.proc.running, timeout_s=15,
             what=self.script,
@@ -310,9 +309,9 @@ class NullReceiver:
 
 
 class FastReceiver(NullReceiver):
-    """bench/fast_receiver.py (validates tiling, dedups by seq, counts) as a child process."""
+    """bench.fast_receiver (validates tiling, dedups by seq, counts) as a child process."""
 
-    script = "fast_receiver.py"
+    script = "fast_receiver"
 
     def check(self, gateway: str = GATEWAY) -> dict[str, Any]:
         """What it counted: chunks, messages, and the gateway's gaps / out of order / dups."""
