@@ -23,7 +23,7 @@ from paho.mqtt.properties import Properties
 
 
 async def run(port: int, topic: str, max_seconds: float) -> None:
-    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho: untyped
     props.ReceiveMaximum = 65535
     count = 0
     stop = asyncio.Event()

@@ -359,6 +359,9 @@ class Sampler(threading.Thread):
 
 # -- the agent with the shipped defaults ------------------------------------------------------
 
+GATEWAY_ID = "bench-gw"
+CLIENT_ID = "edge-agent-bench"
+
 
 def _toml(v: Any) -> str:
     if isinstance(v, bool):
@@ -375,8 +378,8 @@ def write_agent_config(
     receiver_url: str,
     buffer_path: Path,
     health_port: int,
-    gateway_id: str = "bench-gw",
-    client_id: str = "edge-agent-bench",
+    gateway_id: str = GATEWAY_ID,
+    client_id: str = CLIENT_ID,
     **sections: dict[str, Any],
 ) -> Path:
     """A config with the defaults of config.example.toml, plus per-section overrides
@@ -402,9 +405,10 @@ def write_agent_config(
 
 def start_agent(
     work: Path, broker_port: int, receiver_url: str, *, ready_timeout_s: float = 60,
-    **sections: dict[str, Any],
+    gateway_id: str = GATEWAY_ID, client_id: str = CLIENT_ID, **sections: dict[str, Any],
 ) -> Agent:  # fmt: skip
-    """Write a config, start `python -m agent.cli run`, wait for /readyz."""
+    """Write a config, start `python -m agent.cli run`, wait for /readyz. `sections` are
+    per-section overrides, as in write_agent_config."""
     health_port = free_port()
     config = write_agent_config(
         work / "agent.toml",
@@ -412,6 +416,8 @@ def start_agent(
         receiver_url=receiver_url,
         buffer_path=work / "agent" / "buffer.sqlite3",
         health_port=health_port,
+        gateway_id=gateway_id,
+        client_id=client_id,
         **sections,
     )
     agent = Agent(config, work / "agent.log", health_port).start()

@@ -42,6 +42,7 @@ import msgspec
 
 from agent.sim.procs import Publisher
 from bench.common import (
+    GATEWAY_ID,
     ROOT,
     BareSub,
     Mosquitto,
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             rep.note(f"simulator ground truth unavailable: {e}")
         # Everything at the receiver, then the outbox drained (the deletes are part of the wear).
         try:
-            wait_for(lambda: receiver.messages() >= acked, timeout_s=IDLE_CLOSE_S + 30,  # type: ignore[union-attr]
+            wait_for(lambda: receiver.messages() >= acked, timeout_s=IDLE_CLOSE_S + 30,
                      what="every message at the receiver", poll_s=0.5)  # fmt: skip
             wait_for(lambda: agent_figure(agent, "outbox", "chunks") == 0, timeout_s=20,
                      what="outbox drained", poll_s=0.2)  # fmt: skip
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         kill_quietly(bare, agent)
     try:
-        rows = chunk_rows(receiver.db, "bench-gw")  # type: ignore[union-attr]
+        rows = chunk_rows(receiver.db, GATEWAY_ID)
     finally:
         kill_quietly(receiver, broker)
 
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         from agent.sim.cloud import load_merged
         from agent.sim.truth import compare
 
-        cmp = compare(expected, load_merged(receiver.db, "bench-gw"))  # type: ignore[union-attr]
+        cmp = compare(expected, load_merged(receiver.db, GATEWAY_ID))
         exact = cmp.exact
         rep.figure("exact", exact)
     say(

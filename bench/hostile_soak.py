@@ -425,6 +425,7 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         assert agent.popen is not None
         self.agent = agent
+        self.popen = agent.popen
         self.pid = agent.popen.pid
         self.proc = ProcStat(self.pid)
         self.interval_s = interval_s
@@ -437,7 +438,7 @@ class Sampler(threading.Thread):
         t = time.monotonic() - self.t0
         s: dict[str, Any] = {"t": round(t, 1)}
         if not self.agent.running:
-            self.problems.append(f"t={t:.1f}s agent not running (exit {self.agent.popen.poll()})")  # type: ignore[union-attr]
+            self.problems.append(f"t={t:.1f}s agent not running (exit {self.popen.poll()})")
             self.samples.append(s)
             return
         try:

@@ -30,6 +30,7 @@ import math
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,22 +93,26 @@ def run_step(
     d.mkdir(parents=True, exist_ok=True)
     broker = receiver = agent = sub = None
     res: dict[str, Any] = {"consumer": consumer, "target_rate": rate}
+    # count: what the consumer has received (None: the agent did not answer); delivered: what
+    # reached the end of the line (the agent: the receiver's stored messages).
+    count: Callable[[], int | None]
+    delivered: Callable[[], int]
     try:
         broker = Mosquitto(d / "mosquitto").start()
+        assert broker.popen is not None
         if consumer == "agent":
             receiver = Receiver(d / "cloud").start()
             agent = start_agent(
                 d, broker.port, receiver.url, aggregate={"idle_close_s": IDLE_CLOSE_S}
             )
-            pid = agent.popen.pid  # type: ignore[union-attr]
+            assert agent.popen is not None
+            pid = agent.popen.pid
 
-            def count() -> int | None:
+            def agent_received() -> int | None:
                 v = agent_figure(agent, "ingest", "received")
                 return int(v) if v is not None else None
 
-            def delivered() -> int:
-                return receiver.messages()  # type: ignore[union-attr]
-
+            count, delivered = agent_received, receiver.messages
             grace = AGENT_GRACE_S
         else:
             sub = (BareSub if consumer == "bare_aiomqtt" else MosqSub)(
@@ -116,19 +121,19 @@ def run_step(
             sub.wait_ready()
             pid = sub.pid
 
-            def count() -> int | None:
-                return sub.count  # type: ignore[union-attr]
+            def sub_count() -> int:
+                return sub.count
 
-            delivered = count  # type: ignore[assignment]
+            count, delivered = sub_count, sub_count
             grace = GRACE_S
-        sampler = Sampler({"consumer": pid, "broker": broker.popen.pid}, interval_s=0.25)  # type: ignore[union-attr]
+        sampler = Sampler({"consumer": pid, "broker": broker.popen.pid}, interval_s=0.25)
         sampler.start()
         summary: dict[str, Any] = {}
         err: list[BaseException] = []
 
         def gen() -> None:
             try:
-                summary.update(generate(broker.port, rate, duration_s, generator))  # type: ignore[union-attr]
+                summary.update(generate(broker.port, rate, duration_s, generator))
             except BaseException as e:  # reported below
                 err.append(e)
 

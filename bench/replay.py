@@ -49,6 +49,7 @@ from agent.model import Chunk, encode_batch, encode_chunk
 from agent.outbox import CheckpointWrite, Outbox
 from agent.sim.procs import Proc, port_open
 from bench.common import (
+    GATEWAY_ID,
     HOST,
     Agent,
     Mosquitto,
@@ -69,7 +70,7 @@ from bench.common import (
 CAMERAS = 300
 STREAMS = (("detections", 7), ("motion", 2), ("health", 1))  # messages per camera-second
 BATCH = 500  # forward.max_batch_chunks default
-GATEWAY = "bench-gw"
+GATEWAY = GATEWAY_ID  # write_agent_config's default
 TARGET_CHUNKS_S = 50_000
 
 

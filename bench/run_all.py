@@ -33,6 +33,7 @@ def run(name: str, quick: bool) -> dict[str, Any]:
         cmd.append("--quick")
     say(f"\n=== {name}: {' '.join(cmd[1:])}")
     started = time.monotonic()
+    rc: int | str  # the exit code, or "timeout"
     try:
         rc = subprocess.run(
             cmd, cwd=ROOT, timeout=TIMEOUT_S["quick" if quick else "full"]

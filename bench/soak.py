@@ -48,6 +48,7 @@ from typing import Any
 
 from bench.common import (
     BENCH,
+    GATEWAY_ID,
     BareSub,
     MachineLoad,
     Mosquitto,
@@ -66,7 +67,7 @@ from bench.loadgen import LoadOptions, run_load
 
 CAMERAS = 300
 RATE_PER_CAMERA = 10.0
-GATEWAY = "bench-gw"
+GATEWAY = GATEWAY_ID  # start_agent's default
 MB = 1024 * 1024
 WAL_CAP = 64 * MB  # agent/store.py: min(64 MiB, buffer.max_bytes / 8), max_bytes 1 GiB shipped
 
@@ -319,11 +320,12 @@ def main(argv: list[str] | None = None) -> int:
             seed=13, start_at=time.time() + 1.0,
             max_messages=int(rate * duration_s * 1.05) + 10_000,
         )  # fmt: skip
-        assert opts.start_at is not None
+        start_at = opts.start_at
+        assert start_at is not None
         load_thread = LoadThread(opts)
         load_thread.start()
-        # Publishing starts at opts.start_at (wall clock); sample on a fixed grid from there.
-        wait_for(lambda: time.time() >= opts.start_at, timeout_s=5, what="publishing start",  # type: ignore[operator]
+        # Publishing starts at start_at (wall clock); sample on a fixed grid from there.
+        wait_for(lambda: time.time() >= start_at, timeout_s=5, what="publishing start",
                  poll_s=0.01)  # fmt: skip
         t0 = time.monotonic()
         load = MachineLoad()
@@ -470,8 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     rss_flat = f_rss is None or f_rss.slope <= rss_floor or not f_rss.significant
     if not rss_flat and f_bare_rss is not None and f_rss is not None:
         rss_flat = f_rss.slope <= rss_floor + max(0.0, f_bare_rss.slope)
-    if not rss_flat:
-        growing.insert(0, f"agent RSS (+{f_rss.slope:.1f} MB/hour over the second half)")  # type: ignore[union-attr]
+    if not rss_flat and f_rss is not None:  # not flat implies a fit
+        growing.insert(0, f"agent RSS (+{f_rss.slope:.1f} MB/hour over the second half)")
     cpu_pct = pct_h(f_cpu)
     ratio_pct = pct_h(f_ratio)
     cpu_flat = (
