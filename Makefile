@@ -46,9 +46,9 @@ simulate: venv
 	$(BIN)/python -m agent.sim.durable --seeds $(SEEDS) --first $(FIRST) --jobs $(JOBS)
 
 check: venv
-	$(BIN)/ruff check agent tests
-	$(BIN)/ruff format --check agent tests
-	$(BIN)/mypy agent tests
+	$(BIN)/ruff check agent tests bench
+	$(BIN)/ruff format --check agent tests bench
+	$(BIN)/mypy agent tests bench
 
 clean:
 	rm -rf $(VENV) build dist demo-run .pytest_cache .mypy_cache .ruff_cache .hypothesis
