@@ -46,9 +46,9 @@ simulate: venv
 	$(BIN)/python -m agent.sim.durable --seeds $(SEEDS) --first $(FIRST) --jobs $(JOBS)
 
 check: venv
-	$(BIN)/ruff check agent tests
-	$(BIN)/ruff format --check agent tests
-	$(BIN)/mypy agent tests
+	$(BIN)/ruff check agent tests bench
+	$(BIN)/ruff format --check agent tests bench
+	$(BIN)/mypy agent tests bench
 
 clean:
 	rm -rf $(VENV) build dist demo-run .pytest_cache .mypy_cache .ruff_cache .hypothesis
@@ -81,13 +81,13 @@ uninstall:
 	systemd/install.sh --uninstall
 
 # Benchmarks (bench/): ingest ceiling, replay, footprint; writes bench/RESULTS.md (~12 min).
-# A smoke run: $(BIN)/python bench/run_all.py --quick
+# A smoke run: $(BIN)/python -m bench.run_all --quick
 .PHONY: bench
 bench: venv mosquitto
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python -m bench.run_all
 
 # An hour at 300 cameras x 10 msgs/s with a bare subscriber alongside; writes bench/SOAK.md.
-# A smoke run: $(BIN)/python bench/soak.py --minutes 3
+# A smoke run: $(BIN)/python -m bench.soak --minutes 3
 .PHONY: soak
 soak: venv mosquitto
-	$(BIN)/python bench/soak.py --json-out bench/out/soak.json
+	$(BIN)/python -m bench.soak --json-out bench/out/soak.json

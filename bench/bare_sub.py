@@ -6,7 +6,7 @@ only counted (`async for message in client.messages`, aiomqtt's documented way).
 uvloop when installed, as the agent does. Prints "ready" once subscribed, then the running
 count every 0.1 s, and the count once more on SIGTERM (then exits 0).
 
-    python bench/bare_sub.py --port 1883 [--topic 'site/cam/+/+'] [--max-seconds 600]
+    python -m bench.bare_sub --port 1883 [--topic 'site/cam/+/+'] [--max-seconds 600]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from paho.mqtt.properties import Properties
 
 
 async def run(port: int, topic: str, max_seconds: float) -> None:
-    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho: untyped
     props.ReceiveMaximum = 65535
     count = 0
     stop = asyncio.Event()
@@ -65,7 +65,7 @@ async def run(port: int, topic: str, max_seconds: float) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(prog="python -m bench.bare_sub")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--topic", default="site/cam/+/+")
     p.add_argument("--max-seconds", type=float, default=600.0, help="exit after this long")

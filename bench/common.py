@@ -3,8 +3,11 @@
 Process startup (Mosquitto, the reference receiver, the agent) is agent.sim.procs; this module
 only adds what benchmarks need on top: an agent config with the shipped defaults, the two
 baseline subscribers (bare aiomqtt, mosquitto_sub), /proc sampling and the figure output that
-bench/run_all.py collects.
+bench.run_all collects.
 
+Every script is a module run from the repository root (`python -m bench.<name>`); a script that
+starts another as a child process builds the command with bench_command() and starts it with
+cwd=ROOT (or env=child_env() where the cwd cannot be set), so it works from anywhere.
 Every script writes its working files under bench/out/<script>/ (git-ignored).
 """
 
@@ -24,13 +27,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench"
-OUT = BENCH / "out"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from agent.sim.procs import (  # noqa: E402  (after the sys.path fix, for `python bench/x.py`)
+from agent.sim.procs import (
     HOST,
     Agent,
     Mosquitto,
@@ -40,6 +37,10 @@ from agent.sim.procs import (  # noqa: E402  (after the sys.path fix, for `pytho
     terminate,
     wait_for,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+OUT = BENCH / "out"
 
 __all__ = [
     "HOST",
@@ -55,12 +56,34 @@ __all__ = [
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+# -- child processes --------------------------------------------------------------------------
+
+
+def bench_command(name: str, *args: str) -> list[str]:
+    """`python -m bench.<name> args...` with this interpreter. Start it with cwd=ROOT, or with
+    env=child_env() where the cwd cannot be chosen, so `bench` is importable in the child."""
+    return [sys.executable, "-m", f"bench.{name}", *args]
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment with the repository root first on PYTHONPATH."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
 # -- arguments and output ---------------------------------------------------------------------
+
+
+def prog() -> str | None:
+    """`python -m bench.<name>` for the usage line (argparse would show `<name>.py`)."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return f"python -m {spec.name}" if spec is not None else None
 
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog(), description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--quick", action="store_true", help="short durations (smoke run)")
     p.add_argument("--json-out", type=Path, help="also write the figures here (for run_all)")
@@ -336,6 +359,9 @@ class Sampler(threading.Thread):
 
 # -- the agent with the shipped defaults ------------------------------------------------------
 
+GATEWAY_ID = "bench-gw"
+CLIENT_ID = "edge-agent-bench"
+
 
 def _toml(v: Any) -> str:
     if isinstance(v, bool):
@@ -352,8 +378,8 @@ def write_agent_config(
     receiver_url: str,
     buffer_path: Path,
     health_port: int,
-    gateway_id: str = "bench-gw",
-    client_id: str = "edge-agent-bench",
+    gateway_id: str = GATEWAY_ID,
+    client_id: str = CLIENT_ID,
     **sections: dict[str, Any],
 ) -> Path:
     """A config with the defaults of config.example.toml, plus per-section overrides
@@ -379,9 +405,10 @@ def write_agent_config(
 
 def start_agent(
     work: Path, broker_port: int, receiver_url: str, *, ready_timeout_s: float = 60,
-    **sections: dict[str, Any],
+    gateway_id: str = GATEWAY_ID, client_id: str = CLIENT_ID, **sections: dict[str, Any],
 ) -> Agent:  # fmt: skip
-    """Write a config, start `python -m agent.cli run`, wait for /readyz."""
+    """Write a config, start `python -m agent.cli run`, wait for /readyz. `sections` are
+    per-section overrides, as in write_agent_config."""
     health_port = free_port()
     config = write_agent_config(
         work / "agent.toml",
@@ -389,6 +416,8 @@ def start_agent(
         receiver_url=receiver_url,
         buffer_path=work / "agent" / "buffer.sqlite3",
         health_port=health_port,
+        gateway_id=gateway_id,
+        client_id=client_id,
         **sections,
     )
     agent = Agent(config, work / "agent.log", health_port).start()
@@ -436,16 +465,15 @@ class _Counting:
 
 
 class BareSub(_Counting):
-    """bench/bare_sub.py: a bare aiomqtt QoS 1 subscriber that only counts."""
+    """bench.bare_sub: a bare aiomqtt QoS 1 subscriber that only counts."""
 
     def __init__(self, port: int, log_path: Path, max_seconds: float = 600) -> None:
         self.count = 0
         self.ready = threading.Event()
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed by the reader thread
         self.popen = subprocess.Popen(
-            [sys.executable, str(BENCH / "bare_sub.py"), "--port", str(port),
-             "--max-seconds", str(max_seconds)],
-            stdout=subprocess.PIPE, stderr=self._log, start_new_session=True,
+            bench_command("bare_sub", "--port", str(port), "--max-seconds", str(max_seconds)),
+            stdout=subprocess.PIPE, stderr=self._log, start_new_session=True, cwd=ROOT,
         )  # fmt: skip
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()

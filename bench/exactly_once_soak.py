@@ -1,8 +1,8 @@
 """Exactly-once soak: end-to-end proofs with real processes, each scenario run N times in a row.
 
-    .venv/bin/python bench/exactly_once_soak.py --scenario ack-pressure --runs 20
+    .venv/bin/python -m bench.exactly_once_soak --scenario ack-pressure --runs 20
     .venv/bin/python -m bench.exactly_once_soak --scenario sigterm-slow-fsync --runs 20
-    .venv/bin/python bench/exactly_once_soak.py --scenario tiny-quota-late-cloud --seed 7 --runs 1
+    .venv/bin/python -m bench.exactly_once_soak --scenario tiny-quota-late-cloud --seed 7 --runs 1
 
 Every run starts its own Mosquitto and reference receiver on free loopback ports, a fresh outbox,
 the agent as a child process (`edge-agent run`), and the camera simulator; it ends with a final
@@ -45,12 +45,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from agent.sim.cloud import load_merged  # noqa: E402
-from agent.sim.procs import (  # noqa: E402
+from agent.sim.cloud import load_merged
+from agent.sim.procs import (
     Agent,
     Mosquitto,
     Publisher,
@@ -59,9 +55,10 @@ from agent.sim.procs import (  # noqa: E402
     free_port,
     wait_for,
 )
-from agent.sim.truth import Comparison, Expected, compare, compare_per_stream  # noqa: E402
+from agent.sim.truth import Comparison, Expected, compare, compare_per_stream
+from bench.common import OUT as BENCH_OUT
 
-OUT = ROOT / "bench" / "out" / "exactly_once"
+OUT = BENCH_OUT / "exactly_once"
 RUN_BUDGET_S = 60.0
 GATEWAY = "gw-soak"
 
@@ -429,7 +426,11 @@ def summarize(name: str, results: list[RunResult]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.exactly_once_soak",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--seed", type=int, help="seed of the first run (the next runs add 1)")

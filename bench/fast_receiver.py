@@ -19,8 +19,8 @@ per batch it
 It answers 200 {"stored": new, "duplicates": dup} like the reference receiver. Nothing is kept
 per chunk, so memory stays flat whatever the backlog.
 
-    python bench/fast_receiver.py --port 8099
-    python bench/fast_receiver.py --self-test      # the bookkeeping vs tests/test_receiver.py
+    python -m bench.fast_receiver --port 8099
+    python -m bench.fast_receiver --self-test      # the bookkeeping vs tests/test_receiver.py
     GET /_stats -> {"chunks", "messages", "late_deltas", "batches", "bad", "bytes", "first_at",
                     "last_at", "gateways": {gw: {"max_seq", "gaps", "out_of_order",
                     "duplicates", "ranges"}}}
@@ -294,7 +294,10 @@ def self_test() -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.fast_receiver",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+    )
     p.add_argument("--port", type=int)
     p.add_argument("--self-test", action="store_true", help="check the bookkeeping, then exit")
     args = p.parse_args()

@@ -16,7 +16,7 @@ reference receiver. Measured on the agent's pid from /proc:
                weighted by the chunk's message count
 
 Baselines in the same run:
-  bare aiomqtt subscriber (bench/bare_sub.py) on the same broker at the same time, receiving the
+  bare aiomqtt subscriber (bench.bare_sub) on the same broker at the same time, receiving the
     same messages: its CPU and peak RSS
   raw SQLite: a child process writes the very same chunk bodies into the same table with the
     agent's commit cadence (its number of checkpoints and batches), WAL + synchronous FULL,
@@ -24,7 +24,7 @@ Baselines in the same run:
     chunks"; the difference is what the agent adds (ack journal, open-window state, ...)
   delay floor: window + allowed lateness + checkpoint interval + linger (the design's own wait)
 
-    python bench/footprint.py [--quick] [--duration S]
+    python -m bench.footprint [--quick] [--duration S]
 """
 
 from __future__ import annotations
@@ -38,10 +38,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import msgspec
-from common import (
+
+from agent.sim.procs import Publisher
+from bench.common import (
+    GATEWAY_ID,
+    ROOT,
     BareSub,
     Mosquitto,
     ProcStat,
@@ -49,6 +51,7 @@ from common import (
     Report,
     Sampler,
     agent_figure,
+    bench_command,
     fresh_dir,
     kill_quietly,
     parser,
@@ -58,8 +61,6 @@ from common import (
     wait_for,
     weighted_percentile,
 )
-
-from agent.sim.procs import Publisher
 
 CAMERAS = 300
 RATE = 10.0
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             rep.note(f"simulator ground truth unavailable: {e}")
         # Everything at the receiver, then the outbox drained (the deletes are part of the wear).
         try:
-            wait_for(lambda: receiver.messages() >= acked, timeout_s=IDLE_CLOSE_S + 30,  # type: ignore[union-attr]
+            wait_for(lambda: receiver.messages() >= acked, timeout_s=IDLE_CLOSE_S + 30,
                      what="every message at the receiver", poll_s=0.5)  # fmt: skip
             wait_for(lambda: agent_figure(agent, "outbox", "chunks") == 0, timeout_s=20,
                      what="outbox drained", poll_s=0.2)  # fmt: skip
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         kill_quietly(bare, agent)
     try:
-        rows = chunk_rows(receiver.db, "bench-gw")  # type: ignore[union-attr]
+        rows = chunk_rows(receiver.db, GATEWAY_ID)
     finally:
         kill_quietly(receiver, broker)
 
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         from agent.sim.cloud import load_merged
         from agent.sim.truth import compare
 
-        cmp = compare(expected, load_merged(receiver.db, "bench-gw"))  # type: ignore[union-attr]
+        cmp = compare(expected, load_merged(receiver.db, GATEWAY_ID))
         exact = cmp.exact
         rep.figure("exact", exact)
     say(
@@ -304,15 +305,15 @@ def main(argv: list[str] | None = None) -> int:
     bodies_file.write_bytes(msgspec.msgpack.encode(bodies))
     base = json.loads(
         subprocess.run(
-            [
-                sys.executable,
-                __file__,
+            bench_command(
+                "footprint",
                 "--sqlite-baseline",
                 str(work / "baseline.sqlite3"),
                 str(bodies_file),
                 str(commits),
                 str(batches),
-            ],
+            ),
+            cwd=ROOT,
             capture_output=True,
             text=True,
             check=True,

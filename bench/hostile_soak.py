@@ -1,8 +1,8 @@
 """Hostile-camera soak: honest cameras at a few thousand msgs/s mixed with every known hostile
 payload ("pill"), for minutes, with real processes.
 
-    .venv/bin/python bench/hostile_soak.py --duration-s 300
-    .venv/bin/python bench/hostile_soak.py --duration-s 30 --no-md     # a quick check
+    .venv/bin/python -m bench.hostile_soak --duration-s 300
+    .venv/bin/python -m bench.hostile_soak --duration-s 30 --no-md     # a quick check
 
 One run: its own Mosquitto and reference receiver on free loopback ports, a fresh outbox, the
 agent as a child process (`edge-agent run`), the camera simulator (agent.sim.cameras, its ground
@@ -62,16 +62,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
-import paho.mqtt.client as mqtt  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
-
-from agent.sim.cameras import camera_name  # noqa: E402
-from agent.sim.cloud import load_merged  # noqa: E402
-from agent.sim.procs import (  # noqa: E402
+from agent.sim.cameras import camera_name
+from agent.sim.cloud import load_merged
+from agent.sim.procs import (
     HOST,
     Agent,
     Mosquitto,
@@ -81,11 +77,12 @@ from agent.sim.procs import (  # noqa: E402
     free_port,
     wait_for,
 )
-from agent.sim.truth import compare  # noqa: E402
-from bench.common import ProcStat, machine_description  # noqa: E402
+from agent.sim.truth import compare
+from bench.common import BENCH, ROOT, ProcStat, machine_description
+from bench.common import OUT as BENCH_OUT
 
-OUT = ROOT / "bench" / "out" / "hostile_soak"
-MD = ROOT / "bench" / "HOSTILE_SOAK.md"
+OUT = BENCH_OUT / "hostile_soak"
+MD = BENCH / "HOSTILE_SOAK.md"
 GATEWAY = "gw-hostile"
 MAX_PAYLOAD = 64 * 1024  # mqtt.max_payload_bytes (the default, written into the config)
 BIG_INT = b"1" + b"0" * 400  # 401 digits
@@ -428,6 +425,7 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         assert agent.popen is not None
         self.agent = agent
+        self.popen = agent.popen
         self.pid = agent.popen.pid
         self.proc = ProcStat(self.pid)
         self.interval_s = interval_s
@@ -440,7 +438,7 @@ class Sampler(threading.Thread):
         t = time.monotonic() - self.t0
         s: dict[str, Any] = {"t": round(t, 1)}
         if not self.agent.running:
-            self.problems.append(f"t={t:.1f}s agent not running (exit {self.agent.popen.poll()})")  # type: ignore[union-attr]
+            self.problems.append(f"t={t:.1f}s agent not running (exit {self.popen.poll()})")
             self.samples.append(s)
             return
         try:
@@ -852,7 +850,7 @@ def write_md(res: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
         "",
         f"- date: {res['date']}",
         f"- commit (when the agent started): {res['commit']}",
-        f"- command: `.venv/bin/python bench/hostile_soak.py {' '.join(res['argv'])}`",
+        f"- command: `.venv/bin/python -m bench.hostile_soak {' '.join(res['argv'])}`",
         f"- machine: {m['nproc']} × {m['cpu_model']}, {m['ram_gib']} GiB RAM, "
         f"kernel {m['kernel']}, Python {m['python']}, {m['mosquitto']}; "
         f"load average at the end {m['loadavg']}",
@@ -935,7 +933,11 @@ def write_md(res: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.hostile_soak",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--duration-s", type=float, default=300.0)
     p.add_argument("--cameras", type=int, default=100, help="honest cameras")
     p.add_argument("--rate-per-camera", type=float, default=25.0, help="honest msgs/s each")

@@ -1,13 +1,13 @@
 """Ingest ceiling: the highest rate the agent sustains end to end with zero loss.
 
 For each rate of a ladder, a fresh private Mosquitto is started with one consumer, and
-publishers in separate processes (bench/loadgen.py; `--generator sim` uses the camera simulator
+publishers in separate processes (bench.loadgen; `--generator sim` uses the camera simulator
 instead) publish at that rate for N s at QoS 1 over 300 cameras x 3 streams. Consumers, run one
 after the other at every rate (so machine noise hits them alike):
 
   agent          the agent (shipped defaults, idle_close_s = 2 to end runs sooner) forwarding
                  to the reference receiver; delivered = sum of counts stored by the receiver
-  bare_aiomqtt   baseline: bench/bare_sub.py, one aiomqtt client that only counts
+  bare_aiomqtt   baseline: bench.bare_sub, one aiomqtt client that only counts
   mosquitto_sub  baseline: the broker's own C client, `mosquitto_sub -q 1`
 
 A step passes ("sustained") when
@@ -21,7 +21,7 @@ A step passes ("sustained") when
 The ceiling is the highest offered rate of a passing step; after the first failure the ladder
 is bisected between the last pass and the failure.
 
-    python bench/ingest_ceiling.py [--quick] [--duration S] [--rates 5000,10000,...]
+    python -m bench.ingest_ceiling [--quick] [--duration S] [--rates 5000,10000,...]
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ import math
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (
+from bench.common import (
     BareSub,
     MosqSub,
     Mosquitto,
@@ -51,7 +50,7 @@ from common import (
     say,
     start_agent,
 )
-from loadgen import LoadOptions, run_load
+from bench.loadgen import LoadOptions, run_load
 
 CONSUMERS = ("agent", "bare_aiomqtt", "mosquitto_sub")
 IDLE_CLOSE_S = 2.0
@@ -94,22 +93,26 @@ def run_step(
     d.mkdir(parents=True, exist_ok=True)
     broker = receiver = agent = sub = None
     res: dict[str, Any] = {"consumer": consumer, "target_rate": rate}
+    # count: what the consumer has received (None: the agent did not answer); delivered: what
+    # reached the end of the line (the agent: the receiver's stored messages).
+    count: Callable[[], int | None]
+    delivered: Callable[[], int]
     try:
         broker = Mosquitto(d / "mosquitto").start()
+        assert broker.popen is not None
         if consumer == "agent":
             receiver = Receiver(d / "cloud").start()
             agent = start_agent(
                 d, broker.port, receiver.url, aggregate={"idle_close_s": IDLE_CLOSE_S}
             )
-            pid = agent.popen.pid  # type: ignore[union-attr]
+            assert agent.popen is not None
+            pid = agent.popen.pid
 
-            def count() -> int | None:
+            def agent_received() -> int | None:
                 v = agent_figure(agent, "ingest", "received")
                 return int(v) if v is not None else None
 
-            def delivered() -> int:
-                return receiver.messages()  # type: ignore[union-attr]
-
+            count, delivered = agent_received, receiver.messages
             grace = AGENT_GRACE_S
         else:
             sub = (BareSub if consumer == "bare_aiomqtt" else MosqSub)(
@@ -118,19 +121,19 @@ def run_step(
             sub.wait_ready()
             pid = sub.pid
 
-            def count() -> int | None:
-                return sub.count  # type: ignore[union-attr]
+            def sub_count() -> int:
+                return sub.count
 
-            delivered = count  # type: ignore[assignment]
+            count, delivered = sub_count, sub_count
             grace = GRACE_S
-        sampler = Sampler({"consumer": pid, "broker": broker.popen.pid}, interval_s=0.25)  # type: ignore[union-attr]
+        sampler = Sampler({"consumer": pid, "broker": broker.popen.pid}, interval_s=0.25)
         sampler.start()
         summary: dict[str, Any] = {}
         err: list[BaseException] = []
 
         def gen() -> None:
             try:
-                summary.update(generate(broker.port, rate, duration_s, generator))  # type: ignore[union-attr]
+                summary.update(generate(broker.port, rate, duration_s, generator))
             except BaseException as e:  # reported below
                 err.append(e)
 

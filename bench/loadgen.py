@@ -5,14 +5,14 @@ Why not the simulator (agent.sim.cameras)? On this 2-core machine a paho publish
 queue on every PUBACK once its in-flight window is full), so the simulator alone cannot offer
 20,000 msgs/s here. This generator writes pre-framed PUBLISH packets in bulk and counts PUBACKs
 in a reader thread: a few µs per message. Payloads have the simulator's shapes (detections /
-motion / health, built with agent.sim.cameras.make_payload when available), topics
+motion / health, built with agent.sim.cameras.make_payload), topics
 `site/cam/cam-NNN/<stream>`, and `ts` is the publish time (every third camera in integer ms,
 like the simulator).
 
 Bounded: at most `duration_s` of publishing, at most `max_messages`, at most `window` messages
 in flight, acks awaited for at most `drain_timeout_s`. Several processes share the cameras.
 
-    python bench/loadgen.py --port 1883 --rate 20000 --duration 10 --processes 2
+    python -m bench.loadgen --port 1883 --rate 20000 --duration 10 --processes 2
 """
 
 from __future__ import annotations
@@ -28,12 +28,10 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from agent.sim.cameras import make_payload
+from bench.common import ROOT, bench_command
 
 STREAMS = (("detections", 0.7), ("motion", 0.2), ("health", 0.1))
 
@@ -72,22 +70,8 @@ def _str(s: str) -> bytes:
 def _rests(rng: random.Random, stream: str, k: int) -> list[bytes]:
     """k payload bodies without the leading '{"ts":<value>,' (ts is spliced in at send time)."""
     out = []
-    try:
-        from agent.sim.cameras import make_payload
-    except ImportError:
-        make_payload = None
     for frame in range(k):
-        try:
-            assert make_payload is not None
-            doc = dict(make_payload(rng, stream, 0.0, frame, False))
-        except Exception:  # the simulator's signature changed: same shapes, built here
-            doc = {
-                "detections": {"frame": frame, "cls": rng.choice(("person", "car", "truck")),
-                               "conf": round(rng.uniform(0.3, 0.99), 3)},
-                "motion": {"level": round(rng.random(), 3), "zone": rng.choice(("door", "yard"))},
-                "health": {"temp_c": round(rng.uniform(35, 60), 1),
-                           "fps": round(rng.uniform(24, 30), 1), "status": "ok"},
-            }[stream]  # fmt: skip
+        doc = make_payload(rng, stream, 0.0, frame, False)
         doc.pop("ts", None)
         body = json.dumps(doc, separators=(",", ":")).encode()
         out.append(b"," + body[1:] if len(body) > 2 else b"}")
@@ -273,8 +257,9 @@ def run_load(opts: LoadOptions) -> dict[str, Any]:
     o = {**asdict(opts), "start_at": start_at}
     children = [
         subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps([o, i, g])],
+            bench_command("loadgen", "--child", json.dumps([o, i, g])),
             stdout=subprocess.PIPE,
+            cwd=ROOT,
         )
         for i, g in enumerate(groups)
     ]
@@ -310,7 +295,11 @@ def run_load(opts: LoadOptions) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.loadgen",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=1883)
     p.add_argument("--cameras", type=int, default=300)

@@ -5,7 +5,7 @@ batch head (a cheap sanity check, no JSON parse of the chunks), counts, and answ
 the replay figure is what the agent alone can push; the reference receiver (SQLite, one row per
 chunk plus a merge) is measured separately.
 
-    python bench/null_receiver.py --port 8099
+    python -m bench.null_receiver --port 8099
     GET /_stats -> {"chunks", "batches", "bytes", "bad", "max_seq", "first_at", "last_at"}
 """
 
@@ -86,7 +86,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main() -> int:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(prog="python -m bench.null_receiver")
     p.add_argument("--port", type=int, required=True)
     args = p.parse_args()
     Handler.counts = Counts()

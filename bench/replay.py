@@ -8,12 +8,14 @@ buffer.max_bytes = 8 GiB so nothing is compacted) and timed until its outbox is 
 time is taken on the receiver's side: from the arrival of the first batch to that of the last.
 
 Runs, in this order, each on a fresh copy / fresh receiver:
-  receiver alone (baseline)  the same chunks, batched and gzipped exactly as the agent does (500
-                             chunks, level 5), POSTed back to back on one keep-alive connection
-                             to the reference receiver: what the receiver can take
-  fast receiver alone        the same into bench/fast_receiver.py (validates schema and seq
+  receiver alone (baseline)  the same chunks in the agent's own requests (forward's defaults:
+                             max_batch_chunks per batch, agent.model.encode_batch, then
+                             agent.forward.build_request: gzip and headers), POSTed back to back
+                             on one keep-alive connection to the reference receiver: what the
+                             receiver can take
+  fast receiver alone        the same into bench.fast_receiver (validates schema and seq
                              tiling, dedups by (gateway, seq), counts messages; stores nothing)
-  null receiver alone        the same into bench/null_receiver.py (checks a chunk count only):
+  null receiver alone        the same into bench.null_receiver (checks a chunk count only):
                              transport
   agent -> null, 1/4 backlog the agent's own ceiling on a quarter of the backlog, and...
   agent -> null receiver     ...on all of it: does the rate depend on the backlog size? (used to
@@ -23,13 +25,12 @@ Runs, in this order, each on a fresh copy / fresh receiver:
                              up, so the figure is the agent's
   agent -> reference         end to end into the SQLite reference receiver (receiver-bound)
 
-    python bench/replay.py [--quick] [--seconds S]   (backlog = 300 x 3 x S chunks)
+    python -m bench.replay [--quick] [--seconds S]   (backlog = 300 x 3 x S chunks)
 """
 
 from __future__ import annotations
 
 import asyncio
-import gzip
 import http.client
 import json
 import random
@@ -40,13 +41,18 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (
+from agent.config import ForwardSettings
+from agent.forward import build_request
+from agent.model import Chunk, encode_batch, encode_chunk
+from agent.outbox import Batch, CheckpointWrite, Outbox
+from agent.quota import counted_messages
+from agent.sim.procs import Proc, port_open
+from bench.common import (
+    GATEWAY_ID,
     HOST,
     Agent,
     Mosquitto,
@@ -54,6 +60,8 @@ from common import (
     Receiver,
     Report,
     Sampler,
+    bench_command,
+    child_env,
     free_port,
     fresh_dir,
     kill_quietly,
@@ -62,15 +70,11 @@ from common import (
     write_agent_config,
 )
 
-from agent.config import ForwardSettings
-from agent.model import Chunk, encode_batch, encode_chunk
-from agent.outbox import CheckpointWrite, Outbox
-from agent.sim.procs import Proc, port_open
-
 CAMERAS = 300
 STREAMS = (("detections", 7), ("motion", 2), ("health", 1))  # messages per camera-second
-BATCH = 500  # forward.max_batch_chunks default
-GATEWAY = "bench-gw"
+FORWARD = ForwardSettings()  # the shipped defaults, as the agent runs here (bar the pace)
+BATCH = FORWARD.max_batch_chunks
+GATEWAY = GATEWAY_ID  # write_agent_config's default
 TARGET_CHUNKS_S = 50_000
 
 
@@ -148,33 +152,45 @@ async def _fill(path: Path, chunks: list[bytes], created_at: float) -> None:
 # -- baselines: POST pre-encoded batches directly ---------------------------------------------
 
 
-def encoded_batches(rows: list[tuple[int, bytes]]) -> list[tuple[int, int, bytes]]:
+class Request(NamedTuple):
+    """One batch as the agent would POST it."""
+
+    chunks: int
+    body: bytes
+    headers: dict[str, str]
+
+
+def encoded_batches(rows: list[tuple[int, bytes]]) -> list[Request]:
+    """(seq, chunk body) rows as the agent's requests: cut BATCH at a time like the outbox does
+    (Store.cut: encode_batch over (seq, seq_end, body)), then the forwarder's build_request."""
     out = []
     for i in range(0, len(rows), BATCH):
         part = rows[i : i + BATCH]
-        triples = [(seq, seq, body) for seq, body in part]
-        body = gzip.compress(encode_batch(GATEWAY, triples, sent_at=time.time()), 5, mtime=0)
-        out.append((part[0][0], part[-1][0], body))
+        triples = [(seq, seq, chunk) for seq, chunk in part]
+        batch = Batch(
+            first_seq=part[0][0],
+            last_seq=part[-1][0],
+            last_row=part[-1][0],
+            chunks=len(part),
+            messages=counted_messages(chunk for _, chunk in part),
+            body=encode_batch(GATEWAY, triples, sent_at=time.time()),
+        )
+        body, headers = build_request(FORWARD, GATEWAY, batch)
+        out.append(Request(batch.chunks, body, headers))
     return out
 
 
-def post_all(
-    port: int, batches: list[tuple[int, int, bytes]], time_limit_s: float
-) -> dict[str, Any]:
+def post_all(port: int, batches: list[Request], time_limit_s: float) -> dict[str, Any]:
     """POST batches back to back, one in flight, one keep-alive connection; chunks/s."""
     conn = http.client.HTTPConnection(HOST, port, timeout=30)
     sent = failed = 0
     started = time.monotonic()
-    for first, last, body in batches:
-        conn.request(
-            "POST", "/ingest", body=body,
-            headers={"Content-Type": "application/json", "Content-Encoding": "gzip",
-                     "Idempotency-Key": f"{GATEWAY}:{first}-{last}"},
-        )  # fmt: skip
+    for req in batches:
+        conn.request("POST", "/ingest", body=req.body, headers=req.headers)
         r = conn.getresponse()
         r.read()
         if 200 <= r.status < 300:
-            sent += last - first + 1
+            sent += req.chunks
         else:
             failed += 1
         if time.monotonic() - started > time_limit_s:
@@ -278,16 +294,16 @@ def _r(x: float | None) -> float | None:
 
 
 class NullReceiver:
-    """bench/null_receiver.py as a child process (agent.sim.procs.Proc)."""
+    """bench.null_receiver as a child process (agent.sim.procs.Proc)."""
 
-    script = "null_receiver.py"
+    script = "null_receiver"
 
     def __init__(self, log_path: Path) -> None:
         self.port = free_port()
+        # Proc takes no cwd: the repository root goes on the child's PYTHONPATH instead.
         self.proc = Proc(
-            [sys.executable, str(Path(__file__).resolve().parent / self.script),
-             "--port", str(self.port)], log_path,
-        ).start()  # fmt: skip
+            bench_command(self.script, "--port", str(self.port)), log_path, env=child_env()
+        ).start()
         wait_for(
             lambda: port_open(self.port) or not self.proc.running, timeout_s=15,
             what=self.script,
@@ -310,9 +326,9 @@ class NullReceiver:
 
 
 class FastReceiver(NullReceiver):
-    """bench/fast_receiver.py (validates tiling, dedups by seq, counts) as a child process."""
+    """bench.fast_receiver (validates tiling, dedups by seq, counts) as a child process."""
 
-    script = "fast_receiver.py"
+    script = "fast_receiver"
 
     def check(self, gateway: str = GATEWAY) -> dict[str, Any]:
         """What it counted: chunks, messages, and the gateway's gaps / out of order / dups."""
@@ -372,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{time.monotonic() - started:.1f} s",
     )  # fmt: skip
     batches = encoded_batches(rows)
-    wire = sum(len(b) for _, _, b in batches)
+    wire = sum(len(b.body) for b in batches)
 
     # Baseline 1: the reference receiver alone.
     recv = Receiver(work / "cloud-baseline").start()
@@ -571,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         "drain time and rate are taken at the receiver (first to last batch arrival); the "
         "agent's startup (outbox open, PRAGMA quick_check) comes before and is listed apart"
     )
-    default_pace = ForwardSettings().max_chunks_per_s
+    default_pace = FORWARD.max_chunks_per_s
     rep.figure("default_max_chunks_per_s", default_pace)
     rep.note(
         "pace: forward.max_chunks_per_s raised to 10 M for this run; with the shipped default "
