@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.exitcodes import Exit
 from agent.sim.procs import HOST, free_port, wait_for
 from agent.topview import Sample, ViewOptions, render
 from tests.conftest import AgentFactory
@@ -210,7 +211,7 @@ def test_top_prints_plain_lines_when_stdout_is_not_a_terminal(
     assert agent.stop() == 0
 
     gone = top_cli("--url", url, "--once")
-    assert gone.returncode == 3 and f"agent not reachable at {url}" in gone.stdout
+    assert gone.returncode == Exit.UNREACHABLE and f"agent not reachable at {url}" in gone.stdout
 
 
 def test_top_bad_options_name_themselves() -> None:
