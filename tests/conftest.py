@@ -10,6 +10,19 @@ import pytest
 
 from agent.sim.procs import Agent, Mosquitto, Receiver, agent_config, free_port
 
+# Fixtures that start a process (Mosquitto, the agent, the receiver, tmux, tap, dpkg): a test
+# using one, directly or through another fixture, is marked e2e, so `pytest -m "not e2e"` is the
+# inner loop. A test that starts a process without them carries @pytest.mark.e2e itself.
+PROCESS_FIXTURES = frozenset(
+    {"broker", "receiver", "agents", "tls_broker", "tls_receiver", "taps", "term", "deb", "machine"}
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from agent.sim.procs import Mosquitto, Receiver, agent_config, free_port, wait_for
 from tests.conftest import AgentFactory
 
@@ -53,6 +55,7 @@ def test_both_reachable_and_the_running_agent_undisturbed(agents: AgentFactory) 
     assert agents.receiver.stats()["chunks"] == 0  # the probe batch stored nothing
 
 
+@pytest.mark.e2e
 def test_closed_ports_say_which_failed(tmp_path: Path) -> None:
     config = config_for(tmp_path, free_port(), f"http://127.0.0.1:{free_port()}/ingest")
     r = check(config)

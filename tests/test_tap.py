@@ -184,6 +184,7 @@ def test_tap_beside_the_agent_takes_nothing_from_it(
     assert agent.stop() == 0
 
 
+@pytest.mark.e2e
 def test_tap_bad_input_and_unreachable_broker(tmp_path: Path) -> None:
     cfg = agent_config(
         path=tmp_path / "a.toml",

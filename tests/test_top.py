@@ -214,6 +214,7 @@ def test_top_prints_plain_lines_when_stdout_is_not_a_terminal(
     assert gone.returncode == Exit.UNREACHABLE and f"agent not reachable at {url}" in gone.stdout
 
 
+@pytest.mark.e2e
 def test_top_bad_options_name_themselves() -> None:
     bad = top_cli("--url", f"http://{HOST}:{free_port()}", "--interval-s", "0")
     assert bad.returncode == 2 and "--interval-s" in bad.stderr and "must be > 0" in bad.stderr
