@@ -18,8 +18,7 @@ import pytest
 
 from agent.sim.procs import Publisher, wait_for
 from agent.sim.truth import Expected
-from tests.conftest import AgentFactory
-from tests.helpers import assert_exact, assert_seqs_clean, wait_delivered
+from tests.helpers import AgentFactory, assert_exact, assert_seqs_clean, wait_delivered
 
 
 @pytest.mark.parametrize("point", ["mid_checkpoint", "after_commit", "after_send"])

@@ -12,7 +12,7 @@ import pytest
 
 from agent.lock import AlreadyRunning, OutboxLock
 from agent.sim.procs import Agent, free_port, port_open, wait_for
-from tests.conftest import AgentFactory
+from tests.helpers import AgentFactory
 
 HOLD = """
 import sys, time

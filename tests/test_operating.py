@@ -18,8 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.exitcodes import Exit
 from agent.sim.procs import HOST, wait_for
-from tests.conftest import AgentFactory
-from tests.helpers import assert_exact, publish, wait_delivered
+from tests.helpers import AgentFactory, assert_exact, publish, wait_delivered
 
 
 def get(port: int, path: str, method: str = "GET") -> tuple[int, bytes, str]:

@@ -15,8 +15,7 @@ import pytest
 
 from agent.cli import EXIT_BROKEN_PIPE, EXIT_NOT_FOUND, build_parser, main
 from agent.sim.procs import Agent, wait_for
-from tests.conftest import AgentFactory
-from tests.helpers import publish
+from tests.helpers import AgentFactory, publish
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

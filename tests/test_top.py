@@ -17,8 +17,7 @@ import pytest
 from agent.exitcodes import Exit
 from agent.sim.procs import HOST, free_port, wait_for
 from agent.topview import Sample, ViewOptions, render
-from tests.conftest import AgentFactory
-from tests.helpers import publish, wait_delivered
+from tests.helpers import AgentFactory, publish, wait_delivered
 
 
 class Tmux:
