@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from agent.model import MAX_CATEGORY_LEN, Chunk
+from agent.reasons import Reject
 
 DURABLE = sys.maxsize
 
@@ -122,16 +123,16 @@ class Aggregator:
         *,
         flags: tuple[str, ...] = (),
         mono: float | None = None,
-    ) -> Window | str:
+    ) -> Window | Reject:
         """Merge one message; return the window holding it, or why it was not counted
-        ('late_dropped', or a cap: 'too_many_cameras', 'too_many_streams',
-        'too_many_open_windows'). `recv_t` stamps the chunk (wall clock); `mono` (monotonic,
+        (late_dropped, or a cap: too_many_cameras, too_many_streams, too_many_open_windows;
+        the caller counts it). `recv_t` stamps the chunk (wall clock); `mono` (monotonic,
         default recv_t) drives the idle timeout."""
         seen = recv_t if mono is None else mono
         cam = self._cameras.get(camera)
         if cam is None:
             if len(self._cameras) >= self.max_cameras and not self._forget_silent(seen):
-                return "too_many_cameras"
+                return Reject.too_many_cameras
             cam = self._cameras[camera] = _Camera()
         w = self.window_s
         t = int(event_t // w) * w
@@ -151,15 +152,14 @@ class Aggregator:
                     # The cap is on streams with open windows: forget the others first.
                     cam.streams = {s for s, _ in cam.windows}
                 if len(cam.streams) >= self.max_streams_per_camera:
-                    return "too_many_streams"
+                    return Reject.too_many_streams
                 cam.streams.add(stream)
             if self.open_count >= self.max_open_windows:
-                return "too_many_open_windows"
+                return Reject.too_many_open_windows
             rev = 0
             if t < cam.closed_before:
                 if self.late_policy == "drop":
-                    self.counters["late_dropped"] += 1
-                    return "late_dropped"
+                    return Reject.late_dropped
                 rev = cam.late_revs.get(key, 0) + 1
                 self.counters["late_deltas"] += 1
             window = cam.windows[key] = Window(camera, stream, t, w, rev)

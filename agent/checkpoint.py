@@ -25,6 +25,7 @@ from agent.clock import SYSTEM_CLOCK, Clock
 from agent.config import Settings
 from agent.model import encode_chunk
 from agent.outbox import CheckpointWrite, Outbox, WindowKey
+from agent.reasons import Reject
 from agent.stats import RateLimitedLog, Stats
 from agent.store import is_full
 
@@ -242,7 +243,7 @@ class Checkpointer:
         except sqlite3.Error as e:
             if is_full(e):
                 self._stats.buffer_full = True
-            self._stats.rejects["checkpoint_failed"] += 1
+            self._stats.rejects[Reject.checkpoint_failed] += 1
             self._warn.warning(
                 "ckpt",
                 "checkpoint failed (%s); %d closed windows kept in memory, acks held",

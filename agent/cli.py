@@ -1,7 +1,8 @@
-"""`edge-agent run / check-config / simulate cloud / simulate cameras`.
+"""edge-agent: camera metadata from the site's MQTT broker to the cloud, buffered on disk.
 
-Exceptions become exit codes here and only here: 0 ok, 2 bad configuration or usage,
-3 the agent could not start.
+`run` runs the agent (under systemd); `check-config` checks a config before you start it;
+`status`, `top`, `tap` and `deadletter` look at a running agent and its outbox; `simulate`
+runs local stand-ins for the cloud and the cameras.
 """
 
 from __future__ import annotations
@@ -25,14 +26,19 @@ from agent.config import (
     inline_secret_warnings,
     load_settings,
 )
+from agent.exitcodes import Exit
+from agent.exitcodes import epilog as exit_epilog
 from agent.logs import setup_logging
 
-EXIT_CONFIG = 2
-EXIT_STARTUP = 3
-# check-config --connect: the config is fine, the broker or the cloud is not.
-EXIT_CONNECT = 4
-# 128 + SIGPIPE, what a shell reports for a command whose reader went away.
-EXIT_BROKEN_PIPE = 141
+# Exceptions become exit codes here and only here; every code and its meaning: agent/exitcodes.py.
+EXIT_NOT_READY = Exit.NOT_READY
+EXIT_CONFIG = Exit.CONFIG
+EXIT_STARTUP = Exit.STARTUP
+EXIT_CONNECT = Exit.CONNECT
+EXIT_UNREACHABLE = Exit.UNREACHABLE
+EXIT_NOT_FOUND = Exit.NOT_FOUND
+EXIT_INTERRUPTED = Exit.INTERRUPTED
+EXIT_BROKEN_PIPE = Exit.BROKEN_PIPE
 
 
 def _load(path: str) -> Settings:
@@ -96,16 +102,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         logging.getLogger("agent").error("cannot start: %s", e)
         return EXIT_STARTUP
     except KeyboardInterrupt:
-        return 1
+        return EXIT_INTERRUPTED
     return 0
 
 
-EXIT_NOT_READY = 1
-EXIT_UNREACHABLE = 3
-
-
 def cmd_status(args: argparse.Namespace) -> int:
-    """Print /status for a person; exit 0 ready, 1 not ready, 3 unreachable."""
+    """Print /status for a person; exit 0 ready, 1 not ready, 5 unreachable."""
     import urllib.error
     import urllib.request
 
@@ -151,7 +153,7 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
         doc = show_dead_letter(path, args.seq)
         if doc is None:
             print(f"deadletter show: no dead letter with seq {args.seq}", file=sys.stderr)
-            return 1
+            return EXIT_NOT_FOUND
         print(json.dumps(doc, indent=2) if args.json else "\n".join(deadletter_detail(doc)))
         return 0
     if not args.all and not args.seqs:
@@ -164,7 +166,7 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
     print(f"{n} dead letters put back in the outbox; the agent sends them within seconds")
     if args.seqs and n < len(args.seqs):
         print(f"{len(args.seqs) - n} of the given seqs are not dead letters", file=sys.stderr)
-        return 1
+        return EXIT_NOT_FOUND
     return 0
 
 
@@ -297,7 +299,12 @@ def _clock_fault(spec: str) -> tuple[int, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="edge-agent",
+        description=__doc__,
+        epilog=exit_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=buildinfo.describe())
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -30,6 +30,7 @@ from agent.config import MqttSettings, StreamSettings, read_secret
 from agent.credentials import client_tls_context
 from agent.mqtt_compat import FastReader, install, send_acks
 from agent.pacing import Backoff
+from agent.reasons import Reject
 from agent.stats import RateLimitedLog, Stats
 from agent.timekeeping import BadTimestamp, Clocks, parse_event_time
 
@@ -68,14 +69,14 @@ class TopicRouter:
             )
             for s in streams
         ]
-        self._cache: dict[str, Route | str] = {}
+        self._cache: dict[str, Route | Reject] = {}
 
     @property
     def subscriptions(self) -> list[str]:
         return list(dict.fromkeys(p[1].subscription for p in self._patterns))
 
-    def route(self, topic: str) -> Route | str:
-        """The route, or the reject reason ('unknown_topic', 'bad_camera_id', 'bad_stream_id')."""
+    def route(self, topic: str) -> Route | Reject:
+        """The route, or the reject reason (unknown_topic, bad_camera_id, bad_stream_id)."""
         hit = self._cache.get(topic)
         if hit is not None:
             return hit
@@ -85,7 +86,7 @@ class TopicRouter:
         self._cache[topic] = result
         return result
 
-    def _match(self, topic: str) -> Route | str:
+    def _match(self, topic: str) -> Route | Reject:
         levels = topic.split("/")
         for pattern, s, spec in self._patterns:
             if len(pattern) != len(levels):
@@ -101,12 +102,12 @@ class TopicRouter:
             else:
                 assert camera is not None
                 if not ID_RE.match(camera):
-                    return "bad_camera_id"
+                    return Reject.bad_camera_id
                 stream = stream if stream is not None else s.name
                 if stream is None or not ID_RE.match(stream):
-                    return "bad_stream_id"
+                    return Reject.bad_stream_id
                 return Route(camera, stream, spec, s.time_field, s.time_unit)
-        return "unknown_topic"
+        return Reject.unknown_topic
 
 
 def digest(topic: bytes, payload: bytes) -> int:
@@ -171,7 +172,7 @@ class Intake:
             mono = self._clock.mono()
         if not self.open:
             # Shutting down: leave it unacked; the broker redelivers it to the next run.
-            self._stats.rejects["ignored_at_shutdown"] += 1
+            self._stats.rejects[Reject.ignored_at_shutdown] += 1
             if qos:
                 self._ledger.ignored(mid, digest(topic_b, payload), dup)
             return
@@ -190,20 +191,20 @@ class Intake:
         try:
             topic = topic_b.decode("utf-8")
         except UnicodeDecodeError:
-            reason = "bad_topic_encoding"
+            reason = Reject.bad_topic_encoding
         else:
             route = self._router.route(topic)
-            if isinstance(route, str):
+            if isinstance(route, Reject):
                 reason = route
             elif len(payload) > self._max_payload:
-                reason = "oversized"
+                reason = Reject.oversized
             else:
                 try:
                     reason, window = self._count(route, payload, recv_t, mono)
                 except Exception:
                     # A bug, not a bad message; still this message's failure alone. Counted and
                     # acked like any reject, so the broker cannot hand it back to us forever.
-                    reason = "internal_error"
+                    reason = Reject.internal_error
                     self._warn.warning(
                         "internal_error_traceback",
                         "failed on a message on %r",
@@ -231,21 +232,21 @@ class Intake:
 
     def _count(
         self, route: Route, payload: bytes, recv_t: float, mono: float
-    ) -> tuple[str | None, Any]:
+    ) -> tuple[Reject | None, Any]:
         try:
             doc = self._decode(payload)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             # msgspec raises UnicodeDecodeError, not DecodeError, for invalid UTF-8 in a string.
-            return "malformed_json", None
+            return Reject.malformed_json, None
         if type(doc) is not dict:
-            return "not_an_object", None
+            return Reject.not_an_object, None
         if len(doc) > self._max_fields:
-            return "too_many_fields", None
+            return Reject.too_many_fields, None
         # Nesting depth d needs d brackets: a payload with few cannot be too deep (C-fast count).
         if payload.count(b"{") + payload.count(b"[") > self._max_depth and _too_deep(
             doc, self._max_depth
         ):
-            return "too_deep", None
+            return Reject.too_deep, None
         t, flags = recv_t, GATEWAY_TIME
         if route.time_field is not None:
             raw = doc.get(route.time_field)
@@ -253,7 +254,7 @@ class Intake:
                 try:
                     event_t = parse_event_time(raw, route.time_unit)
                 except BadTimestamp as e:
-                    self._stats.rejects["bad_timestamp_used_gateway_time"] += 1
+                    self._stats.rejects[Reject.bad_timestamp_used_gateway_time] += 1
                     self._warn.warning(
                         "bad_ts",
                         "camera %s sent a bad timestamp (%s); using gateway time",
@@ -266,13 +267,13 @@ class Intake:
                         for notice in self._clocks.take_notices():
                             log.warning(notice)
                     if stamped is None:
-                        return "bad_time_dropped", None
+                        return Reject.bad_time_dropped, None
                     t, flags = stamped
         window = self._agg.add(
             route.camera, route.stream, route.spec, doc, t, recv_t, flags=flags, mono=mono
         )
-        if isinstance(window, str):
-            if window == "too_many_cameras":
+        if isinstance(window, Reject):
+            if window is Reject.too_many_cameras:
                 # The stamp above started a clock estimate for an id the aggregator refused:
                 # drop it, or an id flood grows memory by one estimate per refused id.
                 self._clocks.forget(route.camera)

@@ -21,6 +21,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from agent import buildinfo
+from agent.figures import FIGURES
 from agent.reasons import AGGREGATE_EVENTS, CLOCK_EVENTS, DROP_REASONS, REJECT_REASONS
 from agent.stats import LATENCY_BUCKETS_S
 from agent.status import SILENT_AFTER_S, ready_problems
@@ -59,22 +60,11 @@ class PipelineCollector(Collector):
         yield InfoMetricFamily(P + "build", "The agent's version and commit.", value=build_info())
         yield gauge("start_time_seconds", "When the agent started (unix time).", st.started_at)
         yield gauge("ready", "1 when /readyz answers 200.", float(not ready_problems(p)))
-        yield gauge("mqtt_connected", "1 while connected and subscribed.", float(st.mqtt_connected))
-        yield counter("mqtt_reconnects", "MQTT reconnections that succeeded.", st.mqtt_reconnects)
-        yield counter(
-            "mqtt_connect_failures",
-            "MQTT connects that failed and connections lost (reconnect attempts).",
-            st.mqtt_connect_failures,
-        )
-        yield counter("messages_received", "MQTT messages received.", st.received)
-        yield counter("messages_counted", "Messages counted into windows.", st.counted)
-        yield counter(
-            "messages_redelivered_skipped",
-            "Redeliveries of already counted messages, acked without counting.",
-            st.redelivered_skipped,
-        )
-        yield counter("messages_acked", "PUBACKs sent after the effect was committed.", st.acked)
-        yield gauge("messages_unacked", "Messages received and not yet acked.", len(p.ledger))
+        # The plain figures, from the one table /status uses too.
+        for f in FIGURES:
+            if f.metric is not None:
+                make = counter if f.kind == "counter" else gauge
+                yield make(f.metric, f.help, float(f.get(p)))
         rejects = CounterMetricFamily(
             P + "messages_rejected", "Messages rejected, by reason.", labels=["reason"]
         )
@@ -119,44 +109,16 @@ class PipelineCollector(Collector):
         for kind, n in _with_zeros(p.clocks.counters, CLOCK_EVENTS):
             clock_events.add_metric([kind], n)
         yield clock_events
-        yield gauge("windows_open", "Open aggregation windows.", p.aggregator.open_count)
-        yield counter("checkpoints", "Checkpoint transactions committed.", st.checkpoints)
-        yield counter("chunks_committed", "Chunks written to the outbox.", st.chunks_committed)
-        yield counter("snapshots_written", "Open windows saved to ack early.", st.snapshots_written)
-        yield gauge("outbox_chunks", "Chunks waiting in the outbox.", ob.chunk_count)
-        yield gauge("outbox_bytes", "Bytes of chunk JSON waiting.", ob.chunk_bytes)
-        yield gauge("outbox_file_bytes", "Outbox database plus WAL on disk.", ob.file_bytes())
-        yield gauge("outbox_usage_ratio", "Live outbox pages / buffer.max_bytes.", st.buffer_usage)
-        yield gauge("outbox_full", "1 while the outbox is full (acks held).", float(st.buffer_full))
         oldest = ob.oldest_created_at
         yield gauge(
             "outbox_oldest_age_seconds",
             "Age of the oldest unsent chunk (0 when empty).",
             now - oldest if oldest else 0.0,
         )
-        yield counter(
-            "chunks_compacted", "Chunks merged away into coarser windows.", st.compacted_chunks
-        )
         drops = CounterMetricFamily(P + "dropped", "Data dropped, by reason.", labels=["reason"])
         for reason, n in _with_zeros(st.drops, DROP_REASONS):
             drops.add_metric([reason], n)
         yield drops
-        yield counter("dead_letters", "Chunks moved to the dead letters.", st.dead_letters)
-        yield gauge(
-            "outbox_dead_letters",
-            "Chunks in the dead letters now (deadletter retry lowers it).",
-            ob.dead_letter_count,
-        )
-        yield gauge(
-            "outbox_max_bytes", "The outbox quota in force (effective max bytes).",
-            ob.effective_max_bytes,
-        )  # fmt: skip
-        yield counter("batches_sent", "Batches acknowledged by the cloud.", st.batches_sent)
-        yield counter("batches_failed", "Batch attempts that failed.", st.batches_failed)
-        yield counter("chunks_sent", "Chunks acknowledged by the cloud.", st.chunks_sent)
-        yield counter("bytes_sent", "Request body bytes acknowledged.", st.bytes_sent)
-        yield counter("throttled", "429/503 answers.", st.throttled)
-        yield gauge("forward_pace_chunks_per_second", "Current send pace.", p.forwarder.pacer.rate)
         yield gauge(
             "forward_last_success_timestamp_seconds",
             "When the cloud last acknowledged a batch (unix time; 0: not since the start).",
@@ -166,11 +128,6 @@ class PipelineCollector(Collector):
             "forward_failing_since_timestamp_seconds",
             "Since when the cloud has not acknowledged (unix time; 0: not failing).",
             st.forward_failing_since or 0.0,
-        )
-        yield gauge(
-            "forward_alert_after_seconds",
-            "forward.alert_after_s: an outage or a backlog this old is a problem.",
-            p.settings.forward.alert_after_s,
         )
         yield HistogramMetricFamily(
             P + "batch_latency_seconds",

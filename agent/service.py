@@ -35,6 +35,7 @@ from agent.metrics import render as render_metrics
 from agent.model import BadChunk, Chunk, decode_chunk
 from agent.notify import Notifier
 from agent.outbox import Outbox, Recovery
+from agent.reasons import Reject
 from agent.stats import Stats
 from agent.status import (
     alive_problems,
@@ -294,7 +295,7 @@ async def build_pipeline(
     """Every component, restored from what the outbox kept."""
     stats = Stats()
     if recovery.moved_aside is not None:
-        stats.rejects["outbox_corrupt_moved_aside"] += 1
+        stats.rejects[Reject.outbox_corrupt_moved_aside] += 1
     aggregator = build_aggregator(settings.aggregate)
     mono = clock.mono()
     snapshots: list[Chunk] = []
@@ -303,7 +304,7 @@ async def build_pipeline(
             snapshots.append(decode_chunk(body))
         except BadChunk as e:
             # Never a crash loop on a bad row: say it, count it, go on without it.
-            stats.rejects["snapshot_unreadable"] += 1
+            stats.rejects[Reject.snapshot_unreadable] += 1
             log.error("an open-window snapshot in the outbox is unreadable (%s); skipped", e)
     restored = aggregator.restore(snapshots, now=mono)
     aggregator.import_marks(recovery.marks, now=mono)

@@ -12,7 +12,7 @@ LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 
 @dataclass
 class Stats:
-    """Plain counters; every reject, drop and late delta lands here with its reason (G6)."""
+    """Plain counters; every reject, drop and late delta lands here with its reason."""
 
     started_at: float = field(default_factory=time.time)
     received: int = 0

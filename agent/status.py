@@ -6,6 +6,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
+from agent.figures import status_section
 from agent.outage import outage_problems, rfc3339
 
 if TYPE_CHECKING:
@@ -74,50 +75,30 @@ def status_document(p: Pipeline) -> dict[str, Any]:
         "uptime_s": round(now - st.started_at, 1),
         "ready": not ready_problems(p),
         "problems": ready_problems(p),
+        # The plain figures come from agent/figures.py (shared with /metrics); the rest here.
         "mqtt": {
-            "connected": st.mqtt_connected,
+            **status_section(p, "mqtt"),
             "since": st.mqtt_connected_since,
-            "reconnects": st.mqtt_reconnects,
-            "connect_failures": st.mqtt_connect_failures,
             "down_since": _stamp(st.mqtt_down_since),
         },
         "ingest": {
-            "received": st.received,
-            "counted": st.counted,
+            **status_section(p, "ingest"),
             "msgs_per_s_10s": round(st.rate(10, mono), 1),
             "msgs_per_s_60s": round(st.rate(60, mono), 1),
-            "redelivered_skipped": st.redelivered_skipped,
-            "acked": st.acked,
-            "unacked": len(p.ledger),
             "rejects": dict(st.rejects),
         },
         "aggregate": {
-            "windows_open": p.aggregator.open_count,
+            **status_section(p, "aggregate"),
             **dict(p.aggregator.counters),
             **dict(p.clocks.counters),
         },
         "cameras": camera_summary(p),
         "outbox": {
-            "chunks": ob.chunk_count,
-            "bytes": ob.chunk_bytes,
-            "file_bytes": ob.file_bytes(),
-            "usage_of_max_bytes": round(st.buffer_usage, 4),
-            "effective_max_bytes": ob.effective_max_bytes,
-            "full": st.buffer_full,
+            **status_section(p, "outbox"),
             "oldest_unsent_age_s": round(now - oldest, 1) if oldest else None,
-            "next_seq": ob.last_seq + 1,
-            "checkpoints": st.checkpoints,
-            "chunks_committed": st.chunks_committed,
-            "snapshots_written": st.snapshots_written,
-            "compacted_chunks": st.compacted_chunks,
-            "dead_letters": ob.dead_letter_count,
-            "dead_lettered_total": st.dead_letters,
         },
         "forward": {
-            "batches_sent": st.batches_sent,
-            "batches_failed": st.batches_failed,
-            "chunks_sent": st.chunks_sent,
-            "bytes_sent": st.bytes_sent,
+            **status_section(p, "forward"),
             "last_success_age_s": round(now - st.last_forward_ok, 1)
             if st.last_forward_ok
             else None,
@@ -125,15 +106,10 @@ def status_document(p: Pipeline) -> dict[str, Any]:
             "last_error": st.last_forward_error,
             "last_error_at": _stamp(st.last_forward_error_at),
             "failing_since": _stamp(st.forward_failing_since),
-            "failures_in_row": st.forward_failures_in_row,
-            "alert_after_s": p.settings.forward.alert_after_s,
             "token_problem": p.forwarder.token_problem,
-            "outbox_errors": st.outbox_errors,
             "backoff_remaining_s": round(max(0.0, fw.backoff_until - now), 1)
             if fw.backoff_until
             else None,
-            "pace_chunks_per_s": round(fw.pacer.rate, 1),
-            "throttled": st.throttled,
         },
         "drops": dict(st.drops),
     }

@@ -5,7 +5,7 @@ caller) leaves either all of it or none of it. The agent runs these methods on o
 thread (agent/outbox.py); the deterministic simulation calls them inline; the CLI's dead-letter
 commands open the file beside a running agent (WAL, busy timeout).
 
-Invariants kept here (DESIGN.md G3, G7, G8):
+Invariants kept here (README, "Delivery guarantees": G3, G7, G8):
 - `seq` only grows, per gateway, also across a reset of the file: a new file starts above a
   high-water mark reserved in a side file (`<outbox>.seq`) and above the wall-clock floor.
 - At most one batch is cut at a time; once cut (table `batch`) its seqs, bytes and key do not
@@ -267,22 +267,9 @@ class Store:
             )
         ]
 
-    @contextlib.contextmanager
-    def _txn(self) -> Iterator[sqlite3.Connection]:
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            # SQLite may have rolled back already (SQLITE_FULL does).
-            if db.in_transaction:
-                try:
-                    db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    log.exception("rollback failed")
-            self._count()
-            raise
+    def _txn(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        # After a rollback the cached counters are read again from what is on disk.
+        return transaction(self._db, after_rollback=self._count)
 
     # -- the checkpoint -----------------------------------------------------------------------
 
@@ -699,8 +686,7 @@ def retry_dead_letters(path: Path, seqs: Sequence[int] | None) -> int:
     for itself only (the old range stays a declared gap).
     """
     con = sqlite3.connect(path, timeout=10, isolation_level=None)
-    try:
-        con.execute("BEGIN IMMEDIATE")
+    with contextlib.closing(con), transaction(con):
         if seqs is None:
             chosen = [r[0] for r in con.execute("SELECT seq FROM dead_letters ORDER BY seq")]
         else:
@@ -715,13 +701,6 @@ def retry_dead_letters(path: Path, seqs: Sequence[int] | None) -> int:
                 (s,),
             )
             con.execute("DELETE FROM dead_letters WHERE seq = ?", (s,))
-        con.execute("COMMIT")
-    except BaseException:
-        if con.in_transaction:
-            con.execute("ROLLBACK")
-        raise
-    finally:
-        con.close()
     return len(chosen)
 
 
@@ -772,6 +751,28 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
         con.close()
         raise
     return con
+
+
+@contextlib.contextmanager
+def transaction(
+    db: sqlite3.Connection, *, after_rollback: Callable[[], None] | None = None
+) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (cancellation included): the one
+    transaction block of the outbox, for the Store and the CLI's own connections."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        # SQLite may have rolled back already (SQLITE_FULL does).
+        if db.in_transaction:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.exception("rollback failed")
+        if after_rollback is not None:
+            after_rollback()
+        raise
 
 
 def _errorcode(e: sqlite3.Error) -> int:

@@ -35,6 +35,7 @@ from agent.acks import AckLedger
 from agent.aggregate import Aggregator, StreamSpec, Window
 from agent.config import Settings, read_secret
 from agent.ingest import ID_RE, Intake, Route, TopicRouter, max_packet_bytes, tls_context
+from agent.reasons import Reject
 from agent.stats import Stats
 from agent.timekeeping import BadTimestamp, parse_event_time, unit_of
 
@@ -75,7 +76,7 @@ class RecordingAggregator(Aggregator):
         *,
         flags: tuple[str, ...] = (),
         mono: float | None = None,
-    ) -> Window | str:
+    ) -> Window | Reject:
         before = Counter(self.counters)
         result = super().add(camera, stream, spec, payload, event_t, recv_t, flags=flags, mono=mono)
         self.last = Added(payload, event_t, flags, self.counters - before)

@@ -226,7 +226,6 @@ class Clocks:
                 self.counters["clock_gateway_time"] += 1
         if t > recv_t + p.max_future_s or t < recv_t - p.max_age_s:
             if p.bad_time_policy == "drop":
-                self.counters["bad_time_dropped"] += 1
                 return None
             self.counters["bad_time_restamped"] += 1
             return recv_t, (*flags, "bad_time")

@@ -21,9 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from agent.exitcodes import Exit
 from agent.topview import SORT_KEYS, Line, Sample, SortKey, ViewOptions, render
 
-EXIT_OK, EXIT_NOT_READY, EXIT_UNREACHABLE = 0, 1, 3
+EXIT_OK, EXIT_NOT_READY, EXIT_UNREACHABLE = Exit.OK, Exit.NOT_READY, Exit.UNREACHABLE
 
 
 @dataclass(frozen=True, slots=True)

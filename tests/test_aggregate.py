@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from agent.aggregate import Aggregator, StreamSpec
 from agent.model import OTHER, Chunk
+from agent.reasons import Reject
 
 SPEC = StreamSpec(numeric=("conf",), categorical=("cls",), max_categories=4)
 T0 = 1764126000
@@ -82,13 +83,14 @@ def test_late_message_becomes_delta_with_increasing_rev() -> None:
     assert agg.counters["late_deltas"] == 3
 
 
-def test_late_policy_drop_counts() -> None:
+def test_late_policy_drop_returns_the_reason_for_the_caller_to_count() -> None:
     agg = make(late_policy="drop")
     add(agg, T0 + 0.5, T0 + 0.5)
     add(agg, T0 + 5, T0 + 5)
     agg.close_due(T0 + 5)
-    assert add(agg, T0 + 0.7, T0 + 5.1) == "late_dropped"
-    assert agg.counters["late_dropped"] == 1
+    assert add(agg, T0 + 0.7, T0 + 5.1) is Reject.late_dropped
+    # Counted once, in Stats.rejects by the intake; not a second time here.
+    assert "late_dropped" not in agg.counters
 
 
 def test_categories_capped_with_overflow_counted() -> None:

@@ -27,6 +27,7 @@ def test_without_git_the_commit_is_unknown(tmp_path: Path) -> None:
     assert git_commit(tmp_path) == UNKNOWN
 
 
+@pytest.mark.e2e
 def test_a_stamped_copy_names_the_stamped_commit(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "agent", tmp_path / "agent", ignore=shutil.ignore_patterns("_build.py"))
     assert main(["--stamp", str(tmp_path), "--commit", "0123456789ab"]) == 0

@@ -13,8 +13,7 @@ import pytest
 from agent.sim.cloud import load_merged
 from agent.sim.procs import Publisher, wait_for
 from agent.sim.truth import compare_per_stream
-from tests.conftest import AgentFactory
-from tests.helpers import assert_exact
+from tests.helpers import AgentFactory, assert_exact
 
 FAULTS = (
     (0, "offset:37"),
@@ -36,20 +35,15 @@ def chunks_of(db: Path, camera: str) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("policy", ["restamp", "flag"])
 def test_bad_camera_clocks(agents: AgentFactory, tmp_path: Path, policy: str) -> None:
+    stream = {
+        "topic": "site/cam/{camera}/{stream}",
+        "time_unit": "s",
+        "numeric": ["conf", "level", "temp_c", "fps"],
+        "categorical": ["cls", "zone", "status"],
+    }
     cfg = agents.config(
+        {"aggregate": {"skew_policy": policy, "max_skew_s": 10.0}, "streams": [stream]},
         name=f"{policy}.toml",
-        extra="""
-[[streams]]
-topic = "site/cam/{camera}/{stream}"
-time_unit = "s"
-numeric = ["conf", "level", "temp_c", "fps"]
-categorical = ["cls", "zone", "status"]
-""",
-    )
-    cfg.write_text(
-        cfg.read_text().replace(
-            "[aggregate]\n", f'[aggregate]\nskew_policy = "{policy}"\nmax_skew_s = 10.0\n'
-        )
     )
     agent = agents.start(cfg)
     pub = Publisher(

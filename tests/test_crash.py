@@ -18,8 +18,7 @@ import pytest
 
 from agent.sim.procs import Publisher, wait_for
 from agent.sim.truth import Expected
-from tests.conftest import AgentFactory
-from tests.helpers import assert_exact, assert_seqs_clean, wait_delivered
+from tests.helpers import AgentFactory, assert_exact, assert_seqs_clean, wait_delivered
 
 
 @pytest.mark.parametrize("point", ["mid_checkpoint", "after_commit", "after_send"])
@@ -113,7 +112,7 @@ def test_chaos_kill9_broker_restart_cloud_outage(agents: AgentFactory, tmp_path:
     broker.start()
     run_phase(16, seed * 10 + 2, cloud_outage=False)
     assert kills >= 5
-    assert not rc.running or rc.messages() >= 0
+    assert rc.running, "the cloud came back before the comparison"
     assert_exact(wait_delivered(rc, expected, timeout_s=90))
     assert_seqs_clean(rc)
     assert agent.stop() == 0

@@ -7,8 +7,7 @@ import sqlite3
 from pathlib import Path
 
 from agent.sim.procs import Publisher, wait_for
-from tests.conftest import AgentFactory
-from tests.helpers import assert_exact, assert_seqs_clean, publish, wait_delivered
+from tests.helpers import AgentFactory, assert_exact, assert_seqs_clean, publish, wait_delivered
 
 
 def test_cloud_table_equals_what_cameras_published(agents: AgentFactory, tmp_path: Path) -> None:
@@ -98,10 +97,9 @@ def test_graceful_restart_mid_stream_loses_and_doubles_nothing(
 def test_kill9_with_open_windows_loses_nothing_g1(agents: AgentFactory, tmp_path: Path) -> None:
     """G1: nothing is acked before it is committed, so SIGKILL with every window open loses
     nothing: the broker redelivers exactly the unacknowledged messages to the next run."""
-    slow = agents.config(name="slow.toml", extra="")
-    text = slow.read_text().replace("allowed_lateness_s = 1.0", "allowed_lateness_s = 600.0")
-    text = text.replace("idle_close_s = 2.0", "idle_close_s = 600.0")
-    slow.write_text(text)
+    slow = agents.config(
+        {"aggregate": {"allowed_lateness_s": 600.0, "idle_close_s": 600.0}}, name="slow.toml"
+    )
     agent = agents.start(slow)
     expected = publish(agents.broker, tmp_path, cameras=20, rate=10, duration_s=2, seed=6)
     want = sum(e.count for e in expected.values())

@@ -22,7 +22,7 @@ from agent.credentials import TokenSource
 from agent.health import Cached, Response, json_response
 from agent.ingest import suback_problems
 from agent.sim.procs import Agent, Mosquitto, Receiver, wait_for
-from tests.conftest import AgentFactory
+from tests.helpers import AgentFactory
 
 MB = 1024 * 1024
 

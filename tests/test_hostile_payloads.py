@@ -29,8 +29,7 @@ from agent.sim.procs import Mosquitto, Publisher, wait_for
 from agent.sim.truth import compare
 from agent.stats import Stats
 from agent.timekeeping import BadTimestamp, parse_event_time
-from tests.conftest import AgentFactory
-from tests.helpers import assert_exact, assert_seqs_clean
+from tests.helpers import AgentFactory, assert_exact, assert_seqs_clean
 
 T0 = 1764126000.0
 NUMERIC = ("conf", "level", "temp_c", "fps")

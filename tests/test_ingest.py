@@ -11,6 +11,7 @@ from agent.acks import AckLedger
 from agent.aggregate import Aggregator
 from agent.config import StreamSettings
 from agent.ingest import Intake, TopicRouter
+from agent.reasons import Reject
 from agent.stats import Stats
 from agent.timekeeping import ClockPolicy, Clocks
 
@@ -164,3 +165,24 @@ def test_field_and_depth_caps() -> None:
     assert stats.rejects["too_deep"] == 1
     assert stats.rejects["malformed_json"] == 2
     assert stats.counted == 0
+
+
+def test_late_and_bad_time_drops_are_counted_once_as_rejects() -> None:
+    agg = Aggregator(window_s=1, allowed_lateness_s=0, idle_close_s=5, late_policy="drop")
+    clocks = Clocks(ClockPolicy(bad_time_policy="drop", max_future_s=60))
+    stats = Stats()
+    intake = Intake(
+        router=TopicRouter([StreamSettings(topic="site/cam/{camera}/{stream}")]),
+        aggregator=agg,
+        clocks=clocks,
+        ledger=AckLedger(),
+        stats=stats,
+        max_payload_bytes=1024,
+    )
+    intake.handle(b"site/cam/c/det", payload(ts=T0 + 5.0), 1, 1, False, T0 + 5.0)
+    intake.handle(b"site/cam/c/det", payload(ts=T0 + 1.0), 2, 1, False, T0 + 5.1)  # late
+    intake.handle(b"site/cam/c/det", payload(ts=T0 + 3600), 3, 1, False, T0 + 5.2)  # future
+    assert stats.rejects == {Reject.late_dropped: 1, Reject.bad_time_dropped: 1}
+    assert stats.counted == 1
+    # One count each: the aggregator and the clocks leave it to the intake.
+    assert not (set(agg.counters) | set(clocks.counters)) & set(stats.rejects)

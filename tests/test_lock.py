@@ -12,7 +12,7 @@ import pytest
 
 from agent.lock import AlreadyRunning, OutboxLock
 from agent.sim.procs import Agent, free_port, port_open, wait_for
-from tests.conftest import AgentFactory
+from tests.helpers import AgentFactory
 
 HOLD = """
 import sys, time
@@ -53,6 +53,7 @@ def test_second_lock_on_the_same_outbox_is_refused_naming_the_pid(tmp_path: Path
     first.release()  # idempotent
 
 
+@pytest.mark.e2e
 def test_lock_held_by_another_process_and_dropped_when_it_dies(tmp_path: Path) -> None:
     outbox = tmp_path / "buffer.sqlite3"
     child = subprocess.Popen(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from agent.logs import JournalFormatter, JsonFormatter, TextArgs, priority, under_journald
 from agent.sim.procs import wait_for
-from tests.conftest import AgentFactory
+from tests.helpers import AgentFactory
 from tests.test_fail_well import publish_one
 
 TOPIC = "site/cam/cam-1/detections"

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent import __version__, buildinfo
 from agent.reasons import AGGREGATE_EVENTS, CLOCK_EVENTS, DROP_REASONS, REJECT_REASONS
-from tests.conftest import AgentFactory
+from tests.helpers import AgentFactory
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "monitoring" / "alerts.yml"

@@ -16,9 +16,9 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.exitcodes import Exit
 from agent.sim.procs import HOST, wait_for
-from tests.conftest import AgentFactory
-from tests.helpers import assert_exact, publish, wait_delivered
+from tests.helpers import AgentFactory, assert_exact, publish, wait_delivered
 
 
 def get(port: int, path: str, method: str = "GET") -> tuple[int, bytes, str]:
@@ -112,7 +112,7 @@ def test_status_command_exit_codes(agents: AgentFactory) -> None:
     assert bad.stdout.startswith("PROBLEM  cloud refused credentials (401)")
     assert agent.stop() == 0
     gone = status_cli("--url", url)
-    assert gone.returncode == 3 and "unreachable" in gone.stderr
+    assert gone.returncode == Exit.UNREACHABLE and "unreachable" in gone.stderr
 
 
 def test_sd_notify_ready_after_subscribe_and_watchdog_from_progress(

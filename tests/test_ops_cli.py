@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 
-from agent.cli import EXIT_BROKEN_PIPE, build_parser, main
+from agent.cli import EXIT_BROKEN_PIPE, EXIT_NOT_FOUND, build_parser, main
 from agent.sim.procs import Agent, wait_for
-from tests.conftest import AgentFactory
-from tests.helpers import publish
+from tests.helpers import AgentFactory, publish
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -75,7 +74,7 @@ def test_dead_letters_listed_shown_retried_and_counted_as_they_are_now(
     shown = capsys.readouterr().out
     assert "cloud said   HTTP 422" in shown and "chunk of camera cam-000 refused" in shown
     assert '"camera": "cam-000"' in shown
-    assert main(["deadletter", "show", "1", "--config", str(config)]) == 1
+    assert main(["deadletter", "show", "1", "--config", str(config)]) == EXIT_NOT_FOUND
     assert "no dead letter with seq 1" in capsys.readouterr().err
 
     text = cli("status", "--config", str(config))

@@ -22,8 +22,7 @@ from agent.outage import outage_problems, recovery_line, rfc3339
 from agent.outbox import CheckpointWrite, Outbox
 from agent.sim.procs import Receiver, wait_for
 from agent.stats import Stats
-from tests.conftest import AgentFactory
-from tests.helpers import publish
+from tests.helpers import AgentFactory, publish
 
 T0 = 1_764_170_000.0  # 2025-11-26T15:13:20Z
 

@@ -8,9 +8,12 @@ import getpass
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from agent.sim.procs import Mosquitto, Receiver, agent_config, free_port, wait_for
-from tests.conftest import AgentFactory
+from tests.helpers import AgentFactory
 
 
 def check(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -25,11 +28,13 @@ def lines(r: subprocess.CompletedProcess[str], what: str) -> str:
     return next(s for s in r.stderr.splitlines() if f"  {what} " in s)
 
 
-def config_for(tmp_path: Path, mqtt_port: int, url: str, extra: str = "") -> Path:
+def config_for(
+    tmp_path: Path, mqtt_port: int, url: str, overrides: dict[str, Any] | None = None
+) -> Path:
     (tmp_path / "state").mkdir(exist_ok=True)
     return agent_config(
         path=tmp_path / "probe.toml", gateway_id="gw-probe", mqtt_port=mqtt_port,
-        receiver_url=url, buffer_path=tmp_path / "state" / "buffer.sqlite3", extra=extra,
+        receiver_url=url, buffer_path=tmp_path / "state" / "buffer.sqlite3", overrides=overrides,
     )  # fmt: skip
 
 
@@ -53,6 +58,7 @@ def test_both_reachable_and_the_running_agent_undisturbed(agents: AgentFactory) 
     assert agents.receiver.stats()["chunks"] == 0  # the probe batch stored nothing
 
 
+@pytest.mark.e2e
 def test_closed_ports_say_which_failed(tmp_path: Path) -> None:
     config = config_for(tmp_path, free_port(), f"http://127.0.0.1:{free_port()}/ingest")
     r = check(config)
@@ -80,11 +86,8 @@ def test_refused_credentials_and_a_downgraded_subscription(
     qos0.start()
     try:
         receiver.fault(required_token="t0ken")
-        config = config_for(tmp_path, locked.port, receiver.url)
-        text = config.read_text().replace(
-            "[mqtt]\n", '[mqtt]\nusername = "agent"\npassword = "wrong-pw"\n', 1
-        )
-        config.write_text(text)
+        wrong_pw = {"mqtt": {"username": "agent", "password": "wrong-pw"}}
+        config = config_for(tmp_path, locked.port, receiver.url, wrong_pw)
         r = check(config)
         assert r.returncode == 4, r.stderr
         assert lines(r, "broker").endswith("CONNACK: broker refused: not authorized (135)")
@@ -92,7 +95,7 @@ def test_refused_credentials_and_a_downgraded_subscription(
         assert "HTTP 401: credentials refused (no token configured)" in cloud
         assert "wrong-pw" not in r.stdout + r.stderr  # the password stays masked
 
-        config.write_text(text.replace(f"port = {locked.port}", f"port = {qos0.port}"))
+        config = config_for(tmp_path, qos0.port, receiver.url, wrong_pw)
         r = check(config)
         assert "SUBACK: MQTT subscription 'site/cam/+/+' granted at QoS 0" in lines(r, "broker")
     finally:

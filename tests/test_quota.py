@@ -17,8 +17,7 @@ from agent.quota import compact_range, counted_messages
 from agent.sim.cloud import load_merged
 from agent.sim.procs import wait_for
 from agent.sim.truth import compare_per_stream
-from tests.conftest import AgentFactory
-from tests.helpers import assert_exact, publish, wait_delivered
+from tests.helpers import AgentFactory, assert_exact, publish, wait_delivered
 
 T0 = 1764126000
 
@@ -263,8 +262,7 @@ def test_agent_compacts_under_a_tiny_quota_and_loses_nothing(
     """With the cloud down and a 1 MiB quota the agent compacts its backlog into coarser
     windows; when the cloud returns, every message arrives exactly once."""
     agents.receiver.kill()
-    cfg = agents.config(name="tiny.toml")
-    cfg.write_text(cfg.read_text().replace("[buffer]\n", '[buffer]\nmax_bytes = "1MiB"\n'))
+    cfg = agents.config({"buffer": {"max_bytes": "1MiB"}}, name="tiny.toml")
     agent = agents.start(cfg)
     # 200 cameras x 2 streams x 6 s of 1-second chunks is well over a 1 MiB quota (the backlog
     # alone must pass 90 %, however slowly a loaded machine publishes).
@@ -296,8 +294,7 @@ def test_a_disk_smaller_than_the_quota_fills_drains_and_loses_nothing(
         pytest.skip(f"needs a tmpfs mount (root): {mounted.stderr.decode().strip()}")
     try:
         agents.receiver.kill()
-        cfg = agents.config(name="small-disk.toml")
-        cfg.write_text(cfg.read_text().replace(str(agents.buffer), str(disk / "buffer.sqlite3")))
+        cfg = agents.config({"buffer": {"path": disk / "buffer.sqlite3"}}, name="small-disk.toml")
         agent = agents.start(cfg)
         expected = publish(agents.broker, tmp_path, cameras=100, rate=10, duration_s=12, seed=23)
         status = agent.status() or {}

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
@@ -60,30 +61,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return files
 
 
-def start_agent(tmp_path: Path, mqtt_port: int, receiver_url: str, extra: str) -> Agent:
+def start_agent(
+    tmp_path: Path, mqtt_port: int, receiver_url: str, overrides: dict[str, Any]
+) -> Agent:
     health = free_port()
     cfg = agent_config(
         path=tmp_path / "agent.toml", gateway_id="gw-test", mqtt_port=mqtt_port,
         receiver_url=receiver_url, buffer_path=tmp_path / "buffer.sqlite3", health_port=health,
+        overrides=overrides,
     )  # fmt: skip
-    text = cfg.read_text()
-    for section, lines in _sections(extra).items():
-        text = text.replace(f"[{section}]\n", f"[{section}]\n{lines}")
-    cfg.write_text(text)
     os.chmod(cfg, 0o600)
     return Agent(cfg, tmp_path / "agent.log", health).start()
-
-
-def _sections(extra: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    current = ""
-    for line in extra.strip().splitlines():
-        if line.startswith("["):
-            current = line.strip("[] ")
-            out[current] = ""
-        else:
-            out[current] += line + "\n"
-    return out
 
 
 @pytest.fixture
@@ -100,12 +88,8 @@ def tls_broker(tmp_path: Path, pki: dict[str, Path]) -> Iterator[Mosquitto]:
 def test_broker_mtls(
     tmp_path: Path, pki: dict[str, Path], tls_broker: Mosquitto, receiver: Receiver
 ) -> None:
-    agent = start_agent(tmp_path, tls_broker.tls_port or 0, receiver.url, f"""
-[mqtt]
-ca_file = "{pki['ca']}"
-cert_file = "{pki['client_cert']}"
-key_file = "{pki['client_key']}"
-""")  # fmt: skip
+    tls = {"ca_file": pki["ca"], "cert_file": pki["client_cert"], "key_file": pki["client_key"]}
+    agent = start_agent(tmp_path, tls_broker.tls_port or 0, receiver.url, {"mqtt": tls})
     try:
         agent.wait_ready()
         expected = (
@@ -124,10 +108,10 @@ def test_broker_tls_refusals(
 ) -> None:
     ca = pki["other_ca"] if case == "wrong_ca" else pki["ca"]
     cert = "expired" if case == "expired_client_cert" else "client"
-    lines = f'ca_file = "{ca}"\nconnect_timeout_s = 2.0\n'
+    mqtt: dict[str, Any] = {"ca_file": ca, "connect_timeout_s": 2.0}
     if case != "no_client_cert":
-        lines += f'cert_file = "{pki[cert + "_cert"]}"\nkey_file = "{pki[cert + "_key"]}"\n'
-    agent = start_agent(tmp_path, tls_broker.tls_port or 0, receiver.url, "[mqtt]\n" + lines)
+        mqtt |= {"cert_file": pki[cert + "_cert"], "key_file": pki[cert + "_key"]}
+    agent = start_agent(tmp_path, tls_broker.tls_port or 0, receiver.url, {"mqtt": mqtt})
     try:
         wait_for(lambda: agent.log_text().count("unavailable") >= 2, timeout_s=20, what="refusals")
         assert agent.running  # it keeps trying, it does not crash
@@ -157,11 +141,8 @@ def test_cloud_tls_and_token_rotation(
     token_file = tmp_path / "cloud-token"
     token_file.write_text("token-one\n")
     tls_receiver.fault(required_token="token-one")
-    agent = start_agent(tmp_path, broker.port, tls_receiver.url, f"""
-[forward]
-ca_file = "{pki['ca']}"
-token_file = "{token_file}"
-""")  # fmt: skip
+    forward = {"ca_file": pki["ca"], "token_file": token_file}
+    agent = start_agent(tmp_path, broker.port, tls_receiver.url, {"forward": forward})
     try:
         agent.wait_ready()
         first = (
@@ -188,10 +169,8 @@ token_file = "{token_file}"
 def test_cloud_tls_with_the_wrong_ca_keeps_data(
     tmp_path: Path, pki: dict[str, Path], broker: Mosquitto, tls_receiver: Receiver
 ) -> None:
-    agent = start_agent(tmp_path, broker.port, tls_receiver.url, f"""
-[forward]
-ca_file = "{pki['other_ca']}"
-""")  # fmt: skip
+    forward = {"ca_file": pki["other_ca"]}
+    agent = start_agent(tmp_path, broker.port, tls_receiver.url, {"forward": forward})
     try:
         agent.wait_ready()
         Publisher(broker, tmp_path, cameras=3, rate=10, duration_s=1, seed=54).start().join()
@@ -220,12 +199,8 @@ def test_secrets_never_leak(tmp_path: Path, broker: Mosquitto, receiver: Receive
     assert r.returncode == 0
     assert "s3cr3t" not in r.stdout + r.stderr
     assert "readable by every user" in r.stderr
-    agent = start_agent(tmp_path, broker.port, receiver.url, """
-[mqtt]
-password = "mqtt-pw-s3cr3t"
-[forward]
-token = "cloud-t0ken-s3cr3t"
-""")  # fmt: skip
+    secrets = {"mqtt": {"password": "mqtt-pw-s3cr3t"}, "forward": {"token": "cloud-t0ken-s3cr3t"}}
+    agent = start_agent(tmp_path, broker.port, receiver.url, secrets)
     try:
         agent.wait_ready()
         receiver.fault(status=401)
@@ -240,7 +215,7 @@ token = "cloud-t0ken-s3cr3t"
 def test_hostile_camera_cannot_hurt_the_honest_ones(
     tmp_path: Path, broker: Mosquitto, receiver: Receiver
 ) -> None:
-    agent = start_agent(tmp_path, broker.port, receiver.url, "")
+    agent = start_agent(tmp_path, broker.port, receiver.url, {})
     try:
         agent.wait_ready()
         honest = Publisher(broker, tmp_path, cameras=10, rate=10, duration_s=6, seed=56).start()

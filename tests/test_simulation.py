@@ -13,6 +13,8 @@ import pytest
 from agent.sim.durable import run_parallel, run_seed
 
 
+# Minutes of CPU: outside the inner loop (`pytest -m "not e2e"`) like the process tests.
+@pytest.mark.e2e
 @pytest.mark.timeout(900)
 def test_simulated_schedules_count_every_message_exactly_once() -> None:
     if os.environ.get("SEED"):

@@ -67,6 +67,7 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     assert problems == [], problems
 
 
+@pytest.mark.e2e
 def test_installer_into_a_root_dir_and_back(tmp_path: Path) -> None:
     root = tmp_path / "root"
     args = [

@@ -17,8 +17,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.sim.procs import HOST, Mosquitto, agent_config, free_port, wait_for
-from tests.conftest import AgentFactory
-from tests.helpers import assert_exact, publish, wait_delivered
+from tests.helpers import AgentFactory, assert_exact, publish, wait_delivered
 
 
 class TapProc:
@@ -76,14 +75,13 @@ def send(c: mqtt.Client, topic: str, payload: str | bytes) -> None:
     c.publish(topic, payload, qos=1).wait_for_publish(timeout=10)
 
 
-def config_for(tmp_path: Path, broker: Mosquitto, extra: str = "") -> Path:
+def config_for(tmp_path: Path, broker: Mosquitto) -> Path:
     return agent_config(
         path=tmp_path / "tap.toml",
         gateway_id="gw-tap",
         mqtt_port=broker.port,
         receiver_url=f"http://{HOST}:{free_port()}/ingest",
         buffer_path=tmp_path / "unused.sqlite3",
-        extra=extra,
     )
 
 
@@ -184,6 +182,7 @@ def test_tap_beside_the_agent_takes_nothing_from_it(
     assert agent.stop() == 0
 
 
+@pytest.mark.e2e
 def test_tap_bad_input_and_unreachable_broker(tmp_path: Path) -> None:
     cfg = agent_config(
         path=tmp_path / "a.toml",

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.exitcodes import Exit
 from agent.sim.procs import HOST, free_port, wait_for
 from agent.topview import Sample, ViewOptions, render
-from tests.conftest import AgentFactory
-from tests.helpers import publish, wait_delivered
+from tests.helpers import AgentFactory, publish, wait_delivered
 
 
 class Tmux:
@@ -216,9 +216,10 @@ def test_top_prints_plain_lines_when_stdout_is_not_a_terminal(
     assert agent.stop() == 0
 
     gone = top_cli("--url", url, "--once")
-    assert gone.returncode == 3 and f"agent not reachable at {url}" in gone.stdout
+    assert gone.returncode == Exit.UNREACHABLE and f"agent not reachable at {url}" in gone.stdout
 
 
+@pytest.mark.e2e
 def test_top_bad_options_name_themselves() -> None:
     bad = top_cli("--url", f"http://{HOST}:{free_port()}", "--interval-s", "0")
     assert bad.returncode == 2 and "--interval-s" in bad.stderr and "must be > 0" in bad.stderr

@@ -168,7 +168,7 @@ def load_merged(db: Path, gateway: str | None = None) -> dict[tuple[str, str, in
         con.close()
 
 
-class Faults:
+class CloudFaults:
     """What the receiver is told to do wrong (changeable at runtime through POST /_fault)."""
 
     def __init__(
@@ -196,11 +196,11 @@ class Faults:
         self.injected = 0
 
 
-class Receiver(ThreadingHTTPServer):
+class CloudServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, addr: tuple[str, int], store: Store, faults: Faults) -> None:
+    def __init__(self, addr: tuple[str, int], store: Store, faults: CloudFaults) -> None:
         self.address_family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         super().__init__(addr, Handler)
         self.store = store
@@ -219,7 +219,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     # Answers go out in two writes; without this each batch would wait for a delayed ACK.
     disable_nagle_algorithm = True
-    server: Receiver
+    server: CloudServer
 
     def setup(self) -> None:
         super().setup()
@@ -374,7 +374,7 @@ def serve(
 ) -> None:
     """Serve until killed; with down_after_s, stop listening (and drop connections) for a while."""
     store = Store(db)
-    faults = Faults(
+    faults = CloudFaults(
         fail_rate=fail_rate,
         throttle_every=throttle_every,
         retry_after_s=retry_after_s,
@@ -382,7 +382,7 @@ def serve(
         seed=seed,
     )
     while True:
-        server = Receiver((host, port), store, faults)
+        server = CloudServer((host, port), store, faults)
         if tls_cert is not None:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(str(tls_cert), str(tls_key) if tls_key else None)

@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Self
 
@@ -246,35 +246,85 @@ def agent_config(
     buffer_path: Path,
     client_id: str = "edge-agent-test",
     health_port: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
     extra: str = "",
 ) -> Path:
-    """Write a config for a test/demo agent (short lateness so chunks close quickly)."""
-    path.write_text(
-        f"""gateway_id = "{gateway_id}"
-[mqtt]
-host = "{HOST}"
-port = {mqtt_port}
-client_id = "{client_id}"
-reconnect_min_s = 0.1
-reconnect_max_s = 1.0
-[aggregate]
-allowed_lateness_s = 1.0
-idle_close_s = 2.0
-[buffer]
-path = "{buffer_path}"
-checkpoint_interval_ms = 100
-[forward]
-url = "{receiver_url}"
-linger_ms = 50
-backoff_min_s = 0.1
-backoff_max_s = 1.0
-shutdown_drain_s = 5.0
-[health]
-listen = "{HOST}:{health_port or free_port()}"
-{extra}
-"""
-    )
+    """Write a config for a test/demo agent (short lateness so chunks close quickly).
+
+    `overrides` is deep-merged over it (tables key by key; a list, `[[streams]]` too, replaces);
+    `extra` is raw TOML appended at the end."""
+    base: dict[str, Any] = {
+        "gateway_id": gateway_id,
+        "mqtt": {
+            "host": HOST,
+            "port": mqtt_port,
+            "client_id": client_id,
+            "reconnect_min_s": 0.1,
+            "reconnect_max_s": 1.0,
+        },
+        "aggregate": {"allowed_lateness_s": 1.0, "idle_close_s": 2.0},
+        "buffer": {"path": str(buffer_path), "checkpoint_interval_ms": 100},
+        "forward": {
+            "url": receiver_url,
+            "linger_ms": 50,
+            "backoff_min_s": 0.1,
+            "backoff_max_s": 1.0,
+            "shutdown_drain_s": 5.0,
+        },
+        "health": {"listen": f"{HOST}:{health_port or free_port()}"},
+    }
+    text = toml_text(merged(base, overrides or {}))
+    path.write_text(text + (f"\n{extra}\n" if extra else ""))
     return path
+
+
+def merged(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, tables merged key by key."""
+    out = dict(base)
+    for k, v in top.items():
+        old = out.get(k)
+        out[k] = merged(old, v) if isinstance(old, Mapping) and isinstance(v, Mapping) else v
+    return out
+
+
+def toml_text(data: Mapping[str, Any]) -> str:
+    """The TOML for a config: plain keys first, then tables, then arrays of tables."""
+    lines = _toml_keys(data)
+    for name, value in data.items():
+        if isinstance(value, Mapping):
+            lines += ["", f"[{_toml_key(name)}]", *_toml_keys(value)]
+        elif _is_table_array(value):
+            for table in value:
+                lines += ["", f"[[{_toml_key(name)}]]", *_toml_keys(table)]
+    return "\n".join(lines) + "\n"
+
+
+def _is_table_array(value: object) -> bool:
+    return isinstance(value, list | tuple) and bool(value) and isinstance(value[0], Mapping)
+
+
+def _toml_keys(table: Mapping[str, Any]) -> list[str]:
+    return [
+        f"{_toml_key(k)} = {_toml_value(v)}"
+        for k, v in table.items()
+        if not isinstance(v, Mapping) and not _is_table_array(v)
+    ]
+
+
+def _toml_key(key: str) -> str:
+    return key if key and all(c.isalnum() or c in "_-" for c in key) else json.dumps(key)
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str | Path):
+        return json.dumps(str(v))  # a JSON string is a TOML basic string
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"no TOML for {v!r} ({type(v).__name__})")
 
 
 class Agent(Proc):
