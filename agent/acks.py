@@ -249,6 +249,10 @@ class AckLedger:
                     self._prune.add(mid)
             self._stale_after_reconnect = False
 
+    def current(self, ps: list[Pending]) -> list[Pending]:
+        """The entries of `ps` still remembered under their id (the others are superseded)."""
+        return [p for p in ps if self._by_mid.get(p.mid) is p]
+
     def ignored(self, mid: int, digest: int, dup: bool) -> None:
         """A QoS 1 message left unacked (shutdown): the broker redelivers it to the next run.
 

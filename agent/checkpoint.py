@@ -30,6 +30,8 @@ from agent.stats import RateLimitedLog, Stats
 from agent.store import is_full
 
 log = logging.getLogger(__name__)
+# Twice the packet-id space: past it, the acked-but-unconfirmed list keeps only current entries.
+UNCONFIRMED_COMPACT_AT = 2 * 65_536
 
 T = TypeVar("T")
 
@@ -309,6 +311,11 @@ class Checkpointer:
         if ledger.connection != self._unconfirmed_conn:
             self._unconfirmed, self._unconfirmed_conn = [], ledger.connection
         self._unconfirmed.extend(popped)
+        if len(self._unconfirmed) > UNCONFIRMED_COMPACT_AT:
+            # A broker slow to answer the barrier (every round trip over its timeout) must not
+            # grow this without bound: an entry superseded under its id is a no-op for
+            # confirmed(), so keeping the current ones only (at most one per id) is exact.
+            self._unconfirmed = ledger.current(self._unconfirmed)
 
     async def _confirm(self) -> None:
         """One round trip to the broker after the acks already sent (or after a reconnect):

@@ -311,7 +311,22 @@ class Settings(BaseModel):
             if key in names:
                 raise ValueError(f"two [[streams]] entries have the same topic {s.topic!r}")
             names.add(key)
+        filters = sorted({s.subscription for s in self.streams})
+        for i, a in enumerate(filters):
+            for b in filters[i + 1 :]:
+                if _overlap(a, b):
+                    raise ValueError(
+                        f"two [[streams]] topics can match the same topic ({a!r} and {b!r}): "
+                        "the broker would deliver such a message once per subscription and "
+                        "it would be counted twice; make them disjoint"
+                    )
         return self
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether two MQTT filters of '+' and literal levels can match one topic."""
+    la, lb = a.split("/"), b.split("/")
+    return len(la) == len(lb) and all(x == y or "+" in (x, y) for x, y in zip(la, lb, strict=True))
 
 
 def _format_error(err: Any) -> str:

@@ -169,3 +169,21 @@ def test_check_config_masks_the_password_in_a_url(
     assert "hunter2" not in out
     assert json.loads(out)["forward"]["url"] == "https://site42:***@cloud.example/in"
     assert load_settings(cfg).forward.url == "https://site42:hunter2@cloud.example/in"
+
+
+def test_streams_whose_topics_can_match_one_topic_are_refused() -> None:
+    """The broker delivers a message once per matching subscription: it would be counted twice."""
+    streams = [
+        {"topic": "site/cam/{camera}/detections", "name": "detections", "numeric": ["conf"]},
+        {"topic": "site/cam/{camera}/{stream}", "numeric": ["level"]},
+    ]
+    with pytest.raises(ConfigError) as e:
+        load_settings(None, overrides={"gateway_id": "gw", "streams": streams})
+    assert any("counted twice" in p and "site/cam/+/detections" in p for p in e.value.problems)
+    disjoint = [
+        {"topic": "site/cam/{camera}/detections", "name": "detections", "numeric": ["conf"]},
+        {"topic": "site/door/{camera}/{stream}", "numeric": ["level"]},
+    ]
+    assert (
+        len(load_settings(None, overrides={"gateway_id": "gw", "streams": disjoint}).streams) == 2
+    )
