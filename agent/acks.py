@@ -6,12 +6,18 @@ leave in receive order (MQTT 5 §4.6), so one slow window holds back the acks be
 early-ack rule saves it.
 
 Exactly once across reconnects and crashes: the broker redelivers an unacknowledged message with
-the DUP flag and the same packet identifier. The ledger remembers, per packet identifier, a digest
-of the topic and payload of the last message counted under it; the checkpoint journals the
-identifiers it is about to ack. A DUP delivery matching a remembered identifier and digest was
-already counted: it is acked (once durable) but not counted again. The broker reuses an identifier
-only after our PUBACK for it arrived, so a non-matching delivery under an old identifier is a new
-message and replaces the entry.
+the DUP flag and the same packet identifier. The ledger remembers each counted message by its key,
+(packet identifier, digest of topic and payload); the checkpoint journals the keys it is about to
+ack. A DUP delivery matching a remembered key was already counted: it is acked (once durable) but
+not counted again.
+
+Keys, not identifiers alone: a broker should reuse an identifier only after our PUBACK for it,
+but Mosquitto 2.0.11 does not. Once more than Receive Maximum messages are queued for us, the
+first PUBACKs make it send the whole queue, and past 65,535 unacknowledged messages it gives one
+identifier to two of them; both are redelivered after a reconnect. Remembering one message per
+identifier counted the other twice (an adversary's backlog replay: +87,870 of 149,945). A key is
+forgotten when its ack is confirmed (a round trip after the PUBACK), or, for a key of an earlier
+connection that was not redelivered, after the first round trip of a new connection.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ from typing import Protocol
 class Durability(Protocol):
     version: int
     durable_version: int
+
+
+# (packet identifier, digest of topic and payload): what the journal remembers a message by.
+Key = tuple[int, int]
 
 
 class Pending:
@@ -56,6 +66,10 @@ class Pending:
         self.conn = conn
 
     @property
+    def key(self) -> Key:
+        return (self.mid, self.digest)
+
+    @property
     def durable(self) -> bool:
         w = self.window
         return self.acked or w is None or w.durable_version >= self.version
@@ -64,7 +78,7 @@ class Pending:
 @dataclass
 class JournalPlan:
     upserts: list[Pending]
-    deletes: list[int]
+    deletes: list[Key]
     keep_orphans: list[Pending]
     had_orphans: bool
 
@@ -115,20 +129,22 @@ class AckLedger:
     """Pending acks of the current connection, in receive order, plus the redelivery memory."""
 
     def __init__(self, journal: Iterable[tuple[int, int]] = ()) -> None:
-        self._by_mid: dict[int, Pending] = {}
+        self._by_key: dict[Key, Pending] = {}
         for mid, digest in journal:
             p = Pending(mid, 1, digest, None, 0.0, conn=-1)
             p.acked = p.journaled = True
-            self._by_mid[mid] = p
+            self._by_key[mid, digest] = p
         self._queue: deque[Pending] = deque()
         # Entries of earlier connections not yet journaled: their effect may still become
         # durable (their window closes) before the broker redelivers them, and a crash then
         # must not count them twice.
         self._orphans: list[Pending] = []
         self._conn = 0
-        self._new_mids: set[int] = set()
+        # Keys of new messages not yet durable: a journal row under the same key (an earlier
+        # message with the same bytes under a reused id) is stale.
+        self._new_keys: set[Key] = set()
         # Journal rows to delete: their acks are confirmed, their ids may be reused.
-        self._prune: set[int] = set()
+        self._prune: set[Key] = set()
         self._stale_after_reconnect = False
 
     def new_connection(self) -> None:
@@ -140,8 +156,8 @@ class AckLedger:
 
     def redelivered(self, mid: int, digest: int, recv_t: float) -> bool:
         """If a DUP delivery was already counted, queue its ack and return True (do not count)."""
-        p = self._by_mid.get(mid)
-        if p is None or p.digest != digest:
+        p = self._by_key.get((mid, digest))
+        if p is None:
             return False
         if p.conn != self._conn:
             p.conn = self._conn
@@ -154,8 +170,8 @@ class AckLedger:
     ) -> None:
         """Remember a newly counted message whose ack is owed once it is durable."""
         p = Pending(mid, qos, digest, window, recv_t, self._conn)
-        self._by_mid[mid] = p
-        self._new_mids.add(mid)
+        self._by_key[mid, digest] = p
+        self._new_keys.add((mid, digest))
         self._queue.append(p)
 
     def ackable(self) -> list[Pending]:
@@ -203,11 +219,11 @@ class AckLedger:
             # Orphans superseded by a newer message under the same id need no journal row.
             keep_orphans = [
                 p for p in self._orphans
-                if not p.journaled and not will_be_durable(p) and self._by_mid.get(p.mid) is p
+                if not p.journaled and not will_be_durable(p) and self._by_key.get(p.key) is p
             ]  # fmt: skip
-            upserts = [p for p in upserts if self._by_mid.get(p.mid) is p]
-        durable_mids = {p.mid for p in upserts}
-        deletes = sorted(m for m in self._new_mids | self._prune if m not in durable_mids)
+            upserts = [p for p in upserts if self._by_key.get(p.key) is p]
+        durable_keys = {p.key for p in upserts}
+        deletes = sorted(k for k in self._new_keys | self._prune if k not in durable_keys)
         return JournalPlan(upserts, deletes, keep_orphans, bool(self._orphans))
 
     def journal_written(self, plan: JournalPlan) -> None:
@@ -223,12 +239,12 @@ class AckLedger:
             self._orphans = plan.keep_orphans + [
                 p for p in self._orphans if id(p) not in planned and p not in plan.keep_orphans
             ]
-        self._new_mids.difference_update(plan.deletes)
-        self._new_mids.difference_update(p.mid for p in plan.upserts)
+        self._new_keys.difference_update(plan.deletes)
+        self._new_keys.difference_update(p.key for p in plan.upserts)
         self._prune.difference_update(plan.deletes)
-        # An upsert replaced the row under its id: a prune pending for that id (the row of an
-        # earlier message) is done, and must not delete the new row later.
-        self._prune.difference_update(p.mid for p in plan.upserts)
+        # An upsert replaced the row under its key: a prune pending for that key (the row of an
+        # earlier message with the same bytes) is done, and must not delete the new row later.
+        self._prune.difference_update(p.key for p in plan.upserts)
 
     def confirmed(self, acked: list[Pending]) -> None:
         """The broker has processed the PUBACKs of `acked` (a round trip after them came back
@@ -236,36 +252,37 @@ class AckLedger:
         packet ids, so their journal rows must go (in the next checkpoint) before a new
         message with the same bytes under the same id could be taken for a redelivery."""
         for p in acked:
-            if self._by_mid.get(p.mid) is p and p.acked:
-                del self._by_mid[p.mid]
-                self._prune.add(p.mid)
+            if self._by_key.get(p.key) is p and p.acked:
+                del self._by_key[p.key]
+                self._prune.add(p.key)
         if self._stale_after_reconnect:
             # Everything the broker still had in flight for us was redelivered right after the
             # CONNACK, before this round trip's answer: journal rows of earlier connections
             # that were not redelivered belong to messages the broker no longer holds.
-            for mid, p in list(self._by_mid.items()):
+            for key, p in list(self._by_key.items()):
                 if p.journaled and p.acked and p.conn != self._conn:
-                    del self._by_mid[mid]
-                    self._prune.add(mid)
+                    del self._by_key[key]
+                    self._prune.add(key)
             self._stale_after_reconnect = False
 
     def current(self, ps: list[Pending]) -> list[Pending]:
         """The entries of `ps` still remembered under their id (the others are superseded)."""
-        return [p for p in ps if self._by_mid.get(p.mid) is p]
+        return [p for p in ps if self._by_key.get(p.key) is p]
 
     def ignored(self, mid: int, digest: int, dup: bool) -> None:
         """A QoS 1 message left unacked (shutdown): the broker redelivers it to the next run.
 
-        Unless it is a redelivery of the message journaled under `mid`, it is a new message,
-        so the journal row under its id is stale: a later redelivery of this new message,
-        identical bytes and all, must not be taken for the old one.
+        Unless it is a redelivery of the message journaled under its key, it is a new message
+        with the same bytes under a reused id, so the journal row under that key is stale: a
+        later redelivery of this new message must not be taken for the old one.
         """
-        p = self._by_mid.get(mid)
-        if dup and p is not None and p.digest == digest:
+        key = (mid, digest)
+        p = self._by_key.get(key)
+        if dup and p is not None:
             return
         if p is not None and p.journaled:
-            del self._by_mid[mid]
-        self._new_mids.add(mid)
+            del self._by_key[key]
+        self._new_keys.add(key)
 
     def pop_acked(self, n: int) -> list[Pending]:
         """Remove the first n entries (their acks are being sent) and mark them acked."""

@@ -35,7 +35,7 @@ from agent.quota import LEVELS, compact_range, counted_messages
 log = logging.getLogger(__name__)
 
 CACHE_KIB = 512
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS chunks (
@@ -63,8 +63,9 @@ CREATE TABLE IF NOT EXISTS open_windows (
     PRIMARY KEY (camera, stream, t, rev)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ack_journal (
-    mid INTEGER PRIMARY KEY,
-    digest INTEGER NOT NULL
+    mid INTEGER NOT NULL,
+    digest INTEGER NOT NULL,
+    PRIMARY KEY (mid, digest)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (
     seq INTEGER PRIMARY KEY,
@@ -83,6 +84,17 @@ CREATE TABLE IF NOT EXISTS meta (
 _MIGRATE_1_TO_2 = """
 ALTER TABLE chunks ADD COLUMN seq_end INTEGER;
 ALTER TABLE dead_letters ADD COLUMN seq_end INTEGER;
+"""
+# v3: the ack journal is keyed by (mid, digest), not mid alone (see agent/acks.py).
+_MIGRATE_2_TO_3 = """
+ALTER TABLE ack_journal RENAME TO ack_journal_v2;
+CREATE TABLE ack_journal (
+    mid INTEGER NOT NULL,
+    digest INTEGER NOT NULL,
+    PRIMARY KEY (mid, digest)
+) WITHOUT ROWID;
+INSERT INTO ack_journal (mid, digest) SELECT mid, digest FROM ack_journal_v2;
+DROP TABLE ack_journal_v2;
 """
 
 # SQLite primary result codes that mean "this file is not a database we can trust".
@@ -124,7 +136,7 @@ class CheckpointWrite:
     snapshots: Sequence[tuple[WindowKey, bytes]] = ()
     drop_snapshots: Sequence[WindowKey] = ()
     journal_upserts: Sequence[tuple[int, int]] = ()
-    journal_deletes: Sequence[int] = ()
+    journal_deletes: Sequence[tuple[int, int]] = ()
 
     def __bool__(self) -> bool:
         return bool(
@@ -299,7 +311,7 @@ class Store:
                 )
             if w.journal_deletes:
                 db.executemany(
-                    "DELETE FROM ack_journal WHERE mid = ?", [(m,) for m in w.journal_deletes]
+                    "DELETE FROM ack_journal WHERE mid = ? AND digest = ?", w.journal_deletes
                 )
             if w.journal_upserts:
                 db.executemany(
@@ -739,6 +751,7 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
             con.executescript(
                 "BEGIN IMMEDIATE;"
                 + (_MIGRATE_1_TO_2 if version == 1 else "")
+                + (_MIGRATE_2_TO_3 if 1 <= version <= 2 else "")
                 + _SCHEMA
                 + f"PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
             )

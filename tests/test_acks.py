@@ -67,7 +67,7 @@ def test_journal_survives_restart_and_matches_redelivery() -> None:
     w.durable_version = DURABLE
     plan = ledger.plan_journal(durable_now)
     assert [(p.mid, p.digest) for p in plan.upserts] == [(5, 50)]
-    assert plan.deletes == [6]  # received but not durable: a stale row for id 6 must go
+    assert plan.deletes == [(6, 60)]  # received, not durable: a stale row under its key goes
     ledger.journal_written(plan)
     assert all(p.journaled for p in plan.upserts)
     assert ledger.plan_journal(durable_now).deletes == []  # deleted once
@@ -88,7 +88,7 @@ def test_plan_changes_nothing_until_written() -> None:
     # The commit failed: journal_written is not called.
     second = ledger.plan_journal(durable_now)
     assert [p.mid for p in second.upserts] == [p.mid for p in first.upserts] == [5]
-    assert second.deletes == first.deletes == [6]
+    assert second.deletes == first.deletes == [(6, 60)]
     assert not any(p.journaled for p in second.upserts)
     assert second.upserts[0].window is w  # still held until durable on disk
     ledger.journal_written(second)
@@ -112,7 +112,7 @@ def test_plan_counts_what_the_commit_itself_makes_durable() -> None:
 
     plan = ledger.plan_journal(will_be_durable)
     assert [p.mid for p in plan.upserts] == [1, 2]
-    assert plan.deletes == [3, 4]
+    assert plan.deletes == [(3, 30), (4, 40)]
     assert ledger.ackable() == []  # nothing is durable in memory yet
     closing.durable_version = DURABLE
     snapped.durable_version = v
@@ -130,7 +130,7 @@ def test_durable_messages_behind_a_slow_window_are_journaled_before_they_can_be_
     assert ledger.ackable() == []
     plan = ledger.plan_journal(durable_now)
     assert [p.mid for p in plan.upserts] == [2]
-    assert plan.deletes == [1]
+    assert plan.deletes == [(1, 10)]
     ledger.journal_written(plan)
     assert ledger.plan_journal(durable_now).upserts == []  # written once
     restarted = AckLedger([(2, 20)])
@@ -156,32 +156,37 @@ def test_messages_of_a_lost_connection_are_journaled_once_durable() -> None:
     assert AckLedger([(4, 40)]).redelivered(4, 40, 0.0)  # a crash now: recognised
 
 
-def test_orphan_superseded_by_a_new_message_under_its_id_is_not_journaled() -> None:
+def test_an_orphan_under_a_reused_id_keeps_its_own_journal_row() -> None:
+    """Mosquitto 2.0.11 gives an id still in flight to a new message: the old message may be
+    redelivered after a crash, so once durable it is journaled under its own key."""
     ledger = AckLedger()
     old = W()
     ledger.track(4, 1, 40, old.add(), 0.0)
     ledger.new_connection()
-    ledger.track(4, 1, 41, W().add(), 0.0)  # the broker reused id 4: the old one was acked
+    ledger.track(4, 1, 41, W().add(), 0.0)  # id 4 again, for another message
     old.durable_version = DURABLE
     plan = ledger.plan_journal(durable_now)
-    assert plan.upserts == [] and plan.deletes == [4]
+    assert [p.key for p in plan.upserts] == [(4, 40)] and plan.deletes == [(4, 41)]
+    ledger.journal_written(plan)
+    # A crash now: the journal has the old message's row, and only it.
+    restarted = AckLedger([p.key for p in plan.upserts])
+    assert restarted.redelivered(4, 40, 0.0) and not restarted.redelivered(4, 41, 0.0)
 
 
-def test_ignored_new_message_makes_the_journal_row_under_its_id_stale() -> None:
-    """Shutdown leaves a QoS 1 message unacked. If it is not a redelivery of the message
-    journaled under its id, that journal row is stale and must go, or the broker's redelivery
-    of the new message (DUP, maybe identical bytes) would be taken for the old one."""
+def test_ignored_new_message_makes_the_journal_row_under_its_key_stale() -> None:
+    """Shutdown leaves a QoS 1 message unacked. If it is a new message with the same bytes as
+    one journaled under the same id, that row is stale and must go, or the broker's redelivery
+    of the new message would be taken for the old one. Rows under the same id with other bytes
+    stay: a broker that reuses ids in flight may still redeliver their messages."""
     ledger = AckLedger([(5, 50), (6, 60), (7, 70)])
     ledger.ignored(5, 50, dup=False)  # identical bytes, but a new message (no DUP)
     ledger.ignored(6, 61, dup=True)  # DUP, but not what was journaled under 6
     ledger.ignored(7, 70, dup=True)  # the journaled message itself, redelivered: keep its row
     ledger.ignored(8, 80, dup=False)  # no row: deleting is harmless
     plan = ledger.plan_journal(durable_now)
-    assert 5 in plan.deletes and 6 in plan.deletes
-    assert 7 not in plan.deletes
-    assert plan.deletes == [5, 6, 8] and plan.upserts == []
+    assert plan.deletes == [(5, 50), (6, 61), (8, 80)] and plan.upserts == []
     assert not ledger.redelivered(5, 50, 0.0)  # forgotten in memory too
-    assert not ledger.redelivered(6, 60, 0.0)
+    assert ledger.redelivered(6, 60, 0.0)  # another message under id 6: kept
     ledger.journal_written(plan)
     assert ledger.plan_journal(durable_now).deletes == []
     assert ledger.redelivered(7, 70, 0.0)  # still recognised after the identical redelivery
@@ -227,9 +232,10 @@ def test_a_pruned_id_reused_before_the_prune_is_written_keeps_the_new_row() -> N
     ledger.track(5, 1, 2828, w28, 1.0)  # id 5 reused for a new message
     w28.durable_version = DURABLE
     plan = ledger.plan_journal(lambda p: p.durable)
-    assert [(p.mid, p.digest) for p in plan.upserts] == [(5, 2828)] and 5 not in plan.deletes
+    assert [p.key for p in plan.upserts] == [(5, 2828)] and (5, 2828) not in plan.deletes
+    assert (5, 444) in plan.deletes  # the confirmed row goes
     ledger.journal_written(plan)
-    assert 5 not in ledger.plan_journal(lambda p: p.durable).deletes
+    assert ledger.plan_journal(lambda p: p.durable).deletes == []
 
 
 @settings(max_examples=300, deadline=None)

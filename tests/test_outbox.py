@@ -237,7 +237,7 @@ async def test_state_tables_round_trip(tmp_path: Path) -> None:
     assert rec.journal == [(9, -3)]
     assert rec.marks == {"c": {"closed_before": 6.0}}
     await ob.checkpoint(
-        CheckpointWrite(drop_snapshots=[("c", "s", 5, 0)], journal_deletes=[9]), now=2.0
+        CheckpointWrite(drop_snapshots=[("c", "s", 5, 0)], journal_deletes=[(9, -3)]), now=2.0
     )
     await ob.clear_marks()
     await ob.close()
@@ -340,9 +340,12 @@ async def test_version_1_file_is_migrated_and_keeps_its_rows_and_seqs(tmp_path: 
     assert batch_doc(b)["chunks"] == [{"seq": 1, "a": 1}, {"seq": 2, "a": 2}]
     await ob.close()
     con = sqlite3.connect(path)
-    assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 3
     assert "seq_end" in {r[1] for r in con.execute("PRAGMA table_info(chunks)")}
     assert "seq_end" in {r[1] for r in con.execute("PRAGMA table_info(dead_letters)")}
+    # v3: the journal is keyed by (mid, digest): two rows under one id can be kept.
+    con.execute("INSERT INTO ack_journal VALUES (7, 71)")
+    assert sorted(con.execute("SELECT mid, digest FROM ack_journal")) == [(7, 70), (7, 71)]
     con.close()
 
 
@@ -352,7 +355,7 @@ async def test_pragmas(tmp_path: Path) -> None:
     await ob.close()
     con = sqlite3.connect(path)
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 3
     con.close()
 
 
