@@ -33,7 +33,15 @@ def ready_problems(p: Pipeline) -> list[str]:
     if p.forwarder.token_problem:
         problems.append(p.forwarder.token_problem)
     if p.stats.buffer_full:
-        problems.append("outbox full: holding MQTT acks until the cloud drains it")
+        if p.outbox.chunk_count == 0 and p.outbox.batch is None:
+            # Nothing the cloud could drain: open-window snapshots and the ack journal fill it.
+            problems.append(
+                "outbox full with nothing to send (open-window snapshots and the ack journal "
+                f"fill it): buffer.max_bytes = {p.settings.buffer.max_bytes:,} is too small for "
+                "this load; raise it"
+            )
+        else:
+            problems.append("outbox full: holding MQTT acks until the cloud drains it")
     problems.extend(outage(p, time.time()))
     return problems
 
