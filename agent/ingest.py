@@ -295,7 +295,7 @@ def _too_deep(doc: dict[str, Any], limit: int) -> bool:
 
 # Room in a PUBLISH packet beyond its payload: fixed header, topic (ids are at most 64
 # characters, so a routable topic is short), packet id and properties (user properties too).
-PACKET_OVERHEAD_BYTES = 16 * 1024
+PACKET_OVERHEAD_BYTES = 64 * 1024
 # MQTT's largest packet: 1 byte of header, 4 of remaining length, 268,435,455 of content.
 MQTT_MAX_PACKET_BYTES = 268_435_460
 
