@@ -372,8 +372,11 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """`EDGE_AGENT__SECTION__KEY=value` variables as nested keys (names case-insensitive); a
     value that starts with `[` or `{` is JSON (e.g. `EDGE_AGENT__STREAMS='[{"topic": ...}]'`).
-    Plain values stay text: the validation parses them like the TOML's."""
+    Plain values stay text: the validation parses them like the TOML's. Two variables for one
+    key, or one inside a key another sets whole, raise ConfigError naming both."""
     out: dict[str, Any] = {}
+    source: dict[tuple[str, ...], str] = {}
+    problems: list[str] = []
     prefix = ENV_PREFIX.lower()
     for name, value in sorted(environ.items()):
         lowered = name.lower()
@@ -387,14 +390,23 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             # Not JSON: left as text, and the validation names the key and what it expected.
             with contextlib.suppress(ValueError):
                 parsed = json.loads(value)
+        clash = next(
+            (source[tuple(path[:i])] for i in range(1, len(path) + 1) if tuple(path[:i]) in source),
+            None,
+        ) or next((n for p, n in source.items() if p[: len(path)] == tuple(path)), None)
+        if clash is not None:
+            problems.append(
+                f"{name} and {clash} both set {'.'.join(path[: min(len(path), 2)])}: "
+                "keep one (names are case-insensitive; a list or table is set whole, as JSON)"
+            )
+            continue
+        source[tuple(path)] = name
         node = out
         for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                break
-            node = child
-        else:
-            node[path[-1]] = parsed
+            node = node.setdefault(part, {})
+        node[path[-1]] = parsed
+    if problems:
+        raise ConfigError(problems)
     return out
 
 

@@ -187,3 +187,23 @@ def test_streams_whose_topics_can_match_one_topic_are_refused() -> None:
     assert (
         len(load_settings(None, overrides={"gateway_id": "gw", "streams": disjoint}).streams) == 2
     )
+
+
+def test_two_env_variables_for_one_key_are_refused_naming_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('gateway_id = "gw"\n')
+    monkeypatch.setenv("EDGE_AGENT__MQTT__PORT", "1884")
+    monkeypatch.setenv("edge_agent__mqtt__port", "1885")
+    with pytest.raises(ConfigError) as e:
+        load_settings(cfg)
+    assert any(
+        "EDGE_AGENT__MQTT__PORT" in p and "edge_agent__mqtt__port" in p for p in e.value.problems
+    ), e.value.problems
+    monkeypatch.delenv("edge_agent__mqtt__port")
+    monkeypatch.setenv("EDGE_AGENT__STREAMS", '[{"topic": "a/{camera}/{stream}"}]')
+    monkeypatch.setenv("EDGE_AGENT__STREAMS__0__TOPIC", "b/{camera}/{stream}")
+    with pytest.raises(ConfigError) as e:
+        load_settings(cfg)
+    assert any("EDGE_AGENT__STREAMS__0__TOPIC" in p for p in e.value.problems), e.value.problems
