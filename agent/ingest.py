@@ -398,74 +398,92 @@ class MqttSession:
         return self._client is not None
 
     async def run(self) -> None:
-        s = self._s
-        password = read_secret(s.password, s.password_file, "mqtt-password")
-        attempt = 0
+        """Connect, subscribe and hold the session; on any loss, back off and start over."""
+        password = read_secret(self._s.password, self._s.password_file, "mqtt-password")
+        reconnecting = False
         while True:
-            attempt += 1
-            client = aiomqtt.Client(
-                s.host,
-                s.port,
-                identifier=s.client_id,
-                protocol=aiomqtt.ProtocolVersion.V5,
-                clean_start=False,
-                properties=connect_properties(s),
-                keepalive=s.keepalive_s,
-                username=s.username,
-                password=password,
-                tls_context=tls_context(s),
-                timeout=s.connect_timeout_s,
-            )
+            client = self._client_for(password)
             self.reader = install(client, self._intake.handle)
             # Acks owed on an earlier connection are void; the broker redelivers those messages.
             self._ledger.new_connection()
-            delay = s.reconnect_min_s
+            delay = self._s.reconnect_min_s
             try:
                 async with client:
                     self._client = client
-                    topics = self._router.subscriptions
-                    granted = await client.subscribe(
-                        [(topic, SubscribeOptions(qos=1, retainHandling=2)) for topic in topics]
-                    )
-                    self._stats.mqtt_refused = None
-                    self._stats.subscription_problems = suback_problems(topics, granted)
-                    for problem in self._stats.subscription_problems:
-                        log.warning(problem)
-                    self._stats.mqtt_connected = True
-                    self._stats.mqtt_connected_since = time.time()
-                    self._stats.mqtt_down_since = None
-                    if attempt > 1:
-                        self._stats.mqtt_reconnects += 1
-                    log.info(
-                        "MQTT connected to %s:%d as %r, subscribed to %s",
-                        s.host,
-                        s.port,
-                        s.client_id,
-                        ", ".join(self._router.subscriptions),
-                    )
-                    self._backoff.reset()
-                    attempt = 1
-                    self.subscribed.set()
-                    # Messages reach Intake through the raw handler; this only waits for the end.
+                    await self._subscribe(client, reconnecting)
+                    reconnecting = False
+                    # Messages reach Intake through the fast reader; this only waits for the end.
                     async for _ in client.messages:
                         pass
             except aiomqtt.MqttError as e:
-                self._stats.mqtt_refused = connect_refusal(e)
-                self._stats.mqtt_connect_failures += 1
-                delay = self._backoff.next_delay()
-                log.warning(
-                    "MQTT %s:%d unavailable (%s); attempt %d, reconnecting in %.1f s",
-                    s.host,
-                    s.port,
-                    e,
-                    self._backoff.attempt,
-                    delay,
-                )
+                delay = self._failed(e)
             finally:
-                self._client = None
-                self._stats.mqtt_connected = False
-                self._stats.mqtt_connected_since = None
-                if self._stats.mqtt_down_since is None:
-                    self._stats.mqtt_down_since = time.time()
-                self.subscribed.clear()
+                self._lost()
+            reconnecting = True
             await asyncio.sleep(delay)
+
+    def _client_for(self, password: str | None) -> aiomqtt.Client:
+        s = self._s
+        return aiomqtt.Client(
+            s.host,
+            s.port,
+            identifier=s.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=connect_properties(s),
+            keepalive=s.keepalive_s,
+            username=s.username,
+            password=password,
+            tls_context=tls_context(s),
+            timeout=s.connect_timeout_s,
+        )
+
+    async def _subscribe(self, client: aiomqtt.Client, reconnecting: bool) -> None:
+        s, st = self._s, self._stats
+        topics = self._router.subscriptions
+        granted = await client.subscribe(
+            [(topic, SubscribeOptions(qos=1, retainHandling=2)) for topic in topics]
+        )
+        st.mqtt_refused = None
+        st.subscription_problems = suback_problems(topics, granted)
+        for problem in st.subscription_problems:
+            log.warning(problem)
+        st.mqtt_connected = True
+        st.mqtt_connected_since = time.time()
+        st.mqtt_down_since = None
+        if reconnecting:
+            st.mqtt_reconnects += 1
+        log.info(
+            "MQTT connected to %s:%d as %r, subscribed to %s",
+            s.host,
+            s.port,
+            s.client_id,
+            ", ".join(topics),
+        )
+        self._backoff.reset()
+        self.subscribed.set()
+
+    def _failed(self, e: aiomqtt.MqttError) -> float:
+        """A connection failed or was lost: say why; the delay before the next attempt."""
+        s = self._s
+        self._stats.mqtt_refused = connect_refusal(e)
+        self._stats.mqtt_connect_failures += 1
+        delay = self._backoff.next_delay()
+        log.warning(
+            "MQTT %s:%d unavailable (%s); attempt %d, reconnecting in %.1f s",
+            s.host,
+            s.port,
+            e,
+            self._backoff.attempt,
+            delay,
+        )
+        return delay
+
+    def _lost(self) -> None:
+        st = self._stats
+        self._client = None
+        st.mqtt_connected = False
+        st.mqtt_connected_since = None
+        if st.mqtt_down_since is None:
+            st.mqtt_down_since = time.time()
+        self.subscribed.clear()
