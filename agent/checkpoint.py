@@ -115,6 +115,10 @@ class Checkpointer:
         self._on_commit = on_commit
         self._confirm_acks = confirm_acks
         # Acks sent on the current connection whose arrival at the broker is not yet known.
+        # Readiness this component owns: over the high-water mark or a commit refused as
+        # full (backpressure); and when the last checkpoint committed (liveness).
+        self.buffer_full = False
+        self.last_commit_mono: float | None = None
         self._unconfirmed: list[Pending] = []
         self._unconfirmed_conn = -1
         self._confirmed_conn = -1
@@ -172,8 +176,8 @@ class Checkpointer:
         st.buffer_usage = usage
         # Below the high water mark nothing needs doing — unless the last commit found the
         # outbox full (a piece can be bigger than the room left under the mark).
-        if usage <= HIGH_WATER and not st.buffer_full:
-            st.buffer_full = False
+        if usage <= HIGH_WATER and not self.buffer_full:
+            self.buffer_full = False
             return
         drop = self._s.buffer.overflow == "drop_oldest"
         made = await self._outbox.make_room(target=LOW_WATER, drop_oldest=drop)
@@ -183,13 +187,13 @@ class Checkpointer:
             st.drops["buffer_full_oldest_messages"] += made.dropped_messages
         usage = await self._outbox.usage()
         st.buffer_usage = usage
-        st.buffer_full = usage > HIGH_WATER
+        self.buffer_full = usage > HIGH_WATER
         self._warn.warning(
             "quota",
             "outbox at %.0f%% of buffer.max_bytes: compacted %d chunks into coarser windows, "
             "dropped %d oldest chunks (%d messages)%s",
             usage * 100, made.compacted, made.dropped, made.dropped_messages,
-            "; holding MQTT acks (backpressure)" if st.buffer_full and not drop else "",
+            "; holding MQTT acks (backpressure)" if self.buffer_full and not drop else "",
         )  # fmt: skip
 
     def _under_pressure(self, now_mono: float) -> bool:
@@ -205,7 +209,7 @@ class Checkpointer:
         try:
             await self._make_room()
         except sqlite3.Error as e:
-            self._stats.buffer_full = True
+            self.buffer_full = True
             self._warn.warning("room", "could not make room in the outbox (%s)", e)
         await self._confirm()
         now, mono = self._clock.wall(), self._clock.mono()
@@ -244,7 +248,7 @@ class Checkpointer:
             await finish(self._outbox.checkpoint(write, now=now))
         except sqlite3.Error as e:
             if is_full(e):
-                self._stats.buffer_full = True
+                self.buffer_full = True
             self._stats.rejects[Reject.checkpoint_failed] += 1
             self._warn.warning(
                 "ckpt",
@@ -291,7 +295,8 @@ class Checkpointer:
         st = self._stats
         st.checkpoints += 1
         st.chunks_committed += len(closed)
-        st.sample(self._clock.mono())
+        self.last_commit_mono = self._clock.mono()
+        st.sample(self.last_commit_mono)
         if snapshots:
             st.snapshots_written += len(snapshots)
             log.info("ack pressure: saved %d open windows to ack early", len(snapshots))

@@ -66,7 +66,7 @@ FIGURES: tuple[Figure, ...] = (
          "The outbox quota in force (effective max bytes).",
          lambda p: p.outbox.effective_max_bytes),
     Figure("outbox", "full", "outbox_full", G, "1 while the outbox is full (acks held).",
-         lambda p: p.stats.buffer_full),
+         lambda p: p.checkpointer.buffer_full),
     Figure("outbox", "next_seq", None, G, "The seq the next chunk gets.",
          lambda p: p.outbox.last_seq + 1),
     Figure("outbox", "checkpoints", "checkpoints", C, "Checkpoint transactions committed.",

@@ -65,6 +65,7 @@ class Pipeline:
     session: MqttSession
     forwarder: Forwarder
     stats: Stats
+    checkpointer: Checkpointer
 
 
 class StartupError(Exception):
@@ -373,8 +374,9 @@ async def build_pipeline(
         stalled=lambda: faults.reached("stall_checkpoint"),
     )
     pipeline = Pipeline(
-        settings, outbox, aggregator, ledger, intake, clocks, session, forwarder, stats
-    )
+        settings, outbox, aggregator, ledger, intake, clocks, session, forwarder, stats,
+        checkpointer,
+    )  # fmt: skip
     return pipeline, checkpointer
 
 

@@ -49,7 +49,6 @@ class Stats:
     drops: Counter[str] = field(default_factory=Counter)
     compacted_chunks: int = 0
     buffer_usage: float = 0.0
-    buffer_full: bool = False
     dead_letters: int = 0
     gateway_clock_steps: int = 0
     outbox_errors: int = 0
@@ -59,7 +58,6 @@ class Stats:
     latency_n: int = 0
     # (monotonic time, messages counted) samples, one per checkpoint, for rates over 10/60 s.
     samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=2400))
-    last_checkpoint_mono: float | None = None
 
     def observe_latency(self, seconds: float) -> None:
         self.latency_sum_s += seconds
@@ -70,7 +68,6 @@ class Stats:
 
     def sample(self, now_mono: float) -> None:
         self.samples.append((now_mono, self.counted))
-        self.last_checkpoint_mono = now_mono
 
     def rate(self, window_s: float, now_mono: float) -> float:
         """Messages counted per second over the last window_s."""

@@ -32,7 +32,7 @@ def ready_problems(p: Pipeline) -> list[str]:
         problems.append(p.outbox.problem)
     if p.forwarder.token_problem:
         problems.append(p.forwarder.token_problem)
-    if p.stats.buffer_full:
+    if p.checkpointer.buffer_full:
         if p.outbox.chunk_count == 0 and p.outbox.batch is None:
             # Nothing the cloud could drain: open-window snapshots and the ack journal fill it.
             problems.append(
@@ -61,7 +61,7 @@ def outage(p: Pipeline, now: float) -> list[str]:
 def alive_problems(p: Pipeline, tasks_done: list[str], now_mono: float) -> list[str]:
     """Reasons the agent is not alive: a pipeline task ended, or the checkpoint loop stalled."""
     problems = [f"task {name} ended" for name in tasks_done]
-    last = p.stats.last_checkpoint_mono
+    last = p.checkpointer.last_commit_mono
     limit_s = stall_limit_s(p)
     if last is not None and now_mono - last > limit_s:
         problems.append(f"no checkpoint for {now_mono - last:.0f} s (limit {limit_s:.0f} s)")
