@@ -329,12 +329,16 @@ class Checkpointer:
         conn = ledger.connection
         if self._confirm_acks is None or not self._can_ack():
             return
-        if not self._unconfirmed and self._confirmed_conn == conn:
+        stale_due = ledger.stale_pending and ledger.fresh_seen
+        if not self._unconfirmed and self._confirmed_conn == conn and not stale_due:
             return
         sent = self._unconfirmed if self._unconfirmed_conn == conn else []
         self._unconfirmed = []
+        # Taken before the round trip: only a new message that came before it proves the
+        # broker's redeliveries are over.
+        redeliveries_done = ledger.fresh_seen
         if await self._confirm_acks() and ledger.connection == conn:
-            ledger.confirmed(sent)
+            ledger.confirmed(sent, redeliveries_done=redeliveries_done)
             self._confirmed_conn = conn
         elif self._unconfirmed_conn == conn:
             self._unconfirmed = sent + self._unconfirmed

@@ -274,3 +274,28 @@ def test_the_checkpoints_inlined_rule_plans_what_the_predicate_plans(data: st.Da
     )
     assert fast.upserts == slow.upserts
     assert fast.deletes == slow.deletes
+
+
+def test_rows_of_earlier_runs_stay_until_a_new_message_shows_the_redeliveries_are_over() -> None:
+    """After a broker restart Mosquitto redelivers only Receive Maximum of its in-flight
+    messages at first: a round trip right after the CONNACK proves nothing about the rest."""
+    ledger = AckLedger([(1, 10), (2, 20)])
+    ledger.new_connection()
+    assert ledger.redelivered(1, 10, 0.0)
+    ledger.confirmed([], redeliveries_done=ledger.fresh_seen)  # no new message yet
+    assert ledger.stale_pending
+    assert ledger.redelivered(2, 20, 0.0)  # the late redelivery is still recognised
+    ledger.track(3, 1, 30, None, 0.0, dup=False)  # a new message: redeliveries are over
+    assert ledger.fresh_seen
+    ledger.confirmed([], redeliveries_done=ledger.fresh_seen)
+    assert not ledger.stale_pending
+
+
+def test_rows_not_redelivered_go_after_the_redeliveries() -> None:
+    ledger = AckLedger([(1, 10), (2, 20)])
+    ledger.new_connection()
+    ledger.track(3, 1, 30, None, 0.0, dup=False)
+    ledger.confirmed([], redeliveries_done=True)
+    plan = ledger.plan_journal(durable_now)
+    assert (1, 10) in plan.deletes and (2, 20) in plan.deletes
+    assert not ledger.redelivered(1, 10, 0.0)

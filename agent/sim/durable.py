@@ -240,6 +240,9 @@ class Broker:
         self._space = p.mid_space
         self._reuse = p.reuse_in_flight
         self._flooding = False
+        # In flight, not yet redelivered on this connection: a broker resends at most Receive
+        # Maximum at once (Mosquitto after a restart), the rest as PUBACKs free room.
+        self._resend: deque[int] = deque()
         self._next_mid = 1
         self.deliver: Callable[[Msg, int, bool], None] | None = None
         self.changed = asyncio.Event()
@@ -253,7 +256,9 @@ class Broker:
         self.deliver = deliver
         self._flooding = False
         self.inflight = [(mid, msg, self._clock.t) for mid, msg, _ in self.inflight]
-        for mid, msg, _ in list(self.inflight):
+        first = min(len(self.inflight), min(self.receive_maximum, self._space))
+        self._resend = deque(range(first, len(self.inflight)))
+        for mid, msg, _ in self.inflight[:first]:
             deliver(msg, mid, True)
 
     def disconnect(self) -> None:
@@ -264,8 +269,9 @@ class Broker:
         if not self.connected:
             return
         for i, (m, _msg, _) in enumerate(self.inflight):
-            if m == mid:  # the oldest in flight under this id, as Mosquitto does
+            if m == mid and i not in self._resend:  # the oldest delivered under this id
                 del self.inflight[i]
+                self._resend = deque(j - 1 if j > i else j for j in self._resend)
                 self.acked.add(_msg.n)
                 break
         else:
@@ -274,14 +280,21 @@ class Broker:
         self.changed.set()
 
     def can_send(self) -> bool:
-        if not (self.connected and self.queue):
+        if not (self.connected and (self.queue or self._resend)):
             return False
         if self._flooding:
             return True
-        return len(self.inflight) < min(self.receive_maximum, self._space)
+        delivered = len(self.inflight) - len(self._resend)
+        return delivered < min(self.receive_maximum, self._space)
 
     def send_one(self) -> None:
         assert self.deliver is not None
+        if self._resend:  # redeliveries first, in their order, before anything new
+            i = self._resend.popleft()
+            mid, msg, _ = self.inflight[i]
+            self.inflight[i] = (mid, msg, self._clock.t)
+            self.deliver(msg, mid, True)
+            return
         msg = self.queue.popleft()
         mid = self._allocate()
         self.inflight.append((mid, msg, self._clock.t))
