@@ -30,7 +30,7 @@ from agent.stats import RateLimitedLog, Stats
 from agent.store import is_full
 
 log = logging.getLogger(__name__)
-# Twice the packet-id space: past it, the acked-but-unconfirmed list keeps only current entries.
+# Past this, the acked-but-unconfirmed list keeps only current entries (a slow barrier).
 UNCONFIRMED_COMPACT_AT = 2 * 65_536
 
 T = TypeVar("T")
@@ -319,7 +319,7 @@ class Checkpointer:
         if len(self._unconfirmed) > UNCONFIRMED_COMPACT_AT:
             # A broker slow to answer the barrier (every round trip over its timeout) must not
             # grow this without bound: an entry superseded under its id is a no-op for
-            # confirmed(), so keeping the current ones only (at most one per id) is exact.
+            # confirmed(), so keeping the current ones only (one per remembered key) is exact.
             self._unconfirmed = ledger.current(self._unconfirmed)
 
     async def _confirm(self) -> None:
