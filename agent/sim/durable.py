@@ -249,7 +249,10 @@ class Broker:
 
     @property
     def sent_at(self) -> list[float]:
-        return [t for _, _, t in self.inflight]
+        """When each message delivered on this connection and not yet acked was sent (one
+        waiting for its resend has not been sent yet: its PUBACK cannot be late)."""
+        waiting = set(self._resend)
+        return [t for i, (_, _, t) in enumerate(self.inflight) if i not in waiting]
 
     def connect(self, deliver: Callable[[Msg, int, bool], None]) -> None:
         self.connected = True
