@@ -222,6 +222,16 @@ def draw_params(rng: random.Random) -> Params:
     )
 
 
+@dataclass
+class InFlight:
+    mid: int
+    msg: Msg
+    # When it was last sent on this connection; None while it waits for its resend (a broker
+    # resends at most Receive Maximum at once, Mosquitto after a restart; the rest as PUBACKs
+    # free room): its PUBACK cannot be late yet.
+    sent_at: float | None
+
+
 class Broker:
     """One persistent MQTT session: unacked messages are kept and redelivered with DUP after a
     reconnect. A packet id is reused only after its PUBACK (next free id, in order) — or, with
@@ -230,9 +240,8 @@ class Broker:
 
     def __init__(self, msgs: list[Msg], p: Params, clock: VirtualClock) -> None:
         self.queue: deque[Msg] = deque(msgs)
-        # (mid, message, monotonic time of the last delivery), in send order; with
-        # reuse_in_flight one mid may appear twice.
-        self.inflight: list[tuple[int, Msg, float]] = []
+        # In send order; with reuse_in_flight one mid may appear twice.
+        self.inflight: list[InFlight] = []
         self._clock = clock
         self.acked: set[int] = set()  # message numbers acked
         self.connected = False
@@ -240,29 +249,24 @@ class Broker:
         self._space = p.mid_space
         self._reuse = p.reuse_in_flight
         self._flooding = False
-        # In flight, not yet redelivered on this connection: a broker resends at most Receive
-        # Maximum at once (Mosquitto after a restart), the rest as PUBACKs free room.
-        self._resend: deque[int] = deque()
         self._next_mid = 1
         self.deliver: Callable[[Msg, int, bool], None] | None = None
         self.changed = asyncio.Event()
 
     @property
     def sent_at(self) -> list[float]:
-        """When each message delivered on this connection and not yet acked was sent (one
-        waiting for its resend has not been sent yet: its PUBACK cannot be late)."""
-        waiting = set(self._resend)
-        return [t for i, (_, _, t) in enumerate(self.inflight) if i not in waiting]
+        """When each message delivered on this connection and not yet acked was sent."""
+        return [e.sent_at for e in self.inflight if e.sent_at is not None]
 
     def connect(self, deliver: Callable[[Msg, int, bool], None]) -> None:
         self.connected = True
         self.deliver = deliver
         self._flooding = False
-        self.inflight = [(mid, msg, self._clock.t) for mid, msg, _ in self.inflight]
-        first = min(len(self.inflight), min(self.receive_maximum, self._space))
-        self._resend = deque(range(first, len(self.inflight)))
-        for mid, msg, _ in self.inflight[:first]:
-            deliver(msg, mid, True)
+        first = min(self.receive_maximum, self._space)
+        for i, e in enumerate(self.inflight):
+            e.sent_at = self._clock.t if i < first else None
+        for e in self.inflight[:first]:
+            deliver(e.msg, e.mid, True)
 
     def disconnect(self) -> None:
         self.connected = False
@@ -271,40 +275,41 @@ class Broker:
     def ack(self, mid: int, qos: int) -> None:
         if not self.connected:
             return
-        for i, (m, _msg, _) in enumerate(self.inflight):
-            if m == mid and i not in self._resend:  # the oldest delivered under this id
-                del self.inflight[i]
-                self._resend = deque(j - 1 if j > i else j for j in self._resend)
-                self.acked.add(_msg.n)
-                break
-        else:
+        # The oldest delivered under this id, as Mosquitto does.
+        i = next(
+            (i for i, e in enumerate(self.inflight) if e.mid == mid and e.sent_at is not None),
+            None,
+        )
+        if i is None:
             raise violated(f"PUBACK for packet id {mid}, which is not in flight")
+        self.acked.add(self.inflight.pop(i).msg.n)
         self._flooding = self._reuse
         self.changed.set()
 
+    def _waiting(self) -> InFlight | None:
+        return next((e for e in self.inflight if e.sent_at is None), None)
+
     def can_send(self) -> bool:
-        if not (self.connected and (self.queue or self._resend)):
+        if not (self.connected and (self.queue or self._waiting() is not None)):
             return False
         if self._flooding:
             return True
-        delivered = len(self.inflight) - len(self._resend)
-        return delivered < min(self.receive_maximum, self._space)
+        return len(self.sent_at) < min(self.receive_maximum, self._space)
 
     def send_one(self) -> None:
         assert self.deliver is not None
-        if self._resend:  # redeliveries first, in their order, before anything new
-            i = self._resend.popleft()
-            mid, msg, _ = self.inflight[i]
-            self.inflight[i] = (mid, msg, self._clock.t)
-            self.deliver(msg, mid, True)
+        waiting = self._waiting()
+        if waiting is not None:  # redeliveries first, in their order, before anything new
+            waiting.sent_at = self._clock.t
+            self.deliver(waiting.msg, waiting.mid, True)
             return
         msg = self.queue.popleft()
         mid = self._allocate()
-        self.inflight.append((mid, msg, self._clock.t))
+        self.inflight.append(InFlight(mid, msg, self._clock.t))
         self.deliver(msg, mid, False)
 
     def _allocate(self) -> int:
-        in_flight = {m for m, _, _ in self.inflight}
+        in_flight = {e.mid for e in self.inflight}
         for _ in range(self._space):
             mid = self._next_mid
             self._next_mid = mid % self._space + 1
