@@ -61,6 +61,7 @@ _FAST_PATH_NEEDS = (
     "_sock",
     "_sock_recv",
     "_packet_queue",
+    "_in_packet",
     "_last_bytes_received",
     "_call_socket_register_write",
     "on_socket_open",
@@ -185,7 +186,9 @@ class FastReader:
 
         inner.on_socket_open = on_socket_open
         inner.on_socket_close = on_socket_close
-        # paho's packet reader reads through this: the one packet being handed over.
+        # paho's packet reader reads through this: the one packet being handed over, or,
+        # until `_attach` has run for a socket, the socket itself (paho's own recv).
+        self._paho_recv: Callable[[int], bytes] = inner._sock_recv
         setattr(inner, "_sock_recv", self._recv)  # noqa: B010
 
     # -- the socket's life ---------------------------------------------------------------
@@ -194,12 +197,19 @@ class FastReader:
         current: Any = self._inner._sock
         if sock is None or current is not sock:
             return  # closed before the loop got here
+        if self._inner._in_packet["command"]:
+            # aiomqtt's reader got here first and paho is part way through a packet: let it
+            # finish that one before the bytes become ours.
+            self._loop.call_later(0.001, self._attach, sock)
+            return
         fd: int = sock.fileno()
         self._sock, self._fd = sock, fd
         self._buf = bytearray()
         self._eof, self._error, self._handing = False, None, False
         self._loop.add_reader(self._fd, self._on_readable)  # replaces aiomqtt's reader
         self._watching = True
+        # What paho's reads left decrypted in a TLS socket does not make it readable again.
+        self._loop.call_soon(self._read)
 
     def _detach(self, sock: Any) -> None:
         if sock is not self._sock:
@@ -325,7 +335,16 @@ class FastReader:
             self._handoff = memoryview(b"")
 
     def _recv(self, bufsize: int) -> bytes:
-        """paho's `_sock_recv`, served from the packet being handed over."""
+        """paho's `_sock_recv`, served from the packet being handed over; paho's own recv
+        while the socket is not ours yet.
+
+        aiomqtt's reader is on the socket from its open until `_attach` replaces it, and
+        paho's connect runs in another thread, so that reader can fire first: over TLS 1.3
+        the server's session tickets make the socket readable before the CONNACK. Answering
+        that read with an end of stream closed the connection before the CONNACK, and
+        aiomqtt waited for it until its connect timeout."""
+        if self._sock is None:
+            return self._paho_recv(bufsize)
         h = self._handoff
         if len(h):
             out = bytes(h[:bufsize])
@@ -335,7 +354,7 @@ class FastReader:
             raise BlockingIOError  # this packet is done; the rest is ours
         if self._error is not None:
             raise self._error
-        if self._eof or self._sock is None:
+        if self._eof:
             return b""
         raise BlockingIOError
 

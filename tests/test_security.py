@@ -22,6 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.config import MqttSettings
 from agent.ingest import connect_properties
 from agent.model import Chunk
+from agent.mqtt_compat import FastReader
 from agent.sim.cloud import load_merged
 from agent.sim.procs import (
     HOST,
@@ -304,18 +305,18 @@ def _flood(port: int) -> dict[str, int]:
     return {"total": total}
 
 
-async def test_fast_reader_drains_a_tls_backlog_in_few_wakeups(
-    pki: dict[str, Path], tls_broker: Mosquitto
-) -> None:
-    """A TLS socket returns one record (16 KB) per recv(): the reader must keep reading until
-    the socket would block, or TLS intake is capped at one record per wakeup (10 ms)."""
+async def _tls_backlog(
+    pki: dict[str, Path], tls_broker: Mosquitto, attach_delay_s: float = 0.0
+) -> FastReader:
+    """3,000 messages queued for a TLS subscriber, drained through FastReader; with
+    attach_delay_s the reader takes the socket over that late (paho reads until then)."""
     import asyncio
     import ssl
 
     import aiomqtt
     from paho.mqtt.subscribeoptions import SubscribeOptions
 
-    from agent.mqtt_compat import FastReader, install, send_acks
+    from agent.mqtt_compat import install, send_acks
 
     ctx = ssl.create_default_context(cafile=str(pki["ca"]))
     ctx.load_cert_chain(str(pki["client_cert"]), str(pki["client_key"]))
@@ -354,9 +355,38 @@ async def test_fast_reader_drains_a_tls_backlog_in_few_wakeups(
 
     reader = install(second, handler)
     assert isinstance(reader, FastReader)
+    if attach_delay_s:
+        attach = reader._attach
+        loop = asyncio.get_running_loop()
+        setattr(reader, "_attach", lambda sock: loop.call_later(attach_delay_s, attach, sock))  # noqa: B010
     async with second:
         async with asyncio.timeout(30):
             await done.wait()
+            while reader.wakeups == 0:  # a late takeover still happens, after the backlog
+                await asyncio.sleep(0.01)
     assert got == list(range(n))
+    return reader
+
+
+async def test_fast_reader_drains_a_tls_backlog_in_few_wakeups(
+    pki: dict[str, Path], tls_broker: Mosquitto
+) -> None:
+    """A TLS socket returns one record (16 KB) per recv(): the reader must keep reading until
+    the socket would block, or TLS intake is capped at one record per wakeup (10 ms)."""
+    reader = await _tls_backlog(pki, tls_broker)
     # ~3 MB in 16 KB records is ~190 records: one per wakeup would take ~190 wakeups.
     assert reader.wakeups < 100, reader.wakeups
+
+
+@pytest.mark.parametrize("delay_s", [0.002, 0.3])
+async def test_fast_reader_takes_over_a_tls_socket_paho_read_first(
+    pki: dict[str, Path], tls_broker: Mosquitto, delay_s: float
+) -> None:
+    """paho's connect runs in a thread, so aiomqtt's reader can fire before FastReader takes
+    the socket over; over TLS 1.3 the session tickets arrive before the CONNACK. Seen in CI
+    under load: that first read was answered with an end of stream, the connection closed
+    before its CONNACK and the connect timed out. Here the takeover is late on purpose:
+    by 2 ms (mid-backlog: paho may be part way through a packet) and by 300 ms (paho reads
+    the tickets, the CONNACK and messages). Every message arrives once, in order."""
+    reader = await _tls_backlog(pki, tls_broker, attach_delay_s=delay_s)
+    assert reader.wakeups > 0  # the reader did take the socket over
