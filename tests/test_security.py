@@ -359,11 +359,18 @@ async def _tls_backlog(
         attach = reader._attach
         loop = asyncio.get_running_loop()
         setattr(reader, "_attach", lambda sock: loop.call_later(attach_delay_s, attach, sock))  # noqa: B010
+    took_over = asyncio.Event()
+    read = reader._read
+
+    def read_and_tell() -> None:
+        read()
+        took_over.set()
+
+    setattr(reader, "_read", read_and_tell)  # noqa: B010
     async with second:
         async with asyncio.timeout(30):
             await done.wait()
-            while reader.wakeups == 0:  # a late takeover still happens, after the backlog
-                await asyncio.sleep(0.01)
+            await took_over.wait()  # a late takeover still happens, after the backlog
     assert got == list(range(n))
     return reader
 
