@@ -13,21 +13,12 @@ import re
 import socket
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from agent.validate import Invalid, Problem, Rule, SecretStr, Section, build, dotted
 
 ENV_PREFIX = "EDGE_AGENT__"
 
@@ -57,7 +48,8 @@ class ConfigError(Exception):
 
 
 def parse_size(value: object) -> object:
-    """Accept 1048576, "1048576", "64KiB", "1 GiB", "10MB"; leave anything else to pydantic."""
+    """Accept 1048576, "1048576", "64KiB", "1 GiB", "10MB"; leave anything else to the int
+    conversion."""
     if isinstance(value, bool):
         raise ValueError("expected a size such as 1048576, '64KiB' or '1GiB'")
     if isinstance(value, int):
@@ -74,26 +66,16 @@ def parse_size(value: object) -> object:
     return value
 
 
-ByteSize = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+ByteSize = Annotated[int, Rule(ge=0, before=parse_size)]
+Port = Annotated[int, Rule(ge=1, le=65535)]
+Positive = Annotated[float, Rule(gt=0)]
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_for_numbers(cls, v: object, info: ValidationInfo) -> object:
-        # pydantic's lax mode reads `port = true` as 1.
-        name = info.field_name
-        if isinstance(v, bool) and name and cls.model_fields[name].annotation in (int, float):
-            raise ValueError("expected a number, not true/false")
-        return v
-
-
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MqttSettings(Section):
     host: str = "127.0.0.1"
-    port: int = Field(default=1883, ge=1, le=65535)
-    client_id: str = Field(default="edge-agent", min_length=1, max_length=128)
+    port: Port = 1883
+    client_id: Annotated[str, Rule(min_length=1, max_length=128)] = "edge-agent"
     username: str | None = None
     password: SecretStr | None = None
     password_file: Path | None = None
@@ -101,71 +83,64 @@ class MqttSettings(Section):
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
-    session_expiry_s: int = Field(default=86400, ge=60, le=4294967295)
-    keepalive_s: int = Field(default=30, ge=5, le=3600)
-    connect_timeout_s: float = Field(default=10.0, gt=0, le=300)
-    receive_maximum: int = Field(default=65535, ge=100, le=65535)
+    session_expiry_s: Annotated[int, Rule(ge=60, le=4294967295)] = 86400
+    keepalive_s: Annotated[int, Rule(ge=5, le=3600)] = 30
+    connect_timeout_s: Annotated[float, Rule(gt=0, le=300)] = 10.0
+    receive_maximum: Annotated[int, Rule(ge=100, le=65535)] = 65535
     max_payload_bytes: ByteSize = 64 * 1024
-    max_fields: int = Field(default=256, ge=1, le=100000)
-    max_depth: int = Field(default=8, ge=1, le=1000)
-    reconnect_min_s: float = Field(default=0.5, gt=0)
-    reconnect_max_s: float = Field(default=30.0, gt=0)
+    max_fields: Annotated[int, Rule(ge=1, le=100000)] = 256
+    max_depth: Annotated[int, Rule(ge=1, le=1000)] = 8
+    reconnect_min_s: Positive = 0.5
+    reconnect_max_s: Positive = 30.0
 
-    @model_validator(mode="after")
-    def _check(self) -> MqttSettings:
+    def cross_check(self) -> str | None:
         if self.password is not None and self.password_file is not None:
-            raise ValueError("set either mqtt.password or mqtt.password_file, not both")
+            return "set either mqtt.password or mqtt.password_file, not both"
         if self.reconnect_max_s < self.reconnect_min_s:
-            raise ValueError("mqtt.reconnect_max_s must be >= mqtt.reconnect_min_s")
+            return "mqtt.reconnect_max_s must be >= mqtt.reconnect_min_s"
         if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("mqtt.cert_file and mqtt.key_file go together")
-        return self
+            return "mqtt.cert_file and mqtt.key_file go together"
+        return None
 
 
 TimeUnit = Literal["auto", "s", "ms", "us", "ns", "rfc3339"]
 _TOPIC_LEVEL_RE = re.compile(r"^[^+#{}]*$")
 
 
+def _check_topic(topic: str) -> None:
+    levels = topic.split("/")
+    if "{camera}" not in levels:
+        raise ValueError("the topic needs a whole level '{camera}', e.g. 'site/cam/{camera}/det'")
+    for level in levels:
+        if level in ("{camera}", "{stream}"):
+            continue
+        if not level or not _TOPIC_LEVEL_RE.match(level):
+            raise ValueError(
+                "topic levels are literal names or exactly '{camera}' / '{stream}' "
+                "(no '+', '#', empty levels or partial placeholders)"
+            )
+    if levels.count("{camera}") > 1 or levels.count("{stream}") > 1:
+        raise ValueError("'{camera}' and '{stream}' may appear once each")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StreamSettings(Section):
-    topic: str
+    topic: Annotated[str, Rule(check=_check_topic)]
     name: str | None = None
     time_field: str | None = "ts"
     time_unit: TimeUnit = "auto"
     numeric: tuple[str, ...] = ()
     categorical: tuple[str, ...] = ()
-    max_categories: int = Field(default=32, ge=1, le=10000)
+    max_categories: Annotated[int, Rule(ge=1, le=10000)] = 32
 
-    @field_validator("topic")
-    @classmethod
-    def _topic(cls, v: str) -> str:
-        levels = v.split("/")
-        if "{camera}" not in levels:
-            raise ValueError(
-                "the topic needs a whole level '{camera}', e.g. 'site/cam/{camera}/det'"
-            )
-        for level in levels:
-            if level in ("{camera}", "{stream}"):
-                continue
-            if not level or not _TOPIC_LEVEL_RE.match(level):
-                raise ValueError(
-                    "topic levels are literal names or exactly '{camera}' / '{stream}' "
-                    "(no '+', '#', empty levels or partial placeholders)"
-                )
-        if levels.count("{camera}") > 1 or levels.count("{stream}") > 1:
-            raise ValueError("'{camera}' and '{stream}' may appear once each")
-        return v
-
-    @model_validator(mode="after")
-    def _name(self) -> StreamSettings:
+    def cross_check(self) -> str | None:
         has_placeholder = "{stream}" in self.topic.split("/")
         if has_placeholder == (self.name is not None):
-            raise ValueError(
-                "give a stream either a '{stream}' level in its topic or a name, one of the two"
-            )
+            return "give a stream either a '{stream}' level in its topic or a name, one of the two"
         overlap = set(self.numeric) & set(self.categorical)
         if overlap:
-            raise ValueError(f"fields both numeric and categorical: {sorted(overlap)}")
-        return self
+            return f"fields both numeric and categorical: {sorted(overlap)}"
+        return None
 
     @property
     def subscription(self) -> str:
@@ -175,100 +150,103 @@ class StreamSettings(Section):
         )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AggregateSettings(Section):
-    window_s: int = Field(default=1, ge=1, le=3600)
-    allowed_lateness_s: float = Field(default=2.0, ge=0, le=3600)
-    idle_close_s: float = Field(default=5.0, gt=0, le=86400)
+    window_s: Annotated[int, Rule(ge=1, le=3600)] = 1
+    allowed_lateness_s: Annotated[float, Rule(ge=0, le=3600)] = 2.0
+    idle_close_s: Annotated[float, Rule(gt=0, le=86400)] = 5.0
     late_policy: Literal["delta", "drop"] = "delta"
-    max_cameras: int = Field(default=10000, ge=1)
-    max_streams_per_camera: int = Field(default=32, ge=1)
-    max_open_windows: int = Field(default=200000, ge=1)
-    max_skew_s: float = Field(default=30.0, gt=0)
+    max_cameras: Annotated[int, Rule(ge=1)] = 10000
+    max_streams_per_camera: Annotated[int, Rule(ge=1)] = 32
+    max_open_windows: Annotated[int, Rule(ge=1)] = 200000
+    max_skew_s: Positive = 30.0
     skew_policy: Literal["flag", "restamp", "gateway"] = "flag"
-    clock_jump_s: float = Field(default=60.0, gt=0)
-    max_future_s: float = Field(default=300.0, gt=0)
-    max_age_s: float = Field(default=7 * 86400.0, gt=0)
+    clock_jump_s: Positive = 60.0
+    max_future_s: Positive = 300.0
+    max_age_s: Positive = 7 * 86400.0
     bad_time_policy: Literal["restamp", "drop"] = "restamp"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BufferSettings(Section):
     path: Path = Path("/var/lib/edge-agent/buffer.sqlite3")
-    max_bytes: Annotated[int, BeforeValidator(parse_size), Field(ge=1024**2)] = 1024**3
+    max_bytes: Annotated[int, Rule(ge=1024**2, before=parse_size)] = 1024**3
     synchronous: Literal["off", "normal", "full", "extra"] = "full"
-    checkpoint_interval_ms: int = Field(default=250, ge=10, le=60000)
-    max_ack_delay_ms: int = Field(default=10000, ge=100, le=3600000)
-    ack_pressure_ratio: float = Field(default=0.6, gt=0, lt=1)
+    checkpoint_interval_ms: Annotated[int, Rule(ge=10, le=60000)] = 250
+    max_ack_delay_ms: Annotated[int, Rule(ge=100, le=3600000)] = 10000
+    ack_pressure_ratio: Annotated[float, Rule(gt=0, lt=1)] = 0.6
     overflow: Literal["drop_oldest", "backpressure"] = "backpressure"
 
 
+_URL_PORT_PROBLEM = "expected an http(s) URL with a port from 1 to 65535"
+
+
+def _check_url(url: str) -> None:
+    if not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
+        raise ValueError("expected an http:// or https:// URL")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # a port out of 0..65535, not a number, or a broken [IPv6] host
+        raise ValueError(_URL_PORT_PROBLEM) from None
+    if port == 0:
+        raise ValueError(_URL_PORT_PROBLEM)
+    if not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL with a host")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ForwardSettings(Section):
-    url: str = "http://127.0.0.1:8080/ingest"
+    url: Annotated[str, Rule(check=_check_url)] = "http://127.0.0.1:8080/ingest"
     token: SecretStr | None = None
     token_file: Path | None = None
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
-    timeout_s: float = Field(default=10.0, gt=0, le=600)
-    max_batch_chunks: int = Field(default=500, ge=1, le=100000)
+    timeout_s: Annotated[float, Rule(gt=0, le=600)] = 10.0
+    max_batch_chunks: Annotated[int, Rule(ge=1, le=100000)] = 500
     max_batch_bytes: ByteSize = 1024**2
-    linger_ms: int = Field(default=200, ge=0, le=60000)
+    linger_ms: Annotated[int, Rule(ge=0, le=60000)] = 200
     gzip: bool = True
-    backoff_min_s: float = Field(default=0.5, gt=0)
-    backoff_max_s: float = Field(default=60.0, gt=0)
-    shutdown_drain_s: float = Field(default=5.0, ge=0, le=600)
-    max_chunks_per_s: float = Field(default=50000.0, gt=0)
+    backoff_min_s: Positive = 0.5
+    backoff_max_s: Positive = 60.0
+    shutdown_drain_s: Annotated[float, Rule(ge=0, le=600)] = 5.0
+    max_chunks_per_s: Positive = 50000.0
     max_bytes_per_s: ByteSize = 0
-    min_chunks_per_s: float = Field(default=50.0, gt=0)
-    fast_response_s: float = Field(default=1.0, gt=0)
+    min_chunks_per_s: Positive = 50.0
+    fast_response_s: Positive = 1.0
     # The cloud unreachable this long, or the oldest unsent chunk this old, is a problem in
     # /readyz, /status and `edge-agent status` (exit 1): an outage you can alert on.
-    alert_after_s: float = Field(default=300.0, ge=1, le=30 * 86400)
+    alert_after_s: Annotated[float, Rule(ge=1, le=30 * 86400)] = 300.0
 
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        if not re.match(r"^https?://[^/\s]+(/\S*)?$", v):
-            raise ValueError("expected an http:// or https:// URL")
-        try:
-            parts = urlsplit(v)
-            port = parts.port
-        except ValueError:  # a port out of 0..65535, not a number, or a broken [IPv6] host
-            raise ValueError("expected an http(s) URL with a port from 1 to 65535") from None
-        if port == 0:
-            raise ValueError("expected an http(s) URL with a port from 1 to 65535")
-        if not parts.hostname:
-            raise ValueError("expected an http:// or https:// URL with a host")
-        return v
-
-    @model_validator(mode="after")
-    def _check(self) -> ForwardSettings:
+    def cross_check(self) -> str | None:
         if self.token is not None and self.token_file is not None:
-            raise ValueError("set either forward.token or forward.token_file, not both")
+            return "set either forward.token or forward.token_file, not both"
         if self.backoff_max_s < self.backoff_min_s:
-            raise ValueError("forward.backoff_max_s must be >= forward.backoff_min_s")
+            return "forward.backoff_max_s must be >= forward.backoff_min_s"
         if self.min_chunks_per_s > self.max_chunks_per_s:
-            raise ValueError("forward.min_chunks_per_s must be <= forward.max_chunks_per_s")
-        return self
+            return "forward.min_chunks_per_s must be <= forward.max_chunks_per_s"
+        return None
 
 
+def _check_listen(listen: str) -> None:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError("expected HOST:PORT, e.g. '127.0.0.1:9108'")
+    if not 1 <= int(port) <= 65535:
+        raise ValueError("the port must be a number from 1 to 65535, e.g. '127.0.0.1:9108'")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HealthSettings(Section):
-    listen: str = "127.0.0.1:9108"
-
-    @field_validator("listen")
-    @classmethod
-    def _listen(cls, v: str) -> str:
-        host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError("expected HOST:PORT, e.g. '127.0.0.1:9108'")
-        if not 1 <= int(port) <= 65535:
-            raise ValueError("the port must be a number from 1 to 65535, e.g. '127.0.0.1:9108'")
-        return v
+    listen: Annotated[str, Rule(check=_check_listen)] = "127.0.0.1:9108"
 
     @property
     def host(self) -> str:
         return self.listen.rpartition(":")[0].strip("[]")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LogSettings(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -284,43 +262,41 @@ def _default_streams() -> tuple[StreamSettings, ...]:
     )
 
 
-class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def _check_gateway_id(gateway_id: str) -> None:
+    if not re.match(r"^[A-Za-z0-9._-]+$", gateway_id):
+        raise ValueError("use letters, digits, '.', '_' and '-' only")
 
-    gateway_id: str = Field(min_length=1, max_length=128)
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings(Section):
+    gateway_id: Annotated[str, Rule(min_length=1, max_length=128, check=_check_gateway_id)]
     mqtt: MqttSettings = MqttSettings()
-    streams: tuple[StreamSettings, ...] = Field(default_factory=_default_streams, min_length=1)
+    streams: Annotated[tuple[StreamSettings, ...], Rule(min_length=1)] = field(
+        default_factory=_default_streams
+    )
     aggregate: AggregateSettings = AggregateSettings()
     buffer: BufferSettings = BufferSettings()
     forward: ForwardSettings = ForwardSettings()
     health: HealthSettings = HealthSettings()
     log: LogSettings = LogSettings()
 
-    @field_validator("gateway_id")
-    @classmethod
-    def _gateway_id(cls, v: str) -> str:
-        if not re.match(r"^[A-Za-z0-9._-]+$", v):
-            raise ValueError("use letters, digits, '.', '_' and '-' only")
-        return v
-
-    @model_validator(mode="after")
-    def _cross(self) -> Settings:
+    def cross_check(self) -> str | None:
         names: set[tuple[str, str | None]] = set()
         for s in self.streams:
             key = (s.subscription, s.name)
             if key in names:
-                raise ValueError(f"two [[streams]] entries have the same topic {s.topic!r}")
+                return f"two [[streams]] entries have the same topic {s.topic!r}"
             names.add(key)
         filters = sorted({s.subscription for s in self.streams})
         for i, a in enumerate(filters):
             for b in filters[i + 1 :]:
                 if _overlap(a, b):
-                    raise ValueError(
+                    return (
                         f"two [[streams]] topics can match the same topic ({a!r} and {b!r}): "
                         "the broker would deliver such a message once per subscription and "
                         "it would be counted twice; make them disjoint"
                     )
-        return self
+        return None
 
 
 def _overlap(a: str, b: str) -> bool:
@@ -329,44 +305,17 @@ def _overlap(a: str, b: str) -> bool:
     return len(la) == len(lb) and all(x == y or "+" in (x, y) for x, y in zip(la, lb, strict=True))
 
 
-def _format_error(err: Any) -> str:
-    loc_parts: list[str] = []
-    for part in err.get("loc", ()):
-        if isinstance(part, int):
-            loc_parts[-1:] = [f"{loc_parts[-1]}[{part}]"] if loc_parts else [f"[{part}]"]
-        else:
-            loc_parts.append(str(part))
-    loc = ".".join(loc_parts) or "(top level)"
-    kind = err.get("type", "")
-    msg = str(err.get("msg", "invalid"))
-    msg = msg.removeprefix("Value error, ")
-    if kind == "extra_forbidden":
-        allowed = _allowed_keys(err.get("loc", ())[:-1])
-        return f"{loc}: unknown key (allowed here: {', '.join(allowed)})"
-    if kind == "missing":
-        return f"{loc}: required key is missing"
-    value = err.get("input")
+def _format_problem(problem: Problem) -> str:
+    """One operator-facing line: the key, the value given (secrets masked), what is wrong."""
+    loc = dotted(problem.loc)
+    value = problem.value
+    if problem.kind != "invalid" or isinstance(value, dict):
+        return f"{loc}: {problem.message}"
     if "password" in loc or "token" in loc:
         shown = "***"
     else:
         shown = repr(mask_url(value) if isinstance(value, str) else value)
-    if isinstance(value, dict):
-        return f"{loc}: {msg}"
-    return f"{loc} = {shown}: {msg}"
-
-
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    model: Any = Settings
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return []
-        ann = field.annotation
-        args = getattr(ann, "__args__", ())
-        model = args[0] if args and isinstance(args[0], type) else ann
-    return sorted(getattr(model, "model_fields", {}))
+    return f"{loc} = {shown}: {problem.message}"
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -441,17 +390,9 @@ def load_settings(path: Path | str | None, *, overrides: dict[str, Any] | None =
     # Environment first: an `EDGE_AGENT__SECTION__KEY` variable overrides the TOML file.
     data = _merged(data, env_overrides(os.environ))
     try:
-        settings = Settings(**data)
-    except ValidationError as e:
-        errors = e.errors()
-        locs = [tuple(err.get("loc", ())) for err in errors]
-        # A container's error that only echoes a failure inside it adds nothing.
-        kept = [
-            err
-            for err, loc in zip(errors, locs, strict=True)
-            if not any(len(o) > len(loc) and o[: len(loc)] == loc for o in locs)
-        ]
-        raise ConfigError([_format_error(err) for err in kept]) from None
+        settings = build(Settings, data)
+    except Invalid as e:
+        raise ConfigError([_format_problem(p) for p in e.problems]) from None
     problems = []
     for key, f in (
         ("mqtt.password_file", settings.mqtt.password_file),
@@ -556,6 +497,6 @@ def inline_secret_warnings(path: Path | str | None, settings: Settings) -> list[
 
 def effective_config(settings: Settings) -> dict[str, Any]:
     """The settings as plain data with every secret masked, for `check-config` and logs."""
-    doc = settings.model_dump(mode="json")
+    doc = settings.dump()
     doc["forward"]["url"] = mask_url(doc["forward"]["url"])
     return doc
