@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 from collections import Counter
@@ -309,8 +310,9 @@ def run_tap(settings: Settings, opts: TapOptions, out: TextIO, err: TextIO) -> i
     client.on_disconnect = on_disconnect
     deadline = None if opts.seconds is None else time.monotonic() + opts.seconds
     shown = 0
+    stop = _stop_on_signals()
     try:
-        while opts.count is None or shown < opts.count:
+        while not stop.is_set() and (opts.count is None or shown < opts.count):
             wait_s = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
             if wait_s <= 0:
                 break
@@ -325,8 +327,6 @@ def run_tap(settings: Settings, opts: TapOptions, out: TextIO, err: TextIO) -> i
                 continue
             print(json.dumps(doc) if opts.json else format_line(doc), file=out, flush=True)
             shown += 1
-    except KeyboardInterrupt:
-        pass
     finally:
         closing.set()
         client.disconnect()
@@ -335,6 +335,21 @@ def run_tap(settings: Settings, opts: TapOptions, out: TextIO, err: TextIO) -> i
         print(f"tap: {skipped[0]} messages skipped (arriving faster than shown)", file=err)
     print(f"tap: {shown} messages shown", file=err)
     return 0
+
+
+def _stop_on_signals() -> threading.Event:
+    """Set by Ctrl-C and SIGTERM (`timeout 60 edge-agent tap`): both end tap cleanly, with its
+    summary. SIGINT is taken even when tap was started with it ignored, as background jobs of
+    a non-interactive shell are: a Ctrl-C or `kill -INT` must still stop it. A flag, not
+    KeyboardInterrupt, so the signal never lands inside the queue's lock."""
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return stop
 
 
 def _connect(

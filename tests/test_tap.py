@@ -23,14 +23,16 @@ from tests.helpers import AgentFactory, assert_exact, publish, wait_delivered
 class TapProc:
     """`edge-agent tap` as a child process; its stdout and stderr in files to poll."""
 
-    def __init__(self, workdir: Path, config: Path, *args: str) -> None:
+    def __init__(
+        self, workdir: Path, config: Path, *args: str, sigint_ignored: bool = False
+    ) -> None:
         stem = workdir / f"tap-{time.monotonic_ns()}"
         self.out_path, self.err_path = stem.with_suffix(".out"), stem.with_suffix(".err")
+        argv = [sys.executable, "-m", "agent.cli", "tap", "--config", str(config), *args]
+        if sigint_ignored:  # as a background job of a non-interactive shell starts
+            argv = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *argv]
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "tap", "--config", str(config), *args],
-                stdout=out, stderr=err, text=True,
-            )  # fmt: skip
+            self.popen = subprocess.Popen(argv, stdout=out, stderr=err, text=True)
 
     def wait_subscribed(self) -> None:
         def subscribed() -> bool:
@@ -53,8 +55,8 @@ class TapProc:
 def taps(tmp_path: Path) -> Iterator[Callable[..., TapProc]]:
     started: list[TapProc] = []
 
-    def start(config: Path, *args: str) -> TapProc:
-        started.append(TapProc(tmp_path, config, *args))
+    def start(config: Path, *args: str, sigint_ignored: bool = False) -> TapProc:
+        started.append(TapProc(tmp_path, config, *args, sigint_ignored=sigint_ignored))
         return started[-1]
 
     yield start
@@ -160,7 +162,8 @@ def test_tap_beside_the_agent_takes_nothing_from_it(
 ) -> None:
     """A clean QoS 0 session of its own: the agent still counts every message exactly once."""
     agent = agents.start()
-    tap = taps(agents.config(), "--json")
+    # Started with SIGINT ignored, as a script's background job is: Ctrl-C must still stop it.
+    tap = taps(agents.config(), "--json", sigint_ignored=True)
     tap.wait_subscribed()
     expected = publish(agents.broker, tmp_path, cameras=5, rate=10, duration_s=2, seed=41)
     total = sum(e.count for e in expected.values())
@@ -260,3 +263,15 @@ def test_tap_rides_out_a_broker_restart(
     c.loop_stop()
     assert rc == 0, err
     assert "cam-002/motion  counted" in out.splitlines()[1]
+
+
+def test_tap_stops_cleanly_on_sigterm(
+    broker: Mosquitto, tmp_path: Path, taps: Callable[..., TapProc]
+) -> None:
+    """`timeout 60 edge-agent tap` ends it with SIGTERM: a clean stop with its summary."""
+    tap = taps(config_for(tmp_path, broker))
+    tap.wait_subscribed()
+    tap.popen.send_signal(signal.SIGTERM)
+    rc, _out, err = tap.result(timeout_s=20)
+    assert rc == 0, err
+    assert "tap: 0 messages shown" in err and "Traceback" not in err
