@@ -211,14 +211,19 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         moved: Path | None = None
         try:
-            con = _connect(path, synchronous)
+            con = _connect(path, synchronous, cls._sqlite_connect)
         except _Corrupt as e:
             moved = _move_aside(path, str(e))
-            con = _connect(path, synchronous)
+            con = _connect(path, synchronous, cls._sqlite_connect)
         store = cls(con, path)
         recovery = store._recover(time.time() if now is None else now)
         recovery.moved_aside = moved
         return store, recovery
+
+    @staticmethod
+    def _sqlite_connect(path: Path) -> sqlite3.Connection:
+        """The connection to the outbox file (the simulation keeps its file in memory)."""
+        return sqlite3.connect(path, isolation_level=None, check_same_thread=False)
 
     def _recover(self, now: float) -> Recovery:
         r = Recovery()
@@ -723,9 +728,11 @@ class _Corrupt(Exception):
     pass
 
 
-def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
+def _connect(
+    path: Path, synchronous: str, connect: Callable[[Path], sqlite3.Connection]
+) -> sqlite3.Connection:
     try:
-        con = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        con = connect(path)
     except sqlite3.Error as e:
         raise OutboxError(f"cannot open {path}: {e}") from None
     try:
