@@ -18,10 +18,21 @@ PROCESS_FIXTURES = frozenset(
 )
 
 
+# The longest tests start first: `make test` runs on 2 workers (pytest-xdist), and a
+# minutes-long test collected last would run alone at the end while the other worker idles.
+LONGEST_FIRST = ("test_simulation.py", "test_crash.py", "test_deb.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
+
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order
 
 
 @pytest.fixture
