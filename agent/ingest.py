@@ -29,7 +29,7 @@ from agent.aggregate import Aggregator, StreamSpec
 from agent.clock import SYSTEM_CLOCK, Clock, StepWatch
 from agent.config import MqttSettings, StreamSettings, read_secret
 from agent.credentials import client_tls_context
-from agent.mqtt_compat import FastReader, install, send_acks
+from agent.mqtt_compat import FastReader, expect_late_unsubacks, install, send_acks
 from agent.pacing import Backoff
 from agent.reasons import Reject
 from agent.stats import RateLimitedLog, Stats
@@ -419,6 +419,7 @@ class MqttSession:
         while True:
             client = self._client_for(password)
             self.reader = install(client, self._intake.handle)
+            expect_late_unsubacks(client)  # the barrier's, after its wait
             # Acks owed on an earlier connection are void; the broker redelivers those messages.
             self._ledger.new_connection()
             delay = self._s.reconnect_min_s
