@@ -30,6 +30,7 @@ import sqlite3
 import sys
 import tempfile
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -128,6 +129,19 @@ class SimLoop(asyncio.SelectorEventLoop):
     def __init__(self, clock: VirtualClock, on_step: Callable[[], None]) -> None:
         super().__init__(SimSelector(clock, on_step))
         self._vclock = clock
+        # Each task's creation number: `asyncio.all_tasks` is a set in address order, which
+        # differs between runs; a crash cancels what was running in this order instead.
+        self.born: weakref.WeakKeyDictionary[asyncio.Task[Any], int] = weakref.WeakKeyDictionary()
+        births = itertools.count()
+
+        def numbered(
+            loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any
+        ) -> asyncio.Task[Any]:
+            task: asyncio.Task[Any] = asyncio.Task(coro, loop=loop, **kwargs)
+            self.born[task] = next(births)
+            return task
+
+        self.set_task_factory(numbered)
 
     def time(self) -> float:
         return self._vclock.t
@@ -720,6 +734,7 @@ class World:
         self.dead = True
         self.broker.disconnect()
         pending = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
+        pending.sort(key=lambda t: self.loop.born.get(t, -1))
         for t in pending:
             t.cancel()
         if pending:
