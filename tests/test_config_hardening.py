@@ -1,0 +1,144 @@
+"""Configs an adversarial tester found that crashed the loader (a traceback, exit 1) or that
+`check-config` accepted and `run` then crashed on or never delivered with. The rule: a bad
+config names the key, what was given and what is allowed, and exits 2; never a traceback. Under
+systemd `check-config --quiet` is ExecStartPre, so what it accepts and `run` cannot use is a
+crash loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import socket
+import typing
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.config import ConfigError, Settings, load_settings
+from agent.validate import Section
+
+ROOT = Path(__file__).resolve().parent.parent
+I64_MAX = 2**63 - 1
+
+
+def problems(tmp_path: Path, toml: str) -> list[str]:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError) as e:
+        load_settings(cfg)
+    return e.value.problems
+
+
+def base(tmp_path: Path, body: str = "") -> str:
+    return f'gateway_id = "gw"\n{body}\n[buffer]\npath = "{tmp_path}/buffer.sqlite3"\n'
+
+
+def check_config(tmp_path: Path, toml: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml)
+    rc = main(
+        ["check-config", "--quiet", "--config", str(cfg), "--service-user", getpass.getuser()]
+    )
+    return rc, capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_float_key_given_a_huge_integer_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = "9" * 400
+    [p] = problems(tmp_path, base(tmp_path, f"[mqtt]\nreconnect_max_s = {big}\n"))
+    assert p == f"mqtt.reconnect_max_s = {big}: Input should be a finite number"
+    monkeypatch.setenv("EDGE_AGENT__MQTT", f'{{"connect_timeout_s": {big}}}')
+    [p] = problems(tmp_path, base(tmp_path))
+    assert p == f"mqtt.connect_timeout_s = {big}: Input should be less than or equal to 300"
+
+
+def test_a_path_with_nul_is_refused(tmp_path: Path) -> None:
+    [p] = problems(tmp_path, f'gateway_id = "gw"\n[buffer]\npath = "{tmp_path}/b\\u0000.db"\n')
+    assert p == f"buffer.path = '{tmp_path}/b\\x00.db': Input should not contain NUL (U+0000)"
+
+
+@pytest.mark.parametrize(
+    ("variable", "key"),
+    [
+        ("EDGE_AGENT__MQTT__CLIENT_ID", "mqtt.client_id"),
+        ("EDGE_AGENT__MQTT__USERNAME", "mqtt.username"),
+        ("EDGE_AGENT__MQTT__HOST", "mqtt.host"),
+        ("EDGE_AGENT__GATEWAY_ID", "gateway_id"),
+        ("EDGE_AGENT__MQTT__PASSWORD", "mqtt.password"),
+    ],
+)
+def test_text_that_is_not_utf8_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, key: str
+) -> None:
+    # os.environ holds undecodable bytes as lone surrogates (surrogateescape).
+    monkeypatch.setenv(variable, "edge-\udcff")
+    [p] = problems(tmp_path, base(tmp_path))
+    shown = "***" if "password" in key else "'edge-\\udcff'"
+    assert p == f"{key} = {shown}: Input should be UTF-8 text (it holds bytes that are not UTF-8)"
+
+
+def test_a_topic_that_is_not_utf8_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGE_AGENT__STREAMS", '[{"topic": "a\\udcff/{camera}", "name": "x"}]')
+    [p] = problems(tmp_path, base(tmp_path))
+    assert p.startswith("streams[0].topic = ")
+    assert p.endswith("Input should be UTF-8 text (it holds bytes that are not UTF-8)")
+
+
+def _float_keys() -> list[tuple[str, str]]:
+    keys = []
+    for section in dataclasses.fields(Settings):
+        cls = typing.get_type_hints(Settings)[section.name]
+        if isinstance(cls, type) and issubclass(cls, Section):
+            for f in dataclasses.fields(cls):
+                hint = typing.get_type_hints(cls)[f.name]
+                if hint is float:
+                    keys.append((section.name, f.name))
+    return keys
+
+
+def test_every_float_key_is_found() -> None:
+    assert len(_float_keys()) == 18
+    assert ("forward", "backoff_min_s") in _float_keys()
+
+
+@pytest.mark.parametrize(("section", "key"), _float_keys())
+@pytest.mark.parametrize("value", ["inf", "nan", '"inf"', '"1e999"'])
+def test_every_float_key_refuses_infinity_and_nan(
+    tmp_path: Path, section: str, key: str, value: str
+) -> None:
+    [p] = problems(tmp_path, f'gateway_id = "gw"\n[{section}]\n{key} = {value}\n')
+    assert p.startswith(f"{section}.{key} = ")
+    allowed = ("Input should be a finite number", "should be less than ", "greater than 0")
+    assert any(words in p for words in allowed), p
+
+
+@pytest.mark.parametrize(
+    ("section", "key"), [("forward", "backoff_min_s"), ("mqtt", "reconnect_min_s")]
+)
+def test_infinite_backoff_is_refused_with_the_finite_message(
+    tmp_path: Path, section: str, key: str
+) -> None:
+    [p] = problems(tmp_path, base(tmp_path, f"[{section}]\n{key} = inf\n"))
+    assert p == f"{section}.{key} = inf: Input should be a finite number"
+
+
+def test_a_topic_with_nul_is_refused(tmp_path: Path) -> None:
+    [p] = problems(
+        tmp_path, base(tmp_path, '[[streams]]\ntopic = "a\\u0000b/{camera}"\nname = "x"')
+    )
+    assert p == "streams[0].topic = 'a\\x00b/{camera}': Input should not contain NUL (U+0000)"
+
+
+def test_a_username_with_nul_is_refused(tmp_path: Path) -> None:
+    [p] = problems(tmp_path, base(tmp_path, '[mqtt]\nusername = "u\\u0000x"\n'))
+    assert p == "mqtt.username = 'u\\x00x': Input should not contain NUL (U+0000)"
