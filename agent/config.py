@@ -14,6 +14,7 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -36,7 +37,16 @@ _SIZE_UNITS = {
     "gib": 1024**3,
     "tib": 1024**4,
 }
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+# The largest size any key takes (a signed 64-bit integer: SQLite's, and what pydantic took).
+MAX_SIZE = 2**63 - 1
+# MQTT's largest packet (its remaining length is at most 268,435,455 bytes), the most a Maximum
+# Packet Size property may say: paho refuses a larger one and `run` died of it.
+MQTT_MAX_PACKET_BYTES = 268_435_455
+# Room in a PUBLISH packet beyond its payload: fixed header, topic (ids are at most 64
+# characters, so a routable topic is short), packet id and properties (user properties too).
+PACKET_OVERHEAD_BYTES = 64 * 1024
+MAX_PAYLOAD_BYTES = MQTT_MAX_PACKET_BYTES - PACKET_OVERHEAD_BYTES
 
 
 class ConfigError(Exception):
@@ -55,18 +65,32 @@ def parse_size(value: object) -> object:
     if isinstance(value, int):
         return value
     if isinstance(value, str):
-        m = _SIZE_RE.match(value)
+        m = _SIZE_RE.fullmatch(value)
         unit = m.group(2).lower() if m else None
         if m is None or unit not in _SIZE_UNITS:
             raise ValueError(
                 "expected a size such as 1048576, '64KiB' or '1GiB' "
                 "(units: B, KB, MB, GB, KiB, MiB, GiB, TiB)"
             )
-        return int(float(m.group(1)) * _SIZE_UNITS[unit or ""])
+        number = m.group(1)
+        if len(number.partition(".")[0].lstrip("0")) > len(str(MAX_SIZE)):
+            # Hundreds of digits: past every bound, whose message names the largest (and
+            # beyond float's range and, at thousands, int()'s).
+            return MAX_SIZE + 1
+        # Exact: float arithmetic made '4.35MB' 4349999 bytes.
+        return int(Fraction(number) * _SIZE_UNITS[unit or ""])
     return value
 
 
-ByteSize = Annotated[int, Rule(ge=0, before=parse_size)]
+def _check_payload_size(size: int) -> None:
+    if size > MAX_PAYLOAD_BYTES:
+        raise ValueError(
+            f"Input should be less than or equal to {MAX_PAYLOAD_BYTES} (MQTT's largest packet, "
+            f"{MQTT_MAX_PACKET_BYTES} bytes, less 64 KiB for the topic and properties)"
+        )
+
+
+ByteSize = Annotated[int, Rule(ge=0, le=MAX_SIZE, before=parse_size)]
 Port = Annotated[int, Rule(ge=1, le=65535)]
 Positive = Annotated[float, Rule(gt=0)]
 
@@ -87,7 +111,9 @@ class MqttSettings(Section):
     keepalive_s: Annotated[int, Rule(ge=5, le=3600)] = 30
     connect_timeout_s: Annotated[float, Rule(gt=0, le=300)] = 10.0
     receive_maximum: Annotated[int, Rule(ge=100, le=65535)] = 65535
-    max_payload_bytes: ByteSize = 64 * 1024
+    max_payload_bytes: Annotated[int, Rule(ge=0, before=parse_size, check=_check_payload_size)] = (
+        64 * 1024
+    )
     max_fields: Annotated[int, Rule(ge=1, le=100000)] = 256
     max_depth: Annotated[int, Rule(ge=1, le=1000)] = 8
     reconnect_min_s: Positive = 0.5
@@ -170,7 +196,7 @@ class AggregateSettings(Section):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BufferSettings(Section):
     path: Path = Path("/var/lib/edge-agent/buffer.sqlite3")
-    max_bytes: Annotated[int, Rule(ge=1024**2, before=parse_size)] = 1024**3
+    max_bytes: Annotated[int, Rule(ge=1024**2, le=MAX_SIZE, before=parse_size)] = 1024**3
     synchronous: Literal["off", "normal", "full", "extra"] = "full"
     checkpoint_interval_ms: Annotated[int, Rule(ge=10, le=60000)] = 250
     max_ack_delay_ms: Annotated[int, Rule(ge=100, le=3600000)] = 10000

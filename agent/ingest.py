@@ -27,7 +27,13 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from agent.acks import AckLedger
 from agent.aggregate import Aggregator, StreamSpec
 from agent.clock import SYSTEM_CLOCK, Clock, StepWatch
-from agent.config import MqttSettings, StreamSettings, read_secret
+from agent.config import (
+    MQTT_MAX_PACKET_BYTES,
+    PACKET_OVERHEAD_BYTES,
+    MqttSettings,
+    StreamSettings,
+    read_secret,
+)
 from agent.credentials import client_tls_context
 from agent.mqtt_compat import FastReader, install, send_acks
 from agent.pacing import Backoff
@@ -295,13 +301,6 @@ def _too_deep(doc: dict[str, Any], limit: int) -> bool:
         items = value.values() if type(value) is dict else value
         stack.extend((v, depth + 1) for v in items if type(v) in (dict, list))
     return False
-
-
-# Room in a PUBLISH packet beyond its payload: fixed header, topic (ids are at most 64
-# characters, so a routable topic is short), packet id and properties (user properties too).
-PACKET_OVERHEAD_BYTES = 64 * 1024
-# MQTT's largest packet: 1 byte of header, 4 of remaining length, 268,435,455 of content.
-MQTT_MAX_PACKET_BYTES = 268_435_460
 
 
 def max_packet_bytes(settings: MqttSettings) -> int:

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
-from agent.config import ConfigError, Settings, load_settings
+from agent.config import MQTT_MAX_PACKET_BYTES, ConfigError, Settings, load_settings
+from agent.ingest import connect_properties, max_packet_bytes
 from agent.validate import Section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +50,42 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# A: the loader itself crashed.
+
+
+@pytest.mark.parametrize("unit", ["KiB", "", "TiB"])
+def test_a_size_with_hundreds_of_digits_is_refused_naming_the_largest(
+    tmp_path: Path, unit: str
+) -> None:
+    size = "1" * 400 + unit
+    [p] = problems(tmp_path, base(tmp_path, f'[forward]\nmax_batch_bytes = "{size}"\n'))
+    assert (
+        p == f"forward.max_batch_bytes = '{size}': Input should be less than or equal to {I64_MAX}"
+    )
+
+
+def test_a_size_with_hundreds_of_digits_from_the_environment_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGE_AGENT__BUFFER__MAX_BYTES", "1" * 400 + "TiB")
+    [p] = problems(tmp_path, 'gateway_id = "gw"\n')
+    assert p.startswith("buffer.max_bytes = '1111")
+    assert p.endswith(f"TiB': Input should be less than or equal to {I64_MAX}")
+    # Thousands of digits (past int()'s own limit) too.
+    monkeypatch.setenv("EDGE_AGENT__BUFFER__MAX_BYTES", "9" * 5000 + ".5")
+    [p] = problems(tmp_path, 'gateway_id = "gw"\n')
+    assert p.endswith(f": Input should be less than or equal to {I64_MAX}")
+
+
+def test_sizes_keep_their_exact_values() -> None:
+    from agent.config import parse_size
+
+    assert parse_size("1.5MiB") == 1572864
+    assert parse_size("0.5KiB") == 512
+    assert parse_size(" 2gb ") == 2 * 1000**3
+    assert parse_size("4.35MB") == 4350000  # float arithmetic made this 4349999
+
+
 def test_a_float_key_given_a_huge_integer_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -58,6 +95,23 @@ def test_a_float_key_given_a_huge_integer_is_refused(
     monkeypatch.setenv("EDGE_AGENT__MQTT", f'{{"connect_timeout_s": {big}}}')
     [p] = problems(tmp_path, base(tmp_path))
     assert p == f"mqtt.connect_timeout_s = {big}: Input should be less than or equal to 300"
+
+
+# B: check-config accepted, `run` crashed.
+
+
+def test_max_payload_bytes_is_bounded_by_mqtts_largest_packet(tmp_path: Path) -> None:
+    assert MQTT_MAX_PACKET_BYTES == 268_435_455  # paho's and MQTT's bound on the property
+    largest = MQTT_MAX_PACKET_BYTES - 64 * 1024
+    [p] = problems(tmp_path, base(tmp_path, '[mqtt]\nmax_payload_bytes = "256MiB"\n'))
+    assert p == (
+        f"mqtt.max_payload_bytes = '256MiB': Input should be less than or equal to {largest} "
+        "(MQTT's largest packet, 268435455 bytes, less 64 KiB for the topic and properties)"
+    )
+    s = load_settings(None, overrides={"gateway_id": "gw", "mqtt": {"max_payload_bytes": largest}})
+    assert max_packet_bytes(s.mqtt) == 268_435_455
+    connect_properties(s.mqtt)  # paho takes it (it refused 268435460)
+    assert max_packet_bytes(dataclasses.replace(s.mqtt, max_payload_bytes=2**40)) == 268_435_455
 
 
 def test_a_path_with_nul_is_refused(tmp_path: Path) -> None:
