@@ -5,7 +5,6 @@ Nothing else in the agent reads the environment or the TOML file; the runner get
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import os
@@ -363,8 +362,13 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         parsed: Any = value
         if value.lstrip()[:1] in ("[", "{"):
             # Not JSON: left as text, and the validation names the key and what it expected.
-            with contextlib.suppress(ValueError):
+            try:
                 parsed = json.loads(value)
+            except ValueError:
+                pass
+            except RecursionError:
+                problems.append(f"{name}: the JSON is nested too deeply")
+                continue
         clash = next(
             (source[tuple(path[:i])] for i in range(1, len(path) + 1) if tuple(path[:i]) in source),
             None,
@@ -409,6 +413,9 @@ def load_settings(path: Path | str | None, *, overrides: dict[str, Any] | None =
             raise ConfigError([f"config file {str(p)!r} cannot be read: {e.strerror}"]) from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError([f"config file {str(p)!r} is not valid TOML: {e}"]) from None
+        except RecursionError:  # tomllib recurses per nested array or inline table
+            deep = f"config file {str(p)!r} is not valid TOML: nested too deeply"
+            raise ConfigError([deep]) from None
         except UnicodeDecodeError:
             raise ConfigError([f"config file {str(p)!r} is not UTF-8 text"]) from None
     if overrides:

@@ -97,6 +97,37 @@ def test_a_float_key_given_a_huge_integer_is_refused(
     assert p == f"mqtt.connect_timeout_s = {big}: Input should be less than or equal to 300"
 
 
+def test_env_json_nested_too_deep_is_one_line_naming_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGE_AGENT__STREAMS", "[" * 50000)
+    [p] = problems(tmp_path, base(tmp_path))
+    assert p.startswith("EDGE_AGENT__STREAMS: ")
+    assert "nested too deeply" in p
+
+
+def test_toml_nested_too_deep_is_one_line(tmp_path: Path) -> None:
+    [p] = problems(tmp_path, base(tmp_path, "x = " + "[" * 3000 + "]" * 3000))
+    assert p == f"config file '{tmp_path}/c.toml' is not valid TOML: nested too deeply"
+
+
+def test_moderately_deep_values_are_named_not_crashed_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for depth in (200, 400, 600, 800, 950):
+        monkeypatch.setenv("EDGE_AGENT__MQTT__PORT", "[" * depth + "]" * depth)
+        try:
+            load_settings(None, overrides={"gateway_id": "gw"})
+        except ConfigError as e:
+            assert len(e.problems) == 1
+            assert e.problems[0].startswith(("mqtt.port", "EDGE_AGENT__MQTT__PORT"))
+        cfg = tmp_path / f"d{depth}.toml"
+        cfg.write_text(base(tmp_path, "[mqtt]\nport = " + "[" * depth + "]" * depth))
+        monkeypatch.delenv("EDGE_AGENT__MQTT__PORT")
+        with pytest.raises(ConfigError):
+            load_settings(cfg)
+
+
 # B: check-config accepted, `run` crashed.
 
 
