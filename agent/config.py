@@ -94,9 +94,32 @@ Port = Annotated[int, Rule(ge=1, le=65535)]
 Positive = Annotated[float, Rule(gt=0)]
 
 
+def _resolvable_name(host: str) -> bool:
+    """Whether the resolver takes `host`: an IP address, or a name the IDNA codec (which
+    getaddrinfo and httpx use) encodes; it refuses an empty label and one over 63 characters."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    if not host.strip() or host != host.strip():
+        return False
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
+
+
+def _check_host(host: str) -> None:
+    # paho refuses '' at connect, getaddrinfo a name of bad labels: `run` died of either.
+    if not _resolvable_name(host):
+        raise ValueError("expected a host name or IP address, e.g. '127.0.0.1'")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MqttSettings(Section):
-    host: str = "127.0.0.1"
+    host: Annotated[str, Rule(check=_check_host)] = "127.0.0.1"
     port: Port = 1883
     client_id: Annotated[str, Rule(min_length=1, max_length=128)] = "edge-agent"
     username: str | None = None
@@ -129,7 +152,16 @@ class MqttSettings(Section):
 
 
 TimeUnit = Literal["auto", "s", "ms", "us", "ns", "rfc3339"]
-_TOPIC_LEVEL_RE = re.compile(r"^[^+#{}]*$")
+_TOPIC_LEVEL_RE = re.compile(r"[^+#{}]*")
+# MQTT's longest topic (a two-byte length, in UTF-8 bytes).
+MQTT_MAX_TOPIC_BYTES = 65535
+# What the agent takes as a camera or stream id (agent/ingest.py refuses anything else).
+ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _check_id(value: str) -> None:
+    if not ID_RE.fullmatch(value):
+        raise ValueError("an id is 1-64 of A-Z a-z 0-9 . _ -")
 
 
 def _check_topic(topic: str) -> None:
@@ -139,19 +171,24 @@ def _check_topic(topic: str) -> None:
     for level in levels:
         if level in ("{camera}", "{stream}"):
             continue
-        if not level or not _TOPIC_LEVEL_RE.match(level):
+        if not level or not _TOPIC_LEVEL_RE.fullmatch(level):
             raise ValueError(
                 "topic levels are literal names or exactly '{camera}' / '{stream}' "
                 "(no '+', '#', empty levels or partial placeholders)"
             )
     if levels.count("{camera}") > 1 or levels.count("{stream}") > 1:
         raise ValueError("'{camera}' and '{stream}' may appear once each")
+    size = len(topic.encode("utf-8"))
+    if size > MQTT_MAX_TOPIC_BYTES:
+        raise ValueError(
+            f"a topic is at most {MQTT_MAX_TOPIC_BYTES} bytes of UTF-8 (MQTT's limit), not {size}"
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StreamSettings(Section):
     topic: Annotated[str, Rule(check=_check_topic)]
-    name: str | None = None
+    name: Annotated[str | None, Rule(check=_check_id)] = None
     time_field: str | None = "ts"
     time_unit: TimeUnit = "auto"
     numeric: tuple[str, ...] = ()
@@ -207,7 +244,9 @@ _URL_PORT_PROBLEM = "expected an http(s) URL with a port from 1 to 65535"
 
 
 def _check_url(url: str) -> None:
-    if not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):  # a trailing newline, too
+        raise ValueError("expected an http:// or https:// URL without control characters")
+    if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
         raise ValueError("expected an http:// or https:// URL")
     try:
         parts = urlsplit(url)
@@ -218,6 +257,11 @@ def _check_url(url: str) -> None:
         raise ValueError(_URL_PORT_PROBLEM)
     if not parts.hostname:
         raise ValueError("expected an http:// or https:// URL with a host")
+    if not _resolvable_name(parts.hostname):
+        raise ValueError(
+            "expected an http:// or https:// URL whose host is an IP address or a name of "
+            "dot-separated labels of 1-63 characters"
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -288,7 +332,7 @@ def _default_streams() -> tuple[StreamSettings, ...]:
 
 
 def _check_gateway_id(gateway_id: str) -> None:
-    if not re.match(r"^[A-Za-z0-9._-]+$", gateway_id):
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", gateway_id):
         raise ValueError("use letters, digits, '.', '_' and '-' only")
 
 

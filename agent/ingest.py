@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 import logging
 import math
-import re
 import ssl
 import time
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from agent.acks import AckLedger
 from agent.aggregate import Aggregator, StreamSpec
 from agent.clock import SYSTEM_CLOCK, Clock, StepWatch
 from agent.config import (
+    ID_RE,
     MQTT_MAX_PACKET_BYTES,
     PACKET_OVERHEAD_BYTES,
     MqttSettings,
@@ -43,7 +43,6 @@ from agent.timekeeping import BadTimestamp, Clocks, parse_event_time
 
 log = logging.getLogger(__name__)
 
-ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 GATEWAY_TIME: tuple[str, ...] = ("time_from_gateway",)
 # Never subscribed to: unsubscribing from it is a harmless round trip (see confirm_acks).
 BARRIER_TOPIC = "$edge-agent/ack-barrier"
@@ -111,10 +110,10 @@ class TopicRouter:
                     break
             else:
                 assert camera is not None
-                if not ID_RE.match(camera):
+                if not ID_RE.fullmatch(camera):
                     return Reject.bad_camera_id
                 stream = stream if stream is not None else s.name
-                if stream is None or not ID_RE.match(stream):
+                if stream is None or not ID_RE.fullmatch(stream):
                     return Reject.bad_stream_id
                 return Route(camera, stream, spec, s.time_field, s.time_unit)
         return Reject.unknown_topic

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
+import json
 import socket
 import typing
 from pathlib import Path
@@ -145,6 +146,53 @@ def test_max_payload_bytes_is_bounded_by_mqtts_largest_packet(tmp_path: Path) ->
     assert max_packet_bytes(dataclasses.replace(s.mqtt, max_payload_bytes=2**40)) == 268_435_455
 
 
+@pytest.mark.parametrize("host", ["", "a..b", "x" * 64 + ".example", " "])
+def test_an_unusable_mqtt_host_is_refused(tmp_path: Path, host: str) -> None:
+    [p] = problems(tmp_path, base(tmp_path, f'[mqtt]\nhost = "{host}"\n'))
+    assert p == f"mqtt.host = {host!r}: expected a host name or IP address, e.g. '127.0.0.1'"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "broker.local", "mqtt-1.site.example"])
+def test_usual_mqtt_hosts_are_accepted(host: str) -> None:
+    s = load_settings(None, overrides={"gateway_id": "gw", "mqtt": {"host": host}})
+    assert s.mqtt.host == host
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8080/ingest\n", "http://h/in\x01", "http://h/\x7f", "http://h\t/"]
+)
+def test_a_url_with_a_control_character_is_refused(tmp_path: Path, url: str) -> None:
+    toml = base(tmp_path, f"[forward]\nurl = {json.dumps(url)}\n")
+    [p] = problems(tmp_path, toml)
+    assert p == (
+        f"forward.url = {url!r}: expected an http:// or https:// URL without control characters"
+    )
+
+
+@pytest.mark.parametrize("host", ["a" * 64 + ".example", "a..example"])
+def test_a_url_whose_host_no_resolver_takes_is_refused(tmp_path: Path, host: str) -> None:
+    # Accepted, it ran and never delivered: every send failed before leaving the gateway.
+    url = f"http://{host}/in"
+    [p] = problems(tmp_path, base(tmp_path, f'[forward]\nurl = "{url}"\n'))
+    assert p == (
+        f"forward.url = {url!r}: expected an http:// or https:// URL whose host is an IP "
+        "address or a name of dot-separated labels of 1-63 characters"
+    )
+    load_settings(None, overrides={"gateway_id": "gw", "forward": {"url": "https://[::1]:8443/x"}})
+
+
+def test_a_topic_longer_than_mqtt_allows_is_refused(tmp_path: Path) -> None:
+    topic = "a" * 70000 + "/{camera}"
+    [p] = problems(tmp_path, base(tmp_path, f'[[streams]]\ntopic = "{topic}"\nname = "x"\n'))
+    assert p.startswith("streams[0].topic = 'aaaa")
+    assert p.endswith(
+        "/{camera}': a topic is at most 65535 bytes of UTF-8 (MQTT's limit), not 70009"
+    )
+    # At the limit: accepted.
+    topic = "a" * (65535 - len("/{camera}")) + "/{camera}"
+    load_settings(None, overrides={"gateway_id": "gw", "streams": [{"topic": topic, "name": "x"}]})
+
+
 def test_a_path_with_nul_is_refused(tmp_path: Path) -> None:
     [p] = problems(tmp_path, f'gateway_id = "gw"\n[buffer]\npath = "{tmp_path}/b\\u0000.db"\n')
     assert p == f"buffer.path = '{tmp_path}/b\\x00.db': Input should not contain NUL (U+0000)"
@@ -215,6 +263,35 @@ def test_infinite_backoff_is_refused_with_the_finite_message(
 ) -> None:
     [p] = problems(tmp_path, base(tmp_path, f"[{section}]\n{key} = inf\n"))
     assert p == f"{section}.{key} = inf: Input should be a finite number"
+
+
+# C: accepted, ran, never delivered.
+
+
+def test_a_gateway_id_with_a_trailing_newline_is_refused(tmp_path: Path) -> None:
+    [p] = problems(tmp_path, f'gateway_id = "gw-test\\n"\n[buffer]\npath = "{tmp_path}/b.db"\n')
+    assert p == "gateway_id = 'gw-test\\n': use letters, digits, '.', '_' and '-' only"
+
+
+@pytest.mark.parametrize("name", ["det\n", "a b", "", "x" * 65])
+def test_a_stream_name_the_agent_would_refuse_as_an_id_is_refused(
+    tmp_path: Path, name: str
+) -> None:
+    body = f'[[streams]]\ntopic = "site/{{camera}}/det"\nname = {json.dumps(name)}\n'
+    [p] = problems(tmp_path, base(tmp_path, body))
+    assert p == f"streams[0].name = {name!r}: an id is 1-64 of A-Z a-z 0-9 . _ -"
+
+
+def test_a_camera_or_stream_id_with_a_trailing_newline_is_refused_at_run_time() -> None:
+    # The same `$` in agent/ingest.py's ID_RE let a topic level "cam-1\n" through as a camera.
+    from agent.config import StreamSettings
+    from agent.ingest import TopicRouter
+    from agent.reasons import Reject
+
+    router = TopicRouter([StreamSettings(topic="site/cam/{camera}/{stream}")])
+    assert router.route("site/cam/cam-1\n/det") == Reject.bad_camera_id
+    assert router.route("site/cam/cam-1/det\n") == Reject.bad_stream_id
+    assert router.route("site/cam/cam-1/det") != Reject.bad_camera_id
 
 
 def test_a_topic_with_nul_is_refused(tmp_path: Path) -> None:
