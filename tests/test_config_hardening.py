@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import trustme
 
 from agent.cli import main
 from agent.config import MQTT_MAX_PACKET_BYTES, ConfigError, Settings, load_settings
@@ -156,6 +157,63 @@ def test_an_unusable_mqtt_host_is_refused(tmp_path: Path, host: str) -> None:
 def test_usual_mqtt_hosts_are_accepted(host: str) -> None:
     s = load_settings(None, overrides={"gateway_id": "gw", "mqtt": {"host": host}})
     assert s.mqtt.host == host
+
+
+def test_a_ca_file_that_is_no_certificate_is_refused_by_check_config_and_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("garbage\n")
+    toml = base(tmp_path, f'[mqtt]\ntls = true\nca_file = "{garbage}"\n')
+    rc, err = check_config(tmp_path, toml, capsys)
+    line = f"config error: mqtt.ca_file = '{garbage}': not a PEM certificate (no certificate or crl found)"
+    assert (rc, err.splitlines()) == (2, [line])
+    monkeypatch.setenv("EDGE_AGENT__HEALTH__LISTEN", f"127.0.0.1:{free_port()}")
+    assert main(["run", "--config", str(tmp_path / "c.toml")]) == 2
+    assert capsys.readouterr().err.splitlines() == [line]
+    assert not (tmp_path / "buffer.sqlite3").exists()
+
+
+def test_forward_tls_files_are_loaded_when_the_url_is_https(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("garbage\n")
+    fwd = f'[forward]\nca_file = "{garbage}"\n'
+    # Not used over http: not loaded.
+    assert check_config(tmp_path, base(tmp_path, fwd), capsys)[0] == 0
+    rc, err = check_config(tmp_path, base(tmp_path, fwd + 'url = "https://c.example/in"\n'), capsys)
+    assert rc == 2
+    assert f"config error: forward.ca_file = '{garbage}': not a PEM certificate" in err
+    # A good CA and a client certificate whose key does not match it.
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "good-ca.pem"))
+    ca.issue_cert("a.example").cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))
+    ca.issue_cert("b.example").private_key_pem.write_to_path(str(tmp_path / "k.pem"))
+    mqtt = (
+        f'[mqtt]\nca_file = "{tmp_path}/good-ca.pem"\ncert_file = "{tmp_path}/c.pem"\n'
+        f'key_file = "{tmp_path}/k.pem"\n'
+    )
+    rc, err = check_config(tmp_path, base(tmp_path, mqtt), capsys)
+    assert rc == 2
+    assert (
+        f"config error: mqtt.cert_file = '{tmp_path}/c.pem', mqtt.key_file = '{tmp_path}/k.pem': "
+        "not a PEM certificate and its private key (key values mismatch)" in err
+    )
+
+
+def test_a_password_file_that_is_not_utf8_is_refused_by_check_config_and_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pw = tmp_path / "pw"
+    pw.write_bytes(b"\x7fELF\x02\x01\x01\x00\xff\xfe")
+    toml = base(tmp_path, f'[mqtt]\nusername = "u"\npassword_file = "{pw}"\n')
+    rc, err = check_config(tmp_path, toml, capsys)
+    line = f"config error: mqtt.password_file = '{pw}': not UTF-8 text"
+    assert (rc, err.splitlines()) == (2, [line])
+    monkeypatch.setenv("EDGE_AGENT__HEALTH__LISTEN", f"127.0.0.1:{free_port()}")
+    assert main(["run", "--config", str(tmp_path / "c.toml")]) == 2
+    assert capsys.readouterr().err.splitlines() == [line]
 
 
 @pytest.mark.parametrize(
@@ -304,3 +362,22 @@ def test_a_topic_with_nul_is_refused(tmp_path: Path) -> None:
 def test_a_username_with_nul_is_refused(tmp_path: Path) -> None:
     [p] = problems(tmp_path, base(tmp_path, '[mqtt]\nusername = "u\\u0000x"\n'))
     assert p == "mqtt.username = 'u\\x00x': Input should not contain NUL (U+0000)"
+
+
+def test_a_file_only_the_service_user_may_read_is_for_run_to_refuse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent import preflight
+
+    pw = tmp_path / "pw"
+    pw.write_text("secret\n")
+    s = load_settings(None, overrides={"gateway_id": "gw", "mqtt": {"password_file": str(pw)}})
+
+    def denied(*_: object) -> str:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(preflight, "read_secret", denied)
+    # check-config, run by an operator: the service user may read it.
+    assert preflight.secret_problems(s, as_service=False) == []
+    # run: it is the service user, and the session would die of it.
+    assert preflight.secret_problems(s) == [f"mqtt.password_file = '{pw}': Permission denied"]
