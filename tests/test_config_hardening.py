@@ -381,3 +381,15 @@ def test_a_file_only_the_service_user_may_read_is_for_run_to_refuse(
     assert preflight.secret_problems(s, as_service=False) == []
     # run: it is the service user, and the session would die of it.
     assert preflight.secret_problems(s) == [f"mqtt.password_file = '{pw}': Permission denied"]
+
+
+# D: the docs.
+
+
+def test_the_example_states_the_packet_overhead_the_code_uses() -> None:
+    from agent.config import PACKET_OVERHEAD_BYTES
+
+    text = (ROOT / "config.example.toml").read_text()
+    assert PACKET_OVERHEAD_BYTES == 64 * 1024
+    assert "Maximum Packet Size = this + 64 KiB" in text
+    assert "16 KiB" not in text
