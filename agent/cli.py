@@ -51,7 +51,13 @@ def _load(path: str) -> Settings:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from agent.preflight import buffer_problem, default_service_user, gateway_id_problem
+    from agent.preflight import (
+        buffer_problem,
+        default_service_user,
+        gateway_id_problem,
+        secret_problems,
+        tls_problems,
+    )
 
     settings = _load(args.config)
     if not args.quiet:
@@ -60,6 +66,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     user = args.service_user or default_service_user()
     problems = [p for p in (gateway_id_problem(settings), buffer_problem(settings, user)) if p]
+    # Run by whoever: a file only the service user may read is for `run` to check.
+    problems += tls_problems(settings, as_service=False)
+    problems += secret_problems(settings, as_service=False)
     for p in problems:
         print(f"config error: {p}", file=sys.stderr)
     if problems:
@@ -77,12 +86,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.preflight import gateway_id_problem
+    from agent.preflight import gateway_id_problem, secret_problems, tls_problems
 
     settings = _load(args.config)
+    # What check-config (ExecStartPre) checked may have changed since: one line each, exit 2,
+    # rather than a traceback from deep in the start.
     problem = gateway_id_problem(settings)
-    if problem:
-        print(f"config error: {problem}", file=sys.stderr)
+    problems = ([problem] if problem else []) + tls_problems(settings) + secret_problems(settings)
+    for p in problems:
+        print(f"config error: {p}", file=sys.stderr)
+    if problems:
         return EXIT_CONFIG
     setup_logging(settings.log)
     for warning in inline_secret_warnings(args.config, settings):

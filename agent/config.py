@@ -5,7 +5,6 @@ Nothing else in the agent reads the environment or the TOML file; the runner get
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import os
@@ -14,6 +13,7 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -36,7 +36,16 @@ _SIZE_UNITS = {
     "gib": 1024**3,
     "tib": 1024**4,
 }
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+# The largest size any key takes (a signed 64-bit integer: SQLite's, and what pydantic took).
+MAX_SIZE = 2**63 - 1
+# MQTT's largest packet (its remaining length is at most 268,435,455 bytes), the most a Maximum
+# Packet Size property may say: paho refuses a larger one and `run` died of it.
+MQTT_MAX_PACKET_BYTES = 268_435_455
+# Room in a PUBLISH packet beyond its payload: fixed header, topic (ids are at most 64
+# characters, so a routable topic is short), packet id and properties (user properties too).
+PACKET_OVERHEAD_BYTES = 64 * 1024
+MAX_PAYLOAD_BYTES = MQTT_MAX_PACKET_BYTES - PACKET_OVERHEAD_BYTES
 
 
 class ConfigError(Exception):
@@ -55,25 +64,62 @@ def parse_size(value: object) -> object:
     if isinstance(value, int):
         return value
     if isinstance(value, str):
-        m = _SIZE_RE.match(value)
+        m = _SIZE_RE.fullmatch(value)
         unit = m.group(2).lower() if m else None
         if m is None or unit not in _SIZE_UNITS:
             raise ValueError(
                 "expected a size such as 1048576, '64KiB' or '1GiB' "
                 "(units: B, KB, MB, GB, KiB, MiB, GiB, TiB)"
             )
-        return int(float(m.group(1)) * _SIZE_UNITS[unit or ""])
+        number = m.group(1)
+        if len(number.partition(".")[0].lstrip("0")) > len(str(MAX_SIZE)):
+            # Hundreds of digits: past every bound, whose message names the largest (and
+            # beyond float's range and, at thousands, int()'s).
+            return MAX_SIZE + 1
+        # Exact: float arithmetic made '4.35MB' 4349999 bytes.
+        return int(Fraction(number) * _SIZE_UNITS[unit or ""])
     return value
 
 
-ByteSize = Annotated[int, Rule(ge=0, before=parse_size)]
+def _check_payload_size(size: int) -> None:
+    if size > MAX_PAYLOAD_BYTES:
+        raise ValueError(
+            f"Input should be less than or equal to {MAX_PAYLOAD_BYTES} (MQTT's largest packet, "
+            f"{MQTT_MAX_PACKET_BYTES} bytes, less 64 KiB for the topic and properties)"
+        )
+
+
+ByteSize = Annotated[int, Rule(ge=0, le=MAX_SIZE, before=parse_size)]
 Port = Annotated[int, Rule(ge=1, le=65535)]
 Positive = Annotated[float, Rule(gt=0)]
 
 
+def _resolvable_name(host: str) -> bool:
+    """Whether the resolver takes `host`: an IP address, or a name the IDNA codec (which
+    getaddrinfo and httpx use) encodes; it refuses an empty label and one over 63 characters."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    if not host.strip() or host != host.strip():
+        return False
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
+
+
+def _check_host(host: str) -> None:
+    # paho refuses '' at connect, getaddrinfo a name of bad labels: `run` died of either.
+    if not _resolvable_name(host):
+        raise ValueError("expected a host name or IP address, e.g. '127.0.0.1'")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MqttSettings(Section):
-    host: str = "127.0.0.1"
+    host: Annotated[str, Rule(check=_check_host)] = "127.0.0.1"
     port: Port = 1883
     client_id: Annotated[str, Rule(min_length=1, max_length=128)] = "edge-agent"
     username: str | None = None
@@ -87,7 +133,9 @@ class MqttSettings(Section):
     keepalive_s: Annotated[int, Rule(ge=5, le=3600)] = 30
     connect_timeout_s: Annotated[float, Rule(gt=0, le=300)] = 10.0
     receive_maximum: Annotated[int, Rule(ge=100, le=65535)] = 65535
-    max_payload_bytes: ByteSize = 64 * 1024
+    max_payload_bytes: Annotated[int, Rule(ge=0, before=parse_size, check=_check_payload_size)] = (
+        64 * 1024
+    )
     max_fields: Annotated[int, Rule(ge=1, le=100000)] = 256
     max_depth: Annotated[int, Rule(ge=1, le=1000)] = 8
     reconnect_min_s: Positive = 0.5
@@ -104,7 +152,16 @@ class MqttSettings(Section):
 
 
 TimeUnit = Literal["auto", "s", "ms", "us", "ns", "rfc3339"]
-_TOPIC_LEVEL_RE = re.compile(r"^[^+#{}]*$")
+_TOPIC_LEVEL_RE = re.compile(r"[^+#{}]*")
+# MQTT's longest topic (a two-byte length, in UTF-8 bytes).
+MQTT_MAX_TOPIC_BYTES = 65535
+# What the agent takes as a camera or stream id (agent/ingest.py refuses anything else).
+ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _check_id(value: str) -> None:
+    if not ID_RE.fullmatch(value):
+        raise ValueError("an id is 1-64 of A-Z a-z 0-9 . _ -")
 
 
 def _check_topic(topic: str) -> None:
@@ -114,19 +171,24 @@ def _check_topic(topic: str) -> None:
     for level in levels:
         if level in ("{camera}", "{stream}"):
             continue
-        if not level or not _TOPIC_LEVEL_RE.match(level):
+        if not level or not _TOPIC_LEVEL_RE.fullmatch(level):
             raise ValueError(
                 "topic levels are literal names or exactly '{camera}' / '{stream}' "
                 "(no '+', '#', empty levels or partial placeholders)"
             )
     if levels.count("{camera}") > 1 or levels.count("{stream}") > 1:
         raise ValueError("'{camera}' and '{stream}' may appear once each")
+    size = len(topic.encode("utf-8"))
+    if size > MQTT_MAX_TOPIC_BYTES:
+        raise ValueError(
+            f"a topic is at most {MQTT_MAX_TOPIC_BYTES} bytes of UTF-8 (MQTT's limit), not {size}"
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StreamSettings(Section):
     topic: Annotated[str, Rule(check=_check_topic)]
-    name: str | None = None
+    name: Annotated[str | None, Rule(check=_check_id)] = None
     time_field: str | None = "ts"
     time_unit: TimeUnit = "auto"
     numeric: tuple[str, ...] = ()
@@ -170,7 +232,7 @@ class AggregateSettings(Section):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BufferSettings(Section):
     path: Path = Path("/var/lib/edge-agent/buffer.sqlite3")
-    max_bytes: Annotated[int, Rule(ge=1024**2, before=parse_size)] = 1024**3
+    max_bytes: Annotated[int, Rule(ge=1024**2, le=MAX_SIZE, before=parse_size)] = 1024**3
     synchronous: Literal["off", "normal", "full", "extra"] = "full"
     checkpoint_interval_ms: Annotated[int, Rule(ge=10, le=60000)] = 250
     max_ack_delay_ms: Annotated[int, Rule(ge=100, le=3600000)] = 10000
@@ -182,7 +244,9 @@ _URL_PORT_PROBLEM = "expected an http(s) URL with a port from 1 to 65535"
 
 
 def _check_url(url: str) -> None:
-    if not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):  # a trailing newline, too
+        raise ValueError("expected an http:// or https:// URL without control characters")
+    if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
         raise ValueError("expected an http:// or https:// URL")
     try:
         parts = urlsplit(url)
@@ -193,6 +257,11 @@ def _check_url(url: str) -> None:
         raise ValueError(_URL_PORT_PROBLEM)
     if not parts.hostname:
         raise ValueError("expected an http:// or https:// URL with a host")
+    if not _resolvable_name(parts.hostname):
+        raise ValueError(
+            "expected an http:// or https:// URL whose host is an IP address or a name of "
+            "dot-separated labels of 1-63 characters"
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -263,7 +332,7 @@ def _default_streams() -> tuple[StreamSettings, ...]:
 
 
 def _check_gateway_id(gateway_id: str) -> None:
-    if not re.match(r"^[A-Za-z0-9._-]+$", gateway_id):
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", gateway_id):
         raise ValueError("use letters, digits, '.', '_' and '-' only")
 
 
@@ -337,8 +406,13 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         parsed: Any = value
         if value.lstrip()[:1] in ("[", "{"):
             # Not JSON: left as text, and the validation names the key and what it expected.
-            with contextlib.suppress(ValueError):
+            try:
                 parsed = json.loads(value)
+            except ValueError:
+                pass
+            except RecursionError:
+                problems.append(f"{name}: the JSON is nested too deeply")
+                continue
         clash = next(
             (source[tuple(path[:i])] for i in range(1, len(path) + 1) if tuple(path[:i]) in source),
             None,
@@ -383,6 +457,9 @@ def load_settings(path: Path | str | None, *, overrides: dict[str, Any] | None =
             raise ConfigError([f"config file {str(p)!r} cannot be read: {e.strerror}"]) from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError([f"config file {str(p)!r} is not valid TOML: {e}"]) from None
+        except RecursionError:  # tomllib recurses per nested array or inline table
+            deep = f"config file {str(p)!r} is not valid TOML: nested too deeply"
+            raise ConfigError([deep]) from None
         except UnicodeDecodeError:
             raise ConfigError([f"config file {str(p)!r} is not UTF-8 text"]) from None
     if overrides:

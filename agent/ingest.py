@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 import logging
 import math
-import re
 import ssl
 import time
 from collections.abc import Sequence
@@ -27,7 +26,14 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from agent.acks import AckLedger
 from agent.aggregate import Aggregator, StreamSpec
 from agent.clock import SYSTEM_CLOCK, Clock, StepWatch
-from agent.config import MqttSettings, StreamSettings, read_secret
+from agent.config import (
+    ID_RE,
+    MQTT_MAX_PACKET_BYTES,
+    PACKET_OVERHEAD_BYTES,
+    MqttSettings,
+    StreamSettings,
+    read_secret,
+)
 from agent.credentials import client_tls_context
 from agent.mqtt_compat import FastReader, expect_late_unsubacks, install, send_acks
 from agent.pacing import Backoff
@@ -37,7 +43,6 @@ from agent.timekeeping import BadTimestamp, Clocks, parse_event_time
 
 log = logging.getLogger(__name__)
 
-ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 GATEWAY_TIME: tuple[str, ...] = ("time_from_gateway",)
 # Never subscribed to: unsubscribing from it is a harmless round trip (see confirm_acks).
 BARRIER_TOPIC = "$edge-agent/ack-barrier"
@@ -105,10 +110,10 @@ class TopicRouter:
                     break
             else:
                 assert camera is not None
-                if not ID_RE.match(camera):
+                if not ID_RE.fullmatch(camera):
                     return Reject.bad_camera_id
                 stream = stream if stream is not None else s.name
-                if stream is None or not ID_RE.match(stream):
+                if stream is None or not ID_RE.fullmatch(stream):
                     return Reject.bad_stream_id
                 return Route(camera, stream, spec, s.time_field, s.time_unit)
         return Reject.unknown_topic
@@ -295,13 +300,6 @@ def _too_deep(doc: dict[str, Any], limit: int) -> bool:
         items = value.values() if type(value) is dict else value
         stack.extend((v, depth + 1) for v in items if type(v) in (dict, list))
     return False
-
-
-# Room in a PUBLISH packet beyond its payload: fixed header, topic (ids are at most 64
-# characters, so a routable topic is short), packet id and properties (user properties too).
-PACKET_OVERHEAD_BYTES = 64 * 1024
-# MQTT's largest packet: 1 byte of header, 4 of remaining length, 268,435,455 of content.
-MQTT_MAX_PACKET_BYTES = 268_435_460
 
 
 def max_packet_bytes(settings: MqttSettings) -> int:

@@ -1,7 +1,8 @@
 """Checks of a config against the machine it will run on (not its syntax: config.py does that).
 
-`check-config` runs them; `run` refuses the example gateway id too. Each problem is one line
-naming the key, the value and why.
+`check-config` runs them; `run` refuses the example gateway id, TLS files the TLS library
+cannot load and a password file that is not UTF-8 too (exit 2, one line each, rather than a
+traceback when they are first used). Each problem is one line naming the key, the value and why.
 """
 
 from __future__ import annotations
@@ -9,10 +10,11 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import ssl
 import stat
 from pathlib import Path
 
-from agent.config import Settings
+from agent.config import Settings, read_secret, secret_path
 
 # The value shipped in config.example.toml. Two gateways with the same id collide silently in
 # the cloud's (gateway, seq) dedup, so the unedited example must not pass.
@@ -95,3 +97,79 @@ def _group(gid: int) -> str:
         return grp.getgrgid(gid).gr_name
     except KeyError:
         return str(gid)
+
+
+def tls_problems(settings: Settings, *, as_service: bool = True) -> list[str]:
+    """The CA file and client certificate and key of each TLS connection the agent will make,
+    loaded as it will load them (agent/credentials.py): a file that is no PEM certificate
+    passes `is_file` and raised ssl.SSLError at start. `as_service=False` (check-config, run by
+    whoever): a file this user may not read is not a problem, the service user may."""
+    problems = []
+    m, f = settings.mqtt, settings.forward
+    # The broker: TLS as agent/ingest.py's tls_context decides it; the cloud: an https URL.
+    if m.tls or m.ca_file is not None or m.cert_file is not None:
+        problems += _tls_file_problems("mqtt", m.ca_file, m.cert_file, m.key_file, as_service)
+    if f.url.startswith("https://"):
+        problems += _tls_file_problems("forward", f.ca_file, f.cert_file, f.key_file, as_service)
+    return problems
+
+
+def _tls_file_problems(
+    section: str,
+    ca_file: Path | None,
+    cert_file: Path | None,
+    key_file: Path | None,
+    as_service: bool,
+) -> list[str]:
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    except ssl.SSLError as e:
+        return [f"{section}.ca_file = {str(ca_file)!r}: not a PEM certificate ({_why(e)})"]
+    except PermissionError as e:
+        return [f"{section}.ca_file = {str(ca_file)!r}: {e.strerror}"] if as_service else []
+    except OSError as e:
+        return [f"{section}.ca_file = {str(ca_file)!r}: cannot be read: {e.strerror}"]
+    if cert_file is None or key_file is None:
+        return []
+    keys = f"{section}.cert_file = {str(cert_file)!r}, {section}.key_file = {str(key_file)!r}"
+    try:
+        ctx.load_cert_chain(str(cert_file), str(key_file))
+    except ssl.SSLError as e:
+        return [f"{keys}: not a PEM certificate and its private key ({_why(e)})"]
+    except PermissionError as e:
+        return [f"{keys}: {e.strerror}"] if as_service else []
+    except OSError as e:
+        return [f"{keys}: cannot be read: {e.strerror}"]
+    return []
+
+
+def _why(e: ssl.SSLError) -> str:
+    """'no certificate or crl found' from '[X509: NO_CERTIFICATE_OR_CRL_FOUND] ...'."""
+    return str(e.reason or e.library or "unreadable").replace("_", " ").lower()
+
+
+def secret_problems(settings: Settings, *, as_service: bool = True) -> list[str]:
+    """The broker password's file (or systemd credential) must read as UTF-8 text: the MQTT
+    session read it at connect and died of a UnicodeDecodeError. (The cloud token file is read
+    and re-read at run time, a bad one reported in /status: it is not refused here.)
+    `as_service=False`: a file this user may not read is not a problem (see tls_problems)."""
+    m = settings.mqtt
+    if m.password is not None:
+        return []
+    path = secret_path(m.password_file, "mqtt-password")
+    if path is None:
+        return []
+    key = (
+        f"mqtt.password_file = {str(path)!r}"
+        if m.password_file is not None
+        else f"the systemd credential mqtt-password ({str(path)!r})"
+    )
+    try:
+        read_secret(None, path)
+    except UnicodeDecodeError:
+        return [f"{key}: not UTF-8 text"]
+    except PermissionError as e:
+        return [f"{key}: {e.strerror}"] if as_service else []
+    except OSError as e:
+        return [f"{key}: cannot be read: {e.strerror}"]
+    return []

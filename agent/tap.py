@@ -34,8 +34,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.acks import AckLedger
 from agent.aggregate import Aggregator, StreamSpec, Window
-from agent.config import Settings, read_secret
-from agent.ingest import ID_RE, Intake, Route, TopicRouter, max_packet_bytes, tls_context
+from agent.config import ID_RE, Settings, read_secret
+from agent.ingest import Intake, Route, TopicRouter, max_packet_bytes, tls_context
 from agent.reasons import Reject
 from agent.stats import Stats
 from agent.timekeeping import BadTimestamp, parse_event_time, unit_of
@@ -267,7 +267,7 @@ def subscriptions(settings: Settings, camera: str | None, stream: str | None) ->
 
 def check_id(option: str, value: str | None) -> None:
     """Raise ValueError naming the option when an id could never match a topic."""
-    if value is not None and not ID_RE.match(value):
+    if value is not None and not ID_RE.fullmatch(value):
         raise ValueError(f"{option} {value!r}: an id is 1-64 of A-Z a-z 0-9 . _ -")
 
 

@@ -207,6 +207,11 @@ def _converter(annotation: Any) -> Converter:
             if rule.before is not None:
                 value = rule.before(value)
             value = _bounded(convert(value), rule)
+            if isinstance(value, float) and not math.isfinite(value):
+                # After the bounds, whose message names the range (`timeout_s = inf`: "less
+                # than or equal to 600"); a key bounded below only would take inf, and an
+                # infinite backoff or timeout turns into a NaN delay later.
+                raise ValueError("Input should be a finite number")
             if rule.check is not None:
                 rule.check(value)
         except ValueError as e:
@@ -275,8 +280,13 @@ def _to_int(value: object) -> int:
 
 
 def _to_float(value: object) -> float:
-    if isinstance(value, int | float):
-        return float(value)
+    if isinstance(value, float):
+        return value
+    if isinstance(value, int):
+        try:
+            return float(value)
+        except OverflowError:  # 400 digits: past any bound, and the bounds say which
+            return math.inf if value > 0 else -math.inf
     if isinstance(value, str):
         if value.isascii():  # float() reads other scripts' digits too
             with contextlib.suppress(ValueError):
@@ -302,17 +312,33 @@ def _to_bool(value: object) -> bool:
     raise ValueError("Input should be a valid boolean")
 
 
+_NUL = "Input should not contain NUL (U+0000)"
+
+
 def _to_str(value: object) -> str:
+    """Text that goes on the wire as it is: MQTT forbids U+0000 in its strings (a broker drops
+    the connection), and an `EDGE_AGENT__...` variable holding bytes that are not UTF-8 reads
+    as lone surrogates, which no encoder takes."""
     if not isinstance(value, str):
         raise ValueError("Input should be a valid string")
+    if "\0" in value:
+        raise ValueError(_NUL)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("Input should be UTF-8 text (it holds bytes that are not UTF-8)") from None
     return value
 
 
 def _to_path(value: object) -> Path:
+    """A path; no NUL (no system call takes one). Bytes that are not UTF-8 are fine in a file
+    name: Python hands them back to the system as they were."""
     if isinstance(value, Path):
         return value
     if not isinstance(value, str):
         raise ValueError("Input is not a valid path for <class 'pathlib.Path'>")
+    if "\0" in value:
+        raise ValueError(_NUL)
     return Path(value)
 
 

@@ -1,0 +1,395 @@
+"""Configs an adversarial tester found that crashed the loader (a traceback, exit 1) or that
+`check-config` accepted and `run` then crashed on or never delivered with. The rule: a bad
+config names the key, what was given and what is allowed, and exits 2; never a traceback. Under
+systemd `check-config --quiet` is ExecStartPre, so what it accepts and `run` cannot use is a
+crash loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import json
+import socket
+import typing
+from pathlib import Path
+
+import pytest
+import trustme
+
+from agent.cli import main
+from agent.config import MQTT_MAX_PACKET_BYTES, ConfigError, Settings, load_settings
+from agent.ingest import connect_properties, max_packet_bytes
+from agent.validate import Section
+
+ROOT = Path(__file__).resolve().parent.parent
+I64_MAX = 2**63 - 1
+
+
+def problems(tmp_path: Path, toml: str) -> list[str]:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError) as e:
+        load_settings(cfg)
+    return e.value.problems
+
+
+def base(tmp_path: Path, body: str = "") -> str:
+    return f'gateway_id = "gw"\n{body}\n[buffer]\npath = "{tmp_path}/buffer.sqlite3"\n'
+
+
+def check_config(tmp_path: Path, toml: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml)
+    rc = main(
+        ["check-config", "--quiet", "--config", str(cfg), "--service-user", getpass.getuser()]
+    )
+    return rc, capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# A: the loader itself crashed.
+
+
+@pytest.mark.parametrize("unit", ["KiB", "", "TiB"])
+def test_a_size_with_hundreds_of_digits_is_refused_naming_the_largest(
+    tmp_path: Path, unit: str
+) -> None:
+    size = "1" * 400 + unit
+    [p] = problems(tmp_path, base(tmp_path, f'[forward]\nmax_batch_bytes = "{size}"\n'))
+    assert (
+        p == f"forward.max_batch_bytes = '{size}': Input should be less than or equal to {I64_MAX}"
+    )
+
+
+def test_a_size_with_hundreds_of_digits_from_the_environment_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGE_AGENT__BUFFER__MAX_BYTES", "1" * 400 + "TiB")
+    [p] = problems(tmp_path, 'gateway_id = "gw"\n')
+    assert p.startswith("buffer.max_bytes = '1111")
+    assert p.endswith(f"TiB': Input should be less than or equal to {I64_MAX}")
+    # Thousands of digits (past int()'s own limit) too.
+    monkeypatch.setenv("EDGE_AGENT__BUFFER__MAX_BYTES", "9" * 5000 + ".5")
+    [p] = problems(tmp_path, 'gateway_id = "gw"\n')
+    assert p.endswith(f": Input should be less than or equal to {I64_MAX}")
+
+
+def test_sizes_keep_their_exact_values() -> None:
+    from agent.config import parse_size
+
+    assert parse_size("1.5MiB") == 1572864
+    assert parse_size("0.5KiB") == 512
+    assert parse_size(" 2gb ") == 2 * 1000**3
+    assert parse_size("4.35MB") == 4350000  # float arithmetic made this 4349999
+
+
+def test_a_float_key_given_a_huge_integer_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = "9" * 400
+    [p] = problems(tmp_path, base(tmp_path, f"[mqtt]\nreconnect_max_s = {big}\n"))
+    assert p == f"mqtt.reconnect_max_s = {big}: Input should be a finite number"
+    monkeypatch.setenv("EDGE_AGENT__MQTT", f'{{"connect_timeout_s": {big}}}')
+    [p] = problems(tmp_path, base(tmp_path))
+    assert p == f"mqtt.connect_timeout_s = {big}: Input should be less than or equal to 300"
+
+
+def test_env_json_nested_too_deep_is_one_line_naming_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGE_AGENT__STREAMS", "[" * 50000)
+    [p] = problems(tmp_path, base(tmp_path))
+    assert p.startswith("EDGE_AGENT__STREAMS: ")
+    assert "nested too deeply" in p
+
+
+def test_toml_nested_too_deep_is_one_line(tmp_path: Path) -> None:
+    [p] = problems(tmp_path, base(tmp_path, "x = " + "[" * 3000 + "]" * 3000))
+    assert p == f"config file '{tmp_path}/c.toml' is not valid TOML: nested too deeply"
+
+
+def test_moderately_deep_values_are_named_not_crashed_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for depth in (200, 400, 600, 800, 950):
+        monkeypatch.setenv("EDGE_AGENT__MQTT__PORT", "[" * depth + "]" * depth)
+        try:
+            load_settings(None, overrides={"gateway_id": "gw"})
+        except ConfigError as e:
+            assert len(e.problems) == 1
+            assert e.problems[0].startswith(("mqtt.port", "EDGE_AGENT__MQTT__PORT"))
+        cfg = tmp_path / f"d{depth}.toml"
+        cfg.write_text(base(tmp_path, "[mqtt]\nport = " + "[" * depth + "]" * depth))
+        monkeypatch.delenv("EDGE_AGENT__MQTT__PORT")
+        with pytest.raises(ConfigError):
+            load_settings(cfg)
+
+
+# B: check-config accepted, `run` crashed.
+
+
+def test_max_payload_bytes_is_bounded_by_mqtts_largest_packet(tmp_path: Path) -> None:
+    assert MQTT_MAX_PACKET_BYTES == 268_435_455  # paho's and MQTT's bound on the property
+    largest = MQTT_MAX_PACKET_BYTES - 64 * 1024
+    [p] = problems(tmp_path, base(tmp_path, '[mqtt]\nmax_payload_bytes = "256MiB"\n'))
+    assert p == (
+        f"mqtt.max_payload_bytes = '256MiB': Input should be less than or equal to {largest} "
+        "(MQTT's largest packet, 268435455 bytes, less 64 KiB for the topic and properties)"
+    )
+    s = load_settings(None, overrides={"gateway_id": "gw", "mqtt": {"max_payload_bytes": largest}})
+    assert max_packet_bytes(s.mqtt) == 268_435_455
+    connect_properties(s.mqtt)  # paho takes it (it refused 268435460)
+    assert max_packet_bytes(dataclasses.replace(s.mqtt, max_payload_bytes=2**40)) == 268_435_455
+
+
+@pytest.mark.parametrize("host", ["", "a..b", "x" * 64 + ".example", " "])
+def test_an_unusable_mqtt_host_is_refused(tmp_path: Path, host: str) -> None:
+    [p] = problems(tmp_path, base(tmp_path, f'[mqtt]\nhost = "{host}"\n'))
+    assert p == f"mqtt.host = {host!r}: expected a host name or IP address, e.g. '127.0.0.1'"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "broker.local", "mqtt-1.site.example"])
+def test_usual_mqtt_hosts_are_accepted(host: str) -> None:
+    s = load_settings(None, overrides={"gateway_id": "gw", "mqtt": {"host": host}})
+    assert s.mqtt.host == host
+
+
+def test_a_ca_file_that_is_no_certificate_is_refused_by_check_config_and_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("garbage\n")
+    toml = base(tmp_path, f'[mqtt]\ntls = true\nca_file = "{garbage}"\n')
+    rc, err = check_config(tmp_path, toml, capsys)
+    line = f"config error: mqtt.ca_file = '{garbage}': not a PEM certificate (no certificate or crl found)"
+    assert (rc, err.splitlines()) == (2, [line])
+    monkeypatch.setenv("EDGE_AGENT__HEALTH__LISTEN", f"127.0.0.1:{free_port()}")
+    assert main(["run", "--config", str(tmp_path / "c.toml")]) == 2
+    assert capsys.readouterr().err.splitlines() == [line]
+    assert not (tmp_path / "buffer.sqlite3").exists()
+
+
+def test_forward_tls_files_are_loaded_when_the_url_is_https(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("garbage\n")
+    fwd = f'[forward]\nca_file = "{garbage}"\n'
+    # Not used over http: not loaded.
+    assert check_config(tmp_path, base(tmp_path, fwd), capsys)[0] == 0
+    rc, err = check_config(tmp_path, base(tmp_path, fwd + 'url = "https://c.example/in"\n'), capsys)
+    assert rc == 2
+    assert f"config error: forward.ca_file = '{garbage}': not a PEM certificate" in err
+    # A good CA and a client certificate whose key does not match it.
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "good-ca.pem"))
+    ca.issue_cert("a.example").cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))
+    ca.issue_cert("b.example").private_key_pem.write_to_path(str(tmp_path / "k.pem"))
+    mqtt = (
+        f'[mqtt]\nca_file = "{tmp_path}/good-ca.pem"\ncert_file = "{tmp_path}/c.pem"\n'
+        f'key_file = "{tmp_path}/k.pem"\n'
+    )
+    rc, err = check_config(tmp_path, base(tmp_path, mqtt), capsys)
+    assert rc == 2
+    assert (
+        f"config error: mqtt.cert_file = '{tmp_path}/c.pem', mqtt.key_file = '{tmp_path}/k.pem': "
+        "not a PEM certificate and its private key (key values mismatch)" in err
+    )
+
+
+def test_a_password_file_that_is_not_utf8_is_refused_by_check_config_and_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pw = tmp_path / "pw"
+    pw.write_bytes(b"\x7fELF\x02\x01\x01\x00\xff\xfe")
+    toml = base(tmp_path, f'[mqtt]\nusername = "u"\npassword_file = "{pw}"\n')
+    rc, err = check_config(tmp_path, toml, capsys)
+    line = f"config error: mqtt.password_file = '{pw}': not UTF-8 text"
+    assert (rc, err.splitlines()) == (2, [line])
+    monkeypatch.setenv("EDGE_AGENT__HEALTH__LISTEN", f"127.0.0.1:{free_port()}")
+    assert main(["run", "--config", str(tmp_path / "c.toml")]) == 2
+    assert capsys.readouterr().err.splitlines() == [line]
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8080/ingest\n", "http://h/in\x01", "http://h/\x7f", "http://h\t/"]
+)
+def test_a_url_with_a_control_character_is_refused(tmp_path: Path, url: str) -> None:
+    toml = base(tmp_path, f"[forward]\nurl = {json.dumps(url)}\n")
+    [p] = problems(tmp_path, toml)
+    assert p == (
+        f"forward.url = {url!r}: expected an http:// or https:// URL without control characters"
+    )
+
+
+@pytest.mark.parametrize("host", ["a" * 64 + ".example", "a..example"])
+def test_a_url_whose_host_no_resolver_takes_is_refused(tmp_path: Path, host: str) -> None:
+    # Accepted, it ran and never delivered: every send failed before leaving the gateway.
+    url = f"http://{host}/in"
+    [p] = problems(tmp_path, base(tmp_path, f'[forward]\nurl = "{url}"\n'))
+    assert p == (
+        f"forward.url = {url!r}: expected an http:// or https:// URL whose host is an IP "
+        "address or a name of dot-separated labels of 1-63 characters"
+    )
+    load_settings(None, overrides={"gateway_id": "gw", "forward": {"url": "https://[::1]:8443/x"}})
+
+
+def test_a_topic_longer_than_mqtt_allows_is_refused(tmp_path: Path) -> None:
+    topic = "a" * 70000 + "/{camera}"
+    [p] = problems(tmp_path, base(tmp_path, f'[[streams]]\ntopic = "{topic}"\nname = "x"\n'))
+    assert p.startswith("streams[0].topic = 'aaaa")
+    assert p.endswith(
+        "/{camera}': a topic is at most 65535 bytes of UTF-8 (MQTT's limit), not 70009"
+    )
+    # At the limit: accepted.
+    topic = "a" * (65535 - len("/{camera}")) + "/{camera}"
+    load_settings(None, overrides={"gateway_id": "gw", "streams": [{"topic": topic, "name": "x"}]})
+
+
+def test_a_path_with_nul_is_refused(tmp_path: Path) -> None:
+    [p] = problems(tmp_path, f'gateway_id = "gw"\n[buffer]\npath = "{tmp_path}/b\\u0000.db"\n')
+    assert p == f"buffer.path = '{tmp_path}/b\\x00.db': Input should not contain NUL (U+0000)"
+
+
+@pytest.mark.parametrize(
+    ("variable", "key"),
+    [
+        ("EDGE_AGENT__MQTT__CLIENT_ID", "mqtt.client_id"),
+        ("EDGE_AGENT__MQTT__USERNAME", "mqtt.username"),
+        ("EDGE_AGENT__MQTT__HOST", "mqtt.host"),
+        ("EDGE_AGENT__GATEWAY_ID", "gateway_id"),
+        ("EDGE_AGENT__MQTT__PASSWORD", "mqtt.password"),
+    ],
+)
+def test_text_that_is_not_utf8_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, key: str
+) -> None:
+    # os.environ holds undecodable bytes as lone surrogates (surrogateescape).
+    monkeypatch.setenv(variable, "edge-\udcff")
+    [p] = problems(tmp_path, base(tmp_path))
+    shown = "***" if "password" in key else "'edge-\\udcff'"
+    assert p == f"{key} = {shown}: Input should be UTF-8 text (it holds bytes that are not UTF-8)"
+
+
+def test_a_topic_that_is_not_utf8_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGE_AGENT__STREAMS", '[{"topic": "a\\udcff/{camera}", "name": "x"}]')
+    [p] = problems(tmp_path, base(tmp_path))
+    assert p.startswith("streams[0].topic = ")
+    assert p.endswith("Input should be UTF-8 text (it holds bytes that are not UTF-8)")
+
+
+def _float_keys() -> list[tuple[str, str]]:
+    keys = []
+    for section in dataclasses.fields(Settings):
+        cls = typing.get_type_hints(Settings)[section.name]
+        if isinstance(cls, type) and issubclass(cls, Section):
+            for f in dataclasses.fields(cls):
+                hint = typing.get_type_hints(cls)[f.name]
+                if hint is float:
+                    keys.append((section.name, f.name))
+    return keys
+
+
+def test_every_float_key_is_found() -> None:
+    assert len(_float_keys()) == 18
+    assert ("forward", "backoff_min_s") in _float_keys()
+
+
+@pytest.mark.parametrize(("section", "key"), _float_keys())
+@pytest.mark.parametrize("value", ["inf", "nan", '"inf"', '"1e999"'])
+def test_every_float_key_refuses_infinity_and_nan(
+    tmp_path: Path, section: str, key: str, value: str
+) -> None:
+    [p] = problems(tmp_path, f'gateway_id = "gw"\n[{section}]\n{key} = {value}\n')
+    assert p.startswith(f"{section}.{key} = ")
+    allowed = ("Input should be a finite number", "should be less than ", "greater than 0")
+    assert any(words in p for words in allowed), p
+
+
+@pytest.mark.parametrize(
+    ("section", "key"), [("forward", "backoff_min_s"), ("mqtt", "reconnect_min_s")]
+)
+def test_infinite_backoff_is_refused_with_the_finite_message(
+    tmp_path: Path, section: str, key: str
+) -> None:
+    [p] = problems(tmp_path, base(tmp_path, f"[{section}]\n{key} = inf\n"))
+    assert p == f"{section}.{key} = inf: Input should be a finite number"
+
+
+# C: accepted, ran, never delivered.
+
+
+def test_a_gateway_id_with_a_trailing_newline_is_refused(tmp_path: Path) -> None:
+    [p] = problems(tmp_path, f'gateway_id = "gw-test\\n"\n[buffer]\npath = "{tmp_path}/b.db"\n')
+    assert p == "gateway_id = 'gw-test\\n': use letters, digits, '.', '_' and '-' only"
+
+
+@pytest.mark.parametrize("name", ["det\n", "a b", "", "x" * 65])
+def test_a_stream_name_the_agent_would_refuse_as_an_id_is_refused(
+    tmp_path: Path, name: str
+) -> None:
+    body = f'[[streams]]\ntopic = "site/{{camera}}/det"\nname = {json.dumps(name)}\n'
+    [p] = problems(tmp_path, base(tmp_path, body))
+    assert p == f"streams[0].name = {name!r}: an id is 1-64 of A-Z a-z 0-9 . _ -"
+
+
+def test_a_camera_or_stream_id_with_a_trailing_newline_is_refused_at_run_time() -> None:
+    # The same `$` in agent/ingest.py's ID_RE let a topic level "cam-1\n" through as a camera.
+    from agent.config import StreamSettings
+    from agent.ingest import TopicRouter
+    from agent.reasons import Reject
+
+    router = TopicRouter([StreamSettings(topic="site/cam/{camera}/{stream}")])
+    assert router.route("site/cam/cam-1\n/det") == Reject.bad_camera_id
+    assert router.route("site/cam/cam-1/det\n") == Reject.bad_stream_id
+    assert router.route("site/cam/cam-1/det") != Reject.bad_camera_id
+
+
+def test_a_topic_with_nul_is_refused(tmp_path: Path) -> None:
+    [p] = problems(
+        tmp_path, base(tmp_path, '[[streams]]\ntopic = "a\\u0000b/{camera}"\nname = "x"')
+    )
+    assert p == "streams[0].topic = 'a\\x00b/{camera}': Input should not contain NUL (U+0000)"
+
+
+def test_a_username_with_nul_is_refused(tmp_path: Path) -> None:
+    [p] = problems(tmp_path, base(tmp_path, '[mqtt]\nusername = "u\\u0000x"\n'))
+    assert p == "mqtt.username = 'u\\x00x': Input should not contain NUL (U+0000)"
+
+
+def test_a_file_only_the_service_user_may_read_is_for_run_to_refuse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent import preflight
+
+    pw = tmp_path / "pw"
+    pw.write_text("secret\n")
+    s = load_settings(None, overrides={"gateway_id": "gw", "mqtt": {"password_file": str(pw)}})
+
+    def denied(*_: object) -> str:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(preflight, "read_secret", denied)
+    # check-config, run by an operator: the service user may read it.
+    assert preflight.secret_problems(s, as_service=False) == []
+    # run: it is the service user, and the session would die of it.
+    assert preflight.secret_problems(s) == [f"mqtt.password_file = '{pw}': Permission denied"]
+
+
+# D: the docs.
+
+
+def test_the_example_states_the_packet_overhead_the_code_uses() -> None:
+    from agent.config import PACKET_OVERHEAD_BYTES
+
+    text = (ROOT / "config.example.toml").read_text()
+    assert PACKET_OVERHEAD_BYTES == 64 * 1024
+    assert "Maximum Packet Size = this + 64 KiB" in text
+    assert "16 KiB" not in text
