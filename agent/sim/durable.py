@@ -959,9 +959,11 @@ def _died(t: asyncio.Task[Any]) -> bool:
 def run_seed(seed: int, *, verbose: bool = False, base: Path | None = None) -> Outcome:
     root = base or (Path("/dev/shm") if Path("/dev/shm").is_dir() else None)
     workdir = Path(tempfile.mkdtemp(prefix=f"edge-sim-{seed}-", dir=root))
-    logging.getLogger("agent").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    agent_log, asyncio_log = logging.getLogger("agent"), logging.getLogger("asyncio")
+    levels = agent_log.level, asyncio_log.level  # put back after: a caller's logging is its own
+    agent_log.setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     # Tasks of a crashed process end with Crash, by design: not worth a log line each.
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    asyncio_log.setLevel(logging.CRITICAL)
     try:
         world = World(seed, workdir, verbose=verbose)
         try:
@@ -973,6 +975,8 @@ def run_seed(seed: int, *, verbose: bool = False, base: Path | None = None) -> O
                 f"  last steps:\n{tail}"
             ) from e
     finally:
+        agent_log.setLevel(levels[0])
+        asyncio_log.setLevel(levels[1])
         shutil.rmtree(workdir, ignore_errors=True)
 
 
