@@ -119,6 +119,10 @@ class Checkpointer:
         # full (backpressure); and when the last checkpoint committed (liveness).
         self.buffer_full = False
         self.last_commit_mono: float | None = None
+        # Open windows under ack pressure left out of the last cycle's snapshots because they
+        # did not fit in its piece: their messages' acks wait for the next cycles, rightly (a
+        # transaction never grows past a piece, whatever the backlog).
+        self.snapshots_held = 0
         self._unconfirmed: list[Pending] = []
         self._unconfirmed_conn = -1
         self._confirmed_conn = -1
@@ -229,6 +233,7 @@ class Checkpointer:
         # (after failed commits) never grows into a transaction larger than the quota.
         chunks, snap_bodies = self._piece(closed, snapshots)
         closed, rest = closed[: len(chunks)], closed[len(chunks) :]
+        self.snapshots_held = len(snapshots) - len(snap_bodies)
         snapshots = snapshots[: len(snap_bodies)]
         plan = ledger.plan_journal(
             closing={id(w) for w in closed}, snapshots={id(w): v for w, v in snapshots}

@@ -666,8 +666,11 @@ class World:
             return
         if self.stop_requested is not None and self.stop_requested.is_set():
             return
-        if self.checkpointer is not None and self.checkpointer.carried:
-            # A backlog of closed windows commits piece by piece: acks wait for it, rightly.
+        cp = self.checkpointer
+        if cp is not None and (cp.carried or cp.snapshots_held):
+            # A backlog of closed windows, or of open windows to snapshot under ack pressure,
+            # commits piece by piece: acks wait for it, rightly (seed 29013: a 400-byte piece
+            # saved one of 13 windows a cycle).
             self.disturbed = self.clock.t
         since = max(min(b.sent_at), self.disturbed)
         limit = self.p.max_ack_delay_s + 1.0
@@ -959,11 +962,12 @@ def _died(t: asyncio.Task[Any]) -> bool:
 def run_seed(seed: int, *, verbose: bool = False, base: Path | None = None) -> Outcome:
     root = base or (Path("/dev/shm") if Path("/dev/shm").is_dir() else None)
     workdir = Path(tempfile.mkdtemp(prefix=f"edge-sim-{seed}-", dir=root))
-    agent_log, asyncio_log = logging.getLogger("agent"), logging.getLogger("asyncio")
-    levels = agent_log.level, asyncio_log.level  # put back after: a caller's logging is its own
+    agent_log = logging.getLogger("agent")
+    level = agent_log.level  # put back after: a caller's own logging must still work
     agent_log.setLevel(logging.DEBUG if verbose else logging.CRITICAL)
-    # Tasks of a crashed process end with Crash, by design: not worth a log line each.
-    asyncio_log.setLevel(logging.CRITICAL)
+    # Tasks of a crashed process end with Crash, by design: not worth a log line each. Left
+    # so: asyncio reports them when they are garbage collected, after this returns.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     try:
         world = World(seed, workdir, verbose=verbose)
         try:
@@ -975,8 +979,7 @@ def run_seed(seed: int, *, verbose: bool = False, base: Path | None = None) -> O
                 f"  last steps:\n{tail}"
             ) from e
     finally:
-        agent_log.setLevel(levels[0])
-        asyncio_log.setLevel(levels[1])
+        agent_log.setLevel(level)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
