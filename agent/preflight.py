@@ -12,6 +12,7 @@ import os
 import pwd
 import ssl
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from agent.config import Settings, read_secret, secret_path
@@ -121,21 +122,34 @@ def _tls_file_problems(
     key_file: Path | None,
     as_service: bool,
 ) -> list[str]:
-    try:
-        ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-    except ssl.SSLError as e:
-        return [f"{section}.ca_file = {str(ca_file)!r}: not a PEM certificate ({_why(e)})"]
-    except PermissionError as e:
-        return [f"{section}.ca_file = {str(ca_file)!r}: {e.strerror}"] if as_service else []
-    except OSError as e:
-        return [f"{section}.ca_file = {str(ca_file)!r}: cannot be read: {e.strerror}"]
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca_file is not None:
+        problems = _load_problems(
+            f"{section}.ca_file = {str(ca_file)!r}",
+            "not a PEM certificate",
+            lambda: ctx.load_verify_locations(cafile=str(ca_file)),
+            as_service,
+        )
+        if problems:
+            return problems
     if cert_file is None or key_file is None:
         return []
-    keys = f"{section}.cert_file = {str(cert_file)!r}, {section}.key_file = {str(key_file)!r}"
+    return _load_problems(
+        f"{section}.cert_file = {str(cert_file)!r}, {section}.key_file = {str(key_file)!r}",
+        "not a PEM certificate and its private key",
+        lambda: ctx.load_cert_chain(str(cert_file), str(key_file)),
+        as_service,
+    )
+
+
+def _load_problems(
+    keys: str, not_pem: str, load: Callable[[], object], as_service: bool
+) -> list[str]:
+    """What `load` (reading TLS files into a context) says is wrong with the files at `keys`."""
     try:
-        ctx.load_cert_chain(str(cert_file), str(key_file))
+        load()
     except ssl.SSLError as e:
-        return [f"{keys}: not a PEM certificate and its private key ({_why(e)})"]
+        return [f"{keys}: {not_pem} ({_why(e)})"]
     except PermissionError as e:
         return [f"{keys}: {e.strerror}"] if as_service else []
     except OSError as e:
