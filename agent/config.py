@@ -1,24 +1,54 @@
-"""Settings: one frozen, validated object built from a TOML file plus `EDGE_AGENT__...` env vars.
+"""Settings: one frozen, validated pydantic-settings model built from a TOML file plus
+`EDGE_AGENT__SECTION__KEY` environment variables (which win over the file).
 
 Nothing else in the agent reads the environment or the TOML file; the runner gets a `Settings`.
+Validation is pure: the model checks values and their combinations; `load_settings` adds the
+checks that a named file exists and the health host resolves; agent/preflight.py does the rest
+of what needs the machine (directories, the service user, TLS files, DNS of the broker).
+
+Every problem is reported at once, one line each, in the words pydantic gives and
+`_format_error` shapes (tests/config_messages.json pins 482 of them), secrets masked.
+A section built in code (`MqttSettings(port=1884)`) is validated the same way;
+`model_copy(update=...)` is not validated, which the simulation relies on (a Receive Maximum
+of 3, below what an operator may configure).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import re
 import socket
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from agent.validate import Invalid, Problem, Rule, SecretStr, Section, build, dotted
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+from pydantic_settings.sources import DEFAULT_PATH
 
 ENV_PREFIX = "EDGE_AGENT__"
 
@@ -37,7 +67,9 @@ _SIZE_UNITS = {
     "tib": 1024**4,
 }
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
-# The largest size any key takes (a signed 64-bit integer: SQLite's, and what pydantic took).
+# The same sizes for the JSON Schema (editors check the file's text with it).
+SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*([bBkKmMgG]|[kKmMgG][bB]|[kKmMgGtT][iI][bB])?\s*$"
+# The largest size any key takes (a signed 64-bit integer: SQLite's).
 MAX_SIZE = 2**63 - 1
 # MQTT's largest packet (its remaining length is at most 268,435,455 bytes), the most a Maximum
 # Packet Size property may say: paho refuses a larger one and `run` died of it.
@@ -58,7 +90,7 @@ class ConfigError(Exception):
 
 def parse_size(value: object) -> object:
     """Accept 1048576, "1048576", "64KiB", "1 GiB", "10MB"; leave anything else to the int
-    conversion."""
+    validation."""
     if isinstance(value, bool):
         raise ValueError("expected a size such as 1048576, '64KiB' or '1GiB'")
     if isinstance(value, int):
@@ -81,17 +113,76 @@ def parse_size(value: object) -> object:
     return value
 
 
-def _check_payload_size(size: int) -> None:
+# Text that goes on the wire as it is: MQTT forbids U+0000 in its strings (a broker drops the
+# connection), and an `EDGE_AGENT__...` variable holding bytes that are not UTF-8 reads as lone
+# surrogates, which no encoder takes.
+_NUL = "Input should not contain NUL (U+0000)"
+
+
+def _utf8_text(value: object) -> object:
+    """Before pydantic's own string check, whose words for lone surrogates ("unable to parse
+    raw data as a unicode string") do not say what to fix."""
+    if isinstance(value, str):
+        if "\0" in value:
+            raise ValueError(_NUL)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                "Input should be UTF-8 text (it holds bytes that are not UTF-8)"
+            ) from None
+    return value
+
+
+def _no_nul_path(value: Path) -> Path:
+    """No system call takes a NUL; bytes that are not UTF-8 are fine in a file name (Python
+    hands them back to the system as they were)."""
+    if "\0" in str(value):
+        raise ValueError(_NUL)
+    return value
+
+
+def _finite(value: float) -> float:
+    # After the bounds, whose message names the range (`timeout_s = inf`: "less than or equal
+    # to 600"); a key bounded below only would take inf, and an infinite backoff or timeout
+    # turns into a NaN delay later.
+    if not math.isfinite(value):
+        raise ValueError("Input should be a finite number")
+    return value
+
+
+def _check_payload_size(size: int) -> int:
     if size > MAX_PAYLOAD_BYTES:
         raise ValueError(
             f"Input should be less than or equal to {MAX_PAYLOAD_BYTES} (MQTT's largest packet, "
             f"{MQTT_MAX_PACKET_BYTES} bytes, less 64 KiB for the topic and properties)"
         )
+    return size
 
 
-ByteSize = Annotated[int, Rule(ge=0, le=MAX_SIZE, before=parse_size)]
-Port = Annotated[int, Rule(ge=1, le=65535)]
-Positive = Annotated[float, Rule(gt=0)]
+Text = Annotated[str, BeforeValidator(_utf8_text)]
+Secret = Annotated[SecretStr, BeforeValidator(_utf8_text)]
+FilePath = Annotated[Path, AfterValidator(_no_nul_path)]
+
+
+def _size_schema(minimum: int, maximum: int) -> WithJsonSchema:
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": minimum, "maximum": maximum},
+                {"type": "string", "pattern": SIZE_PATTERN},
+            ]
+        }
+    )
+
+
+ByteSize = Annotated[
+    int, BeforeValidator(parse_size), Field(ge=0, le=MAX_SIZE), _size_schema(0, MAX_SIZE)
+]
+
+
+FiniteFloat = Annotated[float, AfterValidator(_finite)]
+Port = Annotated[int, Field(ge=1, le=65535)]
 
 
 def _resolvable_name(host: str) -> bool:
@@ -111,44 +202,142 @@ def _resolvable_name(host: str) -> bool:
     return True
 
 
-def _check_host(host: str) -> None:
+def _check_host(host: str) -> str:
     # paho refuses '' at connect, getaddrinfo a name of bad labels: `run` died of either.
     if not _resolvable_name(host):
         raise ValueError("expected a host name or IP address, e.g. '127.0.0.1'")
+    return host
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+class Section(BaseModel):
+    """A table of the config file: frozen, unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers(cls, value: object, info: ValidationInfo) -> object:
+        field = cls.model_fields.get(info.field_name or "")
+        kind = field.annotation if field is not None else None
+        if field is None or kind not in (int, float):
+            return value
+        if isinstance(value, bool):  # pydantic's lax mode reads `port = true` as 1
+            raise ValueError("expected a number, not true/false")
+        if kind is float and isinstance(value, int):
+            try:
+                float(value)
+            except OverflowError:
+                # Too large for a float (400 digits): past every bound, so say which, as for
+                # inf (pydantic would say "a valid number").
+                raise ValueError(_out_of_range(field.metadata, value > 0)) from None
+        return value
+
+
+def _out_of_range(constraints: list[Any], positive: bool) -> str:
+    """pydantic's words for an infinite value against a field's bounds, checked in its order."""
+    words = {"le": "less than or equal to", "lt": "less than"}
+    if not positive:
+        words = {"ge": "greater than or equal to", "gt": "greater than"}
+    for c in constraints:
+        for attr, text in words.items():
+            bound = getattr(c, attr, None)
+            if bound is not None:
+                return f"Input should be {text} {bound}"
+    return "Input should be a finite number"
+
+
+# Descriptions are the comments of config.example.toml (tests/test_config_schema.py holds them
+# equal); a comment above several keys describes each of them.
+_BROKER = "The site's MQTT broker (Mosquitto), MQTT v5."
+_PASSWORD = "Broker password: inline (masked in output) or, better, from a file (first line)."
+_BROKER_TLS = (
+    "TLS to the broker (>= 1.2, hostname verified): on when tls = true or a CA / client "
+    "certificate is given; the CA file, else the system store; a client certificate + key for "
+    "mTLS."
+)
+_PAYLOAD_SHAPE = (
+    "A payload with more top-level fields, or containers nested deeper, is rejected and counted "
+    '("too_many_fields", "too_deep").'
+)
+_RECONNECT = "Reconnect backoff: capped, jittered, forever."
+
+
 class MqttSettings(Section):
-    host: Annotated[str, Rule(check=_check_host)] = "127.0.0.1"
-    port: Port = 1883
-    client_id: Annotated[str, Rule(min_length=1, max_length=128)] = "edge-agent"
-    username: str | None = None
-    password: SecretStr | None = None
-    password_file: Path | None = None
-    tls: bool = False
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    session_expiry_s: Annotated[int, Rule(ge=60, le=4294967295)] = 86400
-    keepalive_s: Annotated[int, Rule(ge=5, le=3600)] = 30
-    connect_timeout_s: Annotated[float, Rule(gt=0, le=300)] = 10.0
-    receive_maximum: Annotated[int, Rule(ge=100, le=65535)] = 65535
-    max_payload_bytes: Annotated[int, Rule(ge=0, before=parse_size, check=_check_payload_size)] = (
-        64 * 1024
+    host: Annotated[Text, AfterValidator(_check_host)] = Field(
+        default="127.0.0.1", description=_BROKER
     )
-    max_fields: Annotated[int, Rule(ge=1, le=100000)] = 256
-    max_depth: Annotated[int, Rule(ge=1, le=1000)] = 8
-    reconnect_min_s: Positive = 0.5
-    reconnect_max_s: Positive = 30.0
+    port: Port = Field(default=1883, description=_BROKER)
+    client_id: Text = Field(
+        default="edge-agent",
+        min_length=1,
+        max_length=128,
+        description="Fixed client id: the broker keeps this id's session (and its "
+        "unacknowledged messages).",
+    )
+    username: Text | None = Field(
+        default=None, description="Broker user name, when the broker asks for one."
+    )
+    password: Secret | None = Field(default=None, description=_PASSWORD)
+    password_file: FilePath | None = Field(default=None, description=_PASSWORD)
+    tls: bool = Field(default=False, description=_BROKER_TLS)
+    ca_file: FilePath | None = Field(default=None, description=_BROKER_TLS)
+    cert_file: FilePath | None = Field(default=None, description=_BROKER_TLS)
+    key_file: FilePath | None = Field(default=None, description=_BROKER_TLS)
+    session_expiry_s: int = Field(
+        default=86400,
+        ge=60,
+        le=4294967295,
+        description="How long the broker keeps the session (and queues messages) while the "
+        "agent is away.",
+    )
+    keepalive_s: int = Field(
+        default=30,
+        ge=5,
+        le=3600,
+        description="MQTT keepalive: the broker drops the connection after 1.5 x this without "
+        "a packet.",
+    )
+    connect_timeout_s: FiniteFloat = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="How long to wait for the broker's CONNACK (a refused TLS client "
+        "certificate shows up here).",
+    )
+    receive_maximum: int = Field(
+        default=65535,
+        ge=100,
+        le=65535,
+        description="MQTT v5 Receive Maximum: how many unacknowledged messages the broker may "
+        "send us (<= 65535).",
+    )
+    max_payload_bytes: Annotated[
+        int,
+        BeforeValidator(parse_size),
+        Field(ge=0),
+        AfterValidator(_check_payload_size),
+        _size_schema(0, MAX_PAYLOAD_BYTES),
+    ] = Field(
+        default=64 * 1024,
+        description='Larger payloads are counted as rejects ("oversized") and skipped. The '
+        "agent also advertises MQTT Maximum Packet Size = this + 64 KiB: the broker drops "
+        "(uncounted) anything larger. At most 268369919 (MQTT's largest packet, 268435455 "
+        "bytes, less those 64 KiB).",
+    )
+    max_fields: int = Field(default=256, ge=1, le=100000, description=_PAYLOAD_SHAPE)
+    max_depth: int = Field(default=8, ge=1, le=1000, description=_PAYLOAD_SHAPE)
+    reconnect_min_s: FiniteFloat = Field(default=0.5, gt=0, description=_RECONNECT)
+    reconnect_max_s: FiniteFloat = Field(default=30.0, gt=0, description=_RECONNECT)
 
-    def cross_check(self) -> str | None:
+    @model_validator(mode="after")
+    def _cross_check(self) -> MqttSettings:
         if self.password is not None and self.password_file is not None:
-            return "set either mqtt.password or mqtt.password_file, not both"
+            raise ValueError("set either mqtt.password or mqtt.password_file, not both")
         if self.reconnect_max_s < self.reconnect_min_s:
-            return "mqtt.reconnect_max_s must be >= mqtt.reconnect_min_s"
+            raise ValueError("mqtt.reconnect_max_s must be >= mqtt.reconnect_min_s")
         if (self.cert_file is None) != (self.key_file is None):
-            return "mqtt.cert_file and mqtt.key_file go together"
-        return None
+            raise ValueError("mqtt.cert_file and mqtt.key_file go together")
+        return self
 
 
 TimeUnit = Literal["auto", "s", "ms", "us", "ns", "rfc3339"]
@@ -159,12 +348,13 @@ MQTT_MAX_TOPIC_BYTES = 65535
 ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-def _check_id(value: str) -> None:
+def _check_id(value: str) -> str:
     if not ID_RE.fullmatch(value):
         raise ValueError("an id is 1-64 of A-Z a-z 0-9 . _ -")
+    return value
 
 
-def _check_topic(topic: str) -> None:
+def _check_topic(topic: str) -> str:
     levels = topic.split("/")
     if "{camera}" not in levels:
         raise ValueError("the topic needs a whole level '{camera}', e.g. 'site/cam/{camera}/det'")
@@ -183,26 +373,52 @@ def _check_topic(topic: str) -> None:
         raise ValueError(
             f"a topic is at most {MQTT_MAX_TOPIC_BYTES} bytes of UTF-8 (MQTT's limit), not {size}"
         )
+    return topic
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+_FIELDS = "Fields aggregated as numbers (n, sum, sumsq, min, max, last) and as category counts."
+
+
 class StreamSettings(Section):
-    topic: Annotated[str, Rule(check=_check_topic)]
-    name: Annotated[str | None, Rule(check=_check_id)] = None
-    time_field: str | None = "ts"
-    time_unit: TimeUnit = "auto"
-    numeric: tuple[str, ...] = ()
-    categorical: tuple[str, ...] = ()
-    max_categories: Annotated[int, Rule(ge=1, le=10000)] = 32
+    topic: Annotated[Text, AfterValidator(_check_topic)] = Field(
+        description="The topic pattern: levels are literal names, {camera} and {stream}."
+    )
+    name: Annotated[Text, AfterValidator(_check_id)] | None = Field(
+        default=None,
+        json_schema_extra={"pattern": f"^{ID_RE.pattern}$"},
+        description="The stream's name, only when the topic has no {stream} level.",
+    )
+    time_field: Text | None = Field(
+        default="ts",
+        description="Payload field with the event time; missing -> gateway clock, chunk "
+        "flagged time_from_gateway.",
+    )
+    time_unit: TimeUnit = Field(
+        default="auto",
+        description='"auto" (epoch s/ms/us/ns told apart by magnitude, or an RFC 3339 '
+        'string), "s", "ms", "us", "ns" or "rfc3339".',
+    )
+    numeric: tuple[Text, ...] = Field(default=(), description=_FIELDS)
+    categorical: tuple[Text, ...] = Field(default=(), description=_FIELDS)
+    max_categories: int = Field(
+        default=32,
+        ge=1,
+        le=10000,
+        description="Distinct values kept per categorical field per window; the rest count "
+        'under "__other__".',
+    )
 
-    def cross_check(self) -> str | None:
+    @model_validator(mode="after")
+    def _cross_check(self) -> StreamSettings:
         has_placeholder = "{stream}" in self.topic.split("/")
         if has_placeholder == (self.name is not None):
-            return "give a stream either a '{stream}' level in its topic or a name, one of the two"
+            raise ValueError(
+                "give a stream either a '{stream}' level in its topic or a name, one of the two"
+            )
         overlap = set(self.numeric) & set(self.categorical)
         if overlap:
-            return f"fields both numeric and categorical: {sorted(overlap)}"
-        return None
+            raise ValueError(f"fields both numeric and categorical: {sorted(overlap)}")
+        return self
 
     @property
     def subscription(self) -> str:
@@ -212,38 +428,112 @@ class StreamSettings(Section):
         )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+_CAPS = (
+    "Caps that keep memory bounded whatever the cameras send. A message over a cap is acked "
+    'and not counted, counted instead as a reject ("too_many_cameras": a new camera id while '
+    'max_cameras are tracked; "too_many_streams": a new stream of a camera that has '
+    'max_streams_per_camera streams with open windows; "too_many_open_windows"). At the camera '
+    "cap, ids silent for 60 s (or 2 x idle_close_s) with nothing open are forgotten, so an id "
+    "flood does not lock honest cameras out."
+)
+_SKEW = (
+    "Per camera, the agent estimates its clock skew (event time - gateway receive time, robust "
+    "to network delay: a windowed minimum). When the estimate exceeds max_skew_s, skew_policy "
+    'decides: "flag" keeps camera time and flags the chunks clock_suspect; "restamp" shifts '
+    'event times by the estimate and flags them restamped; "gateway" uses the receive time '
+    "while the clock is bad (flag time_from_gateway). Counts are never lost under any policy."
+)
+_BAD_TIME = (
+    "Event times more than max_future_s ahead of the gateway clock or more than max_age_s "
+    'behind it: "restamp" uses the receive time and flags bad_time; "drop" drops them '
+    "(counted)."
+)
+
+
 class AggregateSettings(Section):
-    window_s: Annotated[int, Rule(ge=1, le=3600)] = 1
-    allowed_lateness_s: Annotated[float, Rule(ge=0, le=3600)] = 2.0
-    idle_close_s: Annotated[float, Rule(gt=0, le=86400)] = 5.0
-    late_policy: Literal["delta", "drop"] = "delta"
-    max_cameras: Annotated[int, Rule(ge=1)] = 10000
-    max_streams_per_camera: Annotated[int, Rule(ge=1)] = 32
-    max_open_windows: Annotated[int, Rule(ge=1)] = 200000
-    max_skew_s: Positive = 30.0
-    skew_policy: Literal["flag", "restamp", "gateway"] = "flag"
-    clock_jump_s: Positive = 60.0
-    max_future_s: Positive = 300.0
-    max_age_s: Positive = 7 * 86400.0
-    bad_time_policy: Literal["restamp", "drop"] = "restamp"
+    window_s: int = Field(default=1, ge=1, le=3600, description="Window width in seconds.")
+    allowed_lateness_s: FiniteFloat = Field(
+        default=2.0,
+        ge=0,
+        le=3600,
+        description="A camera's window closes when that camera's newest event time passes "
+        "window end + this.",
+    )
+    idle_close_s: FiniteFloat = Field(
+        default=5.0,
+        gt=0,
+        le=86400,
+        description="...or when the camera has been silent this long (gateway clock).",
+    )
+    late_policy: Literal["delta", "drop"] = Field(
+        default="delta",
+        description='A message for a closed window: "delta" sends it as a late delta '
+        '(rev > 0); "drop" counts and drops it.',
+    )
+    max_cameras: int = Field(default=10000, ge=1, description=_CAPS)
+    max_streams_per_camera: int = Field(default=32, ge=1, description=_CAPS)
+    max_open_windows: int = Field(default=200000, ge=1, description=_CAPS)
+    max_skew_s: FiniteFloat = Field(default=30.0, gt=0, description=_SKEW)
+    skew_policy: Literal["flag", "restamp", "gateway"] = Field(default="flag", description=_SKEW)
+    clock_jump_s: FiniteFloat = Field(
+        default=60.0,
+        gt=0,
+        description="A sample this far from the estimate is a possible clock step (reset to "
+        "1970, a jump of hours, ms sent as s); three consistent ones move the estimate at once. "
+        "Newer-than-expected samples are acted on immediately.",
+    )
+    max_future_s: FiniteFloat = Field(default=300.0, gt=0, description=_BAD_TIME)
+    max_age_s: FiniteFloat = Field(default=7 * 86400.0, gt=0, description=_BAD_TIME)
+    bad_time_policy: Literal["restamp", "drop"] = Field(default="restamp", description=_BAD_TIME)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+_ACK_DELAY = (
+    "Open-window state is saved (so its messages can be acked) when the oldest unacknowledged "
+    "message is this old, or when unacked messages reach ack_pressure_ratio x receive_maximum."
+)
+
+
 class BufferSettings(Section):
-    path: Path = Path("/var/lib/edge-agent/buffer.sqlite3")
-    max_bytes: Annotated[int, Rule(ge=1024**2, le=MAX_SIZE, before=parse_size)] = 1024**3
-    synchronous: Literal["off", "normal", "full", "extra"] = "full"
-    checkpoint_interval_ms: Annotated[int, Rule(ge=10, le=60000)] = 250
-    max_ack_delay_ms: Annotated[int, Rule(ge=100, le=3600000)] = 10000
-    ack_pressure_ratio: Annotated[float, Rule(gt=0, lt=1)] = 0.6
-    overflow: Literal["drop_oldest", "backpressure"] = "backpressure"
+    path: FilePath = Field(
+        default=Path("/var/lib/edge-agent/buffer.sqlite3"),
+        description="The SQLite outbox (plus -wal and -shm files next to it).",
+    )
+    max_bytes: Annotated[
+        int,
+        BeforeValidator(parse_size),
+        Field(ge=1024**2, le=MAX_SIZE),
+        _size_schema(1024**2, MAX_SIZE),
+    ] = Field(
+        default=1024**3,
+        description="The outbox's size cap: chunks, open-window snapshots and the ack journal "
+        "(see overflow).",
+    )
+    synchronous: Literal["off", "normal", "full", "extra"] = Field(
+        default="full",
+        description='SQLite synchronous: "full" survives power loss (G4); "normal" may lose '
+        'the last commits on power loss (not on a process crash); "off" and "extra" as in '
+        "SQLite.",
+    )
+    checkpoint_interval_ms: int = Field(
+        default=250,
+        ge=10,
+        le=60000,
+        description="How often closed chunks are committed and the MQTT messages they hold "
+        "acknowledged.",
+    )
+    max_ack_delay_ms: int = Field(default=10000, ge=100, le=3600000, description=_ACK_DELAY)
+    ack_pressure_ratio: FiniteFloat = Field(default=0.6, gt=0, lt=1, description=_ACK_DELAY)
+    overflow: Literal["drop_oldest", "backpressure"] = Field(
+        default="backpressure",
+        description='What to do when max_bytes is reached: "backpressure" (stop acking; the '
+        'broker holds messages) or "drop_oldest" (counted and logged).',
+    )
 
 
 _URL_PORT_PROBLEM = "expected an http(s) URL with a port from 1 to 65535"
 
 
-def _check_url(url: str) -> None:
+def _check_url(url: str) -> str:
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):  # a trailing newline, too
         raise ValueError("expected an http:// or https:// URL without control characters")
     if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
@@ -262,63 +552,112 @@ def _check_url(url: str) -> None:
             "expected an http:// or https:// URL whose host is an IP address or a name of "
             "dot-separated labels of 1-63 characters"
         )
+    return url
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+_TOKEN = "Bearer token: inline (masked in output) or from a file."
+_CLOUD_TLS = (
+    "TLS to the cloud: the CA file, else the system store; a client certificate + key for mTLS."
+)
+_BATCH = "A batch holds at most this many chunks and this many bytes of chunk JSON (before gzip)."
+_BACKOFF = "Retry backoff after a failed batch: capped exponential with full jitter, forever."
+_PACE = (
+    "Pace (replay after an outage, and live data behind it): at most this many chunks/s and, "
+    "if not 0, bytes/s of batch bodies on the wire. On 429/503 the pace is halved (not below "
+    "min_chunks_per_s); it grows back by a tenth of the maximum per batch answered within "
+    "fast_response_s. 50,000 chunks/s drains an hour of 300 cameras x 3 streams in ~65 s."
+)
+
+
 class ForwardSettings(Section):
-    url: Annotated[str, Rule(check=_check_url)] = "http://127.0.0.1:8080/ingest"
-    token: SecretStr | None = None
-    token_file: Path | None = None
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    timeout_s: Annotated[float, Rule(gt=0, le=600)] = 10.0
-    max_batch_chunks: Annotated[int, Rule(ge=1, le=100000)] = 500
-    max_batch_bytes: ByteSize = 1024**2
-    linger_ms: Annotated[int, Rule(ge=0, le=60000)] = 200
-    gzip: bool = True
-    backoff_min_s: Positive = 0.5
-    backoff_max_s: Positive = 60.0
-    shutdown_drain_s: Annotated[float, Rule(ge=0, le=600)] = 5.0
-    max_chunks_per_s: Positive = 50000.0
-    max_bytes_per_s: ByteSize = 0
-    min_chunks_per_s: Positive = 50.0
-    fast_response_s: Positive = 1.0
-    # The cloud unreachable this long, or the oldest unsent chunk this old, is a problem in
-    # /readyz, /status and `edge-agent status` (exit 1): an outage you can alert on.
-    alert_after_s: Annotated[float, Rule(ge=1, le=30 * 86400)] = 300.0
+    url: Annotated[Text, AfterValidator(_check_url)] = Field(
+        default="http://127.0.0.1:8080/ingest",
+        description="The cloud ingestion endpoint: batches are POSTed here (the wire format "
+        "in the README).",
+    )
+    token: Secret | None = Field(default=None, description=_TOKEN)
+    token_file: FilePath | None = Field(default=None, description=_TOKEN)
+    ca_file: FilePath | None = Field(default=None, description=_CLOUD_TLS)
+    cert_file: FilePath | None = Field(default=None, description=_CLOUD_TLS)
+    key_file: FilePath | None = Field(default=None, description=_CLOUD_TLS)
+    timeout_s: FiniteFloat = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="How long to wait for the cloud's answer to one batch; a timeout is "
+        "retried (same batch).",
+    )
+    max_batch_chunks: int = Field(default=500, ge=1, le=100000, description=_BATCH)
+    max_batch_bytes: ByteSize = Field(default=1024**2, description=_BATCH)
+    linger_ms: int = Field(
+        default=200,
+        ge=0,
+        le=60000,
+        description="Wait this long after the first new chunk to fill a batch (a full backlog "
+        "is sent at once).",
+    )
+    gzip: bool = Field(
+        default=True,
+        description="Send batch bodies gzip-compressed (Content-Encoding: gzip).",
+    )
+    backoff_min_s: FiniteFloat = Field(default=0.5, gt=0, description=_BACKOFF)
+    backoff_max_s: FiniteFloat = Field(default=60.0, gt=0, description=_BACKOFF)
+    shutdown_drain_s: FiniteFloat = Field(
+        default=5.0,
+        ge=0,
+        le=600,
+        description="At shutdown, keep forwarding for at most this long; the rest stays in "
+        "the outbox.",
+    )
+    max_chunks_per_s: FiniteFloat = Field(default=50000.0, gt=0, description=_PACE)
+    max_bytes_per_s: ByteSize = Field(default=0, description=_PACE)
+    min_chunks_per_s: FiniteFloat = Field(default=50.0, gt=0, description=_PACE)
+    fast_response_s: FiniteFloat = Field(default=1.0, gt=0, description=_PACE)
+    alert_after_s: FiniteFloat = Field(
+        default=300.0,
+        ge=1,
+        le=30 * 86400,
+        description="When the cloud has been unreachable this long, or the oldest unsent chunk "
+        "is this old, it is a problem in /readyz, /status and `edge-agent status` (exit 1), "
+        "with its age: alert on it.",
+    )
 
-    def cross_check(self) -> str | None:
+    @model_validator(mode="after")
+    def _cross_check(self) -> ForwardSettings:
         if self.token is not None and self.token_file is not None:
-            return "set either forward.token or forward.token_file, not both"
+            raise ValueError("set either forward.token or forward.token_file, not both")
         if self.backoff_max_s < self.backoff_min_s:
-            return "forward.backoff_max_s must be >= forward.backoff_min_s"
+            raise ValueError("forward.backoff_max_s must be >= forward.backoff_min_s")
         if self.min_chunks_per_s > self.max_chunks_per_s:
-            return "forward.min_chunks_per_s must be <= forward.max_chunks_per_s"
-        return None
+            raise ValueError("forward.min_chunks_per_s must be <= forward.max_chunks_per_s")
+        return self
 
 
-def _check_listen(listen: str) -> None:
+def _check_listen(listen: str) -> str:
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ValueError("expected HOST:PORT, e.g. '127.0.0.1:9108'")
     if not 1 <= int(port) <= 65535:
         raise ValueError("the port must be a number from 1 to 65535, e.g. '127.0.0.1:9108'")
+    return listen
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class HealthSettings(Section):
-    listen: Annotated[str, Rule(check=_check_listen)] = "127.0.0.1:9108"
+    listen: Annotated[Text, AfterValidator(_check_listen)] = Field(
+        default="127.0.0.1:9108", description="Local health endpoint (loopback by default)."
+    )
 
     @property
     def host(self) -> str:
         return self.listen.rpartition(":")[0].strip("[]")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+_LOG = '"debug", "info", "warning" or "error"; "text" or "json" lines on stdout.'
+
+
 class LogSettings(Section):
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] = Field(default="info", description=_LOG)
+    format: Literal["text", "json"] = Field(default="text", description=_LOG)
 
 
 def _default_streams() -> tuple[StreamSettings, ...]:
@@ -331,17 +670,54 @@ def _default_streams() -> tuple[StreamSettings, ...]:
     )
 
 
-def _check_gateway_id(gateway_id: str) -> None:
+def _at_least_one(streams: tuple[StreamSettings, ...]) -> tuple[StreamSettings, ...]:
+    if not streams:
+        raise ValueError("Tuple should have at least 1 item after validation, not 0")
+    return streams
+
+
+def _check_gateway_id(gateway_id: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9._-]+", gateway_id):
         raise ValueError("use letters, digits, '.', '_' and '-' only")
+    return gateway_id
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Settings(Section):
-    gateway_id: Annotated[str, Rule(min_length=1, max_length=128, check=_check_gateway_id)]
+class Settings(BaseSettings):
+    """The agent's configuration. Built in code (`Settings(gateway_id=...)`) it takes only what
+    the code passes; `load_settings` adds the TOML file and the environment."""
+
+    model_config = SettingsConfigDict(
+        title="edge-agent configuration",
+        extra="forbid",
+        frozen=True,
+        # The file's keys are exact; the environment's names are not (see _Environment).
+        case_sensitive=True,
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+    )
+
+    gateway_id: Annotated[
+        str,
+        Field(min_length=1, max_length=128),
+        BeforeValidator(_utf8_text),
+        AfterValidator(_check_gateway_id),
+    ] = Field(
+        json_schema_extra={"pattern": "^[A-Za-z0-9._-]+$"},
+        description="Identifies this gateway to the cloud; part of every Idempotency-Key. "
+        "Letters, digits, . _ - Unique per gateway: the cloud deduplicates by (gateway, seq), "
+        "so two gateways with one id silently lose each other's data. check-config refuses "
+        "this example value: set your own."
+    )
     mqtt: MqttSettings = MqttSettings()
-    streams: Annotated[tuple[StreamSettings, ...], Rule(min_length=1)] = field(
-        default_factory=_default_streams
+    # At least one, checked after the items: pydantic's min_length also reports a list whose
+    # items all failed as empty, a second line for one mistake.
+    streams: Annotated[tuple[StreamSettings, ...], AfterValidator(_at_least_one)] = Field(
+        default_factory=_default_streams,
+        json_schema_extra={"minItems": 1},
+        description="One [[streams]] entry per topic pattern. Placeholders are whole topic "
+        "levels: {camera} is required; {stream} names the stream from the topic, otherwise give "
+        "`name`. Camera and stream ids must match [A-Za-z0-9._-]{1,64}; other ids are rejected "
+        "and counted.",
     )
     aggregate: AggregateSettings = AggregateSettings()
     buffer: BufferSettings = BufferSettings()
@@ -349,23 +725,37 @@ class Settings(Section):
     health: HealthSettings = HealthSettings()
     log: LogSettings = LogSettings()
 
-    def cross_check(self) -> str | None:
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Built in code, exactly what the code passes: tests and the simulation must not pick
+        # up an EDGE_AGENT__ variable of the shell. load_settings passes its own sources.
+        return (init_settings,)
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> Settings:
         names: set[tuple[str, str | None]] = set()
         for s in self.streams:
             key = (s.subscription, s.name)
             if key in names:
-                return f"two [[streams]] entries have the same topic {s.topic!r}"
+                raise ValueError(f"two [[streams]] entries have the same topic {s.topic!r}")
             names.add(key)
         filters = sorted({s.subscription for s in self.streams})
         for i, a in enumerate(filters):
             for b in filters[i + 1 :]:
                 if _overlap(a, b):
-                    return (
+                    raise ValueError(
                         f"two [[streams]] topics can match the same topic ({a!r} and {b!r}): "
                         "the broker would deliver such a message once per subscription and "
                         "it would be counted twice; make them disjoint"
                     )
-        return None
+        return self
 
 
 def _overlap(a: str, b: str) -> bool:
@@ -374,83 +764,40 @@ def _overlap(a: str, b: str) -> bool:
     return len(la) == len(lb) and all(x == y or "+" in (x, y) for x, y in zip(la, lb, strict=True))
 
 
-def _format_problem(problem: Problem) -> str:
-    """One operator-facing line: the key, the value given (secrets masked), what is wrong."""
-    loc = dotted(problem.loc)
-    value = problem.value
-    if problem.kind != "invalid" or isinstance(value, dict):
-        return f"{loc}: {problem.message}"
-    if "password" in loc or "token" in loc:
-        shown = "***"
-    else:
-        shown = repr(mask_url(value) if isinstance(value, str) else value)
-    return f"{loc} = {shown}: {problem.message}"
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the config file (`edge-agent check-config --schema`): what an editor
+    (taplo, Even Better TOML) needs to complete and check it. Generated from the model."""
+    schema = Settings.model_json_schema(mode="validation")
+    schema["description"] = (
+        "The edge-agent config file (/etc/edge-agent/config.toml). Every key has a default but "
+        "gateway_id. Any key can be overridden by an environment variable "
+        "EDGE_AGENT__SECTION__KEY; `edge-agent check-config --config FILE` checks a file."
+    )
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
-def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """`EDGE_AGENT__SECTION__KEY=value` variables as nested keys (names case-insensitive); a
-    value that starts with `[` or `{` is JSON (e.g. `EDGE_AGENT__STREAMS='[{"topic": ...}]'`).
-    Plain values stay text: the validation parses them like the TOML's. Two variables for one
-    key, or one inside a key another sets whole, raise ConfigError naming both."""
-    out: dict[str, Any] = {}
-    source: dict[tuple[str, ...], str] = {}
-    problems: list[str] = []
-    prefix = ENV_PREFIX.lower()
-    for name, value in sorted(environ.items()):
-        lowered = name.lower()
-        if not lowered.startswith(prefix):
-            continue
-        path = lowered[len(prefix) :].split("__")
-        if not all(path):
-            continue
-        parsed: Any = value
-        if value.lstrip()[:1] in ("[", "{"):
-            # Not JSON: left as text, and the validation names the key and what it expected.
-            try:
-                parsed = json.loads(value)
-            except ValueError:
-                pass
-            except RecursionError:
-                problems.append(f"{name}: the JSON is nested too deeply")
-                continue
-        clash = next(
-            (source[tuple(path[:i])] for i in range(1, len(path) + 1) if tuple(path[:i]) in source),
-            None,
-        ) or next((n for p, n in source.items() if p[: len(path)] == tuple(path)), None)
-        if clash is not None:
-            problems.append(
-                f"{name} and {clash} both set {'.'.join(path[: min(len(path), 2)])}: "
-                "keep one (names are case-insensitive; a list or table is set whole, as JSON)"
-            )
-            continue
-        source[tuple(path)] = name
-        node = out
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = parsed
-    if problems:
-        raise ConfigError(problems)
-    return out
+# Loading: the TOML file and the environment, as pydantic-settings sources.
 
 
-def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """`top` over `base`, tables merged key by key."""
-    out = dict(base)
-    for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merged(out[k], v)
-        else:
-            out[k] = v
-    return out
+class _TomlFile(TomlConfigSettingsSource):
+    """pydantic-settings' TOML source, except that a file named but missing, unreadable or not
+    TOML is a ConfigError naming it (pydantic-settings skips a missing file: a typo in
+    --config would run the defaults). `overrides` replace top-level keys of the file."""
 
+    def __init__(
+        self, settings_cls: type[BaseSettings], path: Path | None, overrides: Mapping[str, Any]
+    ) -> None:
+        self._overrides = dict(overrides)
+        super().__init__(settings_cls, toml_file=path if path is not None else DEFAULT_PATH)
 
-def load_settings(path: Path | str | None, *, overrides: dict[str, Any] | None = None) -> Settings:
-    """Read TOML at `path` (None: env only), apply env overrides, validate. Raises ConfigError."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
+    @staticmethod
+    def _existing_files(files: Any) -> list[Any]:
+        return [Path(files)] if isinstance(files, str | Path) else []
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        p = Path(file_path)
         try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
+            return tomllib.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError([f"config file {str(p)!r} not found"]) from None
         except OSError as e:
@@ -462,15 +809,140 @@ def load_settings(path: Path | str | None, *, overrides: dict[str, Any] | None =
             raise ConfigError([deep]) from None
         except UnicodeDecodeError:
             raise ConfigError([f"config file {str(p)!r} is not UTF-8 text"]) from None
-    if overrides:
-        data = {**data, **overrides}
-    # Environment first: an `EDGE_AGENT__SECTION__KEY` variable overrides the TOML file.
-    data = _merged(data, env_overrides(os.environ))
+
+    def __call__(self) -> dict[str, Any]:
+        return {**super().__call__(), **self._overrides}
+
+
+def _json_looking(value: str) -> bool:
+    return value.lstrip()[:1] in ("[", "{")
+
+
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' env source: `EDGE_AGENT__SECTION__KEY` (nested delimiter `__`,
+    names case-insensitive), over the file. Three rules of ours on top:
+
+    - a value that starts with `[` or `{` is JSON, for any key (`EDGE_AGENT__STREAMS='[...]'`,
+      `EDGE_AGENT__MQTT='{"port": 1884}'`); anything else, or JSON that does not parse, stays
+      text, which the validation parses like the TOML's and names the key if it cannot;
+    - a variable for no key (`EDGE_AGENT__MQTT__HOTS`, `EDGE_AGENT__NOPE`) is refused by name
+      as an unknown key, not ignored;
+    - two variables for one key (names differ in case only), or one inside a key another sets
+      whole, are refused naming both (`environment_problems`), not settled by sort order.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(
+            settings_cls, case_sensitive=False, env_prefix=ENV_PREFIX, env_nested_delimiter="__"
+        )
+
+    def field_is_complex(self, field: Any) -> bool:
+        return True  # every value goes through decode_complex_value, which decides by its text
+
+    def decode_complex_value(self, field_name: str, field: Any, value: Any) -> Any:
+        if isinstance(value, str) and _json_looking(value):
+            try:
+                return json.loads(value)
+            except ValueError:
+                return value
+        return value
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        prefix = ENV_PREFIX.lower()  # as the names in env_vars (case-insensitive)
+        for name, value in self.env_vars.items():
+            if not name.startswith(prefix):
+                continue
+            top, _, rest = name[len(prefix) :].partition("__")
+            if top not in self.settings_cls.model_fields and top not in data:
+                data[top] = {rest: value} if rest else value
+        return data
+
+
+def environment_problems(environ: Mapping[str, str]) -> list[str]:
+    """What pydantic-settings would settle silently in the `EDGE_AGENT__...` variables: two
+    for one key (names are case-insensitive), one inside a key another sets whole, and JSON
+    nested too deeply to parse. One line each, naming the variables."""
+    source: dict[tuple[str, ...], str] = {}
+    problems: list[str] = []
+    prefix = ENV_PREFIX.lower()
+    for name, value in sorted(environ.items()):
+        lowered = name.lower()
+        if not lowered.startswith(prefix):
+            continue
+        path = tuple(lowered[len(prefix) :].split("__"))
+        if _json_looking(value):
+            try:
+                json.loads(value)
+            except ValueError:
+                pass
+            except RecursionError:
+                problems.append(f"{name}: the JSON is nested too deeply")
+                continue
+        clash = next(
+            (source[path[:i]] for i in range(1, len(path) + 1) if path[:i] in source), None
+        ) or next((n for p, n in source.items() if p[: len(path)] == path), None)
+        if clash is not None:
+            problems.append(
+                f"{name} and {clash} both set {'.'.join(path[: min(len(path), 2)])}: "
+                "keep one (names are case-insensitive; a list or table is set whole, as JSON)"
+            )
+            continue
+        source[path] = name
+    return problems
+
+
+def _format_error(err: Mapping[str, Any]) -> str:
+    """One operator-facing line from one of pydantic's errors: the key, the value given
+    (secrets masked), what is wrong."""
+    loc = "".join(
+        f"[{part}]" if isinstance(part, int) else f".{part}" for part in err.get("loc", ())
+    )
+    loc = loc.removeprefix(".") or "(top level)"
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(err.get("loc", ())[:-1])
+        return f"{loc}: unknown key (allowed here: {', '.join(allowed)})"
+    if kind == "missing":
+        return f"{loc}: required key is missing"
+    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    value = err.get("input")
+    if isinstance(value, dict):
+        return f"{loc}: {msg}"
+    if "password" in loc or "token" in loc:
+        shown = "***"
+    else:
+        shown = repr(mask_url(value) if isinstance(value, str) else value)
+    return f"{loc} = {shown}: {msg}"
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys of the table at `loc`."""
+    model: Any = Settings
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        args = getattr(field.annotation, "__args__", ())
+        model = args[0] if args and isinstance(args[0], type) else field.annotation
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def load_settings(path: Path | str | None, *, overrides: dict[str, Any] | None = None) -> Settings:
+    """Read TOML at `path` (None: env only) with `overrides` over its top-level keys, apply
+    the `EDGE_AGENT__...` variables, validate. Raises ConfigError with every problem."""
+    toml = _TomlFile(Settings, Path(path) if path is not None else None, overrides or {})
+    problems = environment_problems(os.environ)
+    if problems:
+        raise ConfigError(problems)
     try:
-        settings = build(Settings, data)
-    except Invalid as e:
-        raise ConfigError([_format_problem(p) for p in e.problems]) from None
-    problems = []
+        # The environment first: it wins over the file.
+        # (gateway_id comes from the sources; mypy sees only the fields as arguments.)
+        settings = Settings(_build_sources=((_Environment(Settings), toml), {}))  # type: ignore[call-arg]
+    except ValidationError as e:
+        raise ConfigError([_format_error(err) for err in e.errors()]) from None
     for key, f in (
         ("mqtt.password_file", settings.mqtt.password_file),
         ("mqtt.ca_file", settings.mqtt.ca_file),
@@ -574,6 +1046,6 @@ def inline_secret_warnings(path: Path | str | None, settings: Settings) -> list[
 
 def effective_config(settings: Settings) -> dict[str, Any]:
     """The settings as plain data with every secret masked, for `check-config` and logs."""
-    doc = settings.dump()
+    doc = settings.model_dump(mode="json")
     doc["forward"]["url"] = mask_url(doc["forward"]["url"])
     return doc

@@ -8,8 +8,9 @@ import re
 import ssl
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from agent.stats import RateLimitedLog
-from agent.validate import SecretStr
 
 log = logging.getLogger(__name__)
 

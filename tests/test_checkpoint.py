@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from agent.acks import AckLedger
@@ -34,7 +33,9 @@ async def test_a_backlog_larger_than_the_quota_commits_in_pieces_and_loses_nothi
     piece, so the outbox fills, the cloud drains it, and the rest commits — no transaction
     ever grows past the quota (the old agent retried one ever-growing transaction forever)."""
     settings = Settings(gateway_id="gw-test")
-    settings = replace(settings, buffer=replace(settings.buffer, max_bytes=1024**2))
+    settings = settings.model_copy(
+        update={"buffer": settings.buffer.model_copy(update={"max_bytes": 1024**2})}
+    )
     outbox, _ = await Outbox.open(tmp_path / "b.sqlite3", synchronous="off")
     await outbox.set_quota(1024**2)
     agg = Aggregator(window_s=1, allowed_lateness_s=0, idle_close_s=5)
@@ -87,7 +88,9 @@ async def test_a_commit_refused_as_full_below_the_high_water_mark_makes_room(
     from agent.outbox import CheckpointWrite
 
     settings = Settings(gateway_id="gw-test")
-    settings = replace(settings, buffer=replace(settings.buffer, max_bytes=1024**2))
+    settings = settings.model_copy(
+        update={"buffer": settings.buffer.model_copy(update={"max_bytes": 1024**2})}
+    )
     outbox, _ = await Outbox.open(tmp_path / "b.sqlite3", synchronous="off")
     await outbox.set_quota(1024**2)
     t = int(T0)

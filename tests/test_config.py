@@ -18,12 +18,12 @@ def test_example_config_loads_and_documents_every_key() -> None:
     assert s.buffer.synchronous == "full"
     assert s.mqtt.max_payload_bytes == 64 * 1024
     text = (ROOT / "config.example.toml").read_text()
-    dumped = s.dump()
+    dumped = s.model_dump()
     for section, values in dumped.items():
         if isinstance(values, dict):
             for key in values:
                 assert key in text, f"{section}.{key} is not documented in config.example.toml"
-    for key in s.streams[0].dump():
+    for key in s.streams[0].model_dump():
         assert key in text, f"streams.{key} is not documented"
 
 

@@ -6,20 +6,17 @@ crash loop."""
 
 from __future__ import annotations
 
-import dataclasses
 import getpass
 import json
 import socket
-import typing
 from pathlib import Path
 
 import pytest
 import trustme
 
 from agent.cli import main
-from agent.config import MQTT_MAX_PACKET_BYTES, ConfigError, Settings, load_settings
+from agent.config import MQTT_MAX_PACKET_BYTES, ConfigError, Section, Settings, load_settings
 from agent.ingest import connect_properties, max_packet_bytes
-from agent.validate import Section
 
 ROOT = Path(__file__).resolve().parent.parent
 I64_MAX = 2**63 - 1
@@ -144,7 +141,7 @@ def test_max_payload_bytes_is_bounded_by_mqtts_largest_packet(tmp_path: Path) ->
     s = load_settings(None, overrides={"gateway_id": "gw", "mqtt": {"max_payload_bytes": largest}})
     assert max_packet_bytes(s.mqtt) == 268_435_455
     connect_properties(s.mqtt)  # paho takes it (it refused 268435460)
-    assert max_packet_bytes(dataclasses.replace(s.mqtt, max_payload_bytes=2**40)) == 268_435_455
+    assert max_packet_bytes(s.mqtt.model_copy(update={"max_payload_bytes": 2**40})) == 268_435_455
 
 
 @pytest.mark.parametrize("host", ["", "a..b", "x" * 64 + ".example", " "])
@@ -287,13 +284,12 @@ def test_a_topic_that_is_not_utf8_is_refused(
 
 def _float_keys() -> list[tuple[str, str]]:
     keys = []
-    for section in dataclasses.fields(Settings):
-        cls = typing.get_type_hints(Settings)[section.name]
+    for name, section in Settings.model_fields.items():
+        cls = section.annotation
         if isinstance(cls, type) and issubclass(cls, Section):
-            for f in dataclasses.fields(cls):
-                hint = typing.get_type_hints(cls)[f.name]
-                if hint is float:
-                    keys.append((section.name, f.name))
+            for key, f in cls.model_fields.items():
+                if f.annotation is float:
+                    keys.append((name, key))
     return keys
 
 

@@ -16,12 +16,12 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import SecretStr
 
 from agent.credentials import TokenSource
 from agent.health import Cached, Response, json_response
 from agent.ingest import suback_problems
 from agent.sim.procs import Agent, Mosquitto, Receiver, wait_for
-from agent.validate import SecretStr
 from tests.helpers import AgentFactory
 
 MB = 1024 * 1024

@@ -33,7 +33,7 @@ import time
 import weakref
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -572,27 +572,34 @@ class World:
     def _settings(self) -> Settings:
         base = _base_settings()
         p = self.p
-        return replace(
-            base,
-            mqtt=replace(base.mqtt, receive_maximum=p.receive_maximum),
-            aggregate=replace(base.aggregate, allowed_lateness_s=0.5, idle_close_s=1.5),
-            buffer=replace(
-                base.buffer,
-                path=self.workdir / "buffer.sqlite3",
-                synchronous="off",
-                checkpoint_interval_ms=100,
-                max_ack_delay_ms=int(p.max_ack_delay_s * 1000),
-            ),
-            forward=replace(
-                base.forward,
-                timeout_s=p.timeout_s,
-                max_batch_chunks=p.max_batch_chunks,
-                linger_ms=50,
-                backoff_min_s=0.1,
-                backoff_max_s=2.0,
-                shutdown_drain_s=1.0,
-                gzip=True,
-            ),
+        # model_copy does not validate: the schedules go below the operator's bounds (a
+        # Receive Maximum of 3).
+        return base.model_copy(
+            update={
+                "mqtt": base.mqtt.model_copy(update={"receive_maximum": p.receive_maximum}),
+                "aggregate": base.aggregate.model_copy(
+                    update={"allowed_lateness_s": 0.5, "idle_close_s": 1.5}
+                ),
+                "buffer": base.buffer.model_copy(
+                    update={
+                        "path": self.workdir / "buffer.sqlite3",
+                        "synchronous": "off",
+                        "checkpoint_interval_ms": 100,
+                        "max_ack_delay_ms": int(p.max_ack_delay_s * 1000),
+                    }
+                ),
+                "forward": base.forward.model_copy(
+                    update={
+                        "timeout_s": p.timeout_s,
+                        "max_batch_chunks": p.max_batch_chunks,
+                        "linger_ms": 50,
+                        "backoff_min_s": 0.1,
+                        "backoff_max_s": 2.0,
+                        "shutdown_drain_s": 1.0,
+                        "gzip": True,
+                    }
+                ),
+            }
         )
 
     # -- faults -------------------------------------------------------------------------------
