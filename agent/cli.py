@@ -24,6 +24,7 @@ from agent.config import (
     Settings,
     effective_config,
     inline_secret_warnings,
+    json_schema,
     load_settings,
 )
 from agent.exitcodes import Exit
@@ -59,6 +60,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         tls_problems,
     )
 
+    if args.schema:
+        print(json.dumps(json_schema(), indent=2, ensure_ascii=False))
+        return 0
+    if args.config is None:
+        print("config error: check-config needs --config FILE (or --schema)", file=sys.stderr)
+        return EXIT_CONFIG
     settings = _load(args.config)
     if not args.quiet:
         print(json.dumps(effective_config(settings), indent=2))
@@ -326,7 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     cc = sub.add_parser("check-config", help="validate a config file and print it, secrets masked")
-    cc.add_argument("--config", required=True)
+    cc.add_argument("--config", default=None, help="TOML config file")
+    cc.add_argument(
+        "--schema",
+        action="store_true",
+        help="print the config's JSON Schema (for an editor: taplo, Even Better TOML) and exit",
+    )
     cc.add_argument(
         "--connect",
         action="store_true",

@@ -706,7 +706,7 @@ class Settings(BaseSettings):
         description="Identifies this gateway to the cloud; part of every Idempotency-Key. "
         "Letters, digits, . _ - Unique per gateway: the cloud deduplicates by (gateway, seq), "
         "so two gateways with one id silently lose each other's data. check-config refuses "
-        "this example value: set your own."
+        "this example value: set your own.",
     )
     mqtt: MqttSettings = MqttSettings()
     # At least one, checked after the items: pydantic's min_length also reports a list whose
@@ -766,14 +766,17 @@ def _overlap(a: str, b: str) -> bool:
 
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of the config file (`edge-agent check-config --schema`): what an editor
-    (taplo, Even Better TOML) needs to complete and check it. Generated from the model."""
-    schema = Settings.model_json_schema(mode="validation")
+    (taplo, Even Better TOML) needs to complete and check it. Generated from the model, as
+    draft-07 (`definitions`): taplo's validator has long stopped at drafts 4-7; pydantic's
+    keywords are all draft-07's."""
+    schema = Settings.model_json_schema(mode="validation", ref_template="#/definitions/{model}")
+    schema = {"definitions": schema.pop("$defs"), **schema}
     schema["description"] = (
         "The edge-agent config file (/etc/edge-agent/config.toml). Every key has a default but "
         "gateway_id. Any key can be overridden by an environment variable "
         "EDGE_AGENT__SECTION__KEY; `edge-agent check-config --config FILE` checks a file."
     )
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+    return {"$schema": "http://json-schema.org/draft-07/schema#", **schema}
 
 
 # Loading: the TOML file and the environment, as pydantic-settings sources.

@@ -10,19 +10,23 @@ deb-systemd-helper records the unit's state, nothing is started.
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
 import shlex
 import shutil
 import stat
 import subprocess
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from agent import __version__
 from agent.buildinfo import git_commit
+from agent.config import json_schema
 from agent.sim.procs import Agent, Mosquitto, Receiver, agent_config, free_port
 from tests.helpers import assert_exact, publish, wait_delivered
 
@@ -182,8 +186,16 @@ def test_package_metadata_and_contents(deb: Path, tmp_path: Path) -> None:
         "./lib/systemd/system/edge-agent.service",
         "./etc/edge-agent/config.toml",
         f"./opt/edge-agent/lib/python{pyver()}/site-packages/agent/_build.py",
+        "./usr/share/edge-agent/config.schema.json",
     ):
         assert want in paths, want
+    # The schema an editor reads is this build's model's, and the shipped config passes it.
+    unpacked = Path(tmp_path) / "unpacked"
+    assert run("dpkg-deb", "-x", str(deb), str(unpacked)).returncode == 0
+    shipped_schema = json.loads((unpacked / "usr/share/edge-agent/config.schema.json").read_text())
+    assert shipped_schema == json_schema()
+    shipped_config = tomllib.loads((unpacked / "etc/edge-agent/config.toml").read_text())
+    jsonschema.validate(shipped_config, shipped_schema, jsonschema.Draft7Validator)
     # Pinned: no pip on the gateway, and exactly the locked versions.
     assert "./opt/edge-agent/bin/pip" not in paths
     locked = {
