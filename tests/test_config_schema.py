@@ -95,7 +95,9 @@ def _schema_keys(schema: dict[str, Any], node: dict[str, Any], prefix: str = "")
         ref = target.get("$ref")
         if ref is not None:
             keys.update(
-                _schema_keys(schema, schema["definitions"][ref.rsplit("/", 1)[1]], f"{prefix}{name}.")
+                _schema_keys(
+                    schema, schema["definitions"][ref.rsplit("/", 1)[1]], f"{prefix}{name}."
+                )
             )
             continue
         keys[prefix + name] = prop.get("default")
@@ -162,7 +164,9 @@ def _descriptions(schema: dict[str, Any], node: dict[str, Any], prefix: str = ""
         ref = prop.get("items", prop).get("$ref")
         if ref is not None:
             out.update(
-                _descriptions(schema, schema["definitions"][ref.rsplit("/", 1)[1]], f"{prefix}{name}.")
+                _descriptions(
+                    schema, schema["definitions"][ref.rsplit("/", 1)[1]], f"{prefix}{name}."
+                )
             )
         else:
             out[prefix + name] = prop.get("description", "")
