@@ -35,7 +35,7 @@ from agent.config import (
     read_secret,
 )
 from agent.credentials import client_tls_context
-from agent.mqtt_compat import FastReader, expect_late_unsubacks, install, send_acks
+from agent.mqtt_compat import FastReader, expect_late_unsubacks, install, on_connack, send_acks
 from agent.pacing import Backoff
 from agent.reasons import Reject
 from agent.stats import RateLimitedLog, Stats
@@ -365,12 +365,17 @@ class MqttSession:
         intake: Intake,
         ledger: AckLedger,
         stats: Stats,
+        had_session: bool = False,
     ) -> None:
+        """`had_session`: this client id had a session at the broker before this start (the
+        outbox is not new), so a CONNACK without one means the broker lost it."""
         self._s = settings
         self._router = router
         self._intake = intake
         self._ledger = ledger
         self._stats = stats
+        self._had_session = had_session
+        self._session_present: bool | None = None
         self._client: aiomqtt.Client | None = None
         self.reader: FastReader | None = None
         self._barrier_wait_s = BARRIER_WAIT_S
@@ -418,6 +423,8 @@ class MqttSession:
             client = self._client_for(password)
             self.reader = install(client, self._intake.handle)
             expect_late_unsubacks(client)  # the barrier's, after its wait
+            self._session_present = None
+            on_connack(client, self._on_connack)
             # Acks owed on an earlier connection are void; the broker redelivers those messages.
             self._ledger.new_connection()
             delay = self._s.reconnect_min_s
@@ -465,6 +472,20 @@ class MqttSession:
         st.mqtt_connected = True
         st.mqtt_connected_since = time.time()
         st.mqtt_down_since = None
+        if self._session_present is False and self._had_session:
+            st.mqtt_sessions_lost += 1
+            st.mqtt_session_lost_at = time.time()
+            log.warning(
+                "MQTT broker %s:%d had no session for client id %r (clean start): messages it "
+                "took for us while no subscription existed are lost. It restarted without "
+                "persistence or lost its database, or the session expired (mqtt.session_expiry_s "
+                "= %d). README: 'The broker forgot the session'",
+                s.host,
+                s.port,
+                s.client_id,
+                s.session_expiry_s,
+            )
+        self._had_session = True
         if reconnecting:
             st.mqtt_reconnects += 1
         log.info(
@@ -476,6 +497,9 @@ class MqttSession:
         )
         self._backoff.reset()
         self.subscribed.set()
+
+    def _on_connack(self, session_present: bool) -> None:
+        self._session_present = session_present
 
     def _failed(self, e: aiomqtt.MqttError) -> float:
         """A connection failed or was lost: say why; the delay before the next attempt."""

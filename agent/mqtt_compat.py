@@ -148,6 +148,24 @@ def expect_late_unsubacks(client: aiomqtt.Client) -> None:
         logger.addFilter(_LateUnsuback())
 
 
+def on_connack(client: aiomqtt.Client, record: Callable[[bool], None]) -> None:
+    """Call `record(session_present)` on every accepted CONNACK, before aiomqtt's own handler
+    (aiomqtt drops the flag). Install before the connection is entered."""
+    inner = _paho(client)
+    aiomqtt_on_connect: Any = inner.on_connect
+    if aiomqtt_on_connect is None:
+        raise RuntimeError("aiomqtt installed no on_connect callback: tests/test_mqtt_compat.py")
+
+    def on_connect(
+        c: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any = None
+    ) -> None:
+        if not getattr(reason_code, "is_failure", False):
+            record(bool(flags.session_present))
+        aiomqtt_on_connect(c, userdata, flags, reason_code, properties)
+
+    inner.on_connect = on_connect
+
+
 def send_ack(client: aiomqtt.Client, mid: int, qos: int) -> None:
     """Send the PUBACK for `mid` (on the event loop thread)."""
     _paho(client).ack(mid, qos)

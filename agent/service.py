@@ -344,7 +344,12 @@ async def build_pipeline(
         clock=clock,
     )
     session = MqttSession(
-        settings=settings.mqtt, router=router, intake=intake, ledger=ledger, stats=stats
+        settings=settings.mqtt,
+        router=router,
+        intake=intake,
+        ledger=ledger,
+        stats=stats,
+        had_session=not recovery.new_file,
     )
     fs = settings.forward
     token = TokenSource(fs.token, secret_path(fs.token_file, "cloud-token"))

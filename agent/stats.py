@@ -35,6 +35,11 @@ class Stats:
     mqtt_down_since: float | None = None
     # The broker's CONNACK refusal ("broker refused: not authorized (135)") until a connect works.
     mqtt_refused: str | None = None
+    # Connects that found no session at the broker though the agent had one (the broker
+    # restarted without persistence, or the session expired): what the broker took for us
+    # while no subscription existed is gone. The last one's time (wall clock).
+    mqtt_sessions_lost: int = 0
+    mqtt_session_lost_at: float | None = None
     # SUBACK refusals and QoS downgrades of the current connection, one line per topic.
     subscription_problems: list[str] = field(default_factory=list)
     last_forward_ok: float | None = None

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
 # A remembered camera not heard from for this long is silent (/status, /metrics).
 SILENT_AFTER_S = 60.0
+# A broker that lost the agent's session is a readiness problem for this long after.
+SESSION_LOST_SHOWN_S = 600.0
 # Clock-suspect camera ids named in /status (the full list is in /status/cameras).
 SUSPECT_IDS_SHOWN = 20
 
@@ -26,6 +28,13 @@ def ready_problems(p: Pipeline) -> list[str]:
         problems.append(f"MQTT {refused}" if refused else "MQTT not connected and subscribed")
     else:
         problems.extend(p.stats.subscription_problems)
+    lost_at = p.stats.mqtt_session_lost_at
+    if lost_at is not None and time.time() - lost_at < SESSION_LOST_SHOWN_S:
+        problems.append(
+            f"MQTT broker had no session for us at {rfc3339(lost_at)}: messages published "
+            "while the agent was away may be lost (broker restarted without persistence, or "
+            "the session expired)"
+        )
     if p.forwarder.unhealthy_reason:
         problems.append(p.forwarder.unhealthy_reason)
     if p.outbox.problem:
@@ -88,6 +97,7 @@ def status_document(p: Pipeline) -> dict[str, Any]:
             **status_section(p, "mqtt"),
             "since": st.mqtt_connected_since,
             "down_since": _stamp(st.mqtt_down_since),
+            "session_lost_at": _stamp(st.mqtt_session_lost_at),
         },
         "ingest": {
             **status_section(p, "ingest"),

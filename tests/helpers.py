@@ -108,13 +108,19 @@ class AgentFactory:
             overrides=overrides,
         )
 
-    def start(self, config: Path | None = None, env: dict[str, str] | None = None) -> Agent:
+    def start(
+        self, config: Path | None = None, env: dict[str, str] | None = None, *, ready: bool = True
+    ) -> Agent:
+        """Start an agent; wait until /readyz says ready (`ready=False`: only its /status)."""
         agent = Agent(config or self.config(), self.tmp_path / "agent.log", self.health_port)
         if env:
             agent._env = {**os.environ, **env}
         agent.start()
         self.started.append(agent)
-        agent.wait_ready()
+        if ready:
+            agent.wait_ready()
+        else:
+            wait_for(lambda: agent.status() is not None, timeout_s=30, what="agent /status")
         return agent
 
     def stop_all(self) -> None:
