@@ -35,7 +35,14 @@ from agent.config import (
     read_secret,
 )
 from agent.credentials import client_tls_context
-from agent.mqtt_compat import FastReader, expect_late_unsubacks, install, on_connack, send_acks
+from agent.mqtt_compat import (
+    FastReader,
+    abandon,
+    expect_late_unsubacks,
+    install,
+    on_connack,
+    send_acks,
+)
 from agent.pacing import Backoff
 from agent.reasons import Reject
 from agent.stats import RateLimitedLog, Stats
@@ -244,9 +251,13 @@ class Intake:
     ) -> tuple[Reject | None, Any]:
         try:
             doc = self._decode(payload)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        except (msgspec.DecodeError, UnicodeDecodeError):
             # msgspec raises UnicodeDecodeError, not DecodeError, for invalid UTF-8 in a string.
             return Reject.malformed_json, None
+        except RecursionError:
+            # msgspec stops at about 1,000 levels, beyond any mqtt.max_depth (<= 1000): what
+            # stopped it is the nesting, whatever follows.
+            return Reject.too_deep, None
         if type(doc) is not dict:
             return Reject.not_an_object, None
         if len(doc) > self._max_fields:
@@ -440,6 +451,7 @@ class MqttSession:
                 delay = self._failed(e)
             finally:
                 self._lost()
+                abandon(client)
             reconnecting = True
             await asyncio.sleep(delay)
 

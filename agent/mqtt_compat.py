@@ -166,6 +166,22 @@ def on_connack(client: aiomqtt.Client, record: Callable[[bool], None]) -> None:
     inner.on_connect = on_connect
 
 
+def abandon(client: aiomqtt.Client) -> None:
+    """The agent is done with `client` (its connection ended, or its connect failed): close
+    its socket and silence its callbacks. A connect that timed out against a frozen broker
+    left the socket open; when the broker woke, it answered that stale CONNECT, then dropped it
+    for the newer session, and aiomqtt set an 'Unexpected disconnection' on a future no one
+    awaits: asyncio logged 'Future exception was never retrieved' once per such attempt."""
+    inner = _paho(client)
+    inner.on_connect = None
+    inner.on_disconnect = None
+    with contextlib.suppress(Exception):
+        inner._sock_close()
+    disconnected: asyncio.Future[None] = client._disconnected
+    if disconnected.done() and not disconnected.cancelled():
+        disconnected.exception()  # retrieved: it was reported where it mattered, or not at all
+
+
 def send_ack(client: aiomqtt.Client, mid: int, qos: int) -> None:
     """Send the PUBACK for `mid` (on the event loop thread)."""
     _paho(client).ack(mid, qos)

@@ -115,6 +115,16 @@ def test_invalid_utf8_in_a_string_is_malformed_json_and_acked() -> None:
     assert len(ledger) == 2 and ledger.redelivered(1, digest(TOPIC, bad), T0)
 
 
+def test_valid_json_nested_thousands_deep_is_too_deep_not_malformed() -> None:
+    """Deeper than msgspec goes (about 1,000 levels; mqtt.max_depth is at most 1,000): the
+    reason is the nesting, which the operator can act on, not a parse error."""
+    intake, _, ledger, stats = build_intake()
+    for mid, depth in enumerate((20, 5000), start=1):
+        send(intake, b'{"ts": 1764126000.5, "a": ' + b"[" * depth + b"]" * depth + b"}", mid)
+    assert stats.rejects["too_deep"] == 2 and stats.rejects["malformed_json"] == 0
+    assert len(ledger) == 2
+
+
 def test_huge_int_in_a_numeric_field_is_a_bad_numeric_field() -> None:
     intake, agg, ledger, stats = build_intake()
     send(intake, b'{"ts": 1764126000.5, "conf": ' + BIG_INT + b', "level": 0.5}', 1)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from agent.sim.procs import Agent, wait_for
-from tests.helpers import AgentFactory
+from agent.sim.procs import Agent, Publisher, wait_for
+from tests.helpers import AgentFactory, assert_exact, wait_delivered
 
 
 def _readyz_problems(agent: Agent) -> list[str]:
@@ -67,3 +67,33 @@ def test_a_restarted_agent_expects_its_session(agents: AgentFactory, tmp_path: P
              timeout_s=30, what="the lost session to be counted")  # fmt: skip
     assert any("had no session for us" in p for p in _readyz_problems(second))
     assert second.stop() == 0
+
+
+def test_a_broker_freeze_leaves_no_unretrieved_future_in_the_log(
+    agents: AgentFactory, tmp_path: Path
+) -> None:
+    """The broker stops answering (SIGSTOP) past the keepalive: the agent drops the connection
+    and reconnects once the broker is back, logging it as a reconnect, not as an asyncio
+    'Future exception was never retrieved' ERROR."""
+    agent = agents.start(agents.config({"mqtt": {"keepalive_s": 5, "connect_timeout_s": 1}}))
+    agent.wait_ready(timeout_s=60)
+    # Traffic, so that acks and the checkpoint's barrier are in flight when the broker freezes.
+    pub = Publisher(agents.broker, tmp_path, cameras=20, rate=20, duration_s=6, seed=24).start()
+    wait_for(lambda: (agent.status() or {}).get("ingest", {}).get("acked", 0) > 200,
+             timeout_s=30, what="traffic acked")  # fmt: skip
+    agents.broker.signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: not (agent.status() or {}).get("mqtt", {}).get("connected", True),
+                 timeout_s=30, what="the agent to give up on the frozen broker")  # fmt: skip
+        # ...and try again against it (TCP connects, no CONNACK comes) a few times.
+        wait_for(lambda: (agent.status() or {}).get("mqtt", {}).get("connect_failures", 0) >= 3,
+                 timeout_s=30, what="connects to the frozen broker to fail")  # fmt: skip
+    finally:
+        agents.broker.signal(signal.SIGCONT)
+    agent.wait_ready(timeout_s=60)
+    assert_exact(wait_delivered(agents.receiver, pub.join()))
+    assert agent.stop() == 0
+    log = agent.log_text()
+    assert "MQTT 127.0.0.1" in log and "unavailable" in log, log[-2000:]
+    assert "never retrieved" not in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
