@@ -432,7 +432,7 @@ class MqttSession:
         reconnecting = False
         while True:
             client = self._client_for(password)
-            self.reader = install(client, self._intake.handle)
+            self.reader = install(client, self._intake.handle, room=self._room)
             expect_late_unsubacks(client)  # the barrier's, after its wait
             self._session_present = None
             on_connack(client, self._on_connack)
@@ -509,6 +509,25 @@ class MqttSession:
         )
         self._backoff.reset()
         self.subscribed.set()
+
+    def _room(self) -> int:
+        """How many more QoS 1 messages to take: the agent holds at most Receive Maximum
+        unacked, whatever the broker sends (memory bounded by configuration, G5)."""
+        room = self._s.receive_maximum - len(self._ledger)
+        st = self._stats
+        held = room <= 0
+        if held != st.intake_paused:
+            st.intake_paused = held
+            if held:
+                st.intake_pauses += 1
+                log.warning(
+                    "holding %d unacked messages (mqtt.receive_maximum): taking no more from "
+                    "the broker until acks can go out (it keeps them for us)",
+                    len(self._ledger),
+                )
+            else:
+                log.info("acks going out again: taking messages from the broker")
+        return room
 
     def _on_connack(self, session_present: bool) -> None:
         self._session_present = session_present

@@ -47,6 +47,10 @@ READ_COALESCE_S = 0.01
 # One recv() asks for this much; a wakeup reads until the socket would block, or READ_CAP.
 READ_BYTES = 256 * 1024
 READ_CAP = 4 * READ_BYTES
+# While the agent may take no more messages (its unacked messages at the limit), the socket
+# is looked at again this often.
+HOLD_POLL_S = 0.05
+UNLIMITED = 1 << 62
 
 _PUBLISH = 0x30
 _PUBACK = 0x40
@@ -109,9 +113,11 @@ def install(
     *,
     coalesce_s: float = READ_COALESCE_S,
     fast: bool = True,
+    room: Callable[[], int] = lambda: UNLIMITED,
 ) -> FastReader | None:
     """Manual acks, and every PUBLISH to `handler`: through `FastReader` when this paho allows
-    it (returned), else (or with fast=False) through paho's own read path (None)."""
+    it (returned), else (or with fast=False) through paho's own read path (None). `room()`:
+    how many more QoS 1 messages the agent takes now (the fast path stops reading at 0)."""
 
     def on_message(message: paho.MQTTMessage) -> None:
         handler(message._topic, bytes(message.payload), message.mid, message.qos, message.dup)
@@ -123,7 +129,7 @@ def install(
     if problem is not None:
         log.warning("MQTT fast read path off (%s); using paho's reads, slower", problem)
         return None
-    return FastReader(_paho(client), handler, coalesce_s=coalesce_s)
+    return FastReader(_paho(client), handler, coalesce_s=coalesce_s, room=room)
 
 
 class _LateUnsuback(logging.Filter):
@@ -208,10 +214,20 @@ class FastReader:
     """Reads paho's socket for it (see the module doc). Lives as long as its client."""
 
     def __init__(
-        self, inner: paho.Client, handler: PublishHandler, *, coalesce_s: float = READ_COALESCE_S
+        self,
+        inner: paho.Client,
+        handler: PublishHandler,
+        *,
+        coalesce_s: float = READ_COALESCE_S,
+        room: Callable[[], int] = lambda: UNLIMITED,
     ) -> None:
         self._inner = inner
         self._handler = handler
+        # How many more QoS 1 messages the agent takes now. At 0 nothing more is read: the
+        # kernel's buffer fills, the broker keeps the messages (in flight or queued), and the
+        # agent's memory stays bounded whatever the broker does (Mosquitto 2.0.11 stops
+        # honouring Receive Maximum once PUBACKs have flowed).
+        self._room = room
         self._coalesce_s = coalesce_s
         self._loop = asyncio.get_running_loop()
         self._sock: Any = None
@@ -298,9 +314,13 @@ class FastReader:
         if sock is None:
             return
         self.wakeups += 1
+        room = self._room()
+        if room <= 0:
+            self._hold()
+            return
         try:
             got, more = self._fill(sock)
-            self._drain()
+            self._drain(room)
         except Exception as exc:  # a bug here must end the connection, not the reader
             log.exception("MQTT read failed; reconnecting")
             self._fail(exc)
@@ -308,7 +328,9 @@ class FastReader:
         if self._sock is not sock:
             return  # the connection ended while its packets were handled
         loop = self._loop
-        if more:
+        if self._room() <= 0:
+            self._hold()
+        elif more:
             loop.call_soon(self._read)
         elif got and self._coalesce_s > 0:
             if self._watching:
@@ -319,6 +341,14 @@ class FastReader:
         elif not self._watching:
             loop.add_reader(self._fd, self._on_readable)
             self._watching = True
+
+    def _hold(self) -> None:
+        """Read nothing until the agent has room again; look every HOLD_POLL_S."""
+        if self._watching:
+            self._loop.remove_reader(self._fd)
+            self._watching = False
+        if self._timer is None:
+            self._timer = self._loop.call_later(HOLD_POLL_S, self._on_timer)
 
     def _fill(self, sock: Any) -> tuple[int, bool]:
         """Read until the socket would block: (bytes read, whether it may hold more: a
@@ -348,14 +378,17 @@ class FastReader:
             self._inner._last_bytes_received = time.monotonic()
         return got, True
 
-    def _drain(self) -> None:
-        """Handle every complete packet in the buffer; keep a partial one for the next read."""
+    def _drain(self, room: int = UNLIMITED) -> None:
+        """Handle every complete packet in the buffer, or until `room` QoS 1 messages have
+        been handed over; keep the rest for the next read."""
         buf = self._buf
         n = len(buf)
         pos = 0
         handler = self._handler
         sock = self._sock
         while pos < n:
+            if room <= 0:
+                break
             framed = frame(buf, pos, n)
             if framed is None:
                 break  # the packet is incomplete
@@ -366,6 +399,7 @@ class FastReader:
                 if parsed is not None:
                     topic, payload, mid, qos = parsed
                     self.published += 1
+                    room -= qos
                     handler(topic, payload, mid, qos, bool(first & 0x08))
                     pos = end
                     continue
@@ -375,6 +409,8 @@ class FastReader:
             if self._sock is not sock:
                 return  # paho closed the connection (DISCONNECT, protocol error)
         del buf[:pos]
+        if room <= 0 and frame(buf, 0, len(buf)) is not None:
+            return  # complete packets wait for room; the end (if any) comes after them
         if (self._eof or self._error is not None) and self._sock is sock:
             # Everything before the end was handled; now let paho see the end itself.
             self._handing = False

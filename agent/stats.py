@@ -40,6 +40,10 @@ class Stats:
     # while no subscription existed is gone. The last one's time (wall clock).
     mqtt_sessions_lost: int = 0
     mqtt_session_lost_at: float | None = None
+    # The agent holds mqtt.receive_maximum unacked messages (acks cannot go out: the outbox's
+    # disk fails, or it is full): it reads no more from the broker until it can ack.
+    intake_paused: bool = False
+    intake_pauses: int = 0
     # SUBACK refusals and QoS downgrades of the current connection, one line per topic.
     subscription_problems: list[str] = field(default_factory=list)
     last_forward_ok: float | None = None

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
 # A remembered camera not heard from for this long is silent (/status, /metrics).
 SILENT_AFTER_S = 60.0
+# Checkpoint commits failing this long is a readiness problem (a failing disk, G13).
+CHECKPOINT_FAILING_AFTER_S = 1.0
 # A broker that lost the agent's session is a readiness problem for this long after.
 SESSION_LOST_SHOWN_S = 600.0
 # Clock-suspect camera ids named in /status (the full list is in /status/cameras).
@@ -41,6 +43,21 @@ def ready_problems(p: Pipeline) -> list[str]:
         problems.append(p.outbox.problem)
     if p.forwarder.token_problem:
         problems.append(p.forwarder.token_problem)
+    failing_since = p.checkpointer.failing_since
+    if failing_since is not None:
+        failing_s = time.monotonic() - failing_since
+        if failing_s >= CHECKPOINT_FAILING_AFTER_S:
+            paused = (
+                f"; taking no more messages at mqtt.receive_maximum = "
+                f"{p.settings.mqtt.receive_maximum:,} unacked"
+                if p.stats.intake_paused
+                else ""
+            )
+            problems.append(
+                f"outbox writes failing for {failing_s:.0f} s ({p.checkpointer.last_failure}): "
+                f"MQTT acks held{paused}; check the disk of buffer.path "
+                f"({p.settings.buffer.path})"
+            )
     if p.checkpointer.buffer_full:
         if p.outbox.chunk_count == 0 and p.outbox.batch is None:
             # Nothing the cloud could drain: open-window snapshots and the ack journal fill it.

@@ -130,3 +130,45 @@ async def test_a_commit_refused_as_full_below_the_high_water_mark_makes_room(
     assert ckpt.carried == 0
     assert stats.compacted_chunks > 0
     await outbox.close()
+
+
+async def test_failed_checkpoints_leave_nothing_of_theirs_in_memory(tmp_path: Path) -> None:
+    """A failing disk fails every cycle (four a second): each failure's traceback held its
+    cycle's frames (chunk bodies, journal lists) in a reference cycle only a full collection
+    frees, and memory grew ~20 MiB/s (issue #24). No frame of a failed cycle may outlive it."""
+    import gc
+    import sqlite3
+
+    from agent.checkpoint import Checkpointer as Ckpt
+
+    settings = Settings(gateway_id="gw-test")
+    outbox, _ = await Outbox.open(tmp_path / "b.sqlite3", synchronous="off")
+
+    def failing(*_args: object, **_kw: object) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    outbox.store.checkpoint = failing  # type: ignore[method-assign]
+    agg = Aggregator(window_s=1, allowed_lateness_s=0, idle_close_s=5)
+    stats = Stats()
+    ckpt = Ckpt(
+        settings=settings, outbox=outbox, aggregator=agg, ledger=AckLedger(), stats=stats,
+        send_acks=lambda mids: None, can_ack=lambda: True, clock=Clock(),
+    )  # fmt: skip
+    for cam in range(50):
+        w = agg.add(f"cam-{cam}", "det", SPEC, {"cls": "person"}, T0, T0, mono=0.0)
+        assert not isinstance(w, str)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(5):
+            await ckpt.checkpoint(final=True)
+        held = [
+            o for o in gc.get_objects()
+            if type(o).__name__ == "frame" and o.f_code is Ckpt._cycle.__code__
+        ]  # fmt: skip
+    finally:
+        gc.enable()
+    assert stats.rejects["checkpoint_failed"] == 5
+    assert ckpt.failing_since is not None and ckpt.last_failure == "disk I/O error"
+    assert held == [], f"{len(held)} frames of failed cycles still alive"
+    await outbox.close()

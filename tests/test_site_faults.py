@@ -4,9 +4,12 @@ agent's session is detected and reported, not taken for a quiet site."""
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
+from typing import Any
 
 from agent.sim.procs import Agent, Publisher, wait_for
+from tests.faultdisk import FailingDisk
 from tests.helpers import AgentFactory, assert_exact, wait_delivered
 
 
@@ -97,3 +100,44 @@ def test_a_broker_freeze_leaves_no_unretrieved_future_in_the_log(
     assert "MQTT 127.0.0.1" in log and "unavailable" in log, log[-2000:]
     assert "never retrieved" not in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_a_failing_disk_pauses_intake_is_reported_and_loses_nothing(
+    agents: AgentFactory, tmp_path: Path
+) -> None:
+    """The outbox's disk fails (every write and fsync EIO) under 1,500 msgs/s: the agent holds
+    its acks, stops taking messages once mqtt.receive_maximum are unacked (memory bounded by
+    configuration, G5/G13), says so in /readyz within seconds, and when the disk heals
+    delivers every message exactly once."""
+    disk = FailingDisk(agents.buffer.parent, tmp_path)
+    limit = 2000
+    agent = agents.start(agents.config({"mqtt": {"receive_maximum": limit}}), env=disk.env())
+    pub = Publisher(agents.broker, tmp_path, cameras=50, rate=30, duration_s=14, seed=25).start()
+    wait_for(lambda: (agent.status() or {}).get("ingest", {}).get("acked", 0) > 3000,
+             timeout_s=30, what="traffic acked")  # fmt: skip
+    most_unacked = 0
+
+    def sample() -> dict[str, Any]:
+        nonlocal most_unacked
+        status = agent.status() or {}
+        most_unacked = max(most_unacked, status.get("ingest", {}).get("unacked", 0))
+        return status
+
+    with disk.failing():
+        failed_at = time.monotonic()
+        wait_for(lambda: any("outbox writes failing" in p for p in sample().get("problems", [])),
+                 timeout_s=15, what="the failing disk in /readyz")  # fmt: skip
+        reported_after = time.monotonic() - failed_at
+        # Six seconds of failure under load: far more than the limit is published meanwhile.
+        until = failed_at + 6
+        wait_for(lambda: sample() and time.monotonic() > until, timeout_s=30, what="6 s")
+        paused = sample().get("ingest", {}).get("paused")
+    assert most_unacked <= limit, most_unacked
+    assert paused is True
+    agent.wait_ready(timeout_s=60)
+    assert_exact(wait_delivered(agents.receiver, pub.join()))
+    assert most_unacked <= limit, most_unacked
+    assert reported_after < 10, reported_after
+    status = agent.status()
+    assert status is not None and status["ingest"]["pauses"] >= 1
+    assert agent.stop() == 0
