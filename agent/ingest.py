@@ -239,10 +239,10 @@ class Intake:
         """The gateway's own wall clock stepped (NTP, an operator, a battery-less RTC): that is
         not the cameras' skew. Say it once and let the camera estimates start over."""
         self._stats.gateway_clock_steps += 1
-        self._clocks.gateway_stepped()
+        self._clocks.gateway_stepped(step)
         log.warning(
-            "gateway clock stepped %+.1f s; camera clock estimates restarted (timers run on the "
-            "monotonic clock and are not affected)",
+            "gateway clock stepped %+.1f s; camera clock estimates moved with it (timers run on "
+            "the monotonic clock and are not affected)",
             step,
         )
 
@@ -267,7 +267,9 @@ class Intake:
             doc, self._max_depth
         ):
             return Reject.too_deep, None
-        t, flags = recv_t, GATEWAY_TIME
+        clocks = self._clocks
+        t: float | None = None
+        flags = GATEWAY_TIME
         if route.time_field is not None:
             raw = doc.get(route.time_field)
             if raw is not None:
@@ -282,13 +284,18 @@ class Intake:
                         e,
                     )
                 else:
-                    stamped = self._clocks.stamp(route.camera, event_t, recv_t)
-                    if self._clocks.notices:
-                        for notice in self._clocks.take_notices():
+                    stamped = clocks.stamp(route.camera, event_t, recv_t)
+                    if clocks.notices:
+                        for notice in clocks.take_notices():
                             log.warning(notice)
                     if stamped is None:
                         return Reject.bad_time_dropped, None
                     t, flags = stamped
+        # Receive time as the cameras' consensus has it: the gateway's own while it is
+        # trusted, corrected by its offset while it is not (agent/timekeeping.py Clocks).
+        recv_t -= clocks.gateway_offset
+        if t is None:
+            t = recv_t
         window = self._agg.add(
             route.camera, route.stream, route.spec, doc, t, recv_t, flags=flags, mono=mono
         )

@@ -63,4 +63,7 @@ CLOCK_EVENTS = (
     "clock_gateway_time",
     "clock_jumps",
     "clock_restamped",
+    # The cameras' consensus found the gateway's own clock off (and, later, right again).
+    "gateway_clock_distrusted",
+    "gateway_clock_trusted",
 )

@@ -43,6 +43,14 @@ def ready_problems(p: Pipeline) -> list[str]:
         problems.append(p.outbox.problem)
     if p.forwarder.token_problem:
         problems.append(p.forwarder.token_problem)
+    clocks = p.clocks
+    if not clocks.gateway_trusted:
+        agree, known = clocks.consensus
+        problems.append(
+            f"gateway clock off by {_duration(clocks.gateway_offset)} against the cameras "
+            f"({agree} of {known} agree): camera times are kept and receive times corrected; "
+            "set the gateway's time (NTP, RTC)"
+        )
     failing_since = p.checkpointer.failing_since
     if failing_since is not None:
         failing_s = time.monotonic() - failing_since
@@ -166,6 +174,17 @@ def camera_summary(p: Pipeline) -> dict[str, Any]:
         "max_skew_s": p.settings.aggregate.max_skew_s,
         "detail": "/status/cameras",
     }
+
+
+def _duration(seconds: float) -> str:
+    """'+365.0 d', '-2.5 h', '+95 s': a signed offset an operator reads at a glance."""
+    a = abs(seconds)
+    sign = "+" if seconds >= 0 else "-"
+    if a >= 2 * 86400:
+        return f"{sign}{a / 86400:.1f} d"
+    if a >= 2 * 3600:
+        return f"{sign}{a / 3600:.1f} h"
+    return f"{sign}{a:.0f} s"
 
 
 def _stamp(t: float | None) -> str | None:

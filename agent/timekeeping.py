@@ -133,6 +133,14 @@ class CameraClock:
         """Event time minus true time: negative when the camera clock is behind."""
         return None if self.offset is None else -self.offset
 
+    def shift(self, step: float) -> None:
+        """The gateway's wall clock stepped by `step`: every sample (receive - event time) moves
+        by it; the camera did not change."""
+        self._window = deque((x + step for x in self._window), maxlen=self.WINDOW)
+        self._candidates = [x + step for x in self._candidates]
+        if self.offset is not None:
+            self.offset += step
+
     def observe(self, d: float, jump_s: float) -> bool:
         """Add one sample; returns True when it deviates from the estimate (a possible step)."""
         self.samples += 1
@@ -160,9 +168,23 @@ class CameraClock:
 
 class Clocks:
     """Every camera's clock, and the policy that turns (event time, receive time) into the time
-    a message is aggregated under, with the flags its chunk carries. Pure: times passed in."""
+    a message is aggregated under, with the flags its chunk carries. Pure: times passed in.
+
+    The gateway's clock can be the wrong one: an RTC without a battery comes back in 2000 after
+    a power cut, an NTP server is wrong for a while. When at least CONSENSUS_MIN cameras have an
+    estimate and most of them agree with each other (within max_skew_s of their median) but
+    that median is off by more than max_skew_s, the cameras are right and the gateway is not:
+    `gateway_offset` (gateway minus the cameras) corrects every receive time, cameras are judged
+    against the corrected time, and nothing is restamped on the gateway's word. A step of the
+    gateway clock that the monotonic clock proves moves every estimate by the step instead of
+    starting them over, so a step never looks like every camera's fault.
+    """
 
     MAX_CAMERAS = 100_000
+    CONSENSUS_MIN = 3
+    # The consensus is worked out again at most this often (seconds of receive time), and at
+    # each of the first cameras' first sample, so that a wrong clock at start is seen at once.
+    CONSENSUS_EVERY_S = 1.0
 
     def __init__(self, policy: ClockPolicy) -> None:
         self.policy = policy
@@ -170,6 +192,46 @@ class Clocks:
         self.counters: Counter[str] = Counter()
         # (camera, what happened) notices for the caller to log, drained by take_notices().
         self.notices: list[str] = []
+        # The gateway's wall clock minus the cameras' consensus (0.0: the gateway is trusted),
+        # and how many cameras agreed / had an estimate when it was worked out.
+        self.gateway_offset = 0.0
+        self.consensus = (0, 0)
+        self._consensus_at: float | None = None
+        # The offset last announced in a notice (a step moves gateway_offset at once; the
+        # consensus then says whether that is news).
+        self._announced = 0.0
+
+    @property
+    def gateway_trusted(self) -> bool:
+        return self.gateway_offset == 0.0
+
+    def _update_consensus(self, recv_t: float, new_camera: bool) -> None:
+        due = self._consensus_at is None or abs(recv_t - self._consensus_at) >= (
+            self.CONSENSUS_EVERY_S
+        )
+        if not due and not (new_camera and len(self._clocks) <= 4 * self.CONSENSUS_MIN):
+            return
+        self._consensus_at = recv_t
+        p = self.policy
+        offsets = sorted(c.offset for c in self._clocks.values() if c.offset is not None)
+        median = offsets[len(offsets) // 2] if offsets else 0.0
+        agree = sum(1 for o in offsets if abs(o - median) <= p.max_skew_s)
+        self.consensus = (agree, len(offsets))
+        off = len(offsets) >= self.CONSENSUS_MIN and 2 * agree > len(offsets)
+        offset = median if off and abs(median) > p.max_skew_s else 0.0
+        if (offset == 0.0) != (self._announced == 0.0) or (
+            offset and abs(offset - self._announced) > p.max_skew_s
+        ):
+            self._announced = offset
+            self.notices.append(
+                f"gateway clock off by {offset:+.1f} s against the cameras ({agree} of "
+                f"{len(offsets)} agree): camera times kept, receive times corrected; fix the "
+                "gateway's time (NTP, RTC)"
+                if offset
+                else f"gateway clock agrees with the cameras again ({agree} of {len(offsets)})"
+            )
+            self.counters["gateway_clock_distrusted" if offset else "gateway_clock_trusted"] += 1
+        self.gateway_offset = offset
 
     def get(self, camera: str) -> CameraClock | None:
         return self._clocks.get(camera)
@@ -186,6 +248,7 @@ class Clocks:
         """The time to aggregate under and the chunk flags; None: drop the message (counted)."""
         p = self.policy
         clock = self._clocks.get(camera)
+        new_camera = clock is None
         if clock is None:
             if len(self._clocks) >= self.MAX_CAMERAS:
                 self._clocks.clear()
@@ -198,7 +261,13 @@ class Clocks:
             self.notices.append(
                 f"camera {camera}: clock stepped; skew now {-(clock.offset or 0.0):+.1f} s"
             )
-        offset = clock.offset if clock.offset is not None else d
+        self._update_consensus(recv_t, new_camera)
+        # Everything below in corrected time: receive time as the cameras' consensus has it
+        # (the gateway's own while it is trusted).
+        gw = self.gateway_offset
+        recv_t -= gw
+        d -= gw
+        offset = (clock.offset - gw) if clock.offset is not None else d
         # A sample older than the estimate says may just be late (buffered, redelivered): keep
         # it unless it is confirmed as a step. One newer than the estimate cannot be explained
         # by delay: the camera clock moved forward, act on it at once.
@@ -231,10 +300,14 @@ class Clocks:
             return recv_t, (*flags, "bad_time")
         return t, flags
 
-    def gateway_stepped(self) -> None:
-        """The gateway's wall clock stepped: every estimate (receive time - event time) is off
-        by the step, so start them over instead of blaming every camera at once."""
-        self._clocks.clear()
+    def gateway_stepped(self, step: float) -> None:
+        """The gateway's wall clock stepped by `step` (the monotonic clock says so): every
+        estimate (receive time - event time) moves by it, and so does the gateway's offset; the
+        next consensus says whether the gateway is now right (a correction) or wrong."""
+        for clock in self._clocks.values():
+            clock.shift(step)
+        self.gateway_offset += step
+        self._consensus_at = None
 
     def take_notices(self) -> list[str]:
         out, self.notices = self.notices, []

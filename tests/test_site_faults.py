@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.sim.procs import Agent, Publisher, wait_for
+from tests.faultclock import SteppableClock
 from tests.faultdisk import FailingDisk
 from tests.helpers import AgentFactory, assert_exact, wait_delivered
 
@@ -140,4 +141,36 @@ def test_a_failing_disk_pauses_intake_is_reported_and_loses_nothing(
     assert reported_after < 10, reported_after
     status = agent.status()
     assert status is not None and status["ingest"]["pauses"] >= 1
+    assert agent.stop() == 0
+
+
+def test_a_gateway_clock_a_year_off_moves_no_camera_data(
+    agents: AgentFactory, tmp_path: Path
+) -> None:
+    """The gateway's wall clock steps a year ahead (its monotonic clock does not) while the
+    cameras stay right, then back: every message counted once in the second its camera
+    stamped, and the gateway clock, not the cameras, reported."""
+    clock = SteppableClock(tmp_path)
+    agent = agents.start(env=clock.env())
+    pub = Publisher(agents.broker, tmp_path, cameras=20, rate=20, duration_s=16, seed=26).start()
+    wait_for(lambda: (agent.status() or {}).get("ingest", {}).get("counted", 0) > 800,
+             timeout_s=30, what="traffic counted")  # fmt: skip
+    clock.set(365 * 86400.0)
+    wait_for(lambda: any("gateway clock off by +365.0 d" in p
+                         for p in (agent.status() or {}).get("problems", [])),
+             timeout_s=15, what="the gateway clock in /readyz")  # fmt: skip
+    wait_for(lambda: (agent.status() or {}).get("ingest", {}).get("counted", 0) > 4000,
+             timeout_s=30, what="traffic under the wrong clock")  # fmt: skip
+    clock.set(0.0)
+    agent.wait_ready(timeout_s=30)
+    assert_exact(wait_delivered(agents.receiver, pub.join()))
+    status = agent.status()
+    assert status is not None
+    assert status["aggregate"].get("bad_time_restamped", 0) == 0
+    assert status["aggregate"]["gateway_clock_distrusted"] == 1
+    assert status["aggregate"]["gateway_clock_offset_s"] == 0
+    assert status["cameras"]["clock_suspect"] == 0
+    log = agent.log_text()
+    assert "gateway clock stepped +31536000.0 s" in log
+    assert "gateway clock agrees with the cameras again" in log
     assert agent.stop() == 0

@@ -180,3 +180,91 @@ def test_incremental_minimum_equals_the_windowed_minimum(samples: list[float]) -
     for d in samples:
         c.observe(d, jump_s=1e9)  # no steps: every sample enters the window
     assert c.offset == min(samples[-CameraClock.WINDOW :])
+
+
+# -- the gateway's own clock wrong (issue #24, G13) -------------------------------------------
+
+YEAR = 365 * 86400.0
+
+
+def site(
+    clocks: Clocks,
+    start: float,
+    seconds: float,
+    gateway: object,
+    cameras: int = 10,
+    camera_clock: object = None,
+    rate: float = 2.0,
+) -> list[tuple[str, float, float, tuple[str, ...] | None]]:
+    """`cameras` cameras on true time (camera-000 on `camera_clock(t)` if given), each sending
+    `rate`/s for `seconds`, received on a gateway whose wall clock reads `gateway(true_t)`.
+    Returns (camera, true time, aggregated time, flags) per message, in receive order."""
+    rng = random.Random(7)
+    out = []
+    for k in range(int(seconds * rate)):
+        for c in range(cameras):
+            true_t = start + k / rate + c / (rate * cameras)
+            event = camera_clock(true_t) if (c == 0 and camera_clock) else true_t  # type: ignore[operator]
+            recv = gateway(true_t + rng.uniform(0.005, 0.3))  # type: ignore[operator]
+            stamped = clocks.stamp(f"cam-{c:03d}", event, recv)
+            out.append((f"cam-{c:03d}", true_t, *(stamped or (float("nan"), None))))
+    return out  # fmt: skip
+
+
+@pytest.mark.parametrize("step", [YEAR, -26 * YEAR])  # into 2027, back to 2000
+def test_a_gateway_clock_step_moves_no_camera_that_agrees_with_the_others(step: float) -> None:
+    clocks = Clocks(ClockPolicy())  # the defaults: flag, max_skew_s 30, bad time restamped
+    before = site(clocks, T, 30, lambda t: t)
+    # The step, as the monotonic clock proves it (StepWatch in the intake).
+    clocks.gateway_stepped(step)
+    after = site(clocks, T + 30, 60, lambda t: t + step)
+    for _, true_t, t, flags in before + after:
+        assert flags == () and abs(t - true_t) < 1e-9, (true_t, t, flags)
+    assert clocks.gateway_offset == pytest.approx(step, abs=1) and not clocks.gateway_trusted
+    assert clocks.consensus == (10, 10)
+    assert any("gateway clock off by" in n for n in clocks.take_notices())
+    assert clocks.counters["bad_time_restamped"] == 0 and clocks.counters["clock_restamped"] == 0
+
+    # NTP puts it right: trusted again, and still nothing moved.
+    clocks.gateway_stepped(-step)
+    again = site(clocks, T + 90, 10, lambda t: t)
+    assert all(flags == () and t == true_t for _, true_t, t, flags in again)
+    assert clocks.gateway_trusted
+    assert any("agrees with the cameras again" in n for n in clocks.take_notices())
+
+
+def test_a_gateway_wrong_from_the_start_is_outvoted_after_its_first_cameras() -> None:
+    """No step to see (the agent started after the RTC reset): the consensus forms as soon as
+    three cameras have spoken; only their first messages were judged on the gateway's word."""
+    clocks = Clocks(ClockPolicy())
+    out = site(clocks, T, 60, lambda t: t - 26 * YEAR)
+    moved = [(cam, true_t, t) for cam, true_t, t, _ in out if abs(t - true_t) > 1]
+    assert len(moved) <= 2, moved[:5]
+    assert clocks.gateway_offset == pytest.approx(-26 * YEAR, abs=1)
+
+
+@pytest.mark.parametrize("policy", ["flag", "restamp", "gateway"])
+def test_a_wrong_camera_under_a_wrong_gateway_is_judged_by_the_other_cameras(policy: str) -> None:
+    """The gateway off by a year and one camera in 1970: the camera is the suspect, and what
+    is restamped goes to the cameras' time, never to the gateway's."""
+    clocks = Clocks(ClockPolicy(skew_policy=policy))  # type: ignore[arg-type]
+    site(clocks, T, 20, lambda t: t)
+    clocks.gateway_stepped(YEAR)
+    out = site(clocks, T + 20, 40, lambda t: t + YEAR, camera_clock=lambda t: t - 1.7e9)
+    bad = [(true_t, t, flags) for cam, true_t, t, flags in out if cam == "cam-000"]
+    good = [(true_t, t, flags) for cam, true_t, t, flags in out if cam != "cam-000"]
+    assert all(flags == () and t == true_t for true_t, t, flags in good)
+    assert all(abs(t - true_t) < 5 for true_t, t, _ in bad), bad[:3]  # true time, not 2027
+    assert all(flags for _, _, flags in bad)
+    camera = clocks.get("cam-000")
+    assert camera is not None and camera.suspect
+
+
+def test_no_consensus_without_a_majority_or_with_fewer_than_three_cameras() -> None:
+    few = Clocks(ClockPolicy())
+    site(few, T, 20, lambda t: t + YEAR, cameras=2)
+    assert few.gateway_trusted
+    split = Clocks(ClockPolicy())
+    for c, skew in enumerate([0.0, 0.0, 500.0, 1000.0, 5000.0]):  # no majority agrees
+        feed(split, f"cam-{c}", T, 50, lambda t, s=skew: t - s)
+    assert split.gateway_trusted
