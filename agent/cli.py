@@ -26,6 +26,7 @@ from agent.config import (
     inline_secret_warnings,
     json_schema,
     load_settings,
+    one_line,
 )
 from agent.exitcodes import Exit
 from agent.exitcodes import epilog as exit_epilog
@@ -47,17 +48,20 @@ def _load(path: str) -> Settings:
         return load_settings(path)
     except ConfigError as e:
         for p in e.problems:
-            print(f"config error: {p}", file=sys.stderr)
+            print(f"config error: {one_line(p)}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from agent.faults import Faults
     from agent.preflight import (
         buffer_problem,
+        credential_warnings,
         default_service_user,
         gateway_id_problem,
         secret_problems,
         tls_problems,
+        username_problem,
     )
 
     if args.schema:
@@ -69,15 +73,27 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     if not args.quiet:
         print(json.dumps(effective_config(settings), indent=2))
-    for warning in inline_secret_warnings(args.config, settings):
+    for warning in inline_secret_warnings(args.config, settings) + credential_warnings(settings):
         print(f"warning: {warning}", file=sys.stderr)
     user = args.service_user or default_service_user()
-    problems = [p for p in (gateway_id_problem(settings), buffer_problem(settings, user)) if p]
+    problems = [
+        p
+        for p in (
+            gateway_id_problem(settings),
+            username_problem(settings),
+            buffer_problem(settings, user),
+        )
+        if p
+    ]
     # Run by whoever: a file only the service user may read is for `run` to check.
     problems += tls_problems(settings, as_service=False)
     problems += secret_problems(settings, as_service=False)
+    try:
+        Faults.from_env()  # `run` would refuse it
+    except ValueError as e:
+        problems.append(str(e))
     for p in problems:
-        print(f"config error: {p}", file=sys.stderr)
+        print(f"config error: {one_line(p)}", file=sys.stderr)
     if problems:
         return EXIT_CONFIG
     if args.connect:
@@ -93,21 +109,40 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.preflight import gateway_id_problem, secret_problems, tls_problems
+    from agent.faults import Faults
+    from agent.preflight import (
+        buffer_path_problem,
+        credential_warnings,
+        gateway_id_problem,
+        secret_problems,
+        tls_problems,
+        username_problem,
+    )
 
     settings = _load(args.config)
     # What check-config (ExecStartPre) checked may have changed since: one line each, exit 2,
     # rather than a traceback from deep in the start.
-    problem = gateway_id_problem(settings)
-    problems = ([problem] if problem else []) + tls_problems(settings) + secret_problems(settings)
+    problems = [
+        p
+        for p in (
+            gateway_id_problem(settings),
+            username_problem(settings),
+            buffer_path_problem(settings),
+        )
+        if p
+    ]
+    problems += tls_problems(settings) + secret_problems(settings)
+    try:
+        faults = Faults.from_env()  # a test hook (agent/faults.py)
+    except ValueError as e:
+        problems.append(str(e))
     for p in problems:
-        print(f"config error: {p}", file=sys.stderr)
+        print(f"config error: {one_line(p)}", file=sys.stderr)
     if problems:
         return EXIT_CONFIG
     setup_logging(settings.log)
-    for warning in inline_secret_warnings(args.config, settings):
+    for warning in inline_secret_warnings(args.config, settings) + credential_warnings(settings):
         logging.getLogger("agent").warning(warning)
-    from agent.faults import Faults
     from agent.lock import AlreadyRunning
     from agent.notify import Notifier
     from agent.outbox import OutboxError
@@ -117,7 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "%s starting, gateway %s", buildinfo.describe(), settings.gateway_id
     )
     try:
-        uvloop.run(run_service(settings, faults=Faults.from_env(), notifier=Notifier.from_env()))
+        uvloop.run(run_service(settings, faults=faults, notifier=Notifier.from_env()))
     except (OutboxError, AlreadyRunning, StartupError) as e:
         logging.getLogger("agent").error("cannot start: %s", e)
         return EXIT_STARTUP

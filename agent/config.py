@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import httpx
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -142,6 +143,26 @@ def _no_nul_path(value: Path) -> Path:
     return value
 
 
+# What Mosquitto refuses in a client id, user name or topic (it drops the connection, and the
+# agent reconnected forever): control characters (C0 but NUL, which `_utf8_text` names; DEL;
+# C1) and Unicode noncharacters, as its UTF-8 check does (tried on mosquitto 2.0).
+_NONCHARACTERS = "".join(
+    chr(plane + 0xFFFE) + chr(plane + 0xFFFF) for plane in range(0, 0x110000, 0x10000)
+)
+_MQTT_BAD_CHAR = re.compile(f"[\x01-\x1f\x7f-\x9f\ufdd0-\ufdef{_NONCHARACTERS}]")
+
+
+def _mqtt_text(value: str) -> str:
+    bad = _MQTT_BAD_CHAR.search(value)
+    if bad is not None:
+        raise ValueError(
+            "expected no control character (U+0001-U+001F, U+007F-U+009F) or Unicode "
+            f"noncharacter, which make the broker drop the connection (U+{ord(bad.group()):04X} "
+            f"at position {bad.start() + 1})"
+        )
+    return value
+
+
 def _finite(value: float) -> float:
     # After the bounds, whose message names the range (`timeout_s = inf`: "less than or equal
     # to 600"); a key bounded below only would take inf, and an infinite backoff or timeout
@@ -202,11 +223,42 @@ def _resolvable_name(host: str) -> bool:
     return True
 
 
+# A label of a host name once IDNA-encoded: what a resolver looks up ('_' too: some sites
+# name hosts so, and getaddrinfo takes it).
+_HOST_LABEL_RE = re.compile(r"[A-Za-z0-9_-]{1,63}")
+
+
 def _check_host(host: str) -> str:
     # paho refuses '' at connect, getaddrinfo a name of bad labels: `run` died of either.
     if not _resolvable_name(host):
         raise ValueError("expected a host name or IP address, e.g. '127.0.0.1'")
-    return host
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    # A URL, a port, brackets or quotes passed the resolver's codec and never connected.
+    labels = host.encode("idna").decode("ascii").removesuffix(".").split(".")
+    if all(_HOST_LABEL_RE.fullmatch(label) for label in labels):
+        return host
+    if "://" in host:
+        raise ValueError(
+            "expected a host name or IP address, not a URL, e.g. '127.0.0.1' (the port goes in "
+            "mqtt.port, TLS in mqtt.tls)"
+        )
+    if host.startswith("[") and host.endswith("]"):
+        raise ValueError("expected an IPv6 address without brackets, e.g. '::1'")
+    name, colon, port = host.rpartition(":")
+    if colon and port.isdigit() and name:
+        raise ValueError(
+            f"expected a host name or IP address without a port, e.g. {name.strip('[]')!r}: "
+            "the port goes in mqtt.port"
+        )
+    raise ValueError(
+        "expected an IP address (IPv4, or IPv6 without brackets) or a host name of "
+        "dot-separated labels of letters, digits, '-' and '_', e.g. '127.0.0.1' or "
+        "'broker.local'"
+    )
 
 
 class Section(BaseModel):
@@ -262,19 +314,24 @@ _PAYLOAD_SHAPE = (
 _RECONNECT = "Reconnect backoff: capped, jittered, forever."
 
 
+PASSWORD_NEEDS_USERNAME = (
+    "mqtt.password needs mqtt.username: MQTT sends a password only with a user name"
+)
+
+
 class MqttSettings(Section):
     host: Annotated[Text, AfterValidator(_check_host)] = Field(
-        default="127.0.0.1", description=_BROKER
+        default="127.0.0.1", json_schema_extra={"minLength": 1}, description=_BROKER
     )
     port: Port = Field(default=1883, description=_BROKER)
-    client_id: Text = Field(
+    client_id: Annotated[Text, AfterValidator(_mqtt_text)] = Field(
         default="edge-agent",
         min_length=1,
         max_length=128,
         description="Fixed client id: the broker keeps this id's session (and its "
         "unacknowledged messages).",
     )
-    username: Text | None = Field(
+    username: Annotated[Text, AfterValidator(_mqtt_text)] | None = Field(
         default=None, description="Broker user name, when the broker asks for one."
     )
     password: Secret | None = Field(default=None, description=_PASSWORD)
@@ -333,6 +390,10 @@ class MqttSettings(Section):
     def _cross_check(self) -> MqttSettings:
         if self.password is not None and self.password_file is not None:
             raise ValueError("set either mqtt.password or mqtt.password_file, not both")
+        if self.password is not None and self.username is None:
+            # aiomqtt (paho) sends a password only with a user name: it was silently dropped.
+            # (mqtt.password_file without a user name: agent/preflight.py, after the file.)
+            raise ValueError(PASSWORD_NEEDS_USERNAME)
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("mqtt.reconnect_max_s must be >= mqtt.reconnect_min_s")
         if (self.cert_file is None) != (self.key_file is None):
@@ -377,11 +438,25 @@ def _check_topic(topic: str) -> str:
 
 
 _FIELDS = "Fields aggregated as numbers (n, sum, sumsq, min, max, last) and as category counts."
+# For editors: a whole level '{camera}' (check-config says the rest).
+TOPIC_PATTERN = r"(^|/)\{camera\}(/|$)"
+
+
+def _each_once(names: tuple[str, ...]) -> tuple[str, ...]:
+    # A field listed twice was aggregated twice per message: the cloud counted it double.
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"list each field once; listed more than once: {twice}")
+    return names
+
+
+FieldNames = Annotated[tuple[Text, ...], AfterValidator(_each_once)]
 
 
 class StreamSettings(Section):
-    topic: Annotated[Text, AfterValidator(_check_topic)] = Field(
-        description="The topic pattern: levels are literal names, {camera} and {stream}."
+    topic: Annotated[Text, AfterValidator(_mqtt_text), AfterValidator(_check_topic)] = Field(
+        json_schema_extra={"pattern": TOPIC_PATTERN},
+        description="The topic pattern: levels are literal names, {camera} and {stream}.",
     )
     name: Annotated[Text, AfterValidator(_check_id)] | None = Field(
         default=None,
@@ -398,8 +473,12 @@ class StreamSettings(Section):
         description='"auto" (epoch s/ms/us/ns told apart by magnitude, or an RFC 3339 '
         'string), "s", "ms", "us", "ns" or "rfc3339".',
     )
-    numeric: tuple[Text, ...] = Field(default=(), description=_FIELDS)
-    categorical: tuple[Text, ...] = Field(default=(), description=_FIELDS)
+    numeric: FieldNames = Field(
+        default=(), json_schema_extra={"uniqueItems": True}, description=_FIELDS
+    )
+    categorical: FieldNames = Field(
+        default=(), json_schema_extra={"uniqueItems": True}, description=_FIELDS
+    )
     max_categories: int = Field(
         default=32,
         ge=1,
@@ -493,8 +572,19 @@ _ACK_DELAY = (
 )
 
 
+def _on_disk(path: Path) -> Path:
+    # SQLite's name for a database in memory: `run` died of it (the outbox needs a file, and
+    # would lose everything at a restart). '' is '.', a directory: agent/preflight.py says so.
+    if str(path) == ":memory:":
+        raise ValueError(
+            "expected a file path: ':memory:' is SQLite's in-memory database, and the outbox "
+            "must survive a restart"
+        )
+    return path
+
+
 class BufferSettings(Section):
-    path: FilePath = Field(
+    path: Annotated[FilePath, AfterValidator(_on_disk)] = Field(
         default=Path("/var/lib/edge-agent/buffer.sqlite3"),
         description="The SQLite outbox (plus -wal and -shm files next to it).",
     )
@@ -552,6 +642,17 @@ def _check_url(url: str) -> str:
             "expected an http:// or https:// URL whose host is an IP address or a name of "
             "dot-separated labels of 1-63 characters"
         )
+    try:
+        # What the forwarder will build from it (httpx parses the URL and IDNA-decodes the
+        # host for the Host header): '256.1.1.1', 'xn--', a host IDNA 2008 refuses, a URL over
+        # 64 KiB passed the checks above and failed every send.
+        httpx.Request("POST", url)
+    except (httpx.InvalidURL, ValueError) as e:  # idna's errors are UnicodeErrors
+        userinfo = url.partition("://")[2].rpartition("@")[0]
+        why = str(e) if not userinfo or userinfo not in str(e) else type(e).__name__
+        raise ValueError(
+            f"expected an http:// or https:// URL the HTTP client takes ({why})"
+        ) from None
     return url
 
 
@@ -569,13 +670,44 @@ _PACE = (
 )
 
 
+# What an HTTP header value may carry here: printable ASCII (RFC 9110 allows no control
+# characters; httpx refuses non-ASCII by raising when the request is built).
+_BAD_HEADER_CHAR = re.compile(r"[^\x20-\x7e]")
+
+
+def token_problem(token: str) -> str | None:
+    """Why `token` cannot go in an Authorization header, or None. Never quotes the token.
+    The one rule for an inline forward.token (checked here) and a token file (agent/credentials.py
+    TokenSource, as it re-reads it)."""
+    if not token:
+        return "is empty"
+    bad = _BAD_HEADER_CHAR.search(token)
+    if bad is not None:
+        return (
+            f"has a character not allowed in an HTTP header (U+{ord(bad.group()):04X} at "
+            f"position {bad.start() + 1}; only printable ASCII is)"
+        )
+    return None
+
+
+def _usable_token(token: SecretStr) -> SecretStr:
+    # TokenSource refused it at run time and sent without a token: every batch got a 401.
+    raw = token.get_secret_value()
+    why = token_problem(raw.strip())
+    if why is not None:
+        raise ValueError(f"the token {'is only whitespace' if raw and not raw.strip() else why}")
+    return token
+
+
 class ForwardSettings(Section):
     url: Annotated[Text, AfterValidator(_check_url)] = Field(
         default="http://127.0.0.1:8080/ingest",
         description="The cloud ingestion endpoint: batches are POSTed here (the wire format "
         "in the README).",
     )
-    token: Secret | None = Field(default=None, description=_TOKEN)
+    token: Annotated[Secret, AfterValidator(_usable_token)] | None = Field(
+        default=None, description=_TOKEN
+    )
     token_file: FilePath | None = Field(default=None, description=_TOKEN)
     ca_file: FilePath | None = Field(default=None, description=_CLOUD_TLS)
     cert_file: FilePath | None = Field(default=None, description=_CLOUD_TLS)
@@ -642,9 +774,17 @@ def _check_listen(listen: str) -> str:
     return listen
 
 
+# For editors: HOST:PORT with a port of 1-65535 (check-config also resolves the host).
+LISTEN_PATTERN = (
+    r"^.+:0*([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"
+)
+
+
 class HealthSettings(Section):
     listen: Annotated[Text, AfterValidator(_check_listen)] = Field(
-        default="127.0.0.1:9108", description="Local health endpoint (loopback by default)."
+        default="127.0.0.1:9108",
+        json_schema_extra={"pattern": LISTEN_PATTERN},
+        description="Local health endpoint (loopback by default).",
     )
 
     @property
@@ -788,9 +928,12 @@ class _TomlFile(TomlConfigSettingsSource):
     --config would run the defaults). `overrides` replace top-level keys of the file."""
 
     def __init__(
-        self, settings_cls: type[BaseSettings], path: Path | None, overrides: Mapping[str, Any]
+        self, settings_cls: type[BaseSettings], path: str | None, overrides: Mapping[str, Any]
     ) -> None:
         self._overrides = dict(overrides)
+        # Named as given: Path('') and Path('.') equal pydantic-settings' DEFAULT_PATH, which
+        # it takes for "no file": `--config ''` read nothing and ran the defaults.
+        self._name = path
         super().__init__(settings_cls, toml_file=path if path is not None else DEFAULT_PATH)
 
     @staticmethod
@@ -799,19 +942,24 @@ class _TomlFile(TomlConfigSettingsSource):
 
     def _read_file(self, file_path: Any) -> dict[str, Any]:
         p = Path(file_path)
+        name = repr(self._name if self._name is not None else str(p))
         try:
+            if self._name == "":
+                raise FileNotFoundError
             return tomllib.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConfigError([f"config file {str(p)!r} not found"]) from None
+            raise ConfigError([f"config file {name} not found"]) from None
+        except IsADirectoryError:
+            raise ConfigError([f"config file {name} is a directory"]) from None
         except OSError as e:
-            raise ConfigError([f"config file {str(p)!r} cannot be read: {e.strerror}"]) from None
+            raise ConfigError([f"config file {name} cannot be read: {e.strerror}"]) from None
         except tomllib.TOMLDecodeError as e:
-            raise ConfigError([f"config file {str(p)!r} is not valid TOML: {e}"]) from None
+            raise ConfigError([f"config file {name} is not valid TOML: {e}"]) from None
         except RecursionError:  # tomllib recurses per nested array or inline table
-            deep = f"config file {str(p)!r} is not valid TOML: nested too deeply"
+            deep = f"config file {name} is not valid TOML: nested too deeply"
             raise ConfigError([deep]) from None
         except UnicodeDecodeError:
-            raise ConfigError([f"config file {str(p)!r} is not UTF-8 text"]) from None
+            raise ConfigError([f"config file {name} is not UTF-8 text"]) from None
 
     def __call__(self) -> dict[str, Any]:
         return {**super().__call__(), **self._overrides}
@@ -819,6 +967,25 @@ class _TomlFile(TomlConfigSettingsSource):
 
 def _json_looking(value: str) -> bool:
     return value.lstrip()[:1] in ("[", "{")
+
+
+# The deepest JSON an `EDGE_AGENT__...` variable may hold: far more than any key takes (a
+# stream is 3 levels), far less than where json.loads runs out of stack (about 1000 levels, and
+# fewer inside pydantic-settings, which parses the value again deeper in the stack).
+MAX_ENV_JSON_DEPTH = 100
+_JSON_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def _json_depth(value: str) -> int:
+    """How deep the brackets of `value` nest, outside JSON strings (without parsing it)."""
+    depth = deepest = 0
+    for c in _JSON_STRING_RE.sub("", value):
+        if c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth -= 1
+    return deepest
 
 
 class _Environment(EnvSettingsSource):
@@ -863,9 +1030,11 @@ class _Environment(EnvSettingsSource):
 
 
 def environment_problems(environ: Mapping[str, str]) -> list[str]:
-    """What pydantic-settings would settle silently in the `EDGE_AGENT__...` variables: two
-    for one key (names are case-insensitive), one inside a key another sets whole, and JSON
-    nested too deeply to parse. One line each, naming the variables."""
+    """What pydantic-settings would settle silently, or report without naming the variable, in
+    the `EDGE_AGENT__...` variables: two for one key (names are case-insensitive), one inside a
+    key another sets whole, a name with an empty part (`EDGE_AGENT__MQTT____PORT`), one inside
+    `streams` (a list: set whole), and JSON nested deeper than MAX_ENV_JSON_DEPTH (100) levels.
+    One line each, naming the variables (control characters escaped)."""
     source: dict[tuple[str, ...], str] = {}
     problems: list[str] = []
     prefix = ENV_PREFIX.lower()
@@ -874,37 +1043,64 @@ def environment_problems(environ: Mapping[str, str]) -> list[str]:
         if not lowered.startswith(prefix):
             continue
         path = tuple(lowered[len(prefix) :].split("__"))
-        if _json_looking(value):
-            try:
-                json.loads(value)
-            except ValueError:
-                pass
-            except RecursionError:
-                problems.append(f"{name}: the JSON is nested too deeply")
-                continue
+        if "" in path:
+            problems.append(one_line(f"{name}: an empty name between '__' separators"))
+            continue
+        if _json_looking(value) and _json_depth(value) > MAX_ENV_JSON_DEPTH:
+            problems.append(
+                one_line(
+                    f"{name}: the JSON is nested too deeply (more than {MAX_ENV_JSON_DEPTH} levels)"
+                )
+            )
+            continue
         clash = next(
             (source[path[:i]] for i in range(1, len(path) + 1) if path[:i] in source), None
         ) or next((n for p, n in source.items() if p[: len(path)] == path), None)
         if clash is not None:
             problems.append(
-                f"{name} and {clash} both set {'.'.join(path[: min(len(path), 2)])}: "
-                "keep one (names are case-insensitive; a list or table is set whole, as JSON)"
+                one_line(
+                    f"{name} and {clash} both set {'.'.join(path[: min(len(path), 2)])}: "
+                    "keep one (names are case-insensitive; a list or table is set whole, as JSON)"
+                )
+            )
+            continue
+        if path[0] == "streams" and len(path) > 1:
+            problems.append(
+                one_line(f"{name}: set streams whole, as JSON: {ENV_PREFIX}STREAMS='[...]'")
             )
             continue
         source[path] = name
     return problems
 
 
+# What a terminal or a log reader takes for the end of a line or a command: a name or key
+# holding one forged extra "config error:" lines. (Values are printed with repr, which escapes.)
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """`text` with its control characters escaped as Python does ('\\n', '\\x1b')."""
+    return _CONTROL_RE.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+# Text that may hold a secret: a whole table given as text (an `EDGE_AGENT__MQTT` value that
+# is not JSON, or not a table) is not printed when it looks like this.
+_SECRET_WORDS_RE = re.compile(r"password|passwd|token|secret|credential|@", re.IGNORECASE)
+
+
 def _format_error(err: Mapping[str, Any]) -> str:
     """One operator-facing line from one of pydantic's errors: the key, the value given
-    (secrets masked), what is wrong."""
-    loc = "".join(
-        f"[{part}]" if isinstance(part, int) else f".{part}" for part in err.get("loc", ())
-    )
+    (secrets masked), what is wrong; control characters escaped (a key name may hold any)."""
+    return one_line(_error_line(err))
+
+
+def _error_line(err: Mapping[str, Any]) -> str:
+    parts = tuple(err.get("loc", ()))
+    loc = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in parts)
     loc = loc.removeprefix(".") or "(top level)"
     kind = err.get("type", "")
     if kind == "extra_forbidden":
-        allowed = _allowed_keys(err.get("loc", ())[:-1])
+        allowed = _allowed_keys(parts[:-1])
         return f"{loc}: unknown key (allowed here: {', '.join(allowed)})"
     if kind == "missing":
         return f"{loc}: required key is missing"
@@ -914,9 +1110,20 @@ def _format_error(err: Mapping[str, Any]) -> str:
         return f"{loc}: {msg}"
     if "password" in loc or "token" in loc:
         shown = "***"
+    elif parts and parts[-1] == "url" and not isinstance(value, str) and "@" in repr(value):
+        shown = "***"  # a list of URLs, say: mask_url takes one string
+    elif _is_table(parts) and _SECRET_WORDS_RE.search(repr(value)):
+        shown = "***"
     else:
         shown = repr(mask_url(value) if isinstance(value, str) else value)
     return f"{loc} = {shown}: {msg}"
+
+
+def _is_table(loc: tuple[Any, ...]) -> bool:
+    """Whether `loc` names a whole table: a section, the streams, or one stream."""
+    if len(loc) == 1:
+        return loc[0] in Settings.model_fields and loc[0] != "gateway_id"
+    return len(loc) == 2 and loc[0] == "streams" and isinstance(loc[1], int)
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
@@ -936,7 +1143,7 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
 def load_settings(path: Path | str | None, *, overrides: dict[str, Any] | None = None) -> Settings:
     """Read TOML at `path` (None: env only) with `overrides` over its top-level keys, apply
     the `EDGE_AGENT__...` variables, validate. Raises ConfigError with every problem."""
-    toml = _TomlFile(Settings, Path(path) if path is not None else None, overrides or {})
+    toml = _TomlFile(Settings, str(path) if path is not None else None, overrides or {})
     problems = environment_problems(os.environ)
     if problems:
         raise ConfigError(problems)
@@ -956,7 +1163,14 @@ def load_settings(path: Path | str | None, *, overrides: dict[str, Any] | None =
         ("forward.cert_file", settings.forward.cert_file),
         ("forward.key_file", settings.forward.key_file),
     ):
-        if f is not None and not f.is_file():
+        if f is None:
+            continue
+        try:
+            found = f.is_file()
+        except OSError as e:  # EACCES on a directory on the way, ENAMETOOLONG: is_file raises
+            problems.append(f"{key} = {str(f)!r}: cannot be examined: {e.strerror}")
+            continue
+        if not found:
             problems.append(f"{key} = {str(f)!r}: file not found")
     host_problem = _unresolvable(settings.health.host)
     if host_problem:
@@ -984,17 +1198,18 @@ def _unresolvable(host: str) -> str | None:
     return None
 
 
-_URL_USERINFO_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#@\s]*)@")
-
-
 def mask_url(url: str) -> str:
-    """The URL with the password of its `user:pass@` part masked ('user:***@')."""
-
-    def masked(m: re.Match[str]) -> str:
-        user, colon, _ = m.group(2).partition(":")
-        return f"{m.group(1)}{user}:***@" if colon else f"{m.group(1)}***@"
-
-    return _URL_USERINFO_RE.sub(masked, url, count=1)
+    """The URL with the password of its `user:pass@` part masked ('user:***@'): everything
+    from the '://' (or the start, without one) to the URL's last '@', but the user name.
+    A password may hold '@', '/', '?', '#' or spaces, so the last '@' ends it (an '@' in the
+    path or query masks the host too: over-masking, never a leak)."""
+    at = url.rfind("@")
+    if at < 0:
+        return url
+    scheme = url.find("://")
+    start = scheme + 3 if 0 <= scheme < at else 0
+    user, colon, _ = url[start:at].partition(":")
+    return f"{url[:start]}{user}:***{url[at:]}" if colon else f"{url[:start]}***{url[at:]}"
 
 
 def read_secret(

@@ -4,33 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import ssl
 from pathlib import Path
 
 from pydantic import SecretStr
 
+from agent.config import token_problem
 from agent.stats import RateLimitedLog
 
 log = logging.getLogger(__name__)
-
-
-# What an HTTP header value may carry here: printable ASCII (RFC 9110 allows no control
-# characters; httpx refuses non-ASCII by raising when the request is built).
-_BAD_HEADER_CHAR = re.compile(r"[^\x20-\x7e]")
-
-
-def token_problem(token: str) -> str | None:
-    """Why `token` cannot go in an Authorization header, or None. Never quotes the token."""
-    if not token:
-        return "is empty"
-    bad = _BAD_HEADER_CHAR.search(token)
-    if bad is not None:
-        return (
-            f"has a character not allowed in an HTTP header (U+{ord(bad.group()):04X} at "
-            f"position {bad.start() + 1}; only printable ASCII is)"
-        )
-    return None
 
 
 class TokenSource:
@@ -39,7 +21,8 @@ class TokenSource:
     A token is checked when read: a UTF-8 BOM and surrounding whitespace are stripped, and a
     token that cannot be an HTTP header value is refused. Then the last good token stays in use
     and `problem` says what is wrong (shown in /readyz; logged, rate-limited) until a good one
-    comes."""
+    comes. The rule is agent/config.py's `token_problem`, which refuses a bad inline token
+    when the config is loaded."""
 
     def __init__(self, inline: SecretStr | None, path: Path | None) -> None:
         self._path = path

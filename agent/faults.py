@@ -1,7 +1,10 @@
 """Fault points for crash tests: die by SIGKILL at a named point of the pipeline.
 
-Armed only through the environment variable EDGE_AGENT_TEST_FAULT="<point>[:<n>]" (die the n-th
-time the point is reached, default 1), read once by the CLI. Unset, every call is a no-op.
+A test hook, read from the environment: armed only through the variable
+EDGE_AGENT_TEST_FAULT="<point>[:<n>]" (die the n-th time the point is reached, default 1), read
+once by `run` (and checked by `check-config`). Unset or empty, every call is a no-op; any other
+value that is not a point below is a config error (exit 2), never a traceback. Whoever can set
+the agent's environment can make it kill itself with this: keep it out of a production unit.
 
 Points: `mid_checkpoint` (inside the checkpoint transaction, before COMMIT), `after_commit`
 (checkpoint committed, acks not yet sent), `after_send` (the cloud answered 2xx, the outbox
@@ -30,10 +33,17 @@ class Faults:
 
     @classmethod
     def from_env(cls) -> Faults:
+        """The faults EDGE_AGENT_TEST_FAULT arms; ValueError, a `config error:` line, for a
+        value that is not "<point>[:<n>]"."""
         raw = os.environ.get(ENV)
         if not raw:
             return cls()
-        point, _, n = raw.partition(":")
+        point, colon, n = raw.partition(":")
+        if point not in POINTS or (colon and not (n.isascii() and n.isdigit() and int(n) >= 1)):
+            raise ValueError(
+                f"{ENV} = {raw!r}: a crash-test hook; expected <point>[:<n>], a point of "
+                f"{', '.join(POINTS)} and n >= 1, or unset"
+            )
         return cls(point, int(n or 1))
 
     def reached(self, point: str) -> bool:

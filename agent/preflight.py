@@ -1,8 +1,10 @@
 """Checks of a config against the machine it will run on (not its syntax: config.py does that).
 
-`check-config` runs them; `run` refuses the example gateway id, TLS files the TLS library
-cannot load and a password file that is not UTF-8 too (exit 2, one line each, rather than a
-traceback when they are first used). Each problem is one line naming the key, the value and why.
+`check-config` runs them; `run` refuses the example gateway id, an outbox path that is a
+directory, TLS files the TLS library cannot load, a password file that is not UTF-8 and a
+password file without a user name too (exit 2, one line each, rather than a traceback when they
+are first used, or a session that never authenticates). Each problem is one line naming the
+key, the value and why.
 """
 
 from __future__ import annotations
@@ -43,8 +45,32 @@ def default_service_user() -> str:
         return pwd.getpwuid(os.geteuid()).pw_name
 
 
+def buffer_path_problem(settings: Settings) -> str | None:
+    """The outbox path must name a file, not a directory ('', '.', '/var/lib/edge-agent'), and
+    a name the file system takes (at most 255 bytes). `run` checks this too: it could not open
+    a directory as its outbox (exit 3)."""
+    path = settings.buffer.path
+    key = f"buffer.path = {str(path)!r}"
+    try:
+        st = path.stat()
+    except (FileNotFoundError, PermissionError):
+        return None  # created by `run`; a directory the user may not enter: buffer_problem
+    except OSError as e:  # ENAMETOOLONG, ELOOP, ...
+        return f"{key}: {e.strerror}"
+    if stat.S_ISDIR(st.st_mode):
+        return (
+            f"{key}: is a directory; name the outbox file in it, e.g. "
+            f"{str(path / 'buffer.sqlite3')!r}"
+        )
+    return None
+
+
 def buffer_problem(settings: Settings, user: str) -> str | None:
-    """The outbox's directory must exist and `user` must be able to create files in it."""
+    """The outbox's directory must exist and `user` must be able to create files in it; the
+    path must name a file (buffer_path_problem)."""
+    problem = buffer_path_problem(settings)
+    if problem is not None:
+        return problem
     d = settings.buffer.path.parent
     key = f"buffer.path = {str(settings.buffer.path)!r}"
     try:
@@ -66,7 +92,18 @@ def buffer_problem(settings: Settings, user: str) -> str | None:
             f"(owner {owner}, group {group}, mode {stat.S_IMODE(st.st_mode):04o})"
         )
     existing = settings.buffer.path
-    if existing.exists() and not _writable_by(existing, existing.stat(), pw):
+    try:
+        existing_st = existing.stat()
+    except FileNotFoundError:
+        return None
+    except PermissionError as e:
+        if os.geteuid() != pw.pw_uid:
+            # The directory's mode lets `user` in (checked above); this user may not enter it.
+            return None
+        return f"{key}: the directory {str(d)!r} cannot be searched: {e.strerror}"
+    except OSError as e:
+        return f"{key}: {e.strerror}"
+    if not _writable_by(existing, existing_st, pw):
         return f"{key}: the outbox file exists and is not writable by user {user!r}"
     return None
 
@@ -160,6 +197,41 @@ def _load_problems(
 def _why(e: ssl.SSLError) -> str:
     """'no certificate or crl found' from '[X509: NO_CERTIFICATE_OR_CRL_FOUND] ...'."""
     return str(e.reason or e.library or "unreadable").replace("_", " ").lower()
+
+
+def username_problem(settings: Settings) -> str | None:
+    """A password file without a user name: aiomqtt sends a password only with a user name, so
+    it was silently never sent. (An inline password is refused by the model; a file is checked
+    here, once load_settings found it, so that a missing file is said first.)"""
+    m = settings.mqtt
+    if m.password_file is not None and m.username is None:
+        return (
+            "mqtt: mqtt.password_file needs mqtt.username: MQTT sends a password only with a "
+            "user name"
+        )
+    return None
+
+
+def credential_warnings(settings: Settings) -> list[str]:
+    """The systemd credential mqtt-password holds a password but no user name is configured:
+    not an error (the .deb loads an empty credential for every install), but never sent."""
+    m = settings.mqtt
+    if m.username is not None or m.password is not None or m.password_file is not None:
+        return []
+    path = secret_path(None, "mqtt-password")
+    if path is None:
+        return []
+    try:
+        password = read_secret(None, path)
+    except (OSError, UnicodeDecodeError):
+        return []  # secret_problems says what is wrong with it
+    if not password:
+        return []
+    return [
+        f"the systemd credential mqtt-password ({str(path)!r}) holds a password but "
+        "mqtt.username is not set: MQTT sends a password only with a user name, so it is not "
+        "sent; set mqtt.username, or empty the credential"
+    ]
 
 
 def secret_problems(settings: Settings, *, as_service: bool = True) -> list[str]:

@@ -23,7 +23,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent import __version__
-from agent.config import Settings, mask_url, read_secret
+from agent.config import Settings, mask_url, read_secret, token_problem
 from agent.credentials import client_tls_context
 from agent.forward import one_line
 from agent.ingest import TopicRouter, connect_refusal, suback_problems, tls_context
@@ -101,7 +101,13 @@ def probe_cloud(settings: Settings, *, timeout_s: float) -> ProbeResult:
         token = read_secret(f.token, f.token_file, "cloud-token")
     except (OSError, ssl.SSLError) as e:
         return ProbeResult(target, False, f"cannot set up TLS or read the token: {e}")
+    except UnicodeDecodeError:
+        return ProbeResult(target, False, "the cloud token file is not UTF-8 text")
     if token:
+        # As the agent's TokenSource would refuse it (httpx raised on a non-ASCII header).
+        why = token_problem(token)
+        if why is not None:
+            return ProbeResult(target, False, f"the cloud token {why}")
         headers["Authorization"] = f"Bearer {token}"
     body = json.dumps(
         {
@@ -116,7 +122,7 @@ def probe_cloud(settings: Settings, *, timeout_s: float) -> ProbeResult:
     try:
         with httpx.Client(verify=verify, timeout=timeout_s, follow_redirects=False) as client:
             r = client.post(f.url, content=body, headers=headers)
-    except httpx.HTTPError as e:
+    except (httpx.HTTPError, httpx.InvalidURL) as e:
         return ProbeResult(target, False, f"{type(e).__name__}: {e}")
     status, answer = r.status_code, one_line(r.text[:300])
     scheme = "TLS verified" if f.url.startswith("https://") else "plain HTTP"

@@ -32,7 +32,8 @@ def test_check_config_prints_effective_config_with_secrets_masked(
 ) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text(
-        'gateway_id = "gw"\n[mqtt]\npassword = "hunter2"\n[forward]\ntoken = "s3cr3t"\n'
+        'gateway_id = "gw"\n[mqtt]\nusername = "u"\npassword = "hunter2"\n'
+        '[forward]\ntoken = "s3cr3t"\n'
         f'[buffer]\npath = "{tmp_path}/buffer.sqlite3"\n'
     )
     assert main(["check-config", "--config", str(cfg), "--service-user", getpass.getuser()]) == 0

@@ -389,3 +389,458 @@ def test_the_example_states_the_packet_overhead_the_code_uses() -> None:
     assert PACKET_OVERHEAD_BYTES == 64 * 1024
     assert "Maximum Packet Size = this + 64 KiB" in text
     assert "16 KiB" not in text
+
+
+# E: found by a second adversarial pass (each test failed before its fix).
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://256.1.1.1:8080/x",
+        "http://xn--:8080/x",
+        "http://\u2603.net/",
+        "http://a\u200db.de/",
+        "http://127.0.0.1/" + "a" * 70000,
+    ],
+)
+def test_a_url_the_http_client_cannot_parse_is_refused(tmp_path: Path, url: str) -> None:
+    # Accepted, `run` died of httpx.InvalidURL at its first batch: a crash loop.
+    [p] = problems(tmp_path, base(tmp_path, f"[forward]\nurl = {json.dumps(url)}\n"))
+    assert p.startswith(
+        f"forward.url = {url!r}: expected an http:// or https:// URL the HTTP client takes ("
+    )
+    # What it takes stays taken.
+    for good in ("http://127.0.0.1:8080/ingest", "https://[::1]:8443/x", "https://h_x.example/"):
+        load_settings(None, overrides={"gateway_id": "gw", "forward": {"url": good}})
+
+
+def test_check_config_connect_with_a_token_the_header_cannot_carry_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # httpx raised UnicodeEncodeError building the header: a traceback.
+    token = tmp_path / "token"
+    token.write_text("t\u00f6k\u00e9n\n")
+    url = f"http://127.0.0.1:{free_port()}/in"
+    body = f'[mqtt]\nport = {free_port()}\n[forward]\nurl = "{url}"\ntoken_file = "{token}"\n'
+    (tmp_path / "c.toml").write_text(base(tmp_path, body))
+    args = ["check-config", "--quiet", "--connect", "--timeout-s", "2"]
+    rc = main([*args, "--config", str(tmp_path / "c.toml"), "--service-user", getpass.getuser()])
+    err = capsys.readouterr().err
+    assert rc == 4, err
+    assert (
+        f"FAILED  cloud {url}: the cloud token has a character not allowed in an HTTP header "
+        "(U+00F6 at position 2; only printable ASCII is)"
+    ) in err.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "other"),
+    [
+        ("mqtt", "password_file", 'username = "u"\n'),
+        ("mqtt", "ca_file", ""),
+        ("mqtt", "cert_file", "key_file = '{ok}'\n"),
+        ("mqtt", "key_file", "cert_file = '{ok}'\n"),
+        ("forward", "token_file", ""),
+        ("forward", "ca_file", ""),
+        ("forward", "cert_file", "key_file = '{ok}'\n"),
+        ("forward", "key_file", "cert_file = '{ok}'\n"),
+    ],
+)
+def test_a_file_key_whose_path_cannot_be_examined_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, section: str, key: str, other: str
+) -> None:
+    # Path.is_file raises for ENAMETOOLONG and EACCES (a directory on the way this user may
+    # not search): a traceback in load_settings.
+    ok = tmp_path / "ok.pem"
+    ok.write_text("x\n")
+    long = tmp_path / ("x" * 300)
+    body = f"[{section}]\n{key} = '{long}'\n" + other.format(ok=ok)
+    [p] = problems(tmp_path, base(tmp_path, body))
+    assert p == f"{section}.{key} = '{long}': cannot be examined: File name too long"
+    denied = tmp_path / "private" / "f.pem"
+    real = Path.is_file
+
+    def is_file(self: Path) -> bool:
+        if self == denied:
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    body = f"[{section}]\n{key} = '{denied}'\n" + other.format(ok=ok)
+    [p] = problems(tmp_path, base(tmp_path, body))
+    assert p == f"{section}.{key} = '{denied}': cannot be examined: Permission denied"
+
+
+def test_an_outbox_file_name_over_255_bytes_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    buffer = tmp_path / ("b" * 300)
+    rc, err = check_config(tmp_path, f'gateway_id = "gw"\n[buffer]\npath = "{buffer}"\n', capsys)
+    assert (rc, err.splitlines()) == (
+        2,
+        [f"config error: buffer.path = '{buffer}': File name too long"],
+    )
+
+
+def test_an_outbox_in_a_directory_that_cannot_be_searched_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent import preflight
+
+    buffer = tmp_path / "b.sqlite3"
+    s = load_settings(None, overrides={"gateway_id": "gw", "buffer": {"path": str(buffer)}})
+    real = Path.stat
+
+    def stat(self: Path, **kwargs: bool) -> object:
+        if self == buffer:
+            raise PermissionError(13, "Permission denied")
+        return real(self, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    # The service user is this user (ExecStartPre): it cannot enter the directory.
+    assert preflight.buffer_problem(s, getpass.getuser()) == (
+        f"buffer.path = '{buffer}': the directory '{tmp_path}' cannot be searched: "
+        "Permission denied"
+    )
+
+
+def test_buffer_path_memory_is_refused(tmp_path: Path) -> None:
+    # SQLite's in-memory database: check-config took it and `run` died of it.
+    [p] = problems(tmp_path, 'gateway_id = "gw"\n[buffer]\npath = ":memory:"\n')
+    assert p == (
+        "buffer.path = ':memory:': expected a file path: ':memory:' is SQLite's in-memory "
+        "database, and the outbox must survive a restart"
+    )
+
+
+def test_env_json_deeper_than_the_limit_is_refused_before_it_is_parsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.config import MAX_ENV_JSON_DEPTH, environment_problems
+
+    assert MAX_ENV_JSON_DEPTH == 100  # the README says so
+    at, over = ("[" * n + "1" + "]" * n for n in (100, 101))
+    assert environment_problems({"EDGE_AGENT__MQTT__PORT": at}) == []
+    assert environment_problems({"EDGE_AGENT__MQTT__PORT": over}) == [
+        "EDGE_AGENT__MQTT__PORT: the JSON is nested too deeply (more than 100 levels)"
+    ]
+    # Brackets inside JSON strings are not nesting.
+    text = json.dumps([{"topic": "[" * 500 + "{camera}", "name": "x"}])
+    assert environment_problems({"EDGE_AGENT__STREAMS": text}) == []
+
+
+def test_env_json_nested_just_under_the_recursion_limit_is_one_line_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # json.loads took it in environment_problems; pydantic-settings' second parse, deeper in
+    # the stack, raised RecursionError (exit 1). Where that window lies depends on the stack
+    # depth of the caller: every depth up to 1000 is tried.
+    line = "EDGE_AGENT__MQTT__PORT: the JSON is nested too deeply (more than 100 levels)"
+    for depth in range(101, 1001):
+        monkeypatch.setenv("EDGE_AGENT__MQTT__PORT", "[" * depth + "1" + "]" * depth)
+        with pytest.raises(ConfigError) as e:
+            load_settings(None, overrides={"gateway_id": "gw"})
+        assert e.value.problems == [line], depth
+
+
+@pytest.mark.parametrize("value", ["oops", "after_send:x", "after_send:0", "after_send:"])
+def test_a_bad_test_fault_is_a_config_error_for_run_and_check_config(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    value: str,
+) -> None:
+    monkeypatch.setenv("EDGE_AGENT_TEST_FAULT", value)
+    monkeypatch.setenv("EDGE_AGENT__HEALTH__LISTEN", f"127.0.0.1:{free_port()}")
+    line = (
+        f"config error: EDGE_AGENT_TEST_FAULT = {value!r}: a crash-test hook; expected "
+        "<point>[:<n>], a point of mid_checkpoint, after_commit, after_send, stall_checkpoint "
+        "and n >= 1, or unset"
+    )
+    rc, err = check_config(tmp_path, base(tmp_path), capsys)
+    assert (rc, err.splitlines()) == (2, [line])
+    assert main(["run", "--config", str(tmp_path / "c.toml")]) == 2
+    assert capsys.readouterr().err.splitlines() == [line]
+    assert not (tmp_path / "buffer.sqlite3").exists()
+
+
+def test_a_good_test_fault_still_arms() -> None:
+    from agent.faults import Faults
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGE_AGENT_TEST_FAULT", "after_send:2")
+        faults = Faults.from_env()
+    assert not faults.reached("after_send")
+    assert faults.reached("after_send")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (" https://user:SECRET1@127.0.0.1/x", "' https://user:***@127.0.0.1/x'"),
+        ("https://user:SE CRET2@127.0.0.1/x", "'https://user:***@127.0.0.1/x'"),
+        ("https://user:SE/CRET3@127.0.0.1/x", "'https://user:***@127.0.0.1/x'"),
+        ("https://user:SE#CRET5@127.0.0.1/x", "'https://user:***@127.0.0.1/x'"),
+        ("https://user:SE?CRET6@127.0.0.1/x", "'https://user:***@127.0.0.1/x'"),
+        ("user:SECRET7@127.0.0.1/x", "'user:***@127.0.0.1/x'"),
+        (["https://user:SECRET4@127.0.0.1/x"], "***"),
+    ],
+)
+def test_every_shape_of_a_password_in_forward_url_is_masked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], url: object, shown: str
+) -> None:
+    rc, err = check_config(
+        tmp_path, base(tmp_path, f"[forward]\nurl = {json.dumps(url)}\n"), capsys
+    )
+    assert rc == 2
+    assert "SECRET" not in err and "CRET" not in err
+    [line] = err.splitlines()
+    assert line.startswith(f"config error: forward.url = {shown}: ")
+
+
+def test_a_password_holding_an_at_sign_is_masked_to_the_last_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.config import mask_url
+
+    url = "https://user:p@ss@127.0.0.1/x"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(base(tmp_path, f'[forward]\nurl = "{url}"\n'))
+    assert main(["check-config", "--config", str(cfg), "--service-user", getpass.getuser()]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out)["forward"]["url"] == "https://user:***@127.0.0.1/x"
+    assert "ss@" not in out
+    assert mask_url("https://tok/en+==@127.0.0.1/x") == "https://***@127.0.0.1/x"
+    assert mask_url("http://127.0.0.1:8080/ingest") == "http://127.0.0.1:8080/ingest"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("EDGE_AGENT__MQTT", '{"password": "S3CRET-A", "port": 1884'),
+        ("EDGE_AGENT__MQTT", '["S3CRET-A", {"password": 1}]'),
+        ("EDGE_AGENT__FORWARD", '{"url": "https://u:S3CRET-B@127.0.0.1/x"'),
+        ("EDGE_AGENT__FORWARD", "token S3CRET-C"),
+    ],
+)
+def test_a_whole_table_that_may_hold_a_secret_is_not_echoed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    [p] = problems(tmp_path, base(tmp_path))
+    section = variable.removeprefix("EDGE_AGENT__").lower()
+    assert p.startswith(f"{section} = ***: Input should be a valid dictionary")
+    assert "S3CRET" not in p
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("mqtt.client_id", "edge\u0007agent"),
+        ("mqtt.client_id", "edge\u0085agent"),
+        ("mqtt.username", "u\u001b[2J"),
+        ("mqtt.username", "u\u007f"),
+        ("streams", "site/\u0001/{camera}/{stream}"),
+        ("streams", "site/\ufffe/{camera}/{stream}"),
+    ],
+)
+def test_control_characters_the_broker_drops_the_connection_for_are_refused(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    # Mosquitto dropped the connection at CONNECT or SUBSCRIBE; the agent reconnected forever.
+    if key == "streams":
+        body, key = f"[[streams]]\ntopic = {json.dumps(value)}\n", "streams[0].topic"
+    else:
+        section, name = key.split(".")
+        body = f"[{section}]\n{name} = {json.dumps(value)}\n"
+    [p] = problems(tmp_path, base(tmp_path, body))
+    bad = next(c for c in value if ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or ord(c) == 0xFFFE)
+    assert p == (
+        f"{key} = {value!r}: expected no control character (U+0001-U+001F, U+007F-U+009F) or "
+        f"Unicode noncharacter, which make the broker drop the connection (U+{ord(bad):04X} at "
+        f"position {value.index(bad) + 1})"
+    )
+
+
+@pytest.mark.parametrize(
+    ("host", "why"),
+    [
+        ("[::1]", "expected an IPv6 address without brackets, e.g. '::1'"),
+        (
+            "mqtt://127.0.0.1",
+            "expected a host name or IP address, not a URL, e.g. '127.0.0.1' (the port goes in "
+            "mqtt.port, TLS in mqtt.tls)",
+        ),
+        (
+            "127.0.0.1:1883",
+            "expected a host name or IP address without a port, e.g. '127.0.0.1': the port goes "
+            "in mqtt.port",
+        ),
+        (
+            "[::1]:1883",
+            "expected a host name or IP address without a port, e.g. '::1': the port goes in "
+            "mqtt.port",
+        ),
+        ('"10.0.0.5"', None),
+        ("my broker", None),
+        ("broker/x", None),
+    ],
+)
+def test_an_mqtt_host_that_is_no_address_or_name_is_refused_saying_what_form(
+    tmp_path: Path, host: str, why: str | None
+) -> None:
+    # Accepted, `run` never connected.
+    [p] = problems(tmp_path, base(tmp_path, f"[mqtt]\nhost = {json.dumps(host)}\n"))
+    why = why or (
+        "expected an IP address (IPv4, or IPv6 without brackets) or a host name of "
+        "dot-separated labels of letters, digits, '-' and '_', e.g. '127.0.0.1' or "
+        "'broker.local'"
+    )
+    assert p == f"mqtt.host = {host!r}: {why}"
+
+
+@pytest.mark.parametrize(
+    "host", ["fe80::1%eth0", "broker.local.", "mqtt_1.site", "br\u00f6ker.example", "localhost"]
+)
+def test_more_mqtt_hosts_are_accepted(host: str) -> None:
+    s = load_settings(None, overrides={"gateway_id": "gw", "mqtt": {"host": host}})
+    assert s.mqtt.host == host
+
+
+@pytest.mark.parametrize("key", ["numeric", "categorical"])
+def test_a_field_listed_twice_is_refused_naming_it(tmp_path: Path, key: str) -> None:
+    # Each listing aggregated it once more: conf.n was 2 for one message in the cloud.
+    body = f'[[streams]]\ntopic = "a/{{camera}}/{{stream}}"\n{key} = ["conf", "x", "conf"]\n'
+    [p] = problems(tmp_path, base(tmp_path, body))
+    assert p == (
+        f"streams[0].{key} = ['conf', 'x', 'conf']: list each field once; listed more than "
+        "once: ['conf']"
+    )
+
+
+def test_a_password_without_a_user_name_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aiomqtt sends a password only with a user name: it was silently never sent.
+    [p] = problems(tmp_path, base(tmp_path, '[mqtt]\npassword = "pw"\n'))
+    assert p == (
+        "mqtt: mqtt.password needs mqtt.username: MQTT sends a password only with a user name"
+    )
+    pw = tmp_path / "pw"
+    pw.write_text("pw\n")
+    line = (
+        "config error: mqtt: mqtt.password_file needs mqtt.username: MQTT sends a password only "
+        "with a user name"
+    )
+    rc, err = check_config(tmp_path, base(tmp_path, f'[mqtt]\npassword_file = "{pw}"\n'), capsys)
+    assert (rc, err.splitlines()) == (2, [line])
+    monkeypatch.setenv("EDGE_AGENT__HEALTH__LISTEN", f"127.0.0.1:{free_port()}")
+    assert main(["run", "--config", str(tmp_path / "c.toml")]) == 2
+    assert capsys.readouterr().err.splitlines() == [line]
+    toml = base(tmp_path, f'[mqtt]\nusername = "u"\npassword_file = "{pw}"\n')
+    assert check_config(tmp_path, toml, capsys)[0] == 0
+
+
+def test_a_password_in_the_systemd_credential_without_a_user_name_is_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    (creds / "mqtt-password").write_text("")  # what the .deb installs: no warning
+    assert check_config(tmp_path, base(tmp_path), capsys) == (0, f"config ok: {tmp_path}/c.toml\n")
+    (creds / "mqtt-password").write_text("pw\n")
+    rc, err = check_config(tmp_path, base(tmp_path), capsys)
+    assert rc == 0
+    assert err.splitlines()[0] == (
+        f"warning: the systemd credential mqtt-password ('{creds}/mqtt-password') holds a "
+        "password but mqtt.username is not set: MQTT sends a password only with a user name, so "
+        "it is not sent; set mqtt.username, or empty the credential"
+    )
+    assert check_config(tmp_path, base(tmp_path, '[mqtt]\nusername = "u"\n'), capsys)[1] == (
+        f"config ok: {tmp_path}/c.toml\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("token", "why"),
+    [
+        ("", "the token is empty"),
+        ("   ", "the token is only whitespace"),
+        (
+            "t\u00f6k\u00e9n",
+            "the token has a character not allowed in an HTTP header (U+00F6 at position 2; "
+            "only printable ASCII is)",
+        ),
+        (
+            "a\tb",
+            "the token has a character not allowed in an HTTP header (U+0009 at position 2; "
+            "only printable ASCII is)",
+        ),
+    ],
+)
+def test_an_inline_token_the_agent_would_not_send_is_refused(
+    tmp_path: Path, token: str, why: str
+) -> None:
+    # TokenSource refused it at run time and sent every batch without a token.
+    [p] = problems(tmp_path, base(tmp_path, f"[forward]\ntoken = {json.dumps(token)}\n"))
+    assert p == f"forward.token = ***: {why}"
+    s = load_settings(None, overrides={"gateway_id": "gw", "forward": {"token": " t0ken "}})
+    from agent.credentials import TokenSource
+
+    assert TokenSource(s.forward.token, None)() == "t0ken"
+
+
+@pytest.mark.parametrize(("name", "why"), [("", "not found"), (".", "is a directory"),
+                                            ("./", "is a directory")])  # fmt: skip
+def test_a_config_path_that_names_no_file_is_refused(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, name: str, why: str
+) -> None:
+    # Path('') is pydantic-settings' "no file": the defaults ran, silently.
+    monkeypatch.setenv("EDGE_AGENT__GATEWAY_ID", "gw")
+    assert main(["check-config", "--quiet", "--config", name]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"config error: config file {name!r} {why}"]
+
+
+def test_key_names_cannot_forge_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    toml = base(tmp_path, '"x\\nconfig error: forged" = 1\n"a\\u001b[31mred\\r" = 2\n')
+    rc, err = check_config(tmp_path, toml, capsys)
+    assert rc == 2
+    lines = err.splitlines()
+    assert len(lines) == 2, lines
+    assert "\x1b" not in err and "\r" not in err
+    assert lines[0].startswith("config error: x\\nconfig error: forged: unknown key (allowed")
+    assert lines[1].startswith("config error: a\\x1b[31mred\\r: unknown key (allowed")
+
+
+def test_variable_names_cannot_forge_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.config import environment_problems
+
+    assert environment_problems({"EDGE_AGENT__\x1b[2J__": "1"}) == [
+        "EDGE_AGENT__\\x1b[2J__: an empty name between '__' separators"
+    ]
+    monkeypatch.setenv("EDGE_AGENT__MQTT__PO\nRT", "1")
+    with pytest.raises(ConfigError) as e:
+        load_settings(None, overrides={"gateway_id": "gw"})
+    [p] = e.value.problems
+    assert p.startswith("mqtt.po\\nrt: unknown key")
+
+
+@pytest.mark.parametrize(
+    ("variable", "line"),
+    [
+        ("EDGE_AGENT__", "EDGE_AGENT__: an empty name between '__' separators"),
+        ("EDGE_AGENT__MQTT____PORT", "EDGE_AGENT__MQTT____PORT: an empty name between '__' separators"),
+        ("EDGE_AGENT__MQTT__", "EDGE_AGENT__MQTT__: an empty name between '__' separators"),
+        ("EDGE_AGENT__STREAMS__0__TOPIC",
+         "EDGE_AGENT__STREAMS__0__TOPIC: set streams whole, as JSON: EDGE_AGENT__STREAMS='[...]'"),
+        ("EDGE_AGENT__STREAMS__TOPIC",
+         "EDGE_AGENT__STREAMS__TOPIC: set streams whole, as JSON: EDGE_AGENT__STREAMS='[...]'"),
+    ],
+)  # fmt: skip
+def test_a_variable_name_that_names_no_key_is_refused_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, line: str
+) -> None:
+    monkeypatch.setenv(variable, "1")
+    assert problems(tmp_path, base(tmp_path)) == [line]

@@ -191,3 +191,46 @@ def test_check_config_without_config_or_schema_names_the_option(
 ) -> None:
     assert main(["check-config"]) == 2
     assert "--config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("toml", "where"),
+    [
+        ('gateway_id = "gw"\n[mqtt]\nhost = ""\n', "mqtt.host"),
+        ('gateway_id = "gw"\n[health]\nlisten = "127.0.0.1"\n', "health.listen"),
+        ('gateway_id = "gw"\n[health]\nlisten = "127.0.0.1:0"\n', "health.listen"),
+        ('gateway_id = "gw"\n[health]\nlisten = "127.0.0.1:65536"\n', "health.listen"),
+        ('gateway_id = "gw"\n[health]\nlisten = ":9108"\n', "health.listen"),
+        ('gateway_id = "gw"\n[[streams]]\ntopic = "a/x{camera}"\nname = "a"\n', "streams.0.topic"),
+        ('gateway_id = "gw"\n[[streams]]\ntopic = "a/+/b"\nname = "a"\n', "streams.0.topic"),
+        (
+            'gateway_id = "gw"\n[[streams]]\ntopic = "a/{camera}/{stream}"\n'
+            'numeric = ["conf", "conf"]\n',
+            "streams.0.numeric",
+        ),
+        (
+            'gateway_id = "gw"\n[[streams]]\ntopic = "a/{camera}/{stream}"\n'
+            'categorical = ["cls", "cls"]\n',
+            "streams.0.categorical",
+        ),
+    ],
+)
+def test_the_schema_refuses_more_of_what_check_config_refuses(toml: str, where: str) -> None:
+    errors = schema_errors(tomllib.loads(toml))
+    assert any(e.startswith(f"{where}:") for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    "toml",
+    [
+        '[health]\nlisten = "[::1]:9108"\n',
+        '[health]\nlisten = "::1:9108"\n',
+        '[health]\nlisten = "localhost:09108"\n',
+        '[health]\nlisten = "127.0.0.1:65535"\n',
+        '[mqtt]\nhost = "::1"\n',
+        '[[streams]]\ntopic = "{camera}"\nname = "a"\n',
+        '[[streams]]\ntopic = "site/cam/{camera}/{stream}"\nnumeric = ["a", "b"]\n',
+    ],
+)
+def test_the_schema_takes_what_check_config_takes(toml: str) -> None:
+    assert schema_errors(tomllib.loads(f'gateway_id = "gw"\n{toml}')) == []

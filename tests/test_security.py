@@ -200,7 +200,10 @@ def test_secrets_never_leak(tmp_path: Path, broker: Mosquitto, receiver: Receive
     assert r.returncode == 0
     assert "s3cr3t" not in r.stdout + r.stderr
     assert "readable by every user" in r.stderr
-    secrets = {"mqtt": {"password": "mqtt-pw-s3cr3t"}, "forward": {"token": "cloud-t0ken-s3cr3t"}}
+    secrets = {
+        "mqtt": {"username": "edge", "password": "mqtt-pw-s3cr3t"},
+        "forward": {"token": "cloud-t0ken-s3cr3t"},
+    }
     agent = start_agent(tmp_path, broker.port, receiver.url, secrets)
     try:
         agent.wait_ready()
