@@ -182,6 +182,10 @@ class Clocks:
 
     MAX_CAMERAS = 100_000
     CONSENSUS_MIN = 3
+    # No clock reading before this is right (2024-01-01, before this software): cameras that
+    # all came back in 1970 after the site's power cut agree with each other, and must not
+    # outvote a gateway that is right; a gateway back in 2000 is outvoted by cameras in 2026.
+    PLAUSIBLE_AFTER = 1_704_067_200.0
     # The consensus is worked out again at most this often (seconds of receive time), and at
     # each of the first cameras' first sample, so that a wrong clock at start is seen at once.
     CONSENSUS_EVERY_S = 1.0
@@ -218,6 +222,9 @@ class Clocks:
         agree = sum(1 for o in offsets if abs(o - median) <= p.max_skew_s)
         self.consensus = (agree, len(offsets))
         off = len(offsets) >= self.CONSENSUS_MIN and 2 * agree > len(offsets)
+        # The cameras' time as the consensus has it (recv_t - median): before PLAUSIBLE_AFTER
+        # it is the cameras that are wrong, whatever their number.
+        off = off and recv_t - median >= self.PLAUSIBLE_AFTER
         offset = median if off and abs(median) > p.max_skew_s else 0.0
         if (offset == 0.0) != (self._announced == 0.0) or (
             offset and abs(offset - self._announced) > p.max_skew_s

@@ -268,3 +268,24 @@ def test_no_consensus_without_a_majority_or_with_fewer_than_three_cameras() -> N
     for c, skew in enumerate([0.0, 0.0, 500.0, 1000.0, 5000.0]):  # no majority agrees
         feed(split, f"cam-{c}", T, 50, lambda t, s=skew: t - s)
     assert split.gateway_trusted
+
+
+def test_cameras_that_all_came_back_in_1970_do_not_outvote_a_right_gateway() -> None:
+    """A site power cut resets every camera without an RTC to 1970 at once: they agree with
+    each other, and they are wrong. A clock before 2024 is never the right one."""
+    clocks = Clocks(ClockPolicy())
+    out = site(clocks, T, 30, lambda t: t, cameras=10)
+    boot = T + 30
+    after = []
+    rng = random.Random(3)
+    for k in range(60):
+        for c in range(10):
+            true_t = boot + k / 2 + c / 20
+            camera_t = (true_t - boot) + 40 + c  # seconds since their own boot, in 1970
+            stamped = clocks.stamp(f"cam-{c:03d}", camera_t, true_t + rng.uniform(0.005, 0.3))
+            assert stamped is not None
+            after.append((true_t, *stamped))
+    assert clocks.gateway_trusted
+    assert all(flags == () for _, _, _, flags in out)
+    # Every 1970 message lands on the gateway's (right) time, flagged.
+    assert all(abs(t - true_t) < 1 and "bad_time" in flags for true_t, t, flags in after)
