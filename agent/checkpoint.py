@@ -134,6 +134,10 @@ class Checkpointer:
         self._fault = fault
         self._stalled = stalled
         self._pressure = int(settings.mqtt.receive_maximum * settings.buffer.ack_pressure_ratio)
+        # buffer.durability = "message": every cycle saves the open windows holding unacked
+        # messages (the ack-pressure path, always), so a message's only copy never stays in
+        # the broker longer than a checkpoint (a power cut takes the broker's unsaved queue).
+        self._every_cycle = settings.buffer.durability == "message"
         self._max_ack_delay_s = settings.buffer.max_ack_delay_ms / 1000
         self.piece_bytes = piece_bytes(settings.buffer.max_bytes)
         # Windows closed but not yet committed (a failed commit is retried, nothing is lost).
@@ -227,7 +231,10 @@ class Checkpointer:
         self._carry = closed
         all_closed = {id(w) for w in closed}
         snapshots: list[tuple[Window, int]] = []
-        if not final and self._under_pressure(mono):
+        # While the outbox is full acks are held anyway: saving every window would only take
+        # the room the closed windows' chunks need ("message" mode acks by window meanwhile).
+        every_cycle = self._every_cycle and not self.buffer_full
+        if not final and (every_cycle or self._under_pressure(mono)):
             snapshots = [
                 (w, w.version)
                 for w in ledger.holders()
@@ -321,7 +328,8 @@ class Checkpointer:
         st.sample(self.last_commit_mono)
         if snapshots:
             st.snapshots_written += len(snapshots)
-            log.info("ack pressure: saved %d open windows to ack early", len(snapshots))
+            if not self._every_cycle:
+                log.info("ack pressure: saved %d open windows to ack early", len(snapshots))
         if closed:
             self._on_commit()
 

@@ -613,6 +613,14 @@ class BufferSettings(Section):
     )
     max_ack_delay_ms: int = Field(default=10000, ge=100, le=3600000, description=_ACK_DELAY)
     ack_pressure_ratio: FiniteFloat = Field(default=0.6, gt=0, lt=1, description=_ACK_DELAY)
+    durability: Literal["message", "window"] = Field(
+        default="message",
+        description='When a message is acknowledged to the broker: "message" once it is '
+        "committed, in its chunk or its open window's saved state (at most one checkpoint "
+        "after it arrives: a power cut that takes the broker with the agent loses nothing the "
+        'agent received); "window" once its window\'s chunk is committed (a few seconds: until '
+        "then its only copy is the broker's, fewer flash writes).",
+    )
     overflow: Literal["drop_oldest", "backpressure"] = Field(
         default="backpressure",
         description='What to do when max_bytes is reached: "backpressure" (stop acking; the '

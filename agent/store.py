@@ -297,17 +297,19 @@ class Store:
         if w.chunks and self.last_seq + len(w.chunks) > self._reserved:
             self._reserve(self.last_seq + len(w.chunks) + SEQ_RESERVE)
         with self._txn() as db:
+            # Snapshots superseded by these chunks go first: an outbox full of window states
+            # (buffer.durability = "message") makes room for the chunks that replace them.
+            if w.drop_snapshots:
+                db.executemany(
+                    "DELETE FROM open_windows WHERE camera=? AND stream=? AND t=? AND rev=?",
+                    w.drop_snapshots,
+                )
             if w.chunks:
                 db.executemany(
                     "INSERT INTO chunks (created_at, body) VALUES (?, ?)",
                     [(now, b) for b in w.chunks],
                 )
                 self.fault("mid_checkpoint")
-            if w.drop_snapshots:
-                db.executemany(
-                    "DELETE FROM open_windows WHERE camera=? AND stream=? AND t=? AND rev=?",
-                    w.drop_snapshots,
-                )
             if w.snapshots:
                 db.executemany(
                     "INSERT OR REPLACE INTO open_windows (camera, stream, t, rev, state)"

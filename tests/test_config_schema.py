@@ -107,7 +107,7 @@ def _schema_keys(schema: dict[str, Any], node: dict[str, Any], prefix: str = "")
 def test_the_schema_and_the_model_agree_on_every_key_and_default() -> None:
     schema = json_schema()
     assert _schema_keys(schema, schema) == _model_keys(Settings)
-    assert len(_model_keys(Settings)) == 69
+    assert len(_model_keys(Settings)) == 70
 
 
 def _literal_keys(model: type[BaseModel], prefix: str = "") -> dict[str, list[str]]:
@@ -124,7 +124,7 @@ def _literal_keys(model: type[BaseModel], prefix: str = "") -> dict[str, list[st
 def test_every_enum_in_the_schema_lists_the_models_values() -> None:
     schema = json_schema()
     enums = _literal_keys(Settings)
-    assert len(enums) == 8
+    assert len(enums) == 9
     for key, values in enums.items():
         section, name = key.rsplit(".", 1)
         title = {"streams": "StreamSettings"}.get(section, f"{section.title()}Settings")

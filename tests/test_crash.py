@@ -123,8 +123,9 @@ def test_kill9_after_windows_closed_while_the_broker_was_away(
 ) -> None:
     """Messages held in open windows when the broker goes away: the windows close and commit
     while it is down (no acks possible), then the agent dies before the broker redelivers.
-    The next run must recognise every redelivery as already counted."""
-    agent = agents.start()
+    The next run must recognise every redelivery as already counted. (buffer.durability =
+    "window": in "message" mode the agent acks within a checkpoint and holds nothing back.)"""
+    agent = agents.start(agents.config({"buffer": {"durability": "window"}}))
     expected = Publisher(agents.broker, tmp_path, cameras=20, rate=20, duration_s=2, seed=13)
     expected_table = expected.start().join()
     committed = (agent.status() or {})["outbox"]["chunks_committed"]

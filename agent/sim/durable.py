@@ -183,6 +183,9 @@ class Params:
     reuse_in_flight: bool
     piece_bytes: int
     answers: dict[str, float]
+    # buffer.durability; drawn from its own generator (see World) so that adding it left
+    # every earlier seed's schedule as it was.
+    durability: str = "window"
 
 
 def draw_params(rng: random.Random) -> Params:
@@ -522,6 +525,7 @@ class World:
         self.seed = seed
         self.rng = random.Random(seed)
         self.p = draw_params(self.rng)
+        self.p.durability = random.Random(seed * 7919 + 24).choice(["window", "message"])
         self.clock = VirtualClock()
         self.loop = SimLoop(self.clock, self._on_step)
         self.workdir = workdir
@@ -582,6 +586,7 @@ class World:
                 ),
                 "buffer": base.buffer.model_copy(
                     update={
+                        "durability": p.durability,
                         "path": self.workdir / "buffer.sqlite3",
                         "synchronous": "off",
                         "checkpoint_interval_ms": 100,
@@ -679,8 +684,14 @@ class World:
             # commits piece by piece: acks wait for it, rightly (seed 29013: a 400-byte piece
             # saved one of 13 windows a cycle).
             self.disturbed = self.clock.t
+        if cp is not None and (cp.failing_since is not None or cp.buffer_full):
+            self.disturbed = self.clock.t  # commits fail or the quota holds acks: rightly
         since = max(min(b.sent_at), self.disturbed)
         limit = self.p.max_ack_delay_s + 1.0
+        if self.p.durability == "message":
+            # Every message durable and acked within a checkpoint or so (100 ms here): its only
+            # copy must not stay in the broker, whatever its window does.
+            limit = 0.5
         if self.clock.t - since > limit:
             raise violated(
                 f"a message waited {self.clock.t - since:.1f} s for its PUBACK "

@@ -141,9 +141,11 @@ class Mosquitto(Proc):
         require_certificate: bool = True,
         anonymous: bool = True,
         conf_extra: str = "",
+        persistence: bool = True,
     ) -> None:
         """`anonymous=False` needs a `password_file` line in `conf_extra` (per listener
-        settings such as `max_qos` go there too)."""
+        settings such as `max_qos` go there too). `persistence=False`: a restart forgets every
+        session and queued message (Debian's package keeps them)."""
         self.port = port or free_port()
         # With tls=(ca, cert, key): a second listener, TLS (and mTLS) only, on tls_port.
         self.tls_port = free_port() if tls else None
@@ -153,7 +155,7 @@ class Mosquitto(Proc):
             f"listener {self.port} {HOST}\n"
             f"allow_anonymous {'true' if anonymous else 'false'}\n"
             + conf_extra
-            + "persistence true\n"
+            + f"persistence {'true' if persistence else 'false'}\n"
             f"persistence_location {workdir}/\n"
             "autosave_interval 1\n"
             "max_queued_messages 0\n"
