@@ -82,8 +82,7 @@ def measure(mode: str, seconds: float, rate: float, cameras: int) -> dict[str, A
                     / elapsed
                 ),
                 "chunks_per_s": round(
-                    (snap1.get("chunks_committed", 0) - snap0.get("chunks_committed", 0))
-                    / elapsed
+                    (snap1.get("chunks_committed", 0) - snap0.get("chunks_committed", 0)) / elapsed
                 ),
                 "published": result.get("acked"),
             }

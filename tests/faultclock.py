@@ -3,23 +3,14 @@ process's CLOCK_REALTIME reads true time plus `offset_s`; its monotonic clock is
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("tools") / "clockshift.c"
+from tests.shims import build
 
 
 class SteppableClock:
     def __init__(self, workdir: Path) -> None:
-        cc = shutil.which("cc") or shutil.which("gcc")
-        if cc is None:
-            raise RuntimeError("tests/faultclock.py needs a C compiler (cc) to build its shim")
-        self.library = workdir / "libclockshift.so"
-        subprocess.run(
-            [cc, "-shared", "-fPIC", "-O2", "-o", str(self.library), str(SOURCE), "-ldl"],
-            check=True,
-        )
+        self.library = build("clockshift.c", workdir / "libclockshift.so")
         self.file = workdir / "clockshift"
         self.set(0.0)
 

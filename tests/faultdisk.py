@@ -5,24 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("tools") / "eio.c"
+from tests.shims import build
 
 
 class FailingDisk:
     def __init__(self, directory: Path, workdir: Path) -> None:
-        cc = shutil.which("cc") or shutil.which("gcc")
-        if cc is None:
-            raise RuntimeError("tests/faultdisk.py needs a C compiler (cc) to build its shim")
-        self.library = workdir / "libeio.so"
-        subprocess.run(
-            [cc, "-shared", "-fPIC", "-O2", "-o", str(self.library), str(SOURCE), "-ldl"],
-            check=True,
-        )
+        self.library = build("eio.c", workdir / "libeio.so")
         self.control = workdir / "eio.on"
         self.directory = directory.resolve()
 

@@ -264,9 +264,7 @@ def test_agent_compacts_under_a_tiny_quota_and_loses_nothing(
     agents.receiver.kill()
     # "window" mode: 1 MiB cannot hold the saved state of 400 open streams' windows besides
     # the chunks ("message" mode stalls at 94 %: README, sizing the quota).
-    cfg = agents.config(
-        {"buffer": {"max_bytes": "1MiB", "durability": "window"}}, name="tiny.toml"
-    )
+    cfg = agents.config({"buffer": {"max_bytes": "1MiB", "durability": "window"}}, name="tiny.toml")
     agent = agents.start(cfg)
     # 200 cameras x 2 streams x 6 s of 1-second chunks is well over a 1 MiB quota (the backlog
     # alone must pass 90 %, however slowly a loaded machine publishes).

@@ -193,8 +193,8 @@ def test_a_power_cut_loses_nothing_the_agent_received(
     try:
         cfg = agents.config({"buffer": {"durability": durability}})
         agent = agents.start(cfg)
-        expected = Publisher(broker, tmp_path, cameras=20, rate=20, duration_s=3, seed=27)
-        expected = expected.start().join()
+        pub = Publisher(broker, tmp_path, cameras=20, rate=20, duration_s=3, seed=27)
+        expected = pub.start().join()
         published = sum(e.count for e in expected.values())
         wait_for(lambda: (agent.status() or {}).get("ingest", {}).get("received") == published,
                  timeout_s=30, what="the agent to receive every message")  # fmt: skip
