@@ -156,7 +156,11 @@ class AckLedger:
         """A new MQTT connection: acks owed on the old one are void; the broker redelivers."""
         self._conn += 1
         self._fresh_seen = False
-        self._orphans.extend(p for p in self._queue if not p.journaled)
+        # Once each: a redelivery puts an orphan back in the queue (redelivered()), and a
+        # connection that keeps dropping (a reader paused on a failing disk) would add it again
+        # at every reconnect, tens of thousands of times.
+        known = {id(p) for p in self._orphans}
+        self._orphans.extend(p for p in self._queue if not p.journaled and id(p) not in known)
         self._queue.clear()
         self._stale_after_reconnect = True
 
@@ -250,9 +254,8 @@ class AckLedger:
         if plan.had_orphans:
             # Orphans added while the commit ran stay.
             planned = {id(p) for p in plan.upserts}
-            self._orphans = plan.keep_orphans + [
-                p for p in self._orphans if id(p) not in planned and p not in plan.keep_orphans
-            ]
+            planned.update(id(p) for p in plan.keep_orphans)  # (a set: a list test was O(n^2))
+            self._orphans = plan.keep_orphans + [p for p in self._orphans if id(p) not in planned]
         self._new_keys.difference_update(plan.deletes)
         self._new_keys.difference_update(p.key for p in plan.upserts)
         self._prune.difference_update(plan.deletes)

@@ -315,11 +315,14 @@ class FastReader:
             return
         self.wakeups += 1
         room = self._room()
-        if room <= 0:
-            self._hold()
+        if room <= 0 and len(self._buf) >= READ_CAP:
+            self._hold()  # a bounded buffer of messages waits for room; read no more
             return
         try:
-            got, more = self._fill(sock)
+            # Without room, still read (up to READ_CAP buffered) and handle every packet but
+            # a QoS 1 PUBLISH: the PINGRESP that keeps the connection, the SUBACK after a
+            # reconnect's redeliveries, the barrier's UNSUBACK.
+            got, more = self._fill(sock) if len(self._buf) < READ_CAP else (0, False)
             self._drain(room)
         except Exception as exc:  # a bug here must end the connection, not the reader
             log.exception("MQTT read failed; reconnecting")
@@ -343,7 +346,8 @@ class FastReader:
             self._watching = True
 
     def _hold(self) -> None:
-        """Read nothing until the agent has room again; look every HOLD_POLL_S."""
+        """No room: off the socket's readiness, look again every HOLD_POLL_S (each look reads
+        and handles what is not a QoS 1 message, see `_read`)."""
         if self._watching:
             self._loop.remove_reader(self._fd)
             self._watching = False
@@ -387,14 +391,14 @@ class FastReader:
         handler = self._handler
         sock = self._sock
         while pos < n:
-            if room <= 0:
-                break
             framed = frame(buf, pos, n)
             if framed is None:
                 break  # the packet is incomplete
             i, end = framed
             first = buf[pos]
             if (first & 0xF0) == _PUBLISH and (first & 0x06) < 0x04:  # QoS 0 or 1
+                if room <= 0 and first & 0x06:
+                    break  # no room for another QoS 1 message: it waits in the buffer
                 parsed = publish_fields(buf, first, i, end)
                 if parsed is not None:
                     topic, payload, mid, qos = parsed
@@ -410,7 +414,7 @@ class FastReader:
                 return  # paho closed the connection (DISCONNECT, protocol error)
         del buf[:pos]
         if room <= 0 and frame(buf, 0, len(buf)) is not None:
-            return  # complete packets wait for room; the end (if any) comes after them
+            return  # a message waits for room; the end (if any) comes after it
         if (self._eof or self._error is not None) and self._sock is sock:
             # Everything before the end was handled; now let paho see the end itself.
             self._handing = False

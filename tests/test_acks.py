@@ -299,3 +299,31 @@ def test_rows_not_redelivered_go_after_the_redeliveries() -> None:
     plan = ledger.plan_journal(durable_now)
     assert (1, 10) in plan.deletes and (2, 20) in plan.deletes
     assert not ledger.redelivered(1, 10, 0.0)
+
+
+def test_a_connection_that_keeps_dropping_adds_each_orphan_once() -> None:
+    """A reader paused on a failing disk loses its connection again and again; each time the
+    broker redelivers the same unjournaled messages. The ledger must hold each once, and a
+    commit must not take time quadratic in them (an adversary's 78-127 s event-loop hang
+    after the disk healed: a list membership test per orphan over 65,535 duplicates each)."""
+    from agent.acks import AckLedger as Ledger
+
+    class W:
+        version = 1
+        durable_version = 0
+
+    ledger = Ledger()
+    windows = [W() for _ in range(20_000)]
+    for mid, w in enumerate(windows, start=1):
+        ledger.track(mid, 1, mid, w, 0.0, False)
+    for _ in range(5):
+        ledger.new_connection()
+        for mid in range(1, 20_001):
+            assert ledger.redelivered(mid, mid, 0.0)
+    assert len(ledger._orphans) == 20_000
+    for w in windows:
+        w.durable_version = 1
+    plan = ledger.plan_journal(closing=set(), snapshots={})
+    assert len(plan.upserts) == 20_000
+    ledger.journal_written(plan)
+    assert ledger._orphans == []
