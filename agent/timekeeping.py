@@ -204,6 +204,10 @@ class Clocks:
         # The offset last announced in a notice (a step moves gateway_offset at once; the
         # consensus then says whether that is news).
         self._announced = 0.0
+        # A step of the gateway clock was seen (the monotonic clock proved it): from then on
+        # one camera suffices to say which side of it is right, and when none can, the step's
+        # offset stands (a step the agent sees moves nothing).
+        self._stepped = False
 
     @property
     def gateway_trusted(self) -> bool:
@@ -221,11 +225,17 @@ class Clocks:
         median = offsets[len(offsets) // 2] if offsets else 0.0
         agree = sum(1 for o in offsets if abs(o - median) <= p.max_skew_s)
         self.consensus = (agree, len(offsets))
-        off = len(offsets) >= self.CONSENSUS_MIN and 2 * agree > len(offsets)
+        needed = 1 if self._stepped else self.CONSENSUS_MIN
+        decided = len(offsets) >= needed and 2 * agree > len(offsets)
         # The cameras' time as the consensus has it (recv_t - median): before PLAUSIBLE_AFTER
         # it is the cameras that are wrong, whatever their number.
-        off = off and recv_t - median >= self.PLAUSIBLE_AFTER
-        offset = median if off and abs(median) > p.max_skew_s else 0.0
+        decided = decided and recv_t - median >= self.PLAUSIBLE_AFTER
+        if decided:
+            offset = median if abs(median) > p.max_skew_s else 0.0
+        elif self._stepped and recv_t - self.gateway_offset >= self.PLAUSIBLE_AFTER:
+            offset = self.gateway_offset  # no camera can say: the proven step stands
+        else:
+            offset = 0.0
         if (offset == 0.0) != (self._announced == 0.0) or (
             offset and abs(offset - self._announced) > p.max_skew_s
         ):
@@ -314,6 +324,7 @@ class Clocks:
         for clock in self._clocks.values():
             clock.shift(step)
         self.gateway_offset += step
+        self._stepped = True
         self._consensus_at = None
 
     def take_notices(self) -> list[str]:

@@ -289,3 +289,38 @@ def test_cameras_that_all_came_back_in_1970_do_not_outvote_a_right_gateway() -> 
     assert all(flags == () for _, _, _, flags in out)
     # Every 1970 message lands on the gateway's (right) time, flagged.
     assert all(abs(t - true_t) < 1 and "bad_time" in flags for true_t, t, flags in after)
+
+
+@pytest.mark.parametrize("cameras", [1, 2])
+@pytest.mark.parametrize("step", [-3600.0, YEAR, -26 * YEAR])
+def test_a_step_the_agent_sees_moves_nothing_with_few_cameras(cameras: int, step: float) -> None:
+    """With one or two cameras there is no consensus to form, but the monotonic clock proved
+    the step: the cameras' data stays where it was (an adversary's 2 cameras lost an hour)."""
+    clocks = Clocks(ClockPolicy())
+    before = site(clocks, T, 20, lambda t: t, cameras=cameras)
+    clocks.gateway_stepped(step)
+    after = site(clocks, T + 20, 40, lambda t: t + step, cameras=cameras)
+    assert all(flags == () and abs(t - true_t) < 1e-6 for _, true_t, t, flags in before + after)
+
+
+def test_cameras_that_disagree_keep_their_places_across_a_step() -> None:
+    """Five cameras 0, 100, ... 400 s apart (no majority), the gateway steps back an hour:
+    each camera keeps the time it had before the step."""
+    clocks = Clocks(ClockPolicy(max_skew_s=30))
+
+    def run(start: float, seconds: float, gateway: object) -> dict[int, set[float]]:
+        seen: dict[int, set[float]] = {}
+        rng = random.Random(5)
+        for k in range(int(seconds * 2)):
+            for c in range(5):
+                true_t = start + k / 2 + c / 10
+                recv = gateway(true_t + rng.uniform(0.005, 0.3))  # type: ignore[operator]
+                stamped = clocks.stamp(f"cam-{c}", true_t - 100 * c, recv)
+                assert stamped is not None
+                seen.setdefault(c, set()).add(round(stamped[0] - (true_t - 100 * c), 6))
+        return seen
+
+    before = run(T, 20, lambda t: t)
+    clocks.gateway_stepped(-3600.0)
+    after = run(T + 20, 40, lambda t: t - 3600.0)
+    assert after == before  # the same shift (none, or a restamp by the same estimate) per camera
