@@ -12,7 +12,7 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -384,15 +384,19 @@ class MqttSession:
         ledger: AckLedger,
         stats: Stats,
         had_session: bool = False,
+        record_session: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """`had_session`: this client id had a session at the broker before this start (the
-        outbox is not new), so a CONNACK without one means the broker lost it."""
+        """`had_session`: the outbox records a session this client id established at this
+        broker, so a CONNACK without one means the broker lost it. `record_session` records
+        it (once, after the first subscription that worked)."""
         self._s = settings
         self._router = router
         self._intake = intake
         self._ledger = ledger
         self._stats = stats
         self._had_session = had_session
+        self._record_session = record_session
+        self._session_task: asyncio.Task[None] | None = None
         self._session_present: bool | None = None
         self._client: aiomqtt.Client | None = None
         self.reader: FastReader | None = None
@@ -504,6 +508,8 @@ class MqttSession:
                 s.client_id,
                 s.session_expiry_s,
             )
+        if not self._had_session and self._record_session is not None:
+            self._session_task = asyncio.ensure_future(self._record())
         self._had_session = True
         if reconnecting:
             st.mqtt_reconnects += 1
@@ -516,6 +522,13 @@ class MqttSession:
         )
         self._backoff.reset()
         self.subscribed.set()
+
+    async def _record(self) -> None:
+        assert self._record_session is not None
+        try:
+            await self._record_session()
+        except Exception as e:  # the outbox's disk: reported by the checkpoint's failures
+            log.warning("could not record the MQTT session in the outbox (%s)", e)
 
     def _room(self) -> int:
         """How many more QoS 1 messages to take: the agent holds at most Receive Maximum

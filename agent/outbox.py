@@ -185,6 +185,9 @@ class Outbox:
     async def save_marks(self, marks: dict[str, Any]) -> None:
         await self._run("save_marks", self.store.save_marks, marks)
 
+    async def mark_session(self, session: str) -> None:
+        await self._run("mark_session", self.store.mark_session, session)
+
     async def clear_marks(self) -> None:
         await self._run("clear_marks", self.store.clear_marks)
 

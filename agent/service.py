@@ -273,6 +273,12 @@ def build_aggregator(a: AggregateSettings, cls: type[Aggregator] = Aggregator) -
     )
 
 
+def _session_name(settings: Settings) -> str:
+    """The broker session an outbox remembers: a client id at one broker."""
+    m = settings.mqtt
+    return f"{m.client_id}@{m.host}:{m.port}"
+
+
 def build_clocks(a: AggregateSettings) -> Clocks:
     return Clocks(
         ClockPolicy(
@@ -349,7 +355,8 @@ async def build_pipeline(
         intake=intake,
         ledger=ledger,
         stats=stats,
-        had_session=not recovery.new_file,
+        had_session=recovery.mqtt_session == _session_name(settings),
+        record_session=lambda: outbox.mark_session(_session_name(settings)),
     )
     fs = settings.forward
     token = TokenSource(fs.token, secret_path(fs.token_file, "cloud-token"))

@@ -126,6 +126,9 @@ class Recovery:
     next_seq: int = 1
     moved_aside: Path | None = None
     new_file: bool = False
+    # The broker session this outbox's agent established ("client_id@host:port"), if any: a
+    # CONNACK without a session for it is a session the broker lost.
+    mqtt_session: str | None = None
 
 
 @dataclass
@@ -248,6 +251,8 @@ class Store:
         else:
             self.last_seq = int(row[0])
         self.batch = self._load_batch()
+        row = db.execute("SELECT value FROM meta WHERE key = 'mqtt_session'").fetchone()
+        r.mqtt_session = str(row[0]) if row is not None else None
         row = db.execute("SELECT value FROM meta WHERE key = 'refused'").fetchone()
         if row is not None:
             with contextlib.suppress(msgspec.DecodeError, TypeError, ValueError):
@@ -602,6 +607,13 @@ class Store:
             db.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('marks', ?)",
                 (msgspec.json.encode(marks),),
+            )
+
+    def mark_session(self, session: str) -> None:
+        """Record that the broker holds a session for `session` ("client_id@host:port")."""
+        with self._txn() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('mqtt_session', ?)", (session,)
             )
 
     def clear_marks(self) -> None:
