@@ -63,6 +63,8 @@ from bench.common import (
 )
 
 CAMERAS = 300
+# Issue #20: with pydantic-settings loaded (it was 60 MB without pydantic, issue #13).
+PEAK_RSS_TARGET_MB = 70
 RATE = 10.0
 WINDOW_S = 1.0
 LATENESS_S = 2.0  # shipped default
@@ -268,11 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     rep.figure("bare_peak_rss_mb", round(bare_hwm_kb / 1024, 1))
     rep.row(
         f"Agent peak RSS, {CAMERAS} cameras",
-        "<= 60 MB",
+        f"<= {PEAK_RSS_TARGET_MB} MB",
         f"{hwm_kb / 1024:.1f} MB (VmHWM)",
         f"bare aiomqtt {bare_hwm_kb / 1024:.1f} MB; agent idle before load "
         f"{idle_rss_kb / 1024:.1f} MB",
-        hwm_kb / 1024 <= 60,
+        hwm_kb / 1024 <= PEAK_RSS_TARGET_MB,
     )
 
     # SQLite writes.
