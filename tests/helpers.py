@@ -126,3 +126,16 @@ class AgentFactory:
     def stop_all(self) -> None:
         for a in self.started:
             a.kill()
+
+
+def deny_stat(monkeypatch: Any, path: Path) -> None:
+    """Make `Path.stat` of `path` fail as a directory this user cannot search does (tests run
+    as root, which the mode bits never stop)."""
+    real = Path.stat
+
+    def stat(self: Path, **kwargs: bool) -> object:
+        if self == path:
+            raise PermissionError(13, "Permission denied")
+        return real(self, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)

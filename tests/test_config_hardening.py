@@ -17,6 +17,7 @@ import trustme
 from agent.cli import main
 from agent.config import MQTT_MAX_PACKET_BYTES, ConfigError, Section, Settings, load_settings
 from agent.ingest import connect_properties, max_packet_bytes
+from tests.helpers import deny_stat
 
 ROOT = Path(__file__).resolve().parent.parent
 I64_MAX = 2**63 - 1
@@ -490,14 +491,7 @@ def test_an_outbox_in_a_directory_that_cannot_be_searched_is_one_line(
 
     buffer = tmp_path / "b.sqlite3"
     s = load_settings(None, overrides={"gateway_id": "gw", "buffer": {"path": str(buffer)}})
-    real = Path.stat
-
-    def stat(self: Path, **kwargs: bool) -> object:
-        if self == buffer:
-            raise PermissionError(13, "Permission denied")
-        return real(self, **kwargs)
-
-    monkeypatch.setattr(Path, "stat", stat)
+    deny_stat(monkeypatch, buffer)
     # The service user is this user (ExecStartPre): it cannot enter the directory.
     assert preflight.buffer_problem(s, getpass.getuser()) == (
         f"buffer.path = '{buffer}': the directory '{tmp_path}' cannot be searched: "

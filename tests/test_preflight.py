@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
+from tests.helpers import deny_stat
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,13 +139,6 @@ def test_the_service_user_may_enter_a_directory_this_user_may_not(
     buffer = tmp_path / "b.sqlite3"
     os.chmod(tmp_path, 0o777)
     s = load_settings(None, overrides={"gateway_id": "gw", "buffer": {"path": str(buffer)}})
-    real = Path.stat
-
-    def stat(self: Path, **kwargs: bool) -> object:
-        if self == buffer:
-            raise PermissionError(13, "Permission denied")
-        return real(self, **kwargs)
-
-    monkeypatch.setattr(Path, "stat", stat)
+    deny_stat(monkeypatch, buffer)
     monkeypatch.setattr(os, "geteuid", lambda: 4242)
     assert preflight.buffer_problem(s, "nobody") is None
