@@ -145,6 +145,15 @@ class Checkpointer:
         self._warn = RateLimitedLog(log)
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
+        # Set at each commit, for waiters on what a commit records (epoch_durable).
+        self._commits = asyncio.Event()
+
+    async def epoch_durable(self) -> None:
+        """Until the outbox records the open epoch the ledger asked for (AckLedger.open_epoch):
+        a cycle or two. While commits fail, this waits: a disk that cannot record it cannot
+        count what a new connection would bring either."""
+        while not self._ledger.epoch_durable:
+            await self._commits.wait()
 
     async def run(self, progress: Callable[[], None] = lambda: None) -> None:
         """A cycle every checkpoint_interval_ms until `stop()`; the running cycle always ends."""
@@ -260,6 +269,10 @@ class Checkpointer:
             journal_upserts=[(p.mid, p.digest) for p in plan.upserts],
             journal_deletes=plan.deletes,
         )
+        replays = ledger.replays
+        if replays is not None:
+            write.history = replays.plan_row(plan)
+            write.history_expired = replays.expired_upto
         try:
             await finish(self._outbox.checkpoint(write, now=now))
         except sqlite3.Error as e:
@@ -286,7 +299,7 @@ class Checkpointer:
                 self._clock.mono() - self.failing_since,
             )
             self.failing_since = self.last_failure = None
-        self._committed(closed, rest, snapshots, plan)
+        self._committed(closed, rest, snapshots, plan, write)
         if write.journal_upserts or closed:
             self._fault("after_commit")
         self._ack()
@@ -311,9 +324,12 @@ class Checkpointer:
         rest: list[Window],
         snapshots: list[tuple[Window, int]],
         plan: JournalPlan,
+        write: CheckpointWrite,
     ) -> None:
         """Apply a committed cycle to memory (synchronously: nothing can interleave)."""
         self._carry = rest
+        if self._ledger.replays is not None:
+            self._ledger.replays.written(write.history, write.history_expired)
         for w in closed:
             w.durable_version = DURABLE
             w.saved_keys = []
@@ -321,6 +337,8 @@ class Checkpointer:
             w.durable_version = max(w.durable_version, version)
             w.saved_keys = [_key(w)]
         self._ledger.journal_written(plan)
+        self._commits.set()
+        self._commits.clear()
         st = self._stats
         st.checkpoints += 1
         st.chunks_committed += len(closed)

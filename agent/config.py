@@ -368,6 +368,16 @@ class MqttSettings(Section):
         description="MQTT v5 Receive Maximum: how many unacknowledged messages the broker may "
         "send us (<= 65535).",
     )
+    broker_autosave_interval_s: FiniteFloat = Field(
+        default=60.0,
+        ge=0,
+        le=86400,
+        description="The broker's snapshot interval (Mosquitto's autosave_interval, seconds). "
+        "A broker that dies and restores its last snapshot sends again what was unacked when "
+        "the snapshot was taken: the agent remembers what it acked for twice this long (8 "
+        "bytes a message in memory and in the outbox) and acks such replays without counting "
+        "them. 0: remember nothing (a broker that does not hand packet ids out in sequence).",
+    )
     max_payload_bytes: Annotated[
         int,
         BeforeValidator(parse_size),

@@ -51,6 +51,19 @@ FIGURES: tuple[Figure, ...] = (
     Figure("ingest", "redelivered_skipped", "messages_redelivered_skipped", C,
          "Redeliveries of already counted messages, acked without counting.",
          lambda p: p.stats.redelivered_skipped),
+    Figure("ingest", "replays_skipped", "messages_replays_skipped", C,
+         "Messages a broker sent again from an older snapshot of its session, already counted "
+         "and acked: acked again, not counted.",
+         lambda p: p.stats.replays_skipped),
+    Figure("ingest", "possible_doubles", "messages_possible_doubles", C,
+         "Redeliveries counted though they may have been counted before: the agent died between "
+         "a reconnect and its first new message, and the broker may have begun its packet ids "
+         "anew (see README, The broker restored an older snapshot).",
+         lambda p: p.ledger.possible_replays),
+    Figure("ingest", "replay_memory", "replay_memory_keys", G,
+         "Acked messages remembered to recognise a broker's replay of an older snapshot "
+         "(8 bytes each; mqtt.broker_autosave_interval_s).",
+         lambda p: len(p.ledger.replays) if p.ledger.replays is not None else 0),
     Figure("ingest", "acked", "messages_acked", C, "PUBACKs sent after the effect was committed.",
          lambda p: p.stats.acked),
     Figure("ingest", "unacked", "messages_unacked", G, "Messages received and not yet acked.",

@@ -199,9 +199,17 @@ class Intake:
         st.received += 1
         # Only QoS 1 messages are acked and can be redelivered: only they need the digest.
         d = digest(topic_b, payload) if qos else 0
-        if dup and qos and self._ledger.redelivered(mid, d, mono):
-            st.redelivered_skipped += 1
-            return
+        if dup and qos:
+            ledger = self._ledger
+            ledger.dup_arrived(mid, d)
+            if ledger.past_frontier(mid, d):
+                pass  # new, whatever its key (agent/acks.py)
+            elif ledger.redelivered(mid, d, mono):
+                st.redelivered_skipped += 1
+                return
+            elif ledger.replayed(mid, d, mono):
+                st.replays_skipped += 1
+                return
         window = None
         reason = None
         try:
@@ -385,6 +393,7 @@ class MqttSession:
         stats: Stats,
         had_session: bool = False,
         record_session: Callable[[], Awaitable[None]] | None = None,
+        epoch_durable: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """`had_session`: the outbox records a session this client id established at this
         broker, so a CONNACK without one means the broker lost it. `record_session` records
@@ -396,6 +405,7 @@ class MqttSession:
         self._stats = stats
         self._had_session = had_session
         self._record_session = record_session
+        self._epoch_durable = epoch_durable
         self._session_task: asyncio.Task[None] | None = None
         self._session_present: bool | None = None
         self._client: aiomqtt.Client | None = None
@@ -442,6 +452,11 @@ class MqttSession:
         password = read_secret(self._s.password, self._s.password_file, "mqtt-password")
         reconnecting = False
         while True:
+            # The outbox first records that the broker may begin its packet ids anew (a restart
+            # from a snapshot, or without the session): agent/acks.py open_epoch.
+            self._ledger.open_epoch()
+            if self._epoch_durable is not None:
+                await self._epoch_durable()
             client = self._client_for(password)
             self.reader = install(client, self._intake.handle, room=self._room)
             expect_late_unsubacks(client)  # the barrier's, after its wait

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import httpx
 
 from agent import memory
-from agent.acks import AckLedger
+from agent.acks import ID_SPACE, AckLedger, ReplayMemory
 from agent.aggregate import Aggregator
 from agent.checkpoint import Checkpointer
 from agent.clock import SYSTEM_CLOCK, Clock
@@ -304,6 +304,7 @@ async def build_pipeline(
     send_acks: Callable[[list[int]], None] | None = None,
     can_ack: Callable[[], bool] | None = None,
     confirm_acks: Callable[[], Awaitable[bool]] | None = None,
+    id_space: int = ID_SPACE,
 ) -> tuple[Pipeline, Checkpointer]:
     """Every component, restored from what the outbox kept."""
     stats = Stats()
@@ -323,7 +324,17 @@ async def build_pipeline(
     aggregator.import_marks(recovery.marks, now=mono)
     if recovery.marks:
         await outbox.clear_marks()
-    ledger = AckLedger(recovery.journal)
+    replays = None
+    if settings.mqtt.broker_autosave_interval_s > 0:
+        replays = ReplayMemory(2 * settings.mqtt.broker_autosave_interval_s)
+        replays.restore(recovery.history, mono)
+    ledger = AckLedger(
+        recovery.journal,
+        replays=replays,
+        frontier=replays.frontier_written if replays is not None else None,
+        id_space=id_space,
+        distrust=replays is not None and replays.epoch_open_written,
+    )
     log.info(
         "outbox %s: %d chunks waiting, next seq %d%s; %d open windows restored; "
         "%d ack-journal entries; window marks for %d cameras",
@@ -357,6 +368,7 @@ async def build_pipeline(
         stats=stats,
         had_session=recovery.mqtt_session == _session_name(settings),
         record_session=lambda: outbox.mark_session(_session_name(settings)),
+        epoch_durable=lambda: checkpointer.epoch_durable(),
     )
     fs = settings.forward
     token = TokenSource(fs.token, secret_path(fs.token_file, "cloud-token"))

@@ -18,6 +18,8 @@ class Stats:
     received: int = 0
     counted: int = 0
     redelivered_skipped: int = 0
+    # DUP deliveries recognised as a broker's replay of an older snapshot (agent/acks.py).
+    replays_skipped: int = 0
     acked: int = 0
     rejects: Counter[str] = field(default_factory=Counter)
     chunks_committed: int = 0

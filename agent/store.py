@@ -21,7 +21,9 @@ import contextlib
 import logging
 import os
 import sqlite3
+import sys
 import time
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +37,7 @@ from agent.quota import LEVELS, compact_range, counted_messages
 log = logging.getLogger(__name__)
 
 CACHE_KIB = 512
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS chunks (
@@ -67,6 +69,18 @@ CREATE TABLE IF NOT EXISTS ack_journal (
     digest INTEGER NOT NULL,
     PRIMARY KEY (mid, digest)
 ) WITHOUT ROWID;
+-- Per checkpoint: the keys it made durable and the keys it revoked (agent/acks.py
+-- ReplayMemory, packed 64-bit little-endian), the traffic time (seconds), the last packet id
+-- received by then and whether a (re)connect awaits its first new message.
+CREATE TABLE IF NOT EXISTS ack_history (
+    seq INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    frontier INTEGER,
+    frontier_digest INTEGER,
+    epoch_open INTEGER NOT NULL,
+    acked BLOB NOT NULL,
+    revoked BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS dead_letters (
     seq INTEGER PRIMARY KEY,
     created_at REAL NOT NULL,
@@ -96,6 +110,8 @@ CREATE TABLE ack_journal (
 INSERT INTO ack_journal (mid, digest) SELECT mid, digest FROM ack_journal_v2;
 DROP TABLE ack_journal_v2;
 """
+
+# v4: ack_history (the replay memory), created by the schema script itself.
 
 # SQLite primary result codes that mean "this file is not a database we can trust".
 _CORRUPT_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
@@ -129,6 +145,35 @@ class Recovery:
     # The broker session this outbox's agent established ("client_id@host:port"), if any: a
     # CONNACK without a session for it is a session the broker lost.
     mqtt_session: str | None = None
+    # ack_history rows, oldest first: (seq, at, frontier, acked keys, revoked keys).
+    history: list[HistoryRow] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    seq: int
+    at: float
+    # The last message received from the broker's sequence: (packet id, digest).
+    frontier: tuple[int, int] | None
+    # A (re)connect happened and no new message came since (agent/acks.py open_epoch).
+    epoch_open: bool
+    acked: list[int]
+    revoked: list[int]
+
+
+def pack_keys(keys: Sequence[int]) -> bytes:
+    a = array("q", keys)
+    if sys.byteorder == "big":
+        a.byteswap()
+    return a.tobytes()
+
+
+def unpack_keys(blob: bytes) -> list[int]:
+    a = array("q")
+    a.frombytes(blob)
+    if sys.byteorder == "big":
+        a.byteswap()
+    return a.tolist()
 
 
 @dataclass
@@ -140,6 +185,9 @@ class CheckpointWrite:
     drop_snapshots: Sequence[WindowKey] = ()
     journal_upserts: Sequence[tuple[int, int]] = ()
     journal_deletes: Sequence[tuple[int, int]] = ()
+    history: HistoryRow | None = None
+    # ack_history rows up to this seq are past the replay horizon.
+    history_expired: int | None = None
 
     def __bool__(self) -> bool:
         return bool(
@@ -148,6 +196,8 @@ class CheckpointWrite:
             or self.drop_snapshots
             or self.journal_upserts
             or self.journal_deletes
+            or self.history is not None
+            or self.history_expired is not None
         )
 
 
@@ -233,6 +283,14 @@ class Store:
         db = self._db
         r.journal = [(int(a), int(b)) for a, b in db.execute("SELECT mid, digest FROM ack_journal")]
         r.open_windows = [bytes(s) for (s,) in db.execute("SELECT state FROM open_windows")]
+        r.history = [
+            HistoryRow(int(seq), float(at), None if f is None else (int(f), int(fd)),
+                       bool(e), unpack_keys(a), unpack_keys(v))
+            for seq, at, f, fd, e, a, v in db.execute(
+                "SELECT seq, at, frontier, frontier_digest, epoch_open, acked, revoked"
+                " FROM ack_history ORDER BY seq"
+            )
+        ]  # fmt: skip
         row = db.execute("SELECT value FROM meta WHERE key = 'marks'").fetchone()
         if row is not None:
             with contextlib.suppress(msgspec.DecodeError):
@@ -329,6 +387,22 @@ class Store:
                 db.executemany(
                     "INSERT OR REPLACE INTO ack_journal (mid, digest) VALUES (?, ?)",
                     w.journal_upserts,
+                )
+            if w.history_expired is not None:
+                db.execute("DELETE FROM ack_history WHERE seq <= ?", (w.history_expired,))
+            if (h := w.history) is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO ack_history"
+                    " (seq, at, frontier, frontier_digest, epoch_open, acked, revoked)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        h.seq,
+                        h.at,
+                        *(h.frontier or (None, None)),
+                        int(h.epoch_open),
+                        pack_keys(h.acked),
+                        pack_keys(h.revoked),
+                    ),
                 )
         if w.chunks:
             if self.chunk_count == 0:

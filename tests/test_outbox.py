@@ -340,7 +340,7 @@ async def test_version_1_file_is_migrated_and_keeps_its_rows_and_seqs(tmp_path: 
     assert batch_doc(b)["chunks"] == [{"seq": 1, "a": 1}, {"seq": 2, "a": 2}]
     await ob.close()
     con = sqlite3.connect(path)
-    assert con.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 4
     assert "seq_end" in {r[1] for r in con.execute("PRAGMA table_info(chunks)")}
     assert "seq_end" in {r[1] for r in con.execute("PRAGMA table_info(dead_letters)")}
     # v3: the journal is keyed by (mid, digest): two rows under one id can be kept.
@@ -355,7 +355,7 @@ async def test_pragmas(tmp_path: Path) -> None:
     await ob.close()
     con = sqlite3.connect(path)
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert con.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 4
     con.close()
 
 
