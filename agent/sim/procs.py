@@ -142,10 +142,13 @@ class Mosquitto(Proc):
         anonymous: bool = True,
         conf_extra: str = "",
         persistence: bool = True,
+        autosave_interval: int = 1,
+        autosave_on_changes: bool = False,
     ) -> None:
         """`anonymous=False` needs a `password_file` line in `conf_extra` (per listener
         settings such as `max_qos` go there too). `persistence=False`: a restart forgets every
-        session and queued message (Debian's package keeps them)."""
+        session and queued message (Debian's package keeps them). With persistence, a snapshot
+        every `autosave_interval` seconds, or changes with `autosave_on_changes`."""
         self.port = port or free_port()
         # With tls=(ca, cert, key): a second listener, TLS (and mTLS) only, on tls_port.
         self.tls_port = free_port() if tls else None
@@ -157,7 +160,8 @@ class Mosquitto(Proc):
             + conf_extra
             + f"persistence {'true' if persistence else 'false'}\n"
             f"persistence_location {workdir}/\n"
-            "autosave_interval 1\n"
+            f"autosave_interval {autosave_interval}\n"
+            f"autosave_on_changes {'true' if autosave_on_changes else 'false'}\n"
             "max_queued_messages 0\n"
             "max_queued_bytes 0\n"
             "max_inflight_messages 0\n"
