@@ -178,17 +178,28 @@ def test_a_gateway_clock_a_year_off_moves_no_camera_data(
     assert agent.stop() == 0
 
 
-@pytest.mark.parametrize("durability", ["message", "window"])
+@pytest.mark.parametrize(
+    ("durability", "persistence"),
+    [("message", False), ("window", False), ("message", True)],
+    ids=["message", "window", "message_snapshots"],
+)
 def test_a_power_cut_loses_nothing_the_agent_received(
-    tmp_path: Path, receiver: Receiver, durability: str
+    tmp_path: Path, receiver: Receiver, durability: str, persistence: bool
 ) -> None:
     """Broker and agent die together (a power cut) 0.6 s after the agent received the last
-    message: within its window, after a checkpoint or two. The broker here keeps nothing
-    across a restart, so what the agent received lives only where the agent put it. In
-    "message" mode (the default) every one is in the outbox and counted once; in "window" mode
-    the open windows' messages were only in the broker, and are gone (the measured cost of its
-    lower flash wear)."""
-    broker = Mosquitto(tmp_path / "mosquitto", persistence=False).start()
+    message: within its window, after a checkpoint or two. Without persistence the broker
+    keeps nothing across a restart, so what the agent received lives only where the agent put
+    it. In "message" mode (the default) every one is in the outbox and counted once; in
+    "window" mode the open windows' messages were only in the broker, and are gone (the
+    measured cost of its lower flash wear). With persistence (a snapshot every 300 changes)
+    the broker comes back with its last snapshot and sends again what it held unacked then:
+    the agent's replay memory, restored from the outbox, recognises them."""
+    broker = Mosquitto(
+        tmp_path / "mosquitto",
+        persistence=persistence,
+        autosave_interval=300,
+        autosave_on_changes=True,
+    ).start()
     agents = AgentFactory(tmp_path, broker, receiver)
     try:
         cfg = agents.config({"buffer": {"durability": durability}})
@@ -204,14 +215,67 @@ def test_a_power_cut_loses_nothing_the_agent_received(
         agent.wait(timeout_s=10)
         broker.wait(timeout_s=10)
         broker.start()
-        agents.start(cfg, ready=False)
+        second = agents.start(cfg, ready=False)
         comparison = wait_delivered(
             receiver, expected, timeout_s=30 if durability == "message" else 12
         )
         if durability == "message":
             assert_exact(comparison)
+            if persistence:
+                status = second.status()
+                assert status is not None and status["ingest"]["replays_skipped"] > 0, status
         else:
             assert comparison.missing > 0 and comparison.duplicated == 0, comparison
+    finally:
+        agents.stop_all()
+        broker.stop()
+
+
+@pytest.mark.parametrize("remember", [True, False], ids=["replay_memory", "no_memory"])
+def test_a_broker_restoring_an_older_snapshot_is_not_counted_twice(
+    tmp_path: Path, receiver: Receiver, remember: bool
+) -> None:
+    """Mosquitto's persistence is a snapshot (here every 300 changes), not a log. The broker dies
+    after the agent counted and acked everything; it restores its last snapshot and sends again,
+    with DUP and their original packet ids, the messages unacked when it was taken. The agent,
+    alive, recognises them from its replay memory: acked, not counted. Without the memory
+    (mqtt.broker_autosave_interval_s = 0) they are counted twice: the test has teeth."""
+    broker = Mosquitto(
+        tmp_path / "mosquitto", autosave_interval=300, autosave_on_changes=True
+    ).start()
+    agents = AgentFactory(tmp_path, broker, receiver)
+    try:
+        interval = 60.0 if remember else 0.0
+        agent = agents.start(agents.config({"mqtt": {"broker_autosave_interval_s": interval}}))
+        pub = Publisher(broker, tmp_path, cameras=20, rate=20, duration_s=4, seed=28)
+        expected = pub.start().join()
+        published = sum(e.count for e in expected.values())
+
+        def settled() -> bool:
+            ingest = (agent.status() or {}).get("ingest", {})
+            return bool(ingest.get("received") == published and ingest.get("unacked") == 0)
+
+        wait_for(settled, timeout_s=30, what="every message received and acked")
+        broker.signal(signal.SIGKILL)
+        broker.wait(timeout_s=10)
+        broker.start()
+        wait_for(lambda: (agent.status() or {}).get("mqtt", {}).get("reconnects", 0) >= 1,
+                 timeout_s=30, what="the agent to reconnect")  # fmt: skip
+        comparison = wait_delivered(receiver, expected, timeout_s=30)
+        status = agent.status()
+        assert status is not None
+        replays = status["ingest"]["replays_skipped"]
+        if remember:
+            assert_exact(comparison)
+            assert replays > 0, status["ingest"]
+            assert status["ingest"]["received"] == published + replays
+        else:
+            wait_for(lambda: (agent.status() or {}).get("ingest", {}).get("received", 0)
+                     > published, timeout_s=30, what="the replays to arrive")  # fmt: skip
+            comparison = wait_delivered(receiver, expected, timeout_s=10)
+            assert comparison.duplicated > 0 and comparison.missing == 0, comparison
+            assert replays == 0
+        assert agent.stop() == 0
     finally:
         agents.stop_all()
         broker.stop()
