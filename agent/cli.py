@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dl = sub.add_parser("deadletter", help="chunks the cloud refused for good: list, show, retry")
     dlsub = dl.add_subparsers(dest="action", required=True)
-    # Each action has its own parser so `retry --config F 7002 7104` (the README's order) and
+    # Each action has its own parser so `retry --config F 7002 7104` (docs/operating.md's order) and
     # `retry 7002 7104 --config F` both parse: SEQ... is the only positional.
     dl_list = dlsub.add_parser("list", help="every dead letter: what it holds, the cloud's answer")
     dl_list.add_argument("--config", required=True)

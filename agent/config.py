@@ -721,7 +721,7 @@ class ForwardSettings(Section):
     url: Annotated[Text, AfterValidator(_check_url)] = Field(
         default="http://127.0.0.1:8080/ingest",
         description="The cloud ingestion endpoint: batches are POSTed here (the wire format "
-        "in the README).",
+        "in docs/reference.md).",
     )
     token: Annotated[Secret, AfterValidator(_usable_token)] | None = Field(
         default=None, description=_TOKEN

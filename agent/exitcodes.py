@@ -1,5 +1,5 @@
 """Every exit code of `edge-agent`, one meaning each, in one table: the CLI returns these, its
-help epilog and the README's table are written from (and tested against) this list."""
+help epilog and docs/reference.md's table are written from (and tested against) this list."""
 
 from __future__ import annotations
 

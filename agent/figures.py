@@ -1,6 +1,6 @@
 """The pipeline's plain figures, each defined once: where it sits in /status, its /metrics name,
 kind and help, and how to read it. `status.py` and `metrics.py` render from this table, and a
-test holds the README's /status schema and /metrics list to it.
+test holds docs/reference.md's /status schema and /metrics list to it.
 
 Figures that are not one plain number (rates over a window, times, reasons, the camera
 activity read in one pass, the latency histogram) stay with their renderer.
@@ -58,7 +58,7 @@ FIGURES: tuple[Figure, ...] = (
     Figure("ingest", "possible_doubles", "messages_possible_doubles", C,
          "Redeliveries counted though they may have been counted before: the agent died between "
          "a reconnect and its first new message, and the broker may have begun its packet ids "
-         "anew (see README, The broker restored an older snapshot).",
+         "anew (docs/design.md, The broker restored an older snapshot).",
          lambda p: p.ledger.possible_replays),
     Figure("ingest", "replay_memory", "replay_memory_keys", G,
          "Acked messages remembered to recognise a broker's replay of an older snapshot "

@@ -51,7 +51,7 @@ class Outcome:
 
 
 def classify(status: int | None, *, batch_size: int, retry_after: float | None = None) -> Outcome:
-    """The response matrix (README, "When things fail"; status None: no response at all)."""
+    """The response matrix (docs/design.md, "When things fail"; status None: no response at all)."""
     if status is None:
         return Outcome("retry", "no response")
     if 200 <= status < 300 or status == 409:

@@ -517,7 +517,7 @@ class MqttSession:
                 "MQTT broker %s:%d had no session for client id %r (clean start): messages it "
                 "took for us while no subscription existed are lost. It restarted without "
                 "persistence or lost its database, or the session expired (mqtt.session_expiry_s "
-                "= %d). README: 'The broker forgot the session'",
+                "= %d). docs/design.md: 'The broker forgot the session'",
                 s.host,
                 s.port,
                 s.client_id,

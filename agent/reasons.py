@@ -13,7 +13,7 @@ from enum import StrEnum
 class Reject(StrEnum):
     """Why a message was not counted (and a few events counted alongside them), one name each:
     Stats.rejects, edge_agent_messages_rejected_total{reason}, /status ingest.rejects and the
-    README's list. Each is counted once, in Stats.rejects, by whoever decides it."""
+    docs/reference.md's list. Each is counted once, in Stats.rejects, by whoever decides it."""
 
     # The topic (TopicRouter.route).
     unknown_topic = "unknown_topic"

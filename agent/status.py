@@ -107,7 +107,7 @@ def stall_limit_s(p: Pipeline) -> float:
 
 
 def status_document(p: Pipeline) -> dict[str, Any]:
-    """The /status JSON (schema in the README): what flows, what waits, what was rejected."""
+    """The /status JSON (schema in docs/reference.md): what flows, what waits, what was rejected."""
     st, ob, fw = p.stats, p.outbox, p.forwarder
     now, mono = time.time(), time.monotonic()
     oldest = ob.oldest_created_at

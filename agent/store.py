@@ -5,7 +5,7 @@ caller) leaves either all of it or none of it. The agent runs these methods on o
 thread (agent/outbox.py); the deterministic simulation calls them inline; the CLI's dead-letter
 commands open the file beside a running agent (WAL, busy timeout).
 
-Invariants kept here (README, "Delivery guarantees": G3, G7, G8):
+Invariants kept here (docs/design.md, "Delivery guarantees": G3, G7, G8):
 - `seq` only grows, per gateway, also across a reset of the file: a new file starts above a
   high-water mark reserved in a side file (`<outbox>.seq`) and above the wall-clock floor.
 - At most one batch is cut at a time; once cut (table `batch`) its seqs, bytes and key do not

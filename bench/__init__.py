@@ -1,2 +1,2 @@
 """The benchmarks and soaks (not shipped with the agent). Run each from the repository root as a
-module, e.g. `.venv/bin/python -m bench.run_all --quick`; see the README's Benchmarks section."""
+module, e.g. `.venv/bin/python -m bench.run_all --quick`; see CONTRIBUTING.md, Benchmarks."""

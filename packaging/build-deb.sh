@@ -91,8 +91,11 @@ install -D -m 0644 "$src/systemd/edge-agent.service" "$root/lib/systemd/system/e
 install -d -m 0750 "$root/etc/edge-agent"
 install -m 0640 "$src/config.example.toml" "$root/etc/edge-agent/config.toml"
 install -m 0644 "$src/README.md" "$root$prefix/README.md"
-# The config's JSON Schema, for an editor on the gateway or beside it (README: "Editing the
-# config"); written by the packaged agent itself, so it is the model of this very build.
+install -d -m 0755 "$root$prefix/docs"
+install -m 0644 "$src/docs/operating.md" "$src/docs/reference.md" "$src/docs/design.md" \
+    "$root$prefix/docs/"
+# The config's JSON Schema, for an editor on the gateway or beside it (docs/operating.md:
+# "Editing the config"); written by the packaged agent itself, so it is the model of this very build.
 install -d -m 0755 "$root/usr/share/edge-agent"
 "$root$prefix/bin/python" -I -c 'import sys; from agent.cli import main; sys.exit(main(sys.argv[1:]))' \
     check-config --schema >"$root/usr/share/edge-agent/config.schema.json"

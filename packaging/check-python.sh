@@ -4,7 +4,7 @@
 # exits 1. Every install path (make venv, systemd/install.sh, make deb) runs it first, so an
 # unsupported interpreter fails here with one clear line rather than halfway through an install.
 # Supported: CPython 3.11 (Debian 12) and 3.12 (Ubuntu 24.04). 3.10 (Ubuntu 22.04) is not: the
-# code relies on asyncio.TaskGroup / asyncio.timeout, tomllib and typing.Self (README, "Python").
+# code relies on asyncio.TaskGroup / asyncio.timeout, tomllib and typing.Self (docs/operating.md, "Python").
 set -eu
 python="${1:-python3}"
 if ! command -v "$python" >/dev/null 2>&1; then

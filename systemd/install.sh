@@ -62,6 +62,8 @@ rm -f "$stage/agent/_build.py"
 PYTHONPATH="$src" "$python" -m agent.buildinfo --stamp "$stage" >/dev/null
 "$prefix/bin/pip" install -q --no-cache-dir --no-deps "$stage"
 install -m 0644 "$src/README.md" "$prefix/README.md"
+install -d -m 0755 "$prefix/docs"
+install -m 0644 "$src/docs/operating.md" "$src/docs/reference.md" "$src/docs/design.md" "$prefix/docs/"
 
 install -d -m 0750 -g "$group" "$etc"
 if [ ! -f "$etc/config.toml" ]; then

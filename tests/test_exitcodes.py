@@ -1,4 +1,4 @@
-"""Exit codes: one meaning each, listed once (agent/exitcodes.py), in --help and the README."""
+"""Exit codes: one meaning each, listed once (agent/exitcodes.py), in --help and docs/reference.md."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from agent.exitcodes import MEANING, Exit
 from agent.sim.procs import HOST, free_port
 from agent.store import Store
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parent.parent / "docs" / "reference.md"
 
 
 def test_every_code_has_one_meaning() -> None:
@@ -21,14 +21,14 @@ def test_every_code_has_one_meaning() -> None:
     assert set(MEANING) == set(Exit)
 
 
-def test_help_and_readme_list_exactly_the_codes() -> None:
+def test_help_and_the_reference_list_exactly_the_codes() -> None:
     epilog = build_parser().epilog or ""
     assert [int(m) for m in re.findall(r"^\s+(\d+)  ", epilog, re.M)] == [int(c) for c in Exit]
     text = README.read_text()
-    section = text[text.index("### Exit codes") :]
+    section = text[text.index("## Exit codes") :]
     rows = re.findall(r"^\| (\d+) \| (.+) \|$", section.split("\n\n", 3)[2], re.M)
     assert {int(code): meaning for code, meaning in rows} == {int(c): MEANING[c] for c in Exit}, (
-        "README's exit code table differs from agent/exitcodes.py"
+        "docs/reference.md's exit code table differs from agent/exitcodes.py"
     )
 
 

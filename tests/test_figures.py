@@ -1,5 +1,5 @@
 """Every plain figure is defined once (agent/figures.py): /status and /metrics render it from
-that table, and the README's /status schema and /metrics list name each one."""
+that table, and docs/reference.md's /status schema and /metrics list name each one."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from agent.outbox import Outbox
 from agent.service import build_pipeline
 from agent.status import status_document
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parent.parent / "docs" / "reference.md"
 
 
 def test_each_figure_has_one_place_and_one_name() -> None:
@@ -40,7 +40,9 @@ def test_the_readme_names_every_figure() -> None:
     for f in FIGURES:
         section = schema[schema.index(f"`{f.section}` {{") :]
         section = section[: section.index("}")]
-        assert f"`{f.key}`" in section, f"README's /status schema: {f.section}.{f.key} missing"
+        assert f"`{f.key}`" in section, (
+            f"docs/reference.md's /status schema: {f.section}.{f.key} missing"
+        )
     listed = {
         name
         for pattern in re.findall(r"`(edge_agent_[a-z_{},]+)`", text)
@@ -49,7 +51,7 @@ def test_the_readme_names_every_figure() -> None:
     for f in FIGURES:
         if f.metric:
             name = "edge_agent_" + f.metric + ("_total" if f.kind == "counter" else "")
-            assert name in listed, f"README's /metrics list: {name} missing"
+            assert name in listed, f"docs/reference.md's /metrics list: {name} missing"
 
 
 async def test_status_and_metrics_show_the_same_value_of_each_figure(tmp_path: Path) -> None:

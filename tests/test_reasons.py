@@ -1,4 +1,4 @@
-"""The reject reasons: one enum, and the README's table names exactly its members."""
+"""The reject reasons: one enum, and docs/reference.md's table names exactly its members."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from agent.reasons import AGGREGATE_EVENTS, CLOCK_EVENTS, REJECT_REASONS, Reject
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parent.parent / "docs" / "reference.md"
 
 
 def readme_reject_table() -> set[str]:
@@ -20,7 +20,7 @@ def readme_reject_table() -> set[str]:
             rows.append(line)
         elif rows:
             break
-    assert rows, "no table after 'Reject reasons' in README.md"
+    assert rows, "no table after 'Reject reasons' in docs/reference.md"
     names: set[str] = set()
     for row in rows[2:]:  # past the header and the |---| line
         first = row.split("|")[1]
@@ -31,7 +31,7 @@ def readme_reject_table() -> set[str]:
 def test_readme_lists_exactly_the_reject_reasons() -> None:
     listed = readme_reject_table()
     assert listed == {r.value for r in Reject}, (
-        f"README lists {sorted(listed - set(Reject))} that are not reasons and misses "
+        f"docs/reference.md lists {sorted(listed - set(Reject))} that are not reasons and misses "
         f"{sorted(set(Reject) - listed)}"
     )
 

@@ -1,4 +1,4 @@
-"""Deterministic simulation of the durable core (the README's "Delivery guarantees" say why).
+"""Deterministic simulation of the durable core (docs/design.md, "Delivery guarantees", says why).
 
 One seed decides everything. The real aggregator, ack ledger, intake, checkpoint, outbox (a
 real SQLite file; the same SQL as the agent, run inline) and forwarder (a real httpx client)
