@@ -32,7 +32,7 @@ tmux:
 		else sudo apt-get update -qq && sudo apt-get install -y -qq tmux; fi; }
 
 demo: venv mosquitto
-	$(BIN)/python -m agent.demo
+	$(BIN)/python -m devtools.demo
 
 # Two workers (pytest-xdist), a test file each at a time: the process tests mostly wait on
 # windows closing, so two at once halve the wall time on 2 cores. `pytest` alone runs serially.
@@ -40,17 +40,17 @@ test: venv mosquitto tmux
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
 # The deterministic simulation of the durable core, as long as you like:
-#   make simulate SEEDS=100000 [FIRST=0] [JOBS=2]; replay one: .venv/bin/python -m agent.sim.durable --seed N -v
+#   make simulate SEEDS=100000 [FIRST=0] [JOBS=2]; replay one: .venv/bin/python -m devtools.simulation --seed N -v
 SEEDS ?= 20000
 FIRST ?= 0
 JOBS  ?= 2
 simulate: venv
-	$(BIN)/python -m agent.sim.durable --seeds $(SEEDS) --first $(FIRST) --jobs $(JOBS)
+	$(BIN)/python -m devtools.simulation --seeds $(SEEDS) --first $(FIRST) --jobs $(JOBS)
 
 check: venv
-	$(BIN)/ruff check agent tests bench
-	$(BIN)/ruff format --check agent tests bench
-	$(BIN)/mypy agent tests bench
+	$(BIN)/ruff check agent devtools tests bench
+	$(BIN)/ruff format --check agent devtools tests bench
+	$(BIN)/mypy agent devtools tests bench
 
 clean:
 	rm -rf $(VENV) build dist demo-run .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.sim.procs import (
+from devtools.procs import (
     HOST,
     Agent,
     Mosquitto,

@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.sim.cloud import load_merged
-from agent.sim.procs import (
+from bench.common import OUT as BENCH_OUT
+from devtools.procs import (
     Agent,
     Mosquitto,
     Publisher,
@@ -55,8 +56,7 @@ from agent.sim.procs import (
     free_port,
     wait_for,
 )
-from agent.sim.truth import Comparison, Expected, compare, compare_per_stream
-from bench.common import OUT as BENCH_OUT
+from devtools.truth import Comparison, Expected, compare, compare_per_stream
 
 OUT = BENCH_OUT / "exactly_once"
 RUN_BUDGET_S = 60.0

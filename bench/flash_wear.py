@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.sim.procs import Agent, Mosquitto, Receiver, agent_config, free_port
 from bench.loadgen import LoadOptions, run_load
+from devtools.procs import Agent, Mosquitto, Receiver, agent_config, free_port
 
 WARMUP_S = 10.0
 

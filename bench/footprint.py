@@ -40,7 +40,6 @@ from typing import Any
 
 import msgspec
 
-from agent.sim.procs import Publisher
 from bench.common import (
     GATEWAY_ID,
     ROOT,
@@ -61,6 +60,7 @@ from bench.common import (
     wait_for,
     weighted_percentile,
 )
+from devtools.procs import Publisher
 
 CAMERAS = 300
 # Issue #20: with pydantic-settings loaded (it was 60 MB without pydantic, issue #13).
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     exact = None
     if expected is not None:
         from agent.sim.cloud import load_merged
-        from agent.sim.truth import compare
+        from devtools.truth import compare
 
         cmp = compare(expected, load_merged(receiver.db, GATEWAY_ID))
         exact = cmp.exact

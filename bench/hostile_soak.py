@@ -67,7 +67,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.sim.cameras import camera_name
 from agent.sim.cloud import load_merged
-from agent.sim.procs import (
+from bench.common import BENCH, ROOT, ProcStat, machine_description
+from bench.common import OUT as BENCH_OUT
+from devtools.procs import (
     HOST,
     Agent,
     Mosquitto,
@@ -77,9 +79,7 @@ from agent.sim.procs import (
     free_port,
     wait_for,
 )
-from agent.sim.truth import compare
-from bench.common import BENCH, ROOT, ProcStat, machine_description
-from bench.common import OUT as BENCH_OUT
+from devtools.truth import compare
 
 OUT = BENCH_OUT / "hostile_soak"
 MD = BENCH / "HOSTILE_SOAK.md"

@@ -45,12 +45,11 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from agent.config import ForwardSettings
-from agent.forward import build_request
-from agent.model import Chunk, encode_batch, encode_chunk
-from agent.outbox import Batch, CheckpointWrite, Outbox
-from agent.quota import counted_messages
-from agent.sim.procs import Proc, port_open
+from agent.config.settings import ForwardSettings
+from agent.core.model import Chunk, encode_batch, encode_chunk
+from agent.durable.compaction import counted_messages
+from agent.durable.outbox import Batch, CheckpointWrite, Outbox
+from agent.forward.forwarder import build_request
 from bench.common import (
     GATEWAY_ID,
     HOST,
@@ -69,6 +68,7 @@ from bench.common import (
     wait_for,
     write_agent_config,
 )
+from devtools.procs import Proc, port_open
 
 CAMERAS = 300
 STREAMS = (("detections", 7), ("motion", 2), ("health", 1))  # messages per camera-second

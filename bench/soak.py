@@ -69,7 +69,8 @@ CAMERAS = 300
 RATE_PER_CAMERA = 10.0
 GATEWAY = GATEWAY_ID  # start_agent's default
 MB = 1024 * 1024
-WAL_CAP = 64 * MB  # agent/store.py: min(64 MiB, buffer.max_bytes / 8), max_bytes 1 GiB shipped
+# agent/durable/store.py: min(64 MiB, buffer.max_bytes / 8), max_bytes 1 GiB shipped
+WAL_CAP = 64 * MB
 
 # /status gauges that must not grow under a steady load: (label, path in /status, unit).
 GAUGES: tuple[tuple[str, tuple[str, ...], str], ...] = (

@@ -46,7 +46,7 @@ mkdir -p "$work/src"
 cp -r "$src/pyproject.toml" "$src/README.md" "$src/agent" "$work/src/"
 find "$work/src" -name __pycache__ -prune -exec rm -rf {} +
 rm -f "$work/src/agent/_build.py"
-commit="$(PYTHONPATH="$src" "$py" -m agent.buildinfo --stamp "$work/src" >/dev/null \
+commit="$(PYTHONPATH="$src" "$py" -m agent.core.buildinfo --stamp "$work/src" >/dev/null \
     && sed -n "s/^COMMIT = '\(.*\)'$/\1/p" "$work/src/agent/_build.py")"
 [ -n "$commit" ] || die "could not stamp the commit"
 base="$(PYTHONPATH="$src" "$py" -c 'import agent; print(agent.__version__)')"
@@ -97,7 +97,7 @@ install -m 0644 "$src/docs/operating.md" "$src/docs/reference.md" "$src/docs/des
 # The config's JSON Schema, for an editor on the gateway or beside it (docs/operating.md:
 # "Editing the config"); written by the packaged agent itself, so it is the model of this very build.
 install -d -m 0755 "$root/usr/share/edge-agent"
-"$root$prefix/bin/python" -I -c 'import sys; from agent.cli import main; sys.exit(main(sys.argv[1:]))' \
+"$root$prefix/bin/python" -I -c 'import sys; from agent.cli.main import main; sys.exit(main(sys.argv[1:]))' \
     check-config --schema >"$root/usr/share/edge-agent/config.schema.json"
 chmod 0644 "$root/usr/share/edge-agent/config.schema.json"
 # `edge-agent status` and friends on the operator's PATH.

@@ -59,7 +59,7 @@ stage="$(mktemp -d)"
 trap 'rm -rf "$stage"' EXIT
 cp -r "$src/pyproject.toml" "$src/README.md" "$src/agent" "$stage/"
 rm -f "$stage/agent/_build.py"
-PYTHONPATH="$src" "$python" -m agent.buildinfo --stamp "$stage" >/dev/null
+PYTHONPATH="$src" "$python" -m agent.core.buildinfo --stamp "$stage" >/dev/null
 "$prefix/bin/pip" install -q --no-cache-dir --no-deps "$stage"
 install -m 0644 "$src/README.md" "$prefix/README.md"
 install -d -m 0755 "$prefix/docs"

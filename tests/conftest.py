@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.sim.procs import Mosquitto, Receiver
+from devtools.procs import Mosquitto, Receiver
 from tests.helpers import AgentFactory
 
 # Fixtures that start a process (Mosquitto, the agent, the receiver, tmux, tap, dpkg): a test

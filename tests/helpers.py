@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.sim.cloud import load_merged
-from agent.sim.procs import (
+from devtools.procs import (
     Agent,
     Mosquitto,
     Publisher,
@@ -20,7 +20,7 @@ from agent.sim.procs import (
     free_port,
     wait_for,
 )
-from agent.sim.truth import Comparison, Expected, compare
+from devtools.truth import Comparison, Expected, compare
 
 
 def publish(broker: Mosquitto, workdir: Path, **kw: Any) -> dict[tuple[str, str, int], Expected]:

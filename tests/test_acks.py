@@ -3,8 +3,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.acks import AckLedger, Pending
-from agent.aggregate import DURABLE
+from agent.intake.acks import AckLedger, Pending
+from agent.windows.aggregate import DURABLE
 
 
 class W:
@@ -215,7 +215,7 @@ def test_a_pruned_id_reused_before_the_prune_is_written_keeps_the_new_row() -> N
     """Found by the simulation (seed 3525 of 10,000): m4's journal row under id 5 is due for
     pruning (its PUBACK confirmed), the broker reuses id 5 for m28, m28 becomes durable and
     its row is written under id 5 — the pending prune must not delete that new row later."""
-    from agent.aggregate import DURABLE
+    from agent.windows.aggregate import DURABLE
 
     class W:
         version = 1
@@ -306,7 +306,7 @@ def test_a_connection_that_keeps_dropping_adds_each_orphan_once() -> None:
     broker redelivers the same unjournaled messages. The ledger must hold each once, and a
     commit must not take time quadratic in them (an adversary's 78-127 s event-loop hang
     after the disk healed: a list membership test per orphan over 65,535 duplicates each)."""
-    from agent.acks import AckLedger as Ledger
+    from agent.intake.acks import AckLedger as Ledger
 
     class W:
         version = 1

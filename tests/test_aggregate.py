@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.aggregate import Aggregator, StreamSpec
-from agent.model import OTHER, Chunk
-from agent.reasons import Reject
+from agent.core.model import OTHER, Chunk
+from agent.core.reasons import Reject
+from agent.windows.aggregate import Aggregator, StreamSpec
 
 SPEC = StreamSpec(numeric=("conf",), categorical=("cls",), max_categories=4)
 T0 = 1764126000

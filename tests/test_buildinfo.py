@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent import __version__
-from agent.buildinfo import UNKNOWN, git_commit, main
+from agent.core.buildinfo import UNKNOWN, git_commit, main
 
 ROOT = Path(__file__).resolve().parent.parent
 

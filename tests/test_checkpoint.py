@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.acks import AckLedger
-from agent.aggregate import Aggregator, StreamSpec
-from agent.checkpoint import Checkpointer, piece_bytes
-from agent.config import Settings
-from agent.outbox import Outbox
-from agent.stats import Stats
+from agent.config.settings import Settings
+from agent.core.stats import Stats
+from agent.durable.checkpoint import Checkpointer, piece_bytes
+from agent.durable.outbox import Outbox
+from agent.intake.acks import AckLedger
+from agent.windows.aggregate import Aggregator, StreamSpec
 
 T0 = 1_764_126_000.0
 SPEC = StreamSpec(categorical=("cls",), max_categories=1000)
@@ -84,8 +84,8 @@ async def test_a_commit_refused_as_full_below_the_high_water_mark_makes_room(
     """Usage just under the 90 % mark, so no compaction — yet the next piece does not fit and
     the commit fails as full. The next cycle must make room (compact), not retry the same
     failing commit forever (seen once in CI under load)."""
-    from agent.model import Chunk, encode_chunk
-    from agent.outbox import CheckpointWrite
+    from agent.core.model import Chunk, encode_chunk
+    from agent.durable.outbox import CheckpointWrite
 
     settings = Settings(gateway_id="gw-test")
     settings = settings.model_copy(
@@ -139,7 +139,7 @@ async def test_failed_checkpoints_leave_nothing_of_theirs_in_memory(tmp_path: Pa
     import gc
     import sqlite3
 
-    from agent.checkpoint import Checkpointer as Ckpt
+    from agent.durable.checkpoint import Checkpointer as Ckpt
 
     settings = Settings(gateway_id="gw-test")
     outbox, _ = await Outbox.open(tmp_path / "b.sqlite3", synchronous="off")

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from agent.sim.cloud import load_merged
-from agent.sim.procs import Publisher, wait_for
-from agent.sim.truth import compare_per_stream
+from devtools.procs import Publisher, wait_for
+from devtools.truth import compare_per_stream
 from tests.helpers import AgentFactory, assert_exact
 
 FAULTS = (

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main
-from agent.config import ConfigError, load_settings
+from agent.cli.main import main
+from agent.config.settings import ConfigError, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

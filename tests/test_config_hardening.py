@@ -14,9 +14,15 @@ from pathlib import Path
 import pytest
 import trustme
 
-from agent.cli import main
-from agent.config import MQTT_MAX_PACKET_BYTES, ConfigError, Section, Settings, load_settings
-from agent.ingest import connect_properties, max_packet_bytes
+from agent.cli.main import main
+from agent.config.settings import (
+    MQTT_MAX_PACKET_BYTES,
+    ConfigError,
+    Section,
+    Settings,
+    load_settings,
+)
+from agent.intake.ingest import connect_properties, max_packet_bytes
 from tests.helpers import deny_stat
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +84,7 @@ def test_a_size_with_hundreds_of_digits_from_the_environment_is_refused(
 
 
 def test_sizes_keep_their_exact_values() -> None:
-    from agent.config import parse_size
+    from agent.config.settings import parse_size
 
     assert parse_size("1.5MiB") == 1572864
     assert parse_size("0.5KiB") == 512
@@ -338,10 +344,10 @@ def test_a_stream_name_the_agent_would_refuse_as_an_id_is_refused(
 
 
 def test_a_camera_or_stream_id_with_a_trailing_newline_is_refused_at_run_time() -> None:
-    # The same `$` in agent/ingest.py's ID_RE let a topic level "cam-1\n" through as a camera.
-    from agent.config import StreamSettings
-    from agent.ingest import TopicRouter
-    from agent.reasons import Reject
+    # The same `$` in agent/intake/ingest.py's ID_RE let a topic level "cam-1\n" through as a camera.
+    from agent.config.settings import StreamSettings
+    from agent.core.reasons import Reject
+    from agent.intake.ingest import TopicRouter
 
     router = TopicRouter([StreamSettings(topic="site/cam/{camera}/{stream}")])
     assert router.route("site/cam/cam-1\n/det") == Reject.bad_camera_id
@@ -364,7 +370,7 @@ def test_a_username_with_nul_is_refused(tmp_path: Path) -> None:
 def test_a_file_only_the_service_user_may_read_is_for_run_to_refuse(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from agent import preflight
+    import agent.config.preflight as preflight
 
     pw = tmp_path / "pw"
     pw.write_text("secret\n")
@@ -384,7 +390,7 @@ def test_a_file_only_the_service_user_may_read_is_for_run_to_refuse(
 
 
 def test_the_example_states_the_packet_overhead_the_code_uses() -> None:
-    from agent.config import PACKET_OVERHEAD_BYTES
+    from agent.config.settings import PACKET_OVERHEAD_BYTES
 
     text = (ROOT / "config.example.toml").read_text()
     assert PACKET_OVERHEAD_BYTES == 64 * 1024
@@ -487,7 +493,7 @@ def test_an_outbox_file_name_over_255_bytes_is_one_line(
 def test_an_outbox_in_a_directory_that_cannot_be_searched_is_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from agent import preflight
+    import agent.config.preflight as preflight
 
     buffer = tmp_path / "b.sqlite3"
     s = load_settings(None, overrides={"gateway_id": "gw", "buffer": {"path": str(buffer)}})
@@ -511,7 +517,7 @@ def test_buffer_path_memory_is_refused(tmp_path: Path) -> None:
 def test_env_json_deeper_than_the_limit_is_refused_before_it_is_parsed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from agent.config import MAX_ENV_JSON_DEPTH, environment_problems
+    from agent.config.settings import MAX_ENV_JSON_DEPTH, environment_problems
 
     assert MAX_ENV_JSON_DEPTH == 100  # the README says so
     at, over = ("[" * n + "1" + "]" * n for n in (100, 101))
@@ -560,7 +566,7 @@ def test_a_bad_test_fault_is_a_config_error_for_run_and_check_config(
 
 
 def test_a_good_test_fault_still_arms() -> None:
-    from agent.faults import Faults
+    from agent.app.faults import Faults
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDGE_AGENT_TEST_FAULT", "after_send:2")
@@ -596,7 +602,7 @@ def test_every_shape_of_a_password_in_forward_url_is_masked(
 def test_a_password_holding_an_at_sign_is_masked_to_the_last_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from agent.config import mask_url
+    from agent.config.settings import mask_url
 
     url = "https://user:p@ss@127.0.0.1/x"
     cfg = tmp_path / "c.toml"
@@ -781,7 +787,7 @@ def test_an_inline_token_the_agent_would_not_send_is_refused(
     [p] = problems(tmp_path, base(tmp_path, f"[forward]\ntoken = {json.dumps(token)}\n"))
     assert p == f"forward.token = ***: {why}"
     s = load_settings(None, overrides={"gateway_id": "gw", "forward": {"token": " t0ken "}})
-    from agent.credentials import TokenSource
+    from agent.config.credentials import TokenSource
 
     assert TokenSource(s.forward.token, None)() == "t0ken"
 
@@ -809,7 +815,7 @@ def test_key_names_cannot_forge_lines(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_variable_names_cannot_forge_lines(monkeypatch: pytest.MonkeyPatch) -> None:
-    from agent.config import environment_problems
+    from agent.config.settings import environment_problems
 
     assert environment_problems({"EDGE_AGENT__\x1b[2J__": "1"}) == [
         "EDGE_AGENT__\\x1b[2J__: an empty name between '__' separators"

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from agent.cli import main
+from agent.cli.main import main
 
 GOLDEN = Path(__file__).with_name("config_messages.json")
 BASE = 'gateway_id = "gw"\n'

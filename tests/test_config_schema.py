@@ -18,8 +18,8 @@ import jsonschema
 import pytest
 from pydantic import BaseModel
 
-from agent.cli import main
-from agent.config import Settings, json_schema
+from agent.cli.main import main
+from agent.config.settings import Settings, json_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config.example.toml"

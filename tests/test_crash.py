@@ -1,7 +1,7 @@
 """Exactly once across crashes (G1, G2, G4): deterministic fault points and a chaos run.
 
 Fault points SIGKILL the agent at the exact moment named (EDGE_AGENT_TEST_FAULT, see
-agent/faults.py); the chaos run kills it at random moments, restarts the broker and takes the
+agent/app/faults.py); the chaos run kills it at random moments, restarts the broker and takes the
 cloud down, while cameras publish at a steady rate.
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.sim.procs import Publisher, wait_for
-from agent.sim.truth import Expected
+from devtools.procs import Publisher, wait_for
+from devtools.truth import Expected
 from tests.helpers import AgentFactory, assert_exact, assert_seqs_clean, wait_delivered
 
 

@@ -25,9 +25,9 @@ import jsonschema
 import pytest
 
 from agent import __version__
-from agent.buildinfo import git_commit
-from agent.config import json_schema
-from agent.sim.procs import Agent, Mosquitto, Receiver, agent_config, free_port
+from agent.config.settings import json_schema
+from agent.core.buildinfo import git_commit
+from devtools.procs import Agent, Mosquitto, Receiver, agent_config, free_port
 from tests.helpers import assert_exact, publish, wait_delivered
 
 ROOT = Path(__file__).resolve().parent.parent

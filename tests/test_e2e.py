@@ -6,7 +6,7 @@ import signal
 import sqlite3
 from pathlib import Path
 
-from agent.sim.procs import Publisher, wait_for
+from devtools.procs import Publisher, wait_for
 from tests.helpers import AgentFactory, assert_exact, assert_seqs_clean, publish, wait_delivered
 
 

@@ -1,4 +1,4 @@
-"""Exit codes: one meaning each, listed once (agent/exitcodes.py), in --help and docs/reference.md."""
+"""Exit codes: one meaning each, listed once (agent/cli/exitcodes.py), in --help and docs/reference.md."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import build_parser, main
-from agent.exitcodes import MEANING, Exit
-from agent.sim.procs import HOST, free_port
-from agent.store import Store
+from agent.cli.exitcodes import MEANING, Exit
+from agent.cli.main import build_parser, main
+from agent.durable.store import Store
+from devtools.procs import HOST, free_port
 
 README = Path(__file__).resolve().parent.parent / "docs" / "reference.md"
 
@@ -28,7 +28,7 @@ def test_help_and_the_reference_list_exactly_the_codes() -> None:
     section = text[text.index("## Exit codes") :]
     rows = re.findall(r"^\| (\d+) \| (.+) \|$", section.split("\n\n", 3)[2], re.M)
     assert {int(code): meaning for code, meaning in rows} == {int(c): MEANING[c] for c in Exit}, (
-        "docs/reference.md's exit code table differs from agent/exitcodes.py"
+        "docs/reference.md's exit code table differs from agent/cli/exitcodes.py"
     )
 
 

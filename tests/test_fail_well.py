@@ -18,10 +18,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import SecretStr
 
-from agent.credentials import TokenSource
-from agent.health import Cached, Response, json_response
-from agent.ingest import suback_problems
-from agent.sim.procs import Agent, Mosquitto, Receiver, wait_for
+from agent.config.credentials import TokenSource
+from agent.intake.ingest import suback_problems
+from agent.ops.health import Cached, Response, json_response
+from devtools.procs import Agent, Mosquitto, Receiver, wait_for
 from tests.helpers import AgentFactory
 
 MB = 1024 * 1024

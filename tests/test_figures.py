@@ -1,4 +1,4 @@
-"""Every plain figure is defined once (agent/figures.py): /status and /metrics render it from
+"""Every plain figure is defined once (agent/ops/figures.py): /status and /metrics render it from
 that table, and docs/reference.md's /status schema and /metrics list name each one."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.config import BufferSettings, Settings
-from agent.figures import FIGURES
-from agent.metrics import render
-from agent.outbox import Outbox
-from agent.service import build_pipeline
-from agent.status import status_document
+from agent.app.service import build_pipeline
+from agent.config.settings import BufferSettings, Settings
+from agent.durable.outbox import Outbox
+from agent.ops.figures import FIGURES
+from agent.ops.metrics import render
+from agent.ops.status import status_document
 
 README = Path(__file__).resolve().parent.parent / "docs" / "reference.md"
 

@@ -5,8 +5,8 @@ import gzip
 import json
 import random
 
-from agent.model import encode_batch
-from agent.pacing import Backoff, retry_after_s
+from agent.core.model import encode_batch
+from agent.forward.pacing import Backoff, retry_after_s
 
 
 def test_retry_after_seconds_and_http_date() -> None:
@@ -61,7 +61,7 @@ def test_batch_body_declares_the_seqs_a_compacted_chunk_stands_for() -> None:
 
 
 def test_the_clouds_words_cannot_forge_log_lines() -> None:
-    from agent.forward import one_line
+    from agent.forward.forwarder import one_line
 
     forged = 'bad\n2026-11-26 03:00:00 INFO agent: all good\r\x1b[2J{"x": 1}'
     shown = one_line(forged)

@@ -16,14 +16,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agent.config import ForwardSettings
-from agent.forward import SUSPECT_CLOUD_AFTER, Forwarder, classify
-from agent.model import Chunk, encode_chunk
-from agent.outbox import CheckpointWrite, Outbox
+from agent.config.settings import ForwardSettings
+from agent.core.model import Chunk, encode_chunk
+from agent.core.stats import Stats
+from agent.durable.outbox import CheckpointWrite, Outbox
+from agent.durable.store import list_dead_letters, retry_dead_letters
+from agent.forward.forwarder import SUSPECT_CLOUD_AFTER, Forwarder, classify
 from agent.sim.cloud import load_merged
-from agent.sim.procs import Receiver
-from agent.stats import Stats
-from agent.store import list_dead_letters, retry_dead_letters
+from devtools.procs import Receiver
 
 
 @dataclass

@@ -6,10 +6,10 @@ import threading
 import time
 import urllib.request
 
-from agent.aggregate import Aggregator, StreamSpec
-from agent.model import encode_batch, encode_chunk
-from agent.sim.procs import Receiver
-from agent.sim.truth import Expected
+from agent.core.model import encode_batch, encode_chunk
+from agent.windows.aggregate import Aggregator, StreamSpec
+from devtools.procs import Receiver
+from devtools.truth import Expected
 from tests.helpers import wait_delivered
 
 T = 1764126000

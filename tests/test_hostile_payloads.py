@@ -17,18 +17,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.acks import AckLedger
-from agent.aggregate import Aggregator
-from agent.config import AggregateSettings, MqttSettings, StreamSettings
-from agent.ingest import Intake, TopicRouter, digest
-from agent.model import MAX_CATEGORY_LEN, BadChunk, Chunk, decode_chunk, encode_chunk
-from agent.quota import compact_range, counted_messages
-from agent.service import build_aggregator, build_clocks
+from agent.app.service import build_aggregator, build_clocks
+from agent.config.settings import AggregateSettings, MqttSettings, StreamSettings
+from agent.core.model import MAX_CATEGORY_LEN, BadChunk, Chunk, decode_chunk, encode_chunk
+from agent.core.stats import Stats
+from agent.durable.compaction import compact_range, counted_messages
+from agent.intake.acks import AckLedger
+from agent.intake.ingest import Intake, TopicRouter, digest
+from agent.intake.timekeeping import BadTimestamp, parse_event_time
 from agent.sim.cloud import load_merged
-from agent.sim.procs import Mosquitto, Publisher, wait_for
-from agent.sim.truth import compare
-from agent.stats import Stats
-from agent.timekeeping import BadTimestamp, parse_event_time
+from agent.windows.aggregate import Aggregator
+from devtools.procs import Mosquitto, Publisher, wait_for
+from devtools.truth import compare
 from tests.helpers import AgentFactory, assert_exact, assert_seqs_clean
 
 T0 = 1764126000.0
@@ -41,7 +41,7 @@ NOT_PER_MESSAGE = {"bad_timestamp_used_gateway_time", "ignored_at_shutdown"}
 
 
 def build_intake() -> tuple[Intake, Aggregator, AckLedger, Stats]:
-    """The ingest path as agent/service.py wires it, with the default settings."""
+    """The ingest path as agent/app/service.py wires it, with the default settings."""
     streams = [
         StreamSettings(
             topic="site/cam/{camera}/{stream}", numeric=NUMERIC, categorical=CATEGORICAL

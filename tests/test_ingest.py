@@ -7,13 +7,13 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.acks import AckLedger
-from agent.aggregate import Aggregator
-from agent.config import StreamSettings
-from agent.ingest import Intake, TopicRouter
-from agent.reasons import Reject
-from agent.stats import Stats
-from agent.timekeeping import ClockPolicy, Clocks
+from agent.config.settings import StreamSettings
+from agent.core.reasons import Reject
+from agent.core.stats import Stats
+from agent.intake.acks import AckLedger
+from agent.intake.ingest import Intake, TopicRouter
+from agent.intake.timekeeping import ClockPolicy, Clocks
+from agent.windows.aggregate import Aggregator
 
 T0 = 1764126000.0
 

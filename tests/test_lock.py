@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.lock import AlreadyRunning, OutboxLock
-from agent.sim.procs import Agent, free_port, port_open, wait_for
+from agent.durable.lock import AlreadyRunning, OutboxLock
+from devtools.procs import Agent, free_port, port_open, wait_for
 from tests.helpers import AgentFactory
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from agent.lock import OutboxLock
+from agent.durable.lock import OutboxLock
 OutboxLock(Path(sys.argv[1])).acquire()
 print("held", flush=True)
 time.sleep(60)

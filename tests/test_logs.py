@@ -11,8 +11,8 @@ import re
 from datetime import datetime
 from pathlib import Path
 
-from agent.logs import JournalFormatter, JsonFormatter, TextArgs, priority, under_journald
-from agent.sim.procs import wait_for
+from agent.ops.logs import JournalFormatter, JsonFormatter, TextArgs, priority, under_journald
+from devtools.procs import wait_for
 from tests.helpers import AgentFactory
 from tests.test_fail_well import publish_one
 

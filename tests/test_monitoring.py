@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import __version__, buildinfo
-from agent.reasons import AGGREGATE_EVENTS, CLOCK_EVENTS, DROP_REASONS, REJECT_REASONS
+import agent.core.buildinfo as buildinfo
+from agent import __version__
+from agent.core.reasons import AGGREGATE_EVENTS, CLOCK_EVENTS, DROP_REASONS, REJECT_REASONS
 from tests.helpers import AgentFactory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,10 +124,12 @@ def test_metrics_of_a_fresh_agent(agents: AgentFactory) -> None:
 
 def test_every_reason_the_code_counts_is_listed_so_it_shows_at_0() -> None:
     """A literal `rejects["x"]`, `drops["x"]` or `counters["x"]` in agent/ must be in
-    agent/reasons.py, and so are the reasons the topic router, decoder and caps return."""
-    source = "\n".join(p.read_text() for p in (ROOT / "agent").glob("*.py"))
+    agent/core/reasons.py, and so are the reasons the topic router, decoder and caps return."""
+    source = "\n".join(p.read_text() for p in (ROOT / "agent").rglob("*.py"))
     counted = set(re.findall(r'(?:rejects|drops|counters)\["([a-z_]+)"\]', source))
-    intake = "\n".join((ROOT / "agent" / f).read_text() for f in ("ingest.py", "aggregate.py"))
+    intake = "\n".join(
+        (ROOT / "agent" / f).read_text() for f in ("intake/ingest.py", "windows/aggregate.py")
+    )
     counted |= set(re.findall(r'return "([a-z_]+)"(?:, None)?$', intake, flags=re.M))
     counted |= set(re.findall(r'reason = "([a-z_]+)"', intake))
     known = set(REJECT_REASONS) | set(DROP_REASONS) | set(AGGREGATE_EVENTS) | set(CLOCK_EVENTS)

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.config import MqttSettings
-from agent.ingest import BARRIER_TOPIC, connect_properties
-from agent.mqtt_compat import (
+from agent.config.settings import MqttSettings
+from agent.intake.ingest import BARRIER_TOPIC, connect_properties
+from agent.intake.mqtt_compat import (
     FastReader,
     expect_late_unsubacks,
     frame,
@@ -27,7 +27,7 @@ from agent.mqtt_compat import (
     publish_fields,
     send_acks,
 )
-from agent.sim.procs import HOST, Mosquitto
+from devtools.procs import HOST, Mosquitto
 
 
 def publish(port: int, topic: str, payloads: list[bytes]) -> None:

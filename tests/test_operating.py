@@ -16,8 +16,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.exitcodes import Exit
-from agent.sim.procs import HOST, wait_for
+from agent.cli.exitcodes import Exit
+from devtools.procs import HOST, wait_for
 from tests.helpers import AgentFactory, assert_exact, publish, wait_delivered
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from agent.cli import EXIT_BROKEN_PIPE, EXIT_NOT_FOUND, build_parser, main
-from agent.sim.procs import Agent, wait_for
+from agent.cli.main import EXIT_BROKEN_PIPE, EXIT_NOT_FOUND, build_parser, main
+from devtools.procs import Agent, wait_for
 from tests.helpers import AgentFactory, publish
 
 

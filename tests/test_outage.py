@@ -15,13 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agent.config import ForwardSettings
-from agent.forward import Forwarder
-from agent.model import Chunk, encode_chunk
-from agent.outage import outage_problems, recovery_line, rfc3339
-from agent.outbox import CheckpointWrite, Outbox
-from agent.sim.procs import Receiver, wait_for
-from agent.stats import Stats
+from agent.config.settings import ForwardSettings
+from agent.core.model import Chunk, encode_chunk
+from agent.core.stats import Stats
+from agent.durable.outbox import CheckpointWrite, Outbox
+from agent.forward.forwarder import Forwarder
+from agent.forward.outage import outage_problems, recovery_line, rfc3339
+from devtools.procs import Receiver, wait_for
 from tests.helpers import AgentFactory, publish
 
 T0 = 1_764_170_000.0  # 2025-11-26T15:13:20Z
@@ -107,7 +107,7 @@ async def test_recovery_is_logged_at_info_and_the_error_cleared(
             assert "ConnectError" in (stats.last_forward_error or "")
             assert stats.last_forward_error_at is not None
             clock.offset = 27 * 60
-            with caplog.at_level(logging.INFO, logger="agent.forward"):
+            with caplog.at_level(logging.INFO, logger="agent.forward.forwarder"):
                 receiver.start()
                 await until(lambda: stats.batches_sent >= 1)
             lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]

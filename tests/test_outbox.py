@@ -9,9 +9,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from agent.model import Chunk, encode_chunk
-from agent.outbox import Batch, CheckpointWrite, Outbox, OutboxError
-from agent.store import SEQ_PER_SECOND_FLOOR
+from agent.core.model import Chunk, encode_chunk
+from agent.durable.outbox import Batch, CheckpointWrite, Outbox, OutboxError
+from agent.durable.store import SEQ_PER_SECOND_FLOOR
 
 GW = "gw-test"
 T0 = 1764126000.0
@@ -391,7 +391,7 @@ async def test_checkpoint_and_forwarder_can_interleave_on_one_connection(tmp_pat
 
 def test_seq_side_file_is_written_before_the_seqs_are_used(tmp_path: Path) -> None:
     """The reserved high-water mark in `<outbox>.seq` is always above the last seq used."""
-    from agent.store import Store
+    from agent.durable.store import Store
 
     path = tmp_path / "b.sqlite3"
     store, _ = Store.open(path, now=T0)
@@ -406,7 +406,7 @@ def test_seq_side_file_is_written_before_the_seqs_are_used(tmp_path: Path) -> No
 
 
 def _chunk_bodies(n: int, start: int = 0) -> list[bytes]:
-    from agent.model import Chunk, encode_chunk
+    from agent.core.model import Chunk, encode_chunk
 
     out = []
     for i in range(start, start + n):
@@ -421,7 +421,7 @@ def test_the_effective_quota_follows_the_free_disk_space(tmp_path: Path) -> None
     """A disk smaller than buffer.max_bytes is normal on a gateway: usage is measured against
     what fits (file + free space - a reserve for deletes), so compaction and backpressure start
     before SQLite hits a full disk."""
-    from agent.store import Store
+    from agent.durable.store import Store
 
     store, _ = Store.open(tmp_path / "b.sqlite3", synchronous="off")
     store.set_quota(1024**3)
@@ -436,7 +436,7 @@ def test_the_effective_quota_follows_the_free_disk_space(tmp_path: Path) -> None
 
 
 def test_the_wal_stays_within_the_quota(tmp_path: Path) -> None:
-    from agent.store import Store
+    from agent.durable.store import Store
 
     path = tmp_path / "b.sqlite3"
     store, _ = Store.open(path, synchronous="off")
@@ -450,7 +450,7 @@ def test_the_wal_stays_within_the_quota(tmp_path: Path) -> None:
 
 
 def test_an_outbox_deleted_under_the_agent_is_reported(tmp_path: Path) -> None:
-    from agent.store import Store
+    from agent.durable.store import Store
 
     path = tmp_path / "b.sqlite3"
     store, _ = Store.open(path, synchronous="off")

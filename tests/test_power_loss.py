@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from agent.sim.procs import Agent, Mosquitto, Publisher, Receiver, wait_for
+from devtools.procs import Agent, Mosquitto, Publisher, Receiver, wait_for
 from tests.faultfs import PowerCutDisk
 from tests.helpers import AgentFactory, assert_exact, assert_seqs_clean, wait_delivered
 
@@ -135,7 +135,7 @@ def test_entries_are_durable_only_after_a_directory_fsync(tmp_path: Path) -> Non
 _STORE = r"""
 import json, sys, time
 from pathlib import Path
-from agent.store import CheckpointWrite, Store
+from agent.durable.store import CheckpointWrite, Store
 store, _ = Store.open(Path(sys.argv[1]), synchronous=sys.argv[2])
 for i in range(50):
     store.checkpoint(CheckpointWrite(chunks=[b'{"i": %d}' % i], journal_upserts=[(i, i)]),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main
+from agent.cli.main import main
 from tests.helpers import deny_stat
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,8 +133,8 @@ def test_the_service_user_may_enter_a_directory_this_user_may_not(
 ) -> None:
     # An operator checking /var/lib/edge-agent (0750 edge-agent) as another user: the mode
     # bits let the service user in, so it is no problem (it was a traceback).
-    from agent import preflight
-    from agent.config import load_settings
+    import agent.config.preflight as preflight
+    from agent.config.settings import load_settings
 
     buffer = tmp_path / "b.sqlite3"
     os.chmod(tmp_path, 0o777)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from agent.sim.procs import Mosquitto, Receiver, agent_config, free_port, wait_for
+from devtools.procs import Mosquitto, Receiver, agent_config, free_port, wait_for
 from tests.helpers import AgentFactory
 
 

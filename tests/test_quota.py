@@ -11,12 +11,12 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from agent.model import Chunk, encode_chunk
-from agent.outbox import Batch, CheckpointWrite, Outbox
-from agent.quota import compact_range, counted_messages
+from agent.core.model import Chunk, encode_chunk
+from agent.durable.compaction import compact_range, counted_messages
+from agent.durable.outbox import Batch, CheckpointWrite, Outbox
 from agent.sim.cloud import load_merged
-from agent.sim.procs import wait_for
-from agent.sim.truth import compare_per_stream
+from devtools.procs import wait_for
+from devtools.truth import compare_per_stream
 from tests.helpers import AgentFactory, assert_exact, publish, wait_delivered
 
 T0 = 1764126000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from agent.reasons import AGGREGATE_EVENTS, CLOCK_EVENTS, REJECT_REASONS, Reject
+from agent.core.reasons import AGGREGATE_EVENTS, CLOCK_EVENTS, REJECT_REASONS, Reject
 
 README = Path(__file__).resolve().parent.parent / "docs" / "reference.md"
 

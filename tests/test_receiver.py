@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from agent.model import Chunk
+from agent.core.model import Chunk
 from agent.sim.cloud import Store, load_merged
 
 

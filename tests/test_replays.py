@@ -1,4 +1,4 @@
-"""The replay memory (agent/acks.py ReplayMemory) and the ledger's rules for a broker that
+"""The replay memory (agent/intake/acks.py ReplayMemory) and the ledger's rules for a broker that
 restored an older snapshot: a replay is recognised; a new message that shares a remembered key
 (the same bytes under an id handed out again) is never taken for one."""
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import random
 
-from agent.acks import AckLedger, ReplayMemory, replay_key
-from agent.store import HistoryRow
+from agent.durable.store import HistoryRow
+from agent.intake.acks import AckLedger, ReplayMemory, replay_key
 
 
 def _remembered(ledger: AckLedger, *keys: tuple[int, int]) -> None:

@@ -19,12 +19,12 @@ import pytest
 import trustme
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.config import MqttSettings
-from agent.ingest import connect_properties
-from agent.model import Chunk
-from agent.mqtt_compat import FastReader
+from agent.config.settings import MqttSettings
+from agent.core.model import Chunk
+from agent.intake.ingest import connect_properties
+from agent.intake.mqtt_compat import FastReader
 from agent.sim.cloud import load_merged
-from agent.sim.procs import (
+from devtools.procs import (
     HOST,
     Agent,
     Mosquitto,
@@ -34,7 +34,7 @@ from agent.sim.procs import (
     free_port,
     wait_for,
 )
-from agent.sim.truth import compare
+from devtools.truth import compare
 from tests.helpers import assert_exact, wait_delivered
 
 
@@ -319,7 +319,7 @@ async def _tls_backlog(
     import aiomqtt
     from paho.mqtt.subscribeoptions import SubscribeOptions
 
-    from agent.mqtt_compat import install, send_acks
+    from agent.intake.mqtt_compat import install, send_acks
 
     ctx = ssl.create_default_context(cafile=str(pki["ca"]))
     ctx.load_cert_chain(str(pki["client_cert"]), str(pki["client_key"]))

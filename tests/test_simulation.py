@@ -1,4 +1,4 @@
-"""The deterministic simulation of the durable core (agent/sim/durable.py) as a test.
+"""The deterministic simulation of the durable core (devtools/simulation.py) as a test.
 
 SIM_SEEDS sets how many schedules (default 10,000, split over 2 processes); SEED=n replays one
 seed alone, exactly as it failed. `make simulate SEEDS=100000` is the long soak.
@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from agent.sim.durable import run_parallel, run_seed
+from devtools.simulation import run_parallel, run_seed
 
 
 # Minutes of CPU: outside the inner loop (`pytest -m "not e2e"`) like the process tests.

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from agent.sim.procs import Agent, Mosquitto, Publisher, Receiver, wait_for
+from devtools.procs import Agent, Mosquitto, Publisher, Receiver, wait_for
 from tests.faultclock import SteppableClock
 from tests.faultdisk import FailingDisk
 from tests.helpers import AgentFactory, assert_exact, wait_delivered

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent import __version__
-from agent.buildinfo import git_commit
+from agent.core.buildinfo import git_commit
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "edge-agent.service"

@@ -16,7 +16,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.sim.procs import HOST, Mosquitto, agent_config, free_port, wait_for
+from devtools.procs import HOST, Mosquitto, agent_config, free_port, wait_for
 from tests.helpers import AgentFactory, assert_exact, publish, wait_delivered
 
 
@@ -224,7 +224,7 @@ def test_tap_bad_input_and_unreachable_broker(tmp_path: Path) -> None:
 
 
 def test_unit_of_names_the_unit_parse_event_time_reads() -> None:
-    from agent.timekeeping import parse_event_time, unit_of
+    from agent.intake.timekeeping import parse_event_time, unit_of
 
     for value, unit in [
         (1_764_126_000, "s"), (1_764_126_000.5, "s"), (1_764_126_000_123, "ms"),

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.timekeeping import BadTimestamp, parse_event_time
+from agent.intake.timekeeping import BadTimestamp, parse_event_time
 
 T = 1764126000.25  # 2025-11-26T03:00:00.25Z
 
@@ -58,7 +58,7 @@ def test_auto_tells_units_apart_for_any_date_after_1973(seconds: float) -> None:
 
 import random  # noqa: E402
 
-from agent.timekeeping import ClockPolicy, Clocks  # noqa: E402
+from agent.intake.timekeeping import ClockPolicy, Clocks  # noqa: E402
 
 
 def feed(
@@ -174,7 +174,7 @@ def test_bad_time_drop_policy_drops_and_leaves_the_count_to_the_caller() -> None
 
 @given(st.lists(st.floats(min_value=-1e6, max_value=1e6), min_size=1, max_size=300))
 def test_incremental_minimum_equals_the_windowed_minimum(samples: list[float]) -> None:
-    from agent.timekeeping import CameraClock
+    from agent.intake.timekeeping import CameraClock
 
     c = CameraClock()
     for d in samples:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.exitcodes import Exit
-from agent.sim.procs import HOST, free_port, wait_for
-from agent.topview import Sample, ViewOptions, render
+from agent.cli.exitcodes import Exit
+from agent.cli.topview import Sample, ViewOptions, render
+from devtools.procs import HOST, free_port, wait_for
 from tests.helpers import AgentFactory, publish, wait_delivered
 
 

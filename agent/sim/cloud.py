@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from agent.model import Chunk
+from agent.core.model import Chunk
 
 log = logging.getLogger("agent.sim.cloud")
 

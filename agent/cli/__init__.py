@@ -1,0 +1,5 @@
+"""The commands (edge-agent ...): exceptions become exit codes here only."""
+
+from agent.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,405 @@
+"""`edge-agent tap`: each message on the broker as the agent would see it, one line each.
+
+The field engineer's answer to "why is this camera's data wrong?". The verdict is the agent's
+own: every message goes through a real `Intake` (topic routing, size, JSON, structure, event
+time, camera clock, aggregation caps, field checks) built from the same config, fed at QoS 0 so
+nothing is ever acked or journaled. Tap's own MQTT session is clean and non-persistent, with a
+client id of its own (`edge-agent-tap-<pid>`): it never takes the agent's session or messages.
+
+Its view of state (clock estimates, open windows) starts when tap starts, so a verdict that
+depends on history (`late_dropped`, a clock step) is tap's, not necessarily the agent's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from agent.config.settings import ID_RE, Settings, read_secret
+from agent.core.reasons import Reject
+from agent.core.stats import Stats
+from agent.intake.acks import AckLedger
+from agent.intake.ingest import Intake, Route, TopicRouter, max_packet_bytes, tls_context
+from agent.intake.timekeeping import BadTimestamp, parse_event_time, unit_of
+from agent.windows.aggregate import Aggregator, StreamSpec, Window
+
+# Messages waiting to be shown; past this tap skips (and says how many): a terminal cannot
+# print a busy site's full rate, and tap must not grow without bound.
+QUEUE_MAX = 10_000
+# Intake's own per-reject warning: tap shows the reason on the message's line instead.
+_REJECT_LOG = "rejected a message on %r: %s"
+
+
+class TapError(Exception):
+    """The broker could not be reached, refused us, or refused a subscription."""
+
+
+@dataclass(frozen=True, slots=True)
+class Added:
+    """What the intake handed to the aggregator for one message."""
+
+    payload: Mapping[str, Any]
+    event_t: float
+    flags: tuple[str, ...]
+    refused: Counter[str]
+
+
+class RecordingAggregator(Aggregator):
+    """The real aggregator, remembering the last message it was given (time, flags, payload)."""
+
+    last: Added | None = None
+
+    def add(
+        self,
+        camera: str,
+        stream: str,
+        spec: StreamSpec,
+        payload: Mapping[str, Any],
+        event_t: float,
+        recv_t: float,
+        *,
+        flags: tuple[str, ...] = (),
+        mono: float | None = None,
+    ) -> Window | Reject:
+        before = Counter(self.counters)
+        result = super().add(camera, stream, spec, payload, event_t, recv_t, flags=flags, mono=mono)
+        self.last = Added(payload, event_t, flags, self.counters - before)
+        return result
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def refused_fields(spec: StreamSpec, payload: Mapping[str, Any]) -> list[str]:
+    """Which configured fields the aggregator refuses, each tried alone on a scratch aggregator
+    (the real merge only counts refusals per message, not per field)."""
+    refused = []
+    for kind, names in (("numeric", spec.numeric), ("categorical", spec.categorical)):
+        for name in names:
+            if payload.get(name) is None:
+                continue
+            scratch = Aggregator(window_s=1, allowed_lateness_s=0.0, idle_close_s=1.0)
+            one = (
+                StreamSpec(numeric=(name,))
+                if kind == "numeric"
+                else StreamSpec(categorical=(name,))
+            )
+            scratch.add("c", "s", one, payload, 0.0, 0.0)
+            if scratch.counters[f"bad_{kind}_field"]:
+                refused.append(name)
+    return refused
+
+
+class Tap:
+    """Classifies raw messages with the agent's intake, keeping state as the agent does (clock
+    estimates, open windows) but acking, journaling and sending nothing."""
+
+    def __init__(self, settings: Settings) -> None:
+        from agent.app.service import build_aggregator, build_clocks
+
+        self.router = TopicRouter(settings.streams)
+        agg = build_aggregator(settings.aggregate, RecordingAggregator)
+        assert isinstance(agg, RecordingAggregator)
+        self._agg = agg
+        self._clocks = build_clocks(settings.aggregate)
+        agg.on_forget = self._clocks.forget
+        self._stats = Stats()
+        self._intake = Intake(
+            router=self.router,
+            aggregator=agg,
+            clocks=self._clocks,
+            ledger=AckLedger(),
+            stats=self._stats,
+            max_payload_bytes=settings.mqtt.max_payload_bytes,
+            max_fields=settings.mqtt.max_fields,
+            max_depth=settings.mqtt.max_depth,
+        )
+        self._notes: list[str] = []
+        self._capture = _Capture(self._notes)
+        logging.getLogger("agent.intake.ingest").addHandler(self._capture)
+        logging.getLogger("agent.intake.ingest").propagate = False
+
+    def classify(self, topic: bytes, payload: bytes, recv_t: float, mono: float) -> dict[str, Any]:
+        """One message through the intake: what it was counted as, or why it was rejected."""
+        st, agg = self._stats, self._agg
+        rejects_before, counted_before = Counter(st.rejects), st.counted
+        agg.last = None
+        self._notes.clear()
+        self._intake.handle(topic, payload, 0, 0, False, recv_t=recv_t, mono=mono)
+        # Keep tap's own state small: its windows are never sent anywhere.
+        agg.close_due(mono)
+        new = st.rejects - rejects_before
+        bad_ts = new.pop("bad_timestamp_used_gateway_time", 0)
+        route = self.router.route(topic.decode("utf-8", "replace"))
+        doc: dict[str, Any] = {
+            "recv": _iso(recv_t),
+            "topic": topic.decode("utf-8", "replace"),
+            "bytes": len(payload),
+            "camera": route.camera if isinstance(route, Route) else None,
+            "stream": route.stream if isinstance(route, Route) else None,
+            "counted": st.counted > counted_before,
+            "reason": next(iter(new), None),
+        }
+        added = agg.last
+        if isinstance(route, Route) and added is not None:
+            doc.update(self._describe(route, added, recv_t, bool(bad_ts)))
+        if self._notes:
+            doc["notes"] = list(self._notes)
+        return doc
+
+    def _describe(self, route: Route, added: Added, recv_t: float, bad_ts: bool) -> dict[str, Any]:
+        """Event time, its unit, skew and fields of a message that reached the aggregator."""
+        payload = added.payload
+        out: dict[str, Any] = {}
+        raw = payload.get(route.time_field) if route.time_field else None
+        event_t: float | None = None
+        if raw is not None and not bad_ts:
+            with contextlib.suppress(BadTimestamp):
+                event_t = parse_event_time(raw, route.time_unit)
+        out["time_field"] = route.time_field
+        out["time_raw"] = raw if isinstance(raw, int | float | str | None) else repr(raw)[:80]
+        out["time_unit"] = unit_of(raw, route.time_unit) if raw is not None else None
+        out["time_source"] = "payload" if event_t is not None else "gateway"
+        out["event_time"] = _iso(event_t) if event_t is not None else None
+        out["skew_s"] = round(event_t - recv_t, 3) if event_t is not None else None
+        clock = self._clocks.get(route.camera)
+        out["skew_estimate_s"] = (
+            round(clock.skew_s, 3) if clock is not None and clock.skew_s is not None else None
+        )
+        out["clock_suspect"] = bool(clock and clock.suspect)
+        out["aggregated_at"] = _iso(added.event_t)
+        out["flags"] = list(added.flags)
+        refused = refused_fields(route.spec, payload) if added.refused else []
+        out["numeric"] = {f: payload[f] for f in route.spec.numeric if f in payload}
+        out["categorical"] = {f: payload[f] for f in route.spec.categorical if f in payload}
+        out["refused"] = refused
+        out["missing"] = [
+            f for f in (*route.spec.numeric, *route.spec.categorical) if payload.get(f) is None
+        ]
+        return out
+
+
+class _Capture(logging.Handler):
+    """Collects what the intake logs about a message (clock notices, bad timestamps)."""
+
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.DEBUG)
+        self._into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg != _REJECT_LOG:
+            self._into.append(record.getMessage())
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v) if isinstance(v, str) else repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def format_line(doc: Mapping[str, Any]) -> str:
+    """One line for a person: time, camera/stream, verdict, event time, skew, fields."""
+    head = doc["recv"][11:]
+    who = f"{doc['camera']}/{doc['stream']}" if doc.get("camera") else doc["topic"]
+    if not doc["counted"]:
+        line = f"{head} {who}  REJECTED {doc.get('reason')}  ({doc['bytes']} B)"
+        return _with_notes(line, doc)
+    parts = [f"{head} {who}  counted"]
+    if doc.get("time_source") == "payload":
+        parts.append(
+            f"t {doc['event_time'][11:]} ({doc['time_field']}={_short(doc['time_raw'])} "
+            f"read as {doc['time_unit']})"
+        )
+        skew = f"skew {doc['skew_s']:+.3f} s"
+        est = doc.get("skew_estimate_s")
+        if est is not None:
+            suspect = ", CLOCK SUSPECT" if doc["clock_suspect"] else ""
+            skew += f" (camera estimate {round(est, 1) + 0.0:+.1f} s{suspect})"  # no -0.0
+        parts.append(skew)
+    elif doc.get("time_raw") is not None:
+        parts.append(f"BAD TIMESTAMP {doc['time_field']}={_short(doc['time_raw'])}: gateway time")
+    else:
+        parts.append(f"no {doc.get('time_field')}: gateway time")
+    if doc.get("flags"):
+        parts.append("flags " + ",".join(doc["flags"]))
+    fields = [f"{k}={_short(v)}" for k, v in {**doc["numeric"], **doc["categorical"]}.items()]
+    if fields:
+        parts.append(" ".join(fields))
+    if doc.get("refused"):
+        parts.append("REFUSED " + ",".join(doc["refused"]))
+    if not fields and doc.get("missing"):  # one pattern often serves several streams
+        parts.append("none of the configured fields (" + ",".join(doc["missing"]) + ")")
+    return _with_notes("  ".join(parts), doc)
+
+
+def _with_notes(line: str, doc: Mapping[str, Any]) -> str:
+    return line + "".join(f"\n    note: {n}" for n in doc.get("notes", ()))
+
+
+def subscriptions(settings: Settings, camera: str | None, stream: str | None) -> list[str]:
+    """The agent's topic filters, narrowed to one camera and/or stream where the pattern can."""
+    out = []
+    for s in settings.streams:
+        if stream is not None and s.name is not None and s.name != stream:
+            continue
+        levels = s.topic.split("/")
+        subst = {"{camera}": camera or "+", "{stream}": stream or "+"}
+        out.append("/".join(subst.get(lv, lv) for lv in levels))
+    return list(dict.fromkeys(out))
+
+
+def check_id(option: str, value: str | None) -> None:
+    """Raise ValueError naming the option when an id could never match a topic."""
+    if value is not None and not ID_RE.fullmatch(value):
+        raise ValueError(f"{option} {value!r}: an id is 1-64 of A-Z a-z 0-9 . _ -")
+
+
+@dataclass
+class TapOptions:
+    camera: str | None = None
+    stream: str | None = None
+    json: bool = False
+    count: int | None = None
+    seconds: float | None = None
+
+
+def run_tap(settings: Settings, opts: TapOptions, out: TextIO, err: TextIO) -> int:
+    """Subscribe, print a line per message until count/seconds/Ctrl-C; 0, or raise TapError."""
+    topics = subscriptions(settings, opts.camera, opts.stream)
+    tap = Tap(settings)
+    inbox: queue.Queue[tuple[bytes, bytes, float, float]] = queue.Queue(QUEUE_MAX)
+    skipped = [0]
+
+    def on_message(_c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            inbox.put_nowait((msg._topic, bytes(msg.payload), time.time(), time.monotonic()))
+        except queue.Full:
+            skipped[0] += 1
+
+    client_id = f"edge-agent-tap-{os.getpid()}"
+    client = _connect(settings, client_id, topics, on_message)
+    print(
+        f"tap: subscribed to {', '.join(topics)} on {settings.mqtt.host}:{settings.mqtt.port} "
+        f"as {client_id} (clean session, QoS 0: the agent's messages are untouched)",
+        file=err,
+        flush=True,
+    )
+    closing = threading.Event()
+
+    def on_disconnect(_c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        if not closing.is_set():  # paho reconnects by itself; on_connect subscribes again
+            print(f"tap: connection to the broker lost ({rc}); reconnecting", file=err, flush=True)
+
+    client.on_disconnect = on_disconnect
+    deadline = None if opts.seconds is None else time.monotonic() + opts.seconds
+    shown = 0
+    stop = _stop_on_signals()
+    try:
+        while not stop.is_set() and (opts.count is None or shown < opts.count):
+            wait_s = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            if wait_s <= 0:
+                break
+            try:
+                topic, payload, recv_t, mono = inbox.get(timeout=wait_s)
+            except queue.Empty:
+                continue
+            doc = tap.classify(topic, payload, recv_t, mono)
+            if opts.camera is not None and doc["camera"] not in (None, opts.camera):
+                continue
+            if opts.stream is not None and doc["stream"] not in (None, opts.stream):
+                continue
+            print(json.dumps(doc) if opts.json else format_line(doc), file=out, flush=True)
+            shown += 1
+    finally:
+        closing.set()
+        client.disconnect()
+        client.loop_stop()
+    if skipped[0]:
+        print(f"tap: {skipped[0]} messages skipped (arriving faster than shown)", file=err)
+    print(f"tap: {shown} messages shown", file=err)
+    return 0
+
+
+def _stop_on_signals() -> threading.Event:
+    """Set by Ctrl-C and SIGTERM (`timeout 60 edge-agent tap`): both end tap cleanly, with its
+    summary. SIGINT is taken even when tap was started with it ignored, as background jobs of
+    a non-interactive shell are: a Ctrl-C or `kill -INT` must still stop it. A flag, not
+    KeyboardInterrupt, so the signal never lands inside the queue's lock."""
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return stop
+
+
+def _connect(
+    settings: Settings, client_id: str, topics: list[str], on_message: Callable[..., None]
+) -> paho.Client:
+    """A clean MQTT v5 session that expires with the connection, subscribed at QoS 0."""
+    s = settings.mqtt
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=paho.MQTTv5,
+    )
+    if s.username is not None:
+        client.username_pw_set(
+            s.username, read_secret(s.password, s.password_file, "mqtt-password")
+        )
+    ctx = tls_context(s)
+    if ctx is not None:
+        client.tls_set_context(ctx)
+    done = threading.Event()
+    problem: list[str] = []
+
+    def on_connect(c: paho.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        if rc.is_failure:
+            problem.append(f"broker refused: {rc.getName()} ({rc.value})")
+            done.set()
+            return
+        opts = SubscribeOptions(qos=0, retainHandling=2)
+        c.subscribe([(t, opts) for t in topics])
+
+    def on_subscribe(_c: Any, _u: Any, _mid: int, codes: list[Any], _p: Any) -> None:
+        for topic, code in zip(topics, codes, strict=False):
+            if code.is_failure:
+                problem.append(f"subscription {topic!r} refused: {code.getName()} ({code.value})")
+        done.set()
+
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_message = on_message
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = 0  # nothing kept for us after we go
+    props.MaximumPacketSize = max_packet_bytes(s)  # what the agent gets, and no more
+    try:
+        client.connect(s.host, s.port, keepalive=s.keepalive_s, clean_start=True, properties=props)
+    except OSError as e:
+        raise TapError(f"cannot connect to the broker at {s.host}:{s.port}: {e}") from None
+    client.loop_start()
+    if not done.wait(s.connect_timeout_s) or problem:
+        client.disconnect()
+        client.loop_stop()
+        why = "; ".join(problem) or f"no answer within {s.connect_timeout_s:g} s"
+        raise TapError(f"broker {s.host}:{s.port}: {why}")
+    return client

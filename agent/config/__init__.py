@@ -1,0 +1,2 @@
+"""The configuration: one pydantic-settings model, credentials, the config against the
+machine."""

@@ -1,0 +1,1 @@
+"""The outbox: the checkpoint (commit, then ack), SQLite transactions, compaction, the lock."""

@@ -1,0 +1,1 @@
+"""The operating surface: /status, /readyz, /metrics, logs, sd_notify."""

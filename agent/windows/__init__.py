@@ -1,0 +1,1 @@
+"""Per-second windows: the pure aggregator."""
