@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import random
 
-from agent.durable.store import HistoryRow
-from agent.intake.acks import AckLedger, ReplayMemory, replay_key
+from agent.intake.acks import AckLedger, HistoryRow, ReplayMemory, replay_key
 
 
 def _remembered(ledger: AckLedger, *keys: tuple[int, int]) -> None:

@@ -33,6 +33,7 @@ import msgspec
 
 from agent.core.model import encode_batch
 from agent.durable.compaction import LEVELS, compact_range, counted_messages
+from agent.intake.acks import HistoryRow
 
 log = logging.getLogger(__name__)
 
@@ -147,18 +148,6 @@ class Recovery:
     mqtt_session: str | None = None
     # ack_history rows, oldest first: (seq, at, frontier, acked keys, revoked keys).
     history: list[HistoryRow] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class HistoryRow:
-    seq: int
-    at: float
-    # The last message received from the broker's sequence: (packet id, digest).
-    frontier: tuple[int, int] | None
-    # A (re)connect happened and no new message came since (agent/intake/acks.py open_epoch).
-    epoch_open: bool
-    acked: list[int]
-    revoked: list[int]
 
 
 def pack_keys(keys: Sequence[int]) -> bytes:

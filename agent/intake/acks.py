@@ -62,8 +62,6 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from agent.durable.store import HistoryRow
-
 
 class Durability(Protocol):
     version: int
@@ -76,6 +74,21 @@ Key = tuple[int, int]
 
 # The last new message received from the broker's id sequence: (packet id, digest).
 Frontier = tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    """One checkpoint's part of the replay memory, as the outbox keeps it (ack_history)."""
+
+    seq: int
+    # Traffic time (seconds, ReplayMemory.now).
+    at: float
+    frontier: Frontier | None
+    # A (re)connect happened and no new message came since (AckLedger.open_epoch).
+    epoch_open: bool
+    acked: list[int]
+    revoked: list[int]
+
 
 # MQTT packet ids run 1..65535; Mosquitto hands them out in sequence, skipping 0.
 ID_SPACE = 65535
