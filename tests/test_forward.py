@@ -5,8 +5,9 @@ import gzip
 import json
 import random
 
+from agent.core.backoff import Backoff
 from agent.core.model import encode_batch
-from agent.forward.pacing import Backoff, retry_after_s
+from agent.forward.pacing import retry_after_s
 
 
 def test_retry_after_seconds_and_http_date() -> None:

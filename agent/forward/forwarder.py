@@ -21,11 +21,12 @@ import httpx
 
 from agent import __version__
 from agent.config.settings import ForwardSettings
+from agent.core.backoff import Backoff
 from agent.core.clock import SYSTEM_CLOCK, Clock
 from agent.core.stats import Stats
 from agent.durable.outbox import Batch, Outbox
 from agent.forward.outage import recovery_line
-from agent.forward.pacing import Backoff, Pacer, retry_after_s
+from agent.forward.pacing import Pacer, retry_after_s
 
 log = logging.getLogger(__name__)
 

@@ -1,27 +1,9 @@
-"""Waiting policies of the forwarder: retry backoff, Retry-After, and the AIMD send pace."""
+"""Waiting policies of the forwarder: Retry-After and the AIMD send pace (its retry backoff is
+agent/core/backoff.py, shared with the MQTT reconnects)."""
 
 from __future__ import annotations
 
 import email.utils
-import random
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter."""
-
-    def __init__(self, *, min_s: float, max_s: float, rng: random.Random | None = None) -> None:
-        self.min_s = min_s
-        self.max_s = max_s
-        self.attempt = 0
-        self._rng = rng or random.Random()
-
-    def next_delay(self) -> float:
-        cap = min(self.max_s, self.min_s * (2 ** min(self.attempt, 30)))
-        self.attempt += 1
-        return self._rng.uniform(self.min_s / 2, cap)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 def retry_after_s(value: str | None, *, now: float) -> float | None:

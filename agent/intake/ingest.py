@@ -32,10 +32,10 @@ from agent.config.settings import (
     StreamSettings,
     read_secret,
 )
+from agent.core.backoff import Backoff
 from agent.core.clock import SYSTEM_CLOCK, Clock, StepWatch
 from agent.core.reasons import Reject
 from agent.core.stats import RateLimitedLog, Stats
-from agent.forward.pacing import Backoff
 from agent.intake.acks import AckLedger
 from agent.intake.mqtt_compat import (
     FastReader,
