@@ -39,11 +39,12 @@ from typing import Any, TypeVar
 
 import httpx
 
-from agent.app.service import Pipeline, build_pipeline, shutdown_pipeline
+from agent.app.service import build_pipeline, shutdown_pipeline
 from agent.config.settings import Settings, StreamSettings
 from agent.durable.checkpoint import Checkpointer
 from agent.durable.outbox import Outbox
 from agent.durable.store import Store
+from agent.ops.pipeline import Pipeline
 
 T = TypeVar("T")
 EPOCH = 1_764_126_000.0
@@ -873,7 +874,7 @@ class World:
         store.quota_chunks = self.p.quota_chunks if not self.cloud.calm else None
         self.store = store
         async with httpx.AsyncClient(transport=self.cloud, timeout=None) as http:
-            p, checkpointer = await build_pipeline(
+            p = await build_pipeline(
                 self.settings,
                 outbox,
                 recovery,
@@ -886,6 +887,7 @@ class World:
                 id_space=self.p.mid_space,
             )
             self.pipeline = p
+            checkpointer = p.checkpointer
             # Small transaction pieces make a backlog of closed windows commit in several.
             checkpointer.piece_bytes = self.p.piece_bytes
             self.checkpointer = checkpointer
@@ -899,7 +901,7 @@ class World:
             await self._until_stop(token)
             self.out.stops += 1
             self.note("graceful stop")
-            await shutdown_pipeline(p, checkpointer, ckpt, [fwd, pump])
+            await shutdown_pipeline(p, ckpt, [fwd, pump])
             self.alive(token)
             self.out.snapshots += p.stats.snapshots_written
             self.out.compacted += p.stats.compacted_chunks

@@ -60,7 +60,7 @@ async def test_status_and_metrics_show_the_same_value_of_each_figure(tmp_path: P
     transport = httpx.MockTransport(lambda request: httpx.Response(500))  # never called
     try:
         async with httpx.AsyncClient(transport=transport) as http:
-            p, _ = await build_pipeline(settings, outbox, recovery, http)
+            p = await build_pipeline(settings, outbox, recovery, http)
             st = p.stats
             st.received, st.counted, st.acked, st.checkpoints, st.bytes_sent = 7, 5, 4, 3, 999
             st.mqtt_connected, st.buffer_usage = True, 0.123456

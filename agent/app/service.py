@@ -16,7 +16,6 @@ import sqlite3
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 
 import httpx
 
@@ -38,6 +37,7 @@ from agent.intake.timekeeping import ClockPolicy, Clocks
 from agent.ops.health import Cached, HealthServer, Response, json_response
 from agent.ops.metrics import render as render_metrics
 from agent.ops.notify import Notifier
+from agent.ops.pipeline import Pipeline
 from agent.ops.status import (
     alive_problems,
     camera_document,
@@ -50,22 +50,6 @@ from agent.windows.aggregate import Aggregator
 log = logging.getLogger(__name__)
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-@dataclass
-class Pipeline:
-    """The running parts, exposed for the health endpoint and tests."""
-
-    settings: Settings
-    outbox: Outbox
-    aggregator: Aggregator
-    ledger: AckLedger
-    intake: Intake
-    clocks: Clocks
-    session: MqttSession
-    forwarder: Forwarder
-    stats: Stats
-    checkpointer: Checkpointer
 
 
 class StartupError(Exception):
@@ -150,9 +134,7 @@ class Service:
         outbox.store.fault = self.faults.hit
         await outbox.set_quota(settings.buffer.max_bytes)
         async with _http_client(settings) as http:
-            p, checkpointer = await build_pipeline(
-                settings, outbox, recovery, http, faults=self.faults
-            )
+            p = await build_pipeline(settings, outbox, recovery, http, faults=self.faults)
             self.pipeline = p
             health = self._health(p)
             try:
@@ -166,7 +148,7 @@ class Service:
                     tasks = self._tasks
                     mqtt_task = tg.create_task(p.session.run(), name="mqtt")
                     ckpt_task = tg.create_task(
-                        checkpointer.run(self.notifier.progress), name="checkpoint"
+                        p.checkpointer.run(self.notifier.progress), name="checkpoint"
                     )
                     fwd_task = tg.create_task(p.forwarder.run(), name="forward")
                     notify_task = tg.create_task(_notify_loop(p, self.notifier), name="notify")
@@ -176,7 +158,7 @@ class Service:
                     await stop.wait()
                     self.notifier.stopping()
                     notify_task.cancel()
-                    await shutdown_pipeline(p, checkpointer, ckpt_task, [fwd_task, mqtt_task])
+                    await shutdown_pipeline(p, ckpt_task, [fwd_task, mqtt_task])
             finally:
                 await health.close()
 
@@ -212,7 +194,6 @@ class Service:
 
 async def shutdown_pipeline(
     p: Pipeline,
-    checkpointer: Checkpointer,
     ckpt_task: asyncio.Task[None],
     others: list[asyncio.Task[None]],
 ) -> None:
@@ -220,9 +201,9 @@ async def shutdown_pipeline(
     and acks, drain the forwarder for at most forward.shutdown_drain_s, then stop."""
     started = time.monotonic()
     p.intake.close()
-    checkpointer.stop()
+    p.checkpointer.stop()
     await ckpt_task
-    await checkpointer.checkpoint(final=True)
+    await p.checkpointer.checkpoint(final=True)
     try:
         await p.outbox.save_marks(p.aggregator.export_marks())
     except (sqlite3.Error, OutboxError) as e:
@@ -305,7 +286,7 @@ async def build_pipeline(
     can_ack: Callable[[], bool] | None = None,
     confirm_acks: Callable[[], Awaitable[bool]] | None = None,
     id_space: int = ID_SPACE,
-) -> tuple[Pipeline, Checkpointer]:
+) -> Pipeline:
     """Every component, restored from what the outbox kept."""
     stats = Stats()
     if recovery.moved_aside is not None:
@@ -401,7 +382,7 @@ async def build_pipeline(
         settings, outbox, aggregator, ledger, intake, clocks, session, forwarder, stats,
         checkpointer,
     )  # fmt: skip
-    return pipeline, checkpointer
+    return pipeline
 
 
 async def _notify_loop(p: Pipeline, notifier: Notifier) -> None:

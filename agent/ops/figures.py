@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from agent.app.service import Pipeline
+    from agent.ops.pipeline import Pipeline
 
 Section = Literal["mqtt", "ingest", "aggregate", "outbox", "forward"]
 Kind = Literal["counter", "gauge"]

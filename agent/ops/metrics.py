@@ -27,7 +27,7 @@ from agent.ops.figures import FIGURES
 from agent.ops.status import SILENT_AFTER_S, ready_problems
 
 if TYPE_CHECKING:
-    from agent.app.service import Pipeline
+    from agent.ops.pipeline import Pipeline
 
 P = "edge_agent_"
 

@@ -10,7 +10,7 @@ from agent.forward.outage import outage_problems, rfc3339
 from agent.ops.figures import status_section
 
 if TYPE_CHECKING:
-    from agent.app.service import Pipeline
+    from agent.ops.pipeline import Pipeline
 
 # A remembered camera not heard from for this long is silent (/status, /metrics).
 SILENT_AFTER_S = 60.0
