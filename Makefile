@@ -24,7 +24,7 @@ mosquitto:
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq mosquitto; \
 		else sudo apt-get update -qq && sudo apt-get install -y -qq mosquitto; fi; }
 
-# tests/test_top.py runs `edge-agent top` in a real pseudo-terminal: tmux.
+# tests/cli/test_top.py runs `edge-agent top` in a real pseudo-terminal: tmux.
 tmux:
 	@command -v tmux >/dev/null 2>&1 || { \
 		echo "installing tmux (apt-get)"; \

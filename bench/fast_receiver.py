@@ -20,7 +20,8 @@ It answers 200 {"stored": new, "duplicates": dup} like the reference receiver. N
 per chunk, so memory stays flat whatever the backlog.
 
     python -m bench.fast_receiver --port 8099
-    python -m bench.fast_receiver --self-test      # the bookkeeping vs tests/test_receiver.py
+    python -m bench.fast_receiver --self-test      # the bookkeeping vs
+                                                   # tests/forward/test_receiver.py
     GET /_stats -> {"chunks", "messages", "late_deltas", "batches", "bad", "bytes", "first_at",
                     "last_at", "gateways": {gw: {"max_seq", "gaps", "out_of_order",
                     "duplicates", "ranges"}}}
@@ -240,8 +241,8 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def self_test() -> None:
-    """tests/test_receiver.py's bookkeeping scenarios and the refusals, in process (bench/ is
-    outside the test suite): raises AssertionError on a difference from the reference."""
+    """tests/forward/test_receiver.py's bookkeeping scenarios and the refusals, in process
+    (bench/ is outside the test suite): raises AssertionError on a difference from the reference."""
 
     def chunk(seq: int, t: int, seq_end: int | None = None, rev: int = 0) -> dict[str, Any]:
         c: dict[str, Any] = {"seq": seq, "camera": "cam-1", "stream": "det", "t": t,

@@ -7,7 +7,7 @@ checks that a named file exists and the health host resolves; agent/config/prefl
 the rest of what needs the machine (directories, the service user, TLS files, DNS of the broker).
 
 Every problem is reported at once, one line each, in the words pydantic gives and
-`_format_error` shapes (tests/config_messages.json pins 482 of them), secrets masked.
+`_format_error` shapes (tests/config/config_messages.json pins 482 of them), secrets masked.
 A section built in code (`MqttSettings(port=1884)`) is validated the same way;
 `model_copy(update=...)` is not validated, which the simulation relies on (a Receive Maximum
 of 3, below what an operator may configure).
@@ -298,8 +298,8 @@ def _out_of_range(constraints: list[Any], positive: bool) -> str:
     return "Input should be a finite number"
 
 
-# Descriptions are the comments of config.example.toml (tests/test_config_schema.py holds them
-# equal); a comment above several keys describes each of them.
+# Descriptions are the comments of config.example.toml (tests/config/test_config_schema.py
+# holds them equal); a comment above several keys describes each of them.
 _BROKER = "The site's MQTT broker (Mosquitto), MQTT v5."
 _PASSWORD = "Broker password: inline (masked in output) or, better, from a file (first line)."
 _BROKER_TLS = (

@@ -2,7 +2,7 @@
 or an alert on a reason that has not happened yet still finds its series.
 
 A reason counted that is not listed here still appears (with its count); the test in
-tests/test_monitoring.py fails when the code counts one that is missing here.
+tests/ops/test_monitoring.py fails when the code counts one that is missing here.
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ milliseconds against one-second windows) so one wakeup takes many messages. PUBA
 write per batch (`send_acks`).
 
 aiomqtt keeps the session: connect, subscribe, keepalive, reconnect, TLS, auth.
-tests/test_mqtt_compat.py fails loudly if an aiomqtt or paho release breaks an assumption; the
-versions it was checked with are pinned in pyproject.toml. At run time a client without the
-hooks falls back to paho's own read path (correct, slower) with a warning.
+tests/intake/test_mqtt_compat.py fails loudly if an aiomqtt or paho release breaks an
+assumption; the versions it was checked with are pinned in pyproject.toml. At run time a client
+without the hooks falls back to paho's own read path (correct, slower) with a warning.
 """
 
 from __future__ import annotations
@@ -160,7 +160,9 @@ def on_connack(client: aiomqtt.Client, record: Callable[[bool], None]) -> None:
     inner = _paho(client)
     aiomqtt_on_connect: Any = inner.on_connect
     if aiomqtt_on_connect is None:
-        raise RuntimeError("aiomqtt installed no on_connect callback: tests/test_mqtt_compat.py")
+        raise RuntimeError(
+            "aiomqtt installed no on_connect callback: tests/intake/test_mqtt_compat.py"
+        )
 
     def on_connect(
         c: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any = None

@@ -9,7 +9,7 @@ import pytest
 from agent.cli.main import main
 from agent.config.settings import ConfigError, load_settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_example_config_loads_and_documents_every_key() -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from agent.ops.logs import JournalFormatter, JsonFormatter, TextArgs, priority, under_journald
 from devtools.procs import wait_for
+from tests.e2e.test_fail_well import publish_one
 from tests.helpers import AgentFactory
-from tests.test_fail_well import publish_one
 
 TOPIC = "site/cam/cam-1/detections"
 

@@ -30,7 +30,7 @@ from agent.core.buildinfo import git_commit
 from devtools.procs import Agent, Mosquitto, Receiver, agent_config, free_port
 from tests.helpers import assert_exact, publish, wait_delivered
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PYTHON = "/usr/bin/python3"
 UNIT = Path("/lib/systemd/system/edge-agent.service")
 ETC = Path("/etc/edge-agent")

@@ -12,7 +12,7 @@ import pytest
 from agent.cli.main import main
 from tests.helpers import deny_stat
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def config(tmp_path: Path, gateway_id: str, buffer: Path) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from agent.core.reasons import AGGREGATE_EVENTS, CLOCK_EVENTS, REJECT_REASONS, Reject
 
-README = Path(__file__).resolve().parent.parent / "docs" / "reference.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "reference.md"
 
 
 def readme_reject_table() -> set[str]:

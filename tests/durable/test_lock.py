@@ -59,7 +59,7 @@ def test_lock_held_by_another_process_and_dropped_when_it_dies(tmp_path: Path) -
     child = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(outbox)],
         stdout=subprocess.PIPE,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=Path(__file__).resolve().parents[2],
     )
     try:
         assert child.stdout is not None

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from agent.cli.main import main
 from agent.config.settings import Settings, json_schema
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config.example.toml"
 
 

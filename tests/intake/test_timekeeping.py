@@ -168,7 +168,7 @@ def test_a_late_message_keeps_its_time_and_does_not_move_the_estimate() -> None:
 def test_bad_time_drop_policy_drops_and_leaves_the_count_to_the_caller() -> None:
     clocks = Clocks(ClockPolicy(bad_time_policy="drop", max_future_s=60))
     assert clocks.stamp("c", T + 3600, T) is None
-    # Counted once, as the reject bad_time_dropped in Stats.rejects (tests/test_ingest.py).
+    # Counted once, as the reject bad_time_dropped in Stats.rejects (tests/intake/test_ingest.py).
     assert "bad_time_dropped" not in clocks.counters
 
 

@@ -25,7 +25,7 @@ from agent.config.settings import (
 from agent.intake.ingest import connect_properties, max_packet_bytes
 from tests.helpers import deny_stat
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 I64_MAX = 2**63 - 1
 
 

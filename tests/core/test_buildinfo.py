@@ -12,7 +12,7 @@ import pytest
 from agent import __version__
 from agent.core.buildinfo import UNKNOWN, git_commit, main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_checkout_names_its_git_commit() -> None:

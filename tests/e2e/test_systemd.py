@@ -13,7 +13,7 @@ import pytest
 from agent import __version__
 from agent.core.buildinfo import git_commit
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "edge-agent.service"
 
 

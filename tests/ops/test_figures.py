@@ -17,7 +17,7 @@ from agent.ops.figures import FIGURES
 from agent.ops.metrics import render
 from agent.ops.status import status_document
 
-README = Path(__file__).resolve().parent.parent / "docs" / "reference.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "reference.md"
 
 
 def test_each_figure_has_one_place_and_one_name() -> None:

@@ -3,7 +3,7 @@ values and exits 2. Each case in config_messages.json is a TOML file (plus `EDGE
 variables) run through `edge-agent check-config`, with the exact stderr it must print.
 
 The cases were recorded from the pydantic-based loader so that a rewrite keeps every message.
-Regenerate (and review the diff!) with `python -m tests.test_config_messages`.
+Regenerate (and review the diff!) with `python -m tests.config.test_config_messages`.
 """
 
 from __future__ import annotations
@@ -319,7 +319,7 @@ def test_config_error_messages_match_the_golden_file(
 def test_the_golden_file_holds_every_case() -> None:
     recorded = [{k: v for k, v in c.items() if k in ("toml", "env")} for c in _golden()]
     assert recorded == cases(), (
-        "cases changed: regenerate with python -m tests.test_config_messages"
+        "cases changed: regenerate with python -m tests.config.test_config_messages"
     )
 
 

@@ -12,7 +12,7 @@ from agent.cli.main import build_parser, main
 from agent.durable.store import Store
 from devtools.procs import HOST, free_port
 
-README = Path(__file__).resolve().parent.parent / "docs" / "reference.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "reference.md"
 
 
 def test_every_code_has_one_meaning() -> None:

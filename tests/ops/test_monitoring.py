@@ -21,7 +21,7 @@ from agent import __version__
 from agent.core.reasons import AGGREGATE_EVENTS, CLOCK_EVENTS, DROP_REASONS, REJECT_REASONS
 from tests.helpers import AgentFactory
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "monitoring" / "alerts.yml"
 DASHBOARD = ROOT / "monitoring" / "grafana-dashboard.json"
 # Series Prometheus makes itself, not the agent.

@@ -1,0 +1,1 @@
+"""Tests of the intake and the ack ledger."""
