@@ -25,7 +25,7 @@ from agent.config.credentials import TokenSource, client_tls_context
 from agent.config.settings import AggregateSettings, Settings, secret_path
 from agent.core.clock import SYSTEM_CLOCK, Clock
 from agent.core.model import BadChunk, Chunk, decode_chunk
-from agent.core.reasons import Reject
+from agent.core.reasons import OutboxEvent
 from agent.core.stats import Stats
 from agent.durable.checkpoint import Checkpointer
 from agent.durable.lock import OutboxLock
@@ -290,7 +290,7 @@ async def build_pipeline(
     """Every component, restored from what the outbox kept."""
     stats = Stats()
     if recovery.moved_aside is not None:
-        stats.rejects[Reject.outbox_corrupt_moved_aside] += 1
+        stats.outbox_events[OutboxEvent.outbox_corrupt_moved_aside] += 1
     aggregator = build_aggregator(settings.aggregate)
     mono = clock.mono()
     snapshots: list[Chunk] = []
@@ -299,7 +299,7 @@ async def build_pipeline(
             snapshots.append(decode_chunk(body))
         except BadChunk as e:
             # Never a crash loop on a bad row: say it, count it, go on without it.
-            stats.rejects[Reject.snapshot_unreadable] += 1
+            stats.outbox_events[OutboxEvent.snapshot_unreadable] += 1
             log.error("an open-window snapshot in the outbox is unreadable (%s); skipped", e)
     restored = aggregator.restore(snapshots, now=mono)
     aggregator.import_marks(recovery.marks, now=mono)

@@ -141,13 +141,14 @@ class Tap:
         """One message through the intake: what it was counted as, or why it was rejected."""
         st, agg = self._stats, self._agg
         rejects_before, counted_before = Counter(st.rejects), st.counted
+        bad_ts_before = self._clocks.counters["bad_timestamp_used_gateway_time"]
         agg.last = None
         self._notes.clear()
         self._intake.handle(topic, payload, 0, 0, False, recv_t=recv_t, mono=mono)
         # Keep tap's own state small: its windows are never sent anywhere.
         agg.close_due(mono)
         new = st.rejects - rejects_before
-        bad_ts = new.pop("bad_timestamp_used_gateway_time", 0)
+        bad_ts = self._clocks.counters["bad_timestamp_used_gateway_time"] > bad_ts_before
         route = self.router.route(topic.decode("utf-8", "replace"))
         doc: dict[str, Any] = {
             "recv": _iso(recv_t),

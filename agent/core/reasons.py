@@ -11,9 +11,9 @@ from enum import StrEnum
 
 
 class Reject(StrEnum):
-    """Why a message was not counted (and a few events counted alongside them), one name each:
-    Stats.rejects, edge_agent_messages_rejected_total{reason}, /status ingest.rejects and the
-    docs/reference.md's list. Each is counted once, in Stats.rejects, by whoever decides it."""
+    """Why a message was not counted, one name each: Stats.rejects,
+    edge_agent_messages_rejected_total{reason}, /status ingest.rejects and docs/reference.md's
+    list. Each is counted once, in Stats.rejects, by whoever decides it."""
 
     # The topic (TopicRouter.route).
     unknown_topic = "unknown_topic"
@@ -28,23 +28,29 @@ class Reject(StrEnum):
     too_deep = "too_deep"
     internal_error = "internal_error"
     ignored_at_shutdown = "ignored_at_shutdown"
-    # Time (timekeeping.Clocks via Intake). The second is not a reject: the message is counted
-    # on the gateway clock; it is counted here so it is seen next to the rejects.
+    # Time (timekeeping.Clocks via Intake).
     bad_time_dropped = "bad_time_dropped"
-    bad_timestamp_used_gateway_time = "bad_timestamp_used_gateway_time"
     # The windows (Aggregator.add).
     late_dropped = "late_dropped"
     too_many_cameras = "too_many_cameras"
     too_many_streams = "too_many_streams"
     too_many_open_windows = "too_many_open_windows"
-    # The outbox (checkpoint, start-up).
-    checkpoint_failed = "checkpoint_failed"
-    outbox_corrupt_moved_aside = "outbox_corrupt_moved_aside"
-    snapshot_unreadable = "snapshot_unreadable"
+
+
+class OutboxEvent(StrEnum):
+    """What happened to the outbox (not to a message): Stats.outbox_events,
+    edge_agent_outbox_events_total{kind}, /status outbox.events."""
+
+    checkpoint_failed = "checkpoint_failed"  # a transaction, not a message
+    outbox_corrupt_moved_aside = "outbox_corrupt_moved_aside"  # at start
+    snapshot_unreadable = "snapshot_unreadable"  # at start, an open-window snapshot
 
 
 # edge_agent_messages_rejected_total{reason} (Stats.rejects)
 REJECT_REASONS: tuple[str, ...] = tuple(sorted(r.value for r in Reject))
+
+# edge_agent_outbox_events_total{kind} (Stats.outbox_events)
+OUTBOX_EVENTS: tuple[str, ...] = tuple(sorted(e.value for e in OutboxEvent))
 
 # edge_agent_dropped_total{reason} (Stats.drops)
 DROP_REASONS = ("buffer_full_oldest_chunks", "buffer_full_oldest_messages")
@@ -60,6 +66,8 @@ AGGREGATE_EVENTS = (
 # edge_agent_clock_events_total{kind} (Clocks.counters)
 CLOCK_EVENTS = (
     "bad_time_restamped",
+    # An unparseable timestamp: the message counted on the gateway clock (Intake).
+    "bad_timestamp_used_gateway_time",
     "clock_gateway_time",
     "clock_jumps",
     "clock_restamped",

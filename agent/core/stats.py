@@ -22,6 +22,8 @@ class Stats:
     replays_skipped: int = 0
     acked: int = 0
     rejects: Counter[str] = field(default_factory=Counter)
+    # agent/core/reasons.py OutboxEvent: failed checkpoints, a corrupt file moved aside...
+    outbox_events: Counter[str] = field(default_factory=Counter)
     chunks_committed: int = 0
     checkpoints: int = 0
     snapshots_written: int = 0

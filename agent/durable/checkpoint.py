@@ -22,7 +22,7 @@ from typing import TypeVar
 from agent.config.settings import Settings
 from agent.core.clock import SYSTEM_CLOCK, Clock
 from agent.core.model import encode_chunk
-from agent.core.reasons import Reject
+from agent.core.reasons import OutboxEvent
 from agent.core.stats import RateLimitedLog, Stats
 from agent.durable.outbox import CheckpointWrite, Outbox, WindowKey
 from agent.durable.store import is_full
@@ -281,7 +281,7 @@ class Checkpointer:
             if self.failing_since is None:
                 self.failing_since = mono
             self.last_failure = str(e)
-            self._stats.rejects[Reject.checkpoint_failed] += 1
+            self._stats.outbox_events[OutboxEvent.checkpoint_failed] += 1
             self._warn.warning(
                 "ckpt",
                 "checkpoint failed (%s); %d closed windows kept in memory, acks held",

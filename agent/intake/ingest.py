@@ -164,6 +164,11 @@ class Intake:
         self._steps = StepWatch()
         self.open = True
 
+    @property
+    def clocks(self) -> Clocks:
+        """The camera clocks it judges event times by (and counts time events in)."""
+        return self._clocks
+
     def close(self) -> None:
         """Stop counting: from now on messages stay unacked, for the broker to redeliver."""
         self.open = False
@@ -284,7 +289,7 @@ class Intake:
                 try:
                     event_t = parse_event_time(raw, route.time_unit)
                 except BadTimestamp as e:
-                    self._stats.rejects[Reject.bad_timestamp_used_gateway_time] += 1
+                    clocks.counters["bad_timestamp_used_gateway_time"] += 1
                     self._warn.warning(
                         "bad_ts",
                         "camera %s sent a bad timestamp (%s); using gateway time",

@@ -21,7 +21,13 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 import agent.core.buildinfo as buildinfo
-from agent.core.reasons import AGGREGATE_EVENTS, CLOCK_EVENTS, DROP_REASONS, REJECT_REASONS
+from agent.core.reasons import (
+    AGGREGATE_EVENTS,
+    CLOCK_EVENTS,
+    DROP_REASONS,
+    OUTBOX_EVENTS,
+    REJECT_REASONS,
+)
 from agent.core.stats import LATENCY_BUCKETS_S
 from agent.ops.figures import FIGURES
 from agent.ops.status import SILENT_AFTER_S, ready_problems
@@ -71,6 +77,15 @@ class PipelineCollector(Collector):
         for reason, n in _with_zeros(st.rejects, REJECT_REASONS):
             rejects.add_metric([reason], n)
         yield rejects
+        outbox_events = CounterMetricFamily(
+            P + "outbox_events",
+            "Outbox events: failed checkpoint transactions, a corrupt file moved aside at start, "
+            "unreadable open-window snapshots.",
+            labels=["kind"],
+        )
+        for kind, n in _with_zeros(st.outbox_events, OUTBOX_EVENTS):
+            outbox_events.add_metric([kind], n)
+        yield outbox_events
         agg = CounterMetricFamily(
             P + "aggregate_events", "Late deltas, late drops, bad fields.", labels=["kind"]
         )

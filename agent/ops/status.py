@@ -139,6 +139,7 @@ def status_document(p: Pipeline) -> dict[str, Any]:
         "outbox": {
             **status_section(p, "outbox"),
             "oldest_unsent_age_s": round(now - oldest, 1) if oldest else None,
+            "events": dict(st.outbox_events),
         },
         "forward": {
             **status_section(p, "forward"),

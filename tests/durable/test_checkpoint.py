@@ -126,7 +126,7 @@ async def test_a_commit_refused_as_full_below_the_high_water_mark_makes_room(
         if not ckpt.carried:
             break
         await ckpt.checkpoint(final=True)
-    assert stats.rejects["checkpoint_failed"] >= 1  # the situation really arose
+    assert stats.outbox_events["checkpoint_failed"] >= 1  # the situation really arose
     assert ckpt.carried == 0
     assert stats.compacted_chunks > 0
     await outbox.close()
@@ -168,7 +168,7 @@ async def test_failed_checkpoints_leave_nothing_of_theirs_in_memory(tmp_path: Pa
         ]  # fmt: skip
     finally:
         gc.enable()
-    assert stats.rejects["checkpoint_failed"] == 5
+    assert stats.outbox_events["checkpoint_failed"] == 5
     assert ckpt.failing_since is not None and ckpt.last_failure == "disk I/O error"
     assert held == [], f"{len(held)} frames of failed cycles still alive"
     await outbox.close()

@@ -247,7 +247,7 @@ def test_agent_starts_over_a_corrupt_outbox(agents: AgentFactory, tmp_path: Path
     agent = agents.start()
     status = agent.status()
     assert status is not None
-    assert status["ingest"]["rejects"]["outbox_corrupt_moved_aside"] == 1
+    assert status["outbox"]["events"]["outbox_corrupt_moved_aside"] == 1
     aside = list(agents.buffer.parent.glob("buffer.sqlite3.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_bytes().startswith(b"\x00garbage")
     assert "moved it to" in agent.log_text()

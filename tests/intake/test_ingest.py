@@ -88,7 +88,7 @@ def test_missing_or_bad_timestamp_uses_gateway_time_and_flags() -> None:
     intake.handle(b"site/cam/c/det", payload(ts="not a time"), 2, 1, False, T0 + 0.5)
     (c,) = agg.close_all()
     assert c.count == 2 and c.t == int(T0) and "time_from_gateway" in c.flags
-    assert stats.rejects["bad_timestamp_used_gateway_time"] == 1
+    assert intake.clocks.counters["bad_timestamp_used_gateway_time"] == 1
 
 
 def test_redelivery_of_a_counted_message_is_not_counted_again() -> None:
@@ -121,12 +121,7 @@ def test_no_input_raises(topic: bytes, body: bytes, mid: int, qos: int, dup: boo
     intake, _, _, stats = make_intake()
     intake.handle(b"site/cam/c/" + topic, body, mid, qos, dup, T0)
     intake.handle(topic, body, mid, qos, dup, T0)
-    assert (
-        stats.counted
-        + sum(stats.rejects.values())
-        - stats.rejects["bad_timestamp_used_gateway_time"]
-        >= 1
-    )
+    assert stats.counted + sum(stats.rejects.values()) >= 1
 
 
 @settings(max_examples=200, deadline=None)
