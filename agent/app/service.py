@@ -52,6 +52,11 @@ log = logging.getLogger(__name__)
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+class SecondSignal(SystemExit):
+    """A second SIGTERM/SIGINT during the shutdown: exit now (a SystemExit, so asyncio lets it
+    through; the CLI maps it to its exit code)."""
+
+
 class StartupError(Exception):
     """The agent cannot start (a port in use, an unreadable state file...): exit 3, one line."""
 
@@ -121,7 +126,7 @@ class Service:
                 log.warning(
                     "second signal: exiting now; the outbox and broker session keep the data"
                 )
-                raise SystemExit(1)
+                raise SecondSignal
             log.info("received %s: shutting down", signal.Signals(signum).name)
             stop.set()
 

@@ -15,6 +15,8 @@ class Exit(IntEnum):
     CONNECT = 4
     UNREACHABLE = 5
     NOT_FOUND = 6
+    SECOND_SIGNAL = 7
+    PUBLISH_FAILED = 8
     INTERRUPTED = 130
     BROKEN_PIPE = 141
 
@@ -28,6 +30,10 @@ MEANING: dict[Exit, str] = {
     Exit.CONNECT: "`check-config --connect`: the config is fine, the broker or the cloud is not",
     Exit.UNREACHABLE: "`status`, `top`: no answer from the agent's health endpoint",
     Exit.NOT_FOUND: "`deadletter show` / `retry`: a SEQ that is not a dead letter",
+    Exit.SECOND_SIGNAL: "`run`: a second SIGTERM/SIGINT cut the shutdown short (the outbox and "
+    "the broker's session keep the data)",
+    Exit.PUBLISH_FAILED: "`simulate cameras`: some publishes got no PUBACK (the summary counts "
+    "them)",
     Exit.INTERRUPTED: "`run`: stopped by Ctrl-C before the shutdown took over (128 + SIGINT)",
     Exit.BROKEN_PIPE: "the reader of stdout went away (128 + SIGPIPE), e.g. piped into `head`",
 }

@@ -144,7 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(settings.log)
     for warning in inline_secret_warnings(args.config, settings) + credential_warnings(settings):
         logging.getLogger("agent").warning(warning)
-    from agent.app.service import StartupError, run_service
+    from agent.app.service import SecondSignal, StartupError, run_service
     from agent.durable.lock import AlreadyRunning
     from agent.durable.outbox import OutboxError
     from agent.ops.notify import Notifier
@@ -159,6 +159,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_STARTUP
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except SecondSignal:
+        return Exit.SECOND_SIGNAL
     return 0
 
 
@@ -344,7 +346,7 @@ def cmd_simulate_cameras(args: argparse.Namespace) -> int:
     )
     summary = run_simulation(opts)
     print(json.dumps(summary, indent=2))
-    return 0 if summary["failed"] == 0 else 1
+    return Exit.OK if summary["failed"] == 0 else Exit.PUBLISH_FAILED
 
 
 def _clock_fault(spec: str) -> tuple[int, str]:

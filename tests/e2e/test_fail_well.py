@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import SecretStr
 
+from agent.cli.exitcodes import Exit
 from agent.config.credentials import TokenSource
 from agent.intake.ingest import suback_problems
 from agent.ops.health import Cached, Response, json_response
@@ -257,3 +259,23 @@ def test_a_health_port_in_use_exits_3_at_once_with_one_line(agents: AgentFactory
     assert time.monotonic() - started < 15
     out = done.stdout + done.stderr
     assert "cannot start: health.listen" in out and "Traceback" not in out
+
+
+def test_a_second_signal_cuts_the_shutdown_short_with_its_own_exit_code(
+    agents: AgentFactory, tmp_path: Path
+) -> None:
+    """The cloud is away, so the shutdown drains for forward.shutdown_drain_s (60 s here); a
+    second SIGTERM ends it at once, with exit code 7 (agent/cli/exitcodes.py), and the data
+    stays in the outbox for the next run."""
+    agents.receiver.stop()
+    agent = agents.start(agents.config({"forward": {"shutdown_drain_s": 60}}), ready=False)
+    wait_for(lambda: (agent.status() or {}).get("mqtt", {}).get("connected"),
+             timeout_s=60, what="the agent connected")  # fmt: skip
+    publish_one(agents.broker, "site/cam/cam-1/det", b'{"conf": 0.5}')
+    wait_for(lambda: (agent.status() or {}).get("outbox", {}).get("chunks", 0) >= 1,
+             timeout_s=30, what="a chunk waiting for the cloud")  # fmt: skip
+    agent.signal(signal.SIGTERM)
+    wait_for(lambda: "shutting down" in agent.log_text(), timeout_s=30, what="the shutdown")
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(timeout_s=20) == Exit.SECOND_SIGNAL
+    assert "second signal: exiting now" in agent.log_text()

@@ -83,7 +83,7 @@ def test_rejects_are_counted_by_reason_and_still_acked() -> None:
 
 
 def test_missing_or_bad_timestamp_uses_gateway_time_and_flags() -> None:
-    intake, agg, _, stats = make_intake()
+    intake, agg, _, _ = make_intake()
     intake.handle(b"site/cam/c/det", payload(conf=1.0), 1, 1, False, T0 + 0.5)
     intake.handle(b"site/cam/c/det", payload(ts="not a time"), 2, 1, False, T0 + 0.5)
     (c,) = agg.close_all()
