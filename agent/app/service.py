@@ -33,7 +33,7 @@ from agent.durable.outbox import Outbox, OutboxError, Recovery
 from agent.forward.forwarder import Forwarder
 from agent.intake.acks import ID_SPACE, AckLedger, ReplayMemory
 from agent.intake.ingest import Intake, MqttSession, TopicRouter
-from agent.intake.timekeeping import ClockPolicy, Clocks
+from agent.intake.timekeeping import CameraClocks, ClockPolicy
 from agent.ops.health import Cached, HealthServer, Response, json_response
 from agent.ops.metrics import render as render_metrics
 from agent.ops.notify import Notifier
@@ -265,8 +265,8 @@ def _session_name(settings: Settings) -> str:
     return f"{m.client_id}@{m.host}:{m.port}"
 
 
-def build_clocks(a: AggregateSettings) -> Clocks:
-    return Clocks(
+def build_clocks(a: AggregateSettings) -> CameraClocks:
+    return CameraClocks(
         ClockPolicy(
             skew_policy=a.skew_policy,
             max_skew_s=a.max_skew_s,

@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from agent.config.settings import token_problem
-from agent.core.stats import RateLimitedLog
+from agent.core.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ class Reject(StrEnum):
     too_deep = "too_deep"
     internal_error = "internal_error"
     ignored_at_shutdown = "ignored_at_shutdown"
-    # Time (timekeeping.Clocks via Intake).
+    # Time (timekeeping.CameraClocks via Intake).
     bad_time_dropped = "bad_time_dropped"
     # The windows (Aggregator.add).
     late_dropped = "late_dropped"
@@ -63,7 +63,7 @@ AGGREGATE_EVENTS = (
     "late_deltas",
 )
 
-# edge_agent_clock_events_total{kind} (Clocks.counters)
+# edge_agent_clock_events_total{kind} (CameraClocks.counters)
 CLOCK_EVENTS = (
     "bad_time_restamped",
     # An unparseable timestamp: the message counted on the gateway clock (Intake).

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -93,34 +92,3 @@ class Stats:
                 break
             base_t, base = t, n
         return (newest - base) / (newest_t - base_t) if newest_t > base_t else 0.0
-
-
-class RateLimitedLog:
-    """Log a repeated warning at most once per `interval_s` per key, with the suppressed count."""
-
-    def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
-        self._log = logger
-        self._interval_s = interval_s
-        self._last: dict[str, float] = {}
-        self._suppressed: Counter[str] = Counter()
-
-    def warning(
-        self,
-        key: str,
-        msg: str,
-        *args: object,
-        now: float | None = None,
-        exc_info: bool = False,
-    ) -> None:
-        """`exc_info=True` adds the traceback of the exception being handled."""
-        now = time.monotonic() if now is None else now
-        last = self._last.get(key)
-        if last is not None and now - last < self._interval_s:
-            self._suppressed[key] += 1
-            return
-        self._last[key] = now
-        n = self._suppressed.pop(key, 0)
-        if n:
-            self._log.warning(msg + " (%d similar suppressed)", *args, n, exc_info=exc_info)
-        else:
-            self._log.warning(msg, *args, exc_info=exc_info)

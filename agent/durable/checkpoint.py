@@ -22,8 +22,9 @@ from typing import TypeVar
 from agent.config.settings import Settings
 from agent.core.clock import SYSTEM_CLOCK, Clock
 from agent.core.model import encode_chunk
+from agent.core.ratelimit import RateLimitedLog
 from agent.core.reasons import OutboxEvent
-from agent.core.stats import RateLimitedLog, Stats
+from agent.core.stats import Stats
 from agent.durable.outbox import CheckpointWrite, Outbox, WindowKey
 from agent.durable.store import is_full
 from agent.intake.acks import AckLedger, JournalPlan, Pending
@@ -114,7 +115,6 @@ class Checkpointer:
         self._can_ack = can_ack
         self._on_commit = on_commit
         self._confirm_acks = confirm_acks
-        # Acks sent on the current connection whose arrival at the broker is not yet known.
         # Readiness this component owns: over the high-water mark or a commit refused as
         # full (backpressure); and when the last checkpoint committed (liveness).
         self.buffer_full = False
@@ -127,6 +127,7 @@ class Checkpointer:
         # did not fit in its piece: their messages' acks wait for the next cycles, rightly (a
         # transaction never grows past a piece, whatever the backlog).
         self.snapshots_held = 0
+        # Acks sent on the current connection whose arrival at the broker is not yet known.
         self._unconfirmed: list[Pending] = []
         self._unconfirmed_conn = -1
         self._confirmed_conn = -1

@@ -34,8 +34,9 @@ from agent.config.settings import (
 )
 from agent.core.backoff import Backoff
 from agent.core.clock import SYSTEM_CLOCK, Clock, StepWatch
+from agent.core.ratelimit import RateLimitedLog
 from agent.core.reasons import Reject
-from agent.core.stats import RateLimitedLog, Stats
+from agent.core.stats import Stats
 from agent.intake.acks import AckLedger
 from agent.intake.mqtt_compat import (
     FastReader,
@@ -45,7 +46,7 @@ from agent.intake.mqtt_compat import (
     on_connack,
     send_acks,
 )
-from agent.intake.timekeeping import BadTimestamp, Clocks, parse_event_time
+from agent.intake.timekeeping import BadTimestamp, CameraClocks, parse_event_time
 from agent.windows.aggregate import Aggregator, StreamSpec
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ class Intake:
         *,
         router: TopicRouter,
         aggregator: Aggregator,
-        clocks: Clocks,
+        clocks: CameraClocks,
         ledger: AckLedger,
         stats: Stats,
         max_payload_bytes: int,
@@ -165,7 +166,7 @@ class Intake:
         self.open = True
 
     @property
-    def clocks(self) -> Clocks:
+    def clocks(self) -> CameraClocks:
         """The camera clocks it judges event times by (and counts time events in)."""
         return self._clocks
 
@@ -305,20 +306,20 @@ class Intake:
                         return Reject.bad_time_dropped, None
                     t, flags = stamped
         # Receive time as the cameras' consensus has it: the gateway's own while it is
-        # trusted, corrected by its offset while it is not (agent/intake/timekeeping.py Clocks).
+        # trusted, corrected by its offset while it is not (timekeeping.CameraClocks).
         recv_t -= clocks.gateway_offset
         if t is None:
             t = recv_t
-        window = self._agg.add(
+        added = self._agg.add(
             route.camera, route.stream, route.spec, doc, t, recv_t, flags=flags, mono=mono
         )
-        if isinstance(window, Reject):
-            if window is Reject.too_many_cameras:
+        if isinstance(added, Reject):
+            if added is Reject.too_many_cameras:
                 # The stamp above started a clock estimate for an id the aggregator refused:
                 # drop it, or an id flood grows memory by one estimate per refused id.
                 self._clocks.forget(route.camera)
-            return window, None
-        return None, window
+            return added, None
+        return None, added
 
 
 def _too_deep(doc: dict[str, Any], limit: int) -> bool:

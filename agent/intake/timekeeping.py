@@ -166,7 +166,7 @@ class CameraClock:
         return False
 
 
-class Clocks:
+class CameraClocks:
     """Every camera's clock, and the policy that turns (event time, receive time) into the time
     a message is aggregated under, with the flags its chunk carries. Pure: times passed in.
 

@@ -13,7 +13,7 @@ from agent.durable.outbox import Outbox
 from agent.forward.forwarder import Forwarder
 from agent.intake.acks import AckLedger
 from agent.intake.ingest import Intake, MqttSession
-from agent.intake.timekeeping import Clocks
+from agent.intake.timekeeping import CameraClocks
 from agent.windows.aggregate import Aggregator
 
 
@@ -26,7 +26,7 @@ class Pipeline:
     aggregator: Aggregator
     ledger: AckLedger
     intake: Intake
-    clocks: Clocks
+    clocks: CameraClocks
     session: MqttSession
     forwarder: Forwarder
     stats: Stats

@@ -12,7 +12,7 @@ from agent.core.reasons import Reject
 from agent.core.stats import Stats
 from agent.intake.acks import AckLedger
 from agent.intake.ingest import Intake, TopicRouter
-from agent.intake.timekeeping import ClockPolicy, Clocks
+from agent.intake.timekeeping import CameraClocks, ClockPolicy
 from agent.windows.aggregate import Aggregator
 
 T0 = 1764126000.0
@@ -33,7 +33,7 @@ def make_intake(max_payload: int = 1024) -> tuple[Intake, Aggregator, AckLedger,
     intake = Intake(
         router=router,
         aggregator=agg,
-        clocks=Clocks(ClockPolicy()),
+        clocks=CameraClocks(ClockPolicy()),
         ledger=ledger,
         stats=stats,
         max_payload_bytes=max_payload,
@@ -165,7 +165,7 @@ def test_field_and_depth_caps() -> None:
 
 def test_late_and_bad_time_drops_are_counted_once_as_rejects() -> None:
     agg = Aggregator(window_s=1, allowed_lateness_s=0, idle_close_s=5, late_policy="drop")
-    clocks = Clocks(ClockPolicy(bad_time_policy="drop", max_future_s=60))
+    clocks = CameraClocks(ClockPolicy(bad_time_policy="drop", max_future_s=60))
     stats = Stats()
     intake = Intake(
         router=TopicRouter([StreamSettings(topic="site/cam/{camera}/{stream}")]),

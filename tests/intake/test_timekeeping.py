@@ -58,11 +58,11 @@ def test_auto_tells_units_apart_for_any_date_after_1973(seconds: float) -> None:
 
 import random  # noqa: E402
 
-from agent.intake.timekeeping import ClockPolicy, Clocks  # noqa: E402
+from agent.intake.timekeeping import CameraClocks, ClockPolicy  # noqa: E402
 
 
 def feed(
-    clocks: Clocks,
+    clocks: CameraClocks,
     camera: str,
     true_start: float,
     n: int,
@@ -90,7 +90,7 @@ def feed(
 
 
 def test_offset_ahead_is_estimated_and_flagged() -> None:
-    clocks = Clocks(ClockPolicy(skew_policy="flag", max_skew_s=30))
+    clocks = CameraClocks(ClockPolicy(skew_policy="flag", max_skew_s=30))
     out = feed(clocks, "c", T, 300, lambda t: t + 37.0)
     c = clocks.get("c")
     assert c is not None and c.skew_s == pytest.approx(37.0, abs=0.05)
@@ -100,7 +100,7 @@ def test_offset_ahead_is_estimated_and_flagged() -> None:
 
 
 def test_behind_five_minutes_restamped_to_true_time() -> None:
-    clocks = Clocks(ClockPolicy(skew_policy="restamp"))
+    clocks = CameraClocks(ClockPolicy(skew_policy="restamp"))
     out = feed(clocks, "c", T, 300, lambda t: t - 300.0)
     true_t, recv, flags, t = out[-1]
     assert flags == ("restamped",)
@@ -109,14 +109,14 @@ def test_behind_five_minutes_restamped_to_true_time() -> None:
 
 
 def test_gateway_policy_uses_receive_time_while_the_clock_is_bad() -> None:
-    clocks = Clocks(ClockPolicy(skew_policy="gateway"))
+    clocks = CameraClocks(ClockPolicy(skew_policy="gateway"))
     out = feed(clocks, "c", T, 100, lambda t: t - 300.0)
     _, recv, flags, t = out[-1]
     assert flags == ("time_from_gateway",) and t == recv
 
 
 def test_punctual_camera_is_untouched() -> None:
-    clocks = Clocks(ClockPolicy(skew_policy="restamp"))
+    clocks = CameraClocks(ClockPolicy(skew_policy="restamp"))
     out = feed(clocks, "c", T, 200, lambda t: t)
     assert all(flags == () for _, _, flags, _ in out)
     c = clocks.get("c")
@@ -124,14 +124,14 @@ def test_punctual_camera_is_untouched() -> None:
 
 
 def test_drift_of_one_second_per_minute_is_tracked() -> None:
-    clocks = Clocks(ClockPolicy())
+    clocks = CameraClocks(ClockPolicy())
     feed(clocks, "c", T, 6000, lambda t: t + (t - T) / 60.0)  # 10 minutes
     c = clocks.get("c")
     assert c is not None and c.skew_s == pytest.approx(10.0, abs=0.6)
 
 
 def test_reset_to_1970_is_caught_at_once_and_recovers() -> None:
-    clocks = Clocks(ClockPolicy(skew_policy="restamp"))
+    clocks = CameraClocks(ClockPolicy(skew_policy="restamp"))
     feed(clocks, "c", T, 100, lambda t: t)
     reset = feed(clocks, "c", T + 10, 50, lambda t: t - T - 10 + 5.0)  # reboot: 1970 + 5 s
     # Every message after the reset is counted, at (about) its true time, never in 1970.
@@ -149,7 +149,7 @@ def test_reset_to_1970_is_caught_at_once_and_recovers() -> None:
 
 
 def test_milliseconds_sent_as_seconds_are_restamped_immediately() -> None:
-    clocks = Clocks(ClockPolicy(skew_policy="flag"))
+    clocks = CameraClocks(ClockPolicy(skew_policy="flag"))
     feed(clocks, "c", T, 100, lambda t: t)
     wrong = feed(clocks, "c", T + 10, 5, lambda t: t * 1000.0)  # the year 57,000
     assert all(flags is not None and "bad_time" in flags for _, _, flags, _ in wrong)
@@ -157,7 +157,7 @@ def test_milliseconds_sent_as_seconds_are_restamped_immediately() -> None:
 
 
 def test_a_late_message_keeps_its_time_and_does_not_move_the_estimate() -> None:
-    clocks = Clocks(ClockPolicy(skew_policy="restamp"))
+    clocks = CameraClocks(ClockPolicy(skew_policy="restamp"))
     feed(clocks, "c", T, 100, lambda t: t)
     stamped = clocks.stamp("c", T + 10 - 120.0, T + 10)  # buffered two minutes on the camera
     assert stamped == (T + 10 - 120.0, ())
@@ -166,7 +166,7 @@ def test_a_late_message_keeps_its_time_and_does_not_move_the_estimate() -> None:
 
 
 def test_bad_time_drop_policy_drops_and_leaves_the_count_to_the_caller() -> None:
-    clocks = Clocks(ClockPolicy(bad_time_policy="drop", max_future_s=60))
+    clocks = CameraClocks(ClockPolicy(bad_time_policy="drop", max_future_s=60))
     assert clocks.stamp("c", T + 3600, T) is None
     # Counted once, as the reject bad_time_dropped in Stats.rejects (tests/intake/test_ingest.py).
     assert "bad_time_dropped" not in clocks.counters
@@ -188,7 +188,7 @@ YEAR = 365 * 86400.0
 
 
 def site(
-    clocks: Clocks,
+    clocks: CameraClocks,
     start: float,
     seconds: float,
     gateway: object,
@@ -213,7 +213,7 @@ def site(
 
 @pytest.mark.parametrize("step", [YEAR, -26 * YEAR])  # into 2027, back to 2000
 def test_a_gateway_clock_step_moves_no_camera_that_agrees_with_the_others(step: float) -> None:
-    clocks = Clocks(ClockPolicy())  # the defaults: flag, max_skew_s 30, bad time restamped
+    clocks = CameraClocks(ClockPolicy())  # the defaults: flag, max_skew_s 30, bad time restamped
     before = site(clocks, T, 30, lambda t: t)
     # The step, as the monotonic clock proves it (StepWatch in the intake).
     clocks.gateway_stepped(step)
@@ -236,7 +236,7 @@ def test_a_gateway_clock_step_moves_no_camera_that_agrees_with_the_others(step: 
 def test_a_gateway_wrong_from_the_start_is_outvoted_after_its_first_cameras() -> None:
     """No step to see (the agent started after the RTC reset): the consensus forms as soon as
     three cameras have spoken; only their first messages were judged on the gateway's word."""
-    clocks = Clocks(ClockPolicy())
+    clocks = CameraClocks(ClockPolicy())
     out = site(clocks, T, 60, lambda t: t - 26 * YEAR)
     moved = [(cam, true_t, t) for cam, true_t, t, _ in out if abs(t - true_t) > 1]
     assert len(moved) <= 2, moved[:5]
@@ -247,7 +247,7 @@ def test_a_gateway_wrong_from_the_start_is_outvoted_after_its_first_cameras() ->
 def test_a_wrong_camera_under_a_wrong_gateway_is_judged_by_the_other_cameras(policy: str) -> None:
     """The gateway off by a year and one camera in 1970: the camera is the suspect, and what
     is restamped goes to the cameras' time, never to the gateway's."""
-    clocks = Clocks(ClockPolicy(skew_policy=policy))  # type: ignore[arg-type]
+    clocks = CameraClocks(ClockPolicy(skew_policy=policy))  # type: ignore[arg-type]
     site(clocks, T, 20, lambda t: t)
     clocks.gateway_stepped(YEAR)
     out = site(clocks, T + 20, 40, lambda t: t + YEAR, camera_clock=lambda t: t - 1.7e9)
@@ -261,10 +261,10 @@ def test_a_wrong_camera_under_a_wrong_gateway_is_judged_by_the_other_cameras(pol
 
 
 def test_no_consensus_without_a_majority_or_with_fewer_than_three_cameras() -> None:
-    few = Clocks(ClockPolicy())
+    few = CameraClocks(ClockPolicy())
     site(few, T, 20, lambda t: t + YEAR, cameras=2)
     assert few.gateway_trusted
-    split = Clocks(ClockPolicy())
+    split = CameraClocks(ClockPolicy())
     for c, skew in enumerate([0.0, 0.0, 500.0, 1000.0, 5000.0]):  # no majority agrees
         feed(split, f"cam-{c}", T, 50, lambda t, s=skew: t - s)
     assert split.gateway_trusted
@@ -273,7 +273,7 @@ def test_no_consensus_without_a_majority_or_with_fewer_than_three_cameras() -> N
 def test_cameras_that_all_came_back_in_1970_do_not_outvote_a_right_gateway() -> None:
     """A site power cut resets every camera without an RTC to 1970 at once: they agree with
     each other, and they are wrong. A clock before 2024 is never the right one."""
-    clocks = Clocks(ClockPolicy())
+    clocks = CameraClocks(ClockPolicy())
     out = site(clocks, T, 30, lambda t: t, cameras=10)
     boot = T + 30
     after = []
@@ -296,7 +296,7 @@ def test_cameras_that_all_came_back_in_1970_do_not_outvote_a_right_gateway() -> 
 def test_a_step_the_agent_sees_moves_nothing_with_few_cameras(cameras: int, step: float) -> None:
     """With one or two cameras there is no consensus to form, but the monotonic clock proved
     the step: the cameras' data stays where it was (an adversary's 2 cameras lost an hour)."""
-    clocks = Clocks(ClockPolicy())
+    clocks = CameraClocks(ClockPolicy())
     before = site(clocks, T, 20, lambda t: t, cameras=cameras)
     clocks.gateway_stepped(step)
     after = site(clocks, T + 20, 40, lambda t: t + step, cameras=cameras)
@@ -306,7 +306,7 @@ def test_a_step_the_agent_sees_moves_nothing_with_few_cameras(cameras: int, step
 def test_cameras_that_disagree_keep_their_places_across_a_step() -> None:
     """Five cameras 0, 100, ... 400 s apart (no majority), the gateway steps back an hour:
     each camera keeps the time it had before the step."""
-    clocks = Clocks(ClockPolicy(max_skew_s=30))
+    clocks = CameraClocks(ClockPolicy(max_skew_s=30))
 
     def run(start: float, seconds: float, gateway: object) -> dict[int, set[float]]:
         seen: dict[int, set[float]] = {}
