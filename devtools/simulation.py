@@ -195,6 +195,10 @@ class Params:
     broker_restore_p: float = 0.0
     broker_forget_p: float = 0.0
     power_cut_p: float = 0.0
+    # Cameras stamp their messages (true time, `ts`), and the gateway's wall clock may step by
+    # a year either way (a battery-less RTC after a power cut): camera data must not move.
+    camera_time: bool = False
+    year_step_p: float = 0.0
 
 
 def draw_params(rng: random.Random) -> Params:
@@ -539,6 +543,7 @@ class Outcome:
     stops: int = 0
     clock_steps: int = 0
     broker_restores: int = 0
+    year_steps: int = 0
     # Messages the agent counted though they may be replays (agent/intake/acks.py `replayed`).
     possible_doubles: Counter[int] = field(default_factory=Counter)
     redelivered: int = 0
@@ -553,7 +558,7 @@ def _base_settings() -> Settings:
     """Validated once per process; each schedule copies it with its own values."""
     stream = StreamSettings(
         topic="cameras/{camera}/{stream}",
-        time_field=None,
+        time_field="ts",
         numeric=("conf",),
         categorical=("cls",),
         max_categories=10_000,
@@ -572,6 +577,10 @@ class World:
         self.p.broker_restore_p = broker_rng.choice([0.0, 0.0, 0.0005, 0.002])
         self.p.broker_forget_p = broker_rng.choice([0.0, 0.0, 0.0, 0.0005])
         self.p.power_cut_p = broker_rng.choice([0.0, 0.5])
+        time_rng = random.Random(seed * 7919 + 26)
+        self.p.camera_time = time_rng.random() < 0.5
+        self.p.year_step_p = time_rng.choice([0.0, 0.0005, 0.002])
+        self.year_steps = random.Random(seed * 7919 + 27)
         self.clock = VirtualClock()
         self.loop = SimLoop(self.clock, self._on_step)
         self.workdir = workdir
@@ -614,6 +623,9 @@ class World:
             doc: dict[str, Any] = {"conf": value, "cls": cls}
             if not p.identical_payloads:
                 doc["i"] = n
+                if p.camera_time:
+                    # The camera's own (right) clock when it means to publish.
+                    doc["ts"] = round(EPOCH + n / p.rate, 3)
             payload = json.dumps(doc, separators=(",", ":")).encode()
             topic = f"cameras/{cam}/{stream}".encode()
             msgs.append(Msg(n, cam, stream, topic, payload, value, cls))
@@ -730,6 +742,12 @@ class World:
             # send, a compaction.
             self.stop_requested.set()
             self.disturbed = self.clock.t
+        elif self.year_steps.random() < self.p.year_step_p:
+            step = self.year_steps.choice([-1, 1]) * 365 * 86400.0
+            self.clock.offset += step
+            self.out.clock_steps += 1
+            self.out.year_steps += 1
+            self.note(f"gateway clock step {step:+.0f} s (a year; the cameras stay right)")
         elif self.rng.random() < self.p.step_p:
             step = self.rng.choice([-1, 1]) * self.rng.uniform(5, 120)
             self.clock.offset += step
@@ -1001,6 +1019,25 @@ class World:
 
     # -- the oracle ---------------------------------------------------------------------------
 
+    def _check_camera_time(self, chunks: list[dict[str, Any]]) -> None:
+        """Camera time is kept: a message counted in a chunk the agent did not flag as moved
+        (bad_time, restamped, time_from_gateway) sits in the second its camera stamped,
+        whatever the gateway's clock did (a step of a year included)."""
+        if not self.p.camera_time or self.p.identical_payloads:
+            return
+        ts = {m.cls: EPOCH + m.n / self.p.rate for m in self.msgs}
+        for c in chunks:
+            if MOVED & set(c.get("flags", [])):
+                continue
+            width = int(c.get("width_s", 1))
+            for cls in c["cat"].get("cls", {}):
+                t = ts.get(cls)
+                if t is not None and not (c["t"] <= round(t, 3) < c["t"] + width):
+                    raise Violation(
+                        f"{cls} stamped {t:.3f} by its camera was counted at {c['t']} "
+                        f"(width {width}, flags {c.get('flags', [])}) without a flag saying so"
+                    )
+
     def _oracle(self) -> None:
         if not self.broker.done:
             raise Violation(f"broker still holds {len(self.broker.inflight)} unacked messages")
@@ -1027,6 +1064,7 @@ class World:
 
         for c in self.cloud.stored.values():
             add(c)
+        self._check_camera_time(list(self.cloud.stored.values()))
         con = self.disk
         dead = con.execute("SELECT seq, seq_end, body FROM dead_letters").fetchall()
         left = con.execute("SELECT count(*) FROM chunks").fetchall()[0][0]
@@ -1083,6 +1121,9 @@ class World:
                 raise Violation(f"seq coverage broken between {a0}-{a1} and {b0} (G8)")
 
 
+MOVED = {"bad_time", "restamped", "time_from_gateway"}
+
+
 def _died(t: asyncio.Task[Any]) -> bool:
     if not t.done() or t.cancelled():
         return False
@@ -1122,8 +1163,8 @@ def run_seeds(seeds: list[int]) -> tuple[int, Counter[str], str | None]:
             out = run_seed(seed)
         except Violation as e:
             return i + 1, totals, str(e)
-        for k in ("steps", "crashes", "stops", "clock_steps", "broker_restores", "redelivered",
-                  "snapshots", "compacted", "dead_letters"):  # fmt: skip
+        for k in ("steps", "crashes", "stops", "clock_steps", "year_steps", "broker_restores",
+                  "redelivered", "snapshots", "compacted", "dead_letters"):  # fmt: skip
             totals[k] += getattr(out, k)
     return len(seeds), totals, None
 
