@@ -24,12 +24,13 @@ from agent.app.faults import NO_FAULTS, Faults
 from agent.config.credentials import TokenSource, client_tls_context
 from agent.config.settings import AggregateSettings, Settings, secret_path
 from agent.core.clock import SYSTEM_CLOCK, Clock
-from agent.core.model import BadChunk, Chunk, decode_chunk
+from agent.core.errors import BadChunk, OutboxError, StartupError
+from agent.core.model import Chunk, decode_chunk
 from agent.core.reasons import OutboxEvent
 from agent.core.stats import Stats
 from agent.durable.checkpoint import Checkpointer
 from agent.durable.lock import OutboxLock
-from agent.durable.outbox import Outbox, OutboxError, Recovery
+from agent.durable.outbox import Outbox, Recovery
 from agent.forward.forwarder import Forwarder
 from agent.intake.acks import ID_SPACE, AckLedger, ReplayMemory
 from agent.intake.ingest import Intake, MqttSession, TopicRouter
@@ -55,10 +56,6 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class SecondSignal(SystemExit):
     """A second SIGTERM/SIGINT during the shutdown: exit now (a SystemExit, so asyncio lets it
     through; the CLI maps it to its exit code)."""
-
-
-class StartupError(Exception):
-    """The agent cannot start (a port in use, an unreadable state file...): exit 3, one line."""
 
 
 async def run_service(

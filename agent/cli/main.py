@@ -22,7 +22,6 @@ import agent.core.buildinfo as buildinfo
 from agent.cli.exitcodes import Exit
 from agent.cli.exitcodes import epilog as exit_epilog
 from agent.config.settings import (
-    ConfigError,
     Settings,
     effective_config,
     inline_secret_warnings,
@@ -30,6 +29,7 @@ from agent.config.settings import (
     load_settings,
     one_line,
 )
+from agent.core.errors import AlreadyRunning, ConfigError, OutboxError, StartupError, TapError
 from agent.ops.logs import setup_logging
 
 # Exceptions become exit codes here and only here; every code and its meaning:
@@ -144,9 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(settings.log)
     for warning in inline_secret_warnings(args.config, settings) + credential_warnings(settings):
         logging.getLogger("agent").warning(warning)
-    from agent.app.service import SecondSignal, StartupError, run_service
-    from agent.durable.lock import AlreadyRunning
-    from agent.durable.outbox import OutboxError
+    from agent.app.service import SecondSignal, run_service
     from agent.ops.notify import Notifier
 
     logging.getLogger("agent").info(
@@ -254,7 +252,7 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 def cmd_tap(args: argparse.Namespace) -> int:
     """Print each message on the broker as the agent would see it (see agent/cli/tap.py)."""
-    from agent.cli.tap import TapError, TapOptions, check_id, run_tap, subscriptions
+    from agent.cli.tap import TapOptions, check_id, run_tap, subscriptions
 
     settings = _load(args.config)
     try:

@@ -33,11 +33,12 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.config.settings import ID_RE, Settings, read_secret
+from agent.core.errors import BadTimestamp, TapError
 from agent.core.reasons import Reject
 from agent.core.stats import Stats
 from agent.intake.acks import AckLedger
 from agent.intake.ingest import Intake, Route, TopicRouter, max_packet_bytes, tls_context
-from agent.intake.timekeeping import BadTimestamp, parse_event_time, unit_of
+from agent.intake.timekeeping import parse_event_time, unit_of
 from agent.windows.aggregate import Aggregator, StreamSpec, Window
 
 # Messages waiting to be shown; past this tap skips (and says how many): a terminal cannot
@@ -45,10 +46,6 @@ from agent.windows.aggregate import Aggregator, StreamSpec, Window
 QUEUE_MAX = 10_000
 # Intake's own per-reject warning: tap shows the reason on the message's line instead.
 _REJECT_LOG = "rejected a message on %r: %s"
-
-
-class TapError(Exception):
-    """The broker could not be reached, refused us, or refused a subscription."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,6 +51,8 @@ from pydantic_settings import (
 )
 from pydantic_settings.sources import DEFAULT_PATH
 
+from agent.core.errors import ConfigError
+
 ENV_PREFIX = "EDGE_AGENT__"
 
 _SIZE_UNITS = {
@@ -79,14 +81,6 @@ MQTT_MAX_PACKET_BYTES = 268_435_455
 # characters, so a routable topic is short), packet id and properties (user properties too).
 PACKET_OVERHEAD_BYTES = 64 * 1024
 MAX_PAYLOAD_BYTES = MQTT_MAX_PACKET_BYTES - PACKET_OVERHEAD_BYTES
-
-
-class ConfigError(Exception):
-    """The configuration is unusable; `problems` holds one human-readable line per problem."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
 
 
 def parse_size(value: object) -> object:

@@ -12,6 +12,8 @@ from typing import Annotated, Any, NotRequired, TypedDict
 
 import msgspec
 
+from agent.core.errors import BadChunk
+
 SCHEMA = "edge-agent/v1"
 OTHER = "__other__"
 MAX_CATEGORY_LEN = 64
@@ -212,10 +214,6 @@ class Chunk:
 
 
 _encoder = msgspec.json.Encoder()
-
-
-class BadChunk(ValueError):
-    """A stored chunk body that is not a well-formed chunk with finite numbers."""
 
 
 # The shape a stored body must have. msgspec refuses null, and numbers beyond the float range,

@@ -11,7 +11,8 @@ from collections.abc import Iterable
 
 import msgspec
 
-from agent.core.model import BadChunk, Chunk, decode_chunk, encode_chunk, is_finite
+from agent.core.errors import BadChunk
+from agent.core.model import Chunk, decode_chunk, encode_chunk, is_finite
 
 LEVELS = ((1, 10), (10, 60))
 

@@ -11,15 +11,7 @@ import fcntl
 import os
 from pathlib import Path
 
-
-class AlreadyRunning(Exception):
-    """Another process holds the outbox lock."""
-
-    def __init__(self, path: Path, pid: int | None) -> None:
-        who = f"pid {pid}" if pid else "pid unknown"
-        super().__init__(f"another edge-agent holds {path} ({who})")
-        self.path = path
-        self.pid = pid
+from agent.core.errors import AlreadyRunning
 
 
 class OutboxLock:

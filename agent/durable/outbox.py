@@ -16,15 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from agent.durable.store import (
-    Batch,
-    CheckpointWrite,
-    OutboxError,
-    Recovery,
-    RoomMade,
-    Store,
-    WindowKey,
-)
+from agent.core.errors import OutboxError
+from agent.durable.store import Batch, CheckpointWrite, Recovery, RoomMade, Store, WindowKey
 
 __all__ = [
     "Batch",

@@ -31,6 +31,7 @@ from typing import Any
 
 import msgspec
 
+from agent.core.errors import OutboxError
 from agent.core.model import encode_batch
 from agent.durable.compaction import LEVELS, compact_range, counted_messages
 from agent.intake.acks import HistoryRow
@@ -126,10 +127,6 @@ SEQ_RESERVE = 1_000_000
 SEQ_PER_SECOND_FLOOR = 1_000_000
 
 WindowKey = tuple[str, str, int, int]
-
-
-class OutboxError(Exception):
-    """The outbox cannot be opened or written (not corruption: the file is left alone)."""
 
 
 @dataclass

@@ -34,6 +34,7 @@ from agent.config.settings import (
 )
 from agent.core.backoff import Backoff
 from agent.core.clock import SYSTEM_CLOCK, Clock, StepWatch
+from agent.core.errors import BadTimestamp
 from agent.core.ratelimit import RateLimitedLog
 from agent.core.reasons import Reject
 from agent.core.stats import Stats
@@ -46,7 +47,7 @@ from agent.intake.mqtt_compat import (
     on_connack,
     send_acks,
 )
-from agent.intake.timekeeping import BadTimestamp, CameraClocks, parse_event_time
+from agent.intake.timekeeping import CameraClocks, parse_event_time
 from agent.windows.aggregate import Aggregator, StreamSpec
 
 log = logging.getLogger(__name__)

@@ -35,6 +35,8 @@ from typing import Any
 import aiomqtt
 import paho.mqtt.client as paho
 
+from agent.core.errors import IncompatibleClient
+
 log = logging.getLogger(__name__)
 
 RawHandler = Callable[[paho.MQTTMessage], None]
@@ -54,10 +56,6 @@ UNLIMITED = 1 << 62
 
 _PUBLISH = 0x30
 _PUBACK = 0x40
-
-
-class IncompatibleClient(RuntimeError):
-    """aiomqtt's internals changed; manual acks cannot be guaranteed."""
 
 
 # What the hot path needs of paho's internals (checked by name; the compat test checks behaviour).

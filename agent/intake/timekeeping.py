@@ -8,14 +8,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
+from agent.core.errors import BadTimestamp
+
 # Epoch magnitudes for `auto`: seconds reach 1e10 in the year 2286; a ms value for any date after
 # 1973 exceeds 1e11, a µs value exceeds 1e14, a ns value exceeds 1e17.
 _AUTO_DIVISORS = ((1e17, 1e9), (1e14, 1e6), (1e11, 1e3))
 _UNIT_DIVISORS = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}
-
-
-class BadTimestamp(ValueError):
-    """The timestamp field is present but is not a time in the configured unit."""
 
 
 def epoch_auto(value: float) -> float:

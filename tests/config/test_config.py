@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from agent.cli.main import main
-from agent.config.settings import ConfigError, load_settings
+from agent.config.settings import load_settings
+from agent.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

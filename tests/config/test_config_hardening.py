@@ -15,13 +15,8 @@ import pytest
 import trustme
 
 from agent.cli.main import main
-from agent.config.settings import (
-    MQTT_MAX_PACKET_BYTES,
-    ConfigError,
-    Section,
-    Settings,
-    load_settings,
-)
+from agent.config.settings import MQTT_MAX_PACKET_BYTES, Section, Settings, load_settings
+from agent.core.errors import ConfigError
 from agent.intake.ingest import connect_properties, max_packet_bytes
 from tests.helpers import deny_stat
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.durable.lock import AlreadyRunning, OutboxLock
+from agent.core.errors import AlreadyRunning
+from agent.durable.lock import OutboxLock
 from devtools.procs import Agent, free_port, port_open, wait_for
 from tests.helpers import AgentFactory
 

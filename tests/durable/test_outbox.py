@@ -9,8 +9,9 @@ from typing import Any
 import msgspec
 import pytest
 
+from agent.core.errors import OutboxError
 from agent.core.model import Chunk, encode_chunk
-from agent.durable.outbox import Batch, CheckpointWrite, Outbox, OutboxError
+from agent.durable.outbox import Batch, CheckpointWrite, Outbox
 from agent.durable.store import SEQ_PER_SECOND_FLOOR
 
 GW = "gw-test"

@@ -19,12 +19,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.app.service import build_aggregator, build_clocks
 from agent.config.settings import AggregateSettings, MqttSettings, StreamSettings
-from agent.core.model import MAX_CATEGORY_LEN, BadChunk, Chunk, decode_chunk, encode_chunk
+from agent.core.errors import BadChunk, BadTimestamp
+from agent.core.model import MAX_CATEGORY_LEN, Chunk, decode_chunk, encode_chunk
 from agent.core.stats import Stats
 from agent.durable.compaction import compact_range, counted_messages
 from agent.intake.acks import AckLedger
 from agent.intake.ingest import Intake, TopicRouter, digest
-from agent.intake.timekeeping import BadTimestamp, parse_event_time
+from agent.intake.timekeeping import parse_event_time
 from agent.sim.cloud import load_merged
 from agent.windows.aggregate import Aggregator
 from devtools.procs import Mosquitto, Publisher, wait_for

@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.intake.timekeeping import BadTimestamp, parse_event_time
+from agent.core.errors import BadTimestamp
+from agent.intake.timekeeping import parse_event_time
 
 T = 1764126000.25  # 2025-11-26T03:00:00.25Z
 
