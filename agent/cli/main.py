@@ -24,10 +24,10 @@ from agent.cli.exitcodes import epilog as exit_epilog
 from agent.config.settings import (
     Settings,
     effective_config,
+    escape_controls,
     inline_secret_warnings,
     json_schema,
     load_settings,
-    one_line,
 )
 from agent.core.errors import AlreadyRunning, ConfigError, OutboxError, StartupError, TapError
 from agent.ops.logs import setup_logging
@@ -49,7 +49,7 @@ def _load(path: str) -> Settings:
         return load_settings(path)
     except ConfigError as e:
         for p in e.problems:
-            print(f"config error: {one_line(p)}", file=sys.stderr)
+            print(f"config error: {escape_controls(p)}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
 
 
@@ -94,7 +94,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ValueError as e:
         problems.append(str(e))
     for p in problems:
-        print(f"config error: {one_line(p)}", file=sys.stderr)
+        print(f"config error: {escape_controls(p)}", file=sys.stderr)
     if problems:
         return EXIT_CONFIG
     if args.connect:
@@ -138,7 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as e:
         problems.append(str(e))
     for p in problems:
-        print(f"config error: {one_line(p)}", file=sys.stderr)
+        print(f"config error: {escape_controls(p)}", file=sys.stderr)
     if problems:
         return EXIT_CONFIG
     setup_logging(settings.log)

@@ -25,7 +25,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from agent import __version__
 from agent.config.credentials import client_tls_context
 from agent.config.settings import Settings, mask_url, read_secret, token_problem
-from agent.forward.forwarder import one_line
+from agent.core.text import one_line
 from agent.intake.ingest import TopicRouter, connect_refusal, suback_problems, tls_context
 
 

@@ -23,7 +23,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import paho.mqtt.client as paho
@@ -36,6 +35,7 @@ from agent.config.settings import ID_RE, Settings, read_secret
 from agent.core.errors import BadTimestamp, TapError
 from agent.core.reasons import Reject
 from agent.core.stats import Stats
+from agent.core.text import rfc3339_ms
 from agent.intake.acks import AckLedger
 from agent.intake.ingest import Intake, Route, TopicRouter, max_packet_bytes, tls_context
 from agent.intake.timekeeping import parse_event_time, unit_of
@@ -79,10 +79,6 @@ class RecordingAggregator(Aggregator):
         result = super().add(camera, stream, spec, payload, event_t, recv_t, flags=flags, mono=mono)
         self.last = Added(payload, event_t, flags, self.counters - before)
         return result
-
-
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def refused_fields(spec: StreamSpec, payload: Mapping[str, Any]) -> list[str]:
@@ -148,7 +144,7 @@ class Tap:
         bad_ts = self._clocks.counters["bad_timestamp_used_gateway_time"] > bad_ts_before
         route = self.router.route(topic.decode("utf-8", "replace"))
         doc: dict[str, Any] = {
-            "recv": _iso(recv_t),
+            "recv": rfc3339_ms(recv_t),
             "topic": topic.decode("utf-8", "replace"),
             "bytes": len(payload),
             "camera": route.camera if isinstance(route, Route) else None,
@@ -176,14 +172,14 @@ class Tap:
         out["time_raw"] = raw if isinstance(raw, int | float | str | None) else repr(raw)[:80]
         out["time_unit"] = unit_of(raw, route.time_unit) if raw is not None else None
         out["time_source"] = "payload" if event_t is not None else "gateway"
-        out["event_time"] = _iso(event_t) if event_t is not None else None
+        out["event_time"] = rfc3339_ms(event_t) if event_t is not None else None
         out["skew_s"] = round(event_t - recv_t, 3) if event_t is not None else None
         clock = self._clocks.get(route.camera)
         out["skew_estimate_s"] = (
             round(clock.skew_s, 3) if clock is not None and clock.skew_s is not None else None
         )
         out["clock_suspect"] = bool(clock and clock.suspect)
-        out["aggregated_at"] = _iso(added.event_t)
+        out["aggregated_at"] = rfc3339_ms(added.event_t)
         out["flags"] = list(added.flags)
         refused = refused_fields(route.spec, payload) if added.refused else []
         out["numeric"] = {f: payload[f] for f in route.spec.numeric if f in payload}

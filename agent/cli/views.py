@@ -7,8 +7,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from agent.forward.forwarder import one_line
-from agent.forward.outage import duration_words, rfc3339
+from agent.core.text import duration_words, one_line, rfc3339
 
 
 def _n(count: int, word: str) -> str:

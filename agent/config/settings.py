@@ -1057,11 +1057,11 @@ def environment_problems(environ: Mapping[str, str]) -> list[str]:
             continue
         path = tuple(lowered[len(prefix) :].split("__"))
         if "" in path:
-            problems.append(one_line(f"{name}: an empty name between '__' separators"))
+            problems.append(escape_controls(f"{name}: an empty name between '__' separators"))
             continue
         if _json_looking(value) and _json_depth(value) > MAX_ENV_JSON_DEPTH:
             problems.append(
-                one_line(
+                escape_controls(
                     f"{name}: the JSON is nested too deeply (more than {MAX_ENV_JSON_DEPTH} levels)"
                 )
             )
@@ -1071,7 +1071,7 @@ def environment_problems(environ: Mapping[str, str]) -> list[str]:
         ) or next((n for p, n in source.items() if p[: len(path)] == path), None)
         if clash is not None:
             problems.append(
-                one_line(
+                escape_controls(
                     f"{name} and {clash} both set {'.'.join(path[: min(len(path), 2)])}: "
                     "keep one (names are case-insensitive; a list or table is set whole, as JSON)"
                 )
@@ -1079,7 +1079,7 @@ def environment_problems(environ: Mapping[str, str]) -> list[str]:
             continue
         if path[0] == "streams" and len(path) > 1:
             problems.append(
-                one_line(f"{name}: set streams whole, as JSON: {ENV_PREFIX}STREAMS='[...]'")
+                escape_controls(f"{name}: set streams whole, as JSON: {ENV_PREFIX}STREAMS='[...]'")
             )
             continue
         source[path] = name
@@ -1091,7 +1091,7 @@ def environment_problems(environ: Mapping[str, str]) -> list[str]:
 _CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-def one_line(text: str) -> str:
+def escape_controls(text: str) -> str:
     """`text` with its control characters escaped as Python does ('\\n', '\\x1b')."""
     return _CONTROL_RE.sub(lambda m: repr(m.group())[1:-1], text)
 
@@ -1104,7 +1104,7 @@ _SECRET_WORDS_RE = re.compile(r"password|passwd|token|secret|credential|@", re.I
 def _format_error(err: Mapping[str, Any]) -> str:
     """One operator-facing line from one of pydantic's errors: the key, the value given
     (secrets masked), what is wrong; control characters escaped (a key name may hold any)."""
-    return one_line(_error_line(err))
+    return escape_controls(_error_line(err))
 
 
 def _error_line(err: Mapping[str, Any]) -> str:

@@ -7,12 +7,12 @@ mergeable, so late deltas (rev > 0) and coarser windows are sums of chunks.
 from __future__ import annotations
 
 import math
-import time
 from typing import Annotated, Any, NotRequired, TypedDict
 
 import msgspec
 
 from agent.core.errors import BadChunk
+from agent.core.text import rfc3339_ms
 
 SCHEMA = "edge-agent/v1"
 OTHER = "__other__"
@@ -290,10 +290,7 @@ def with_seq(seq: int, body: bytes, seq_end: int | None = None) -> bytes:
 def encode_batch(gateway_id: str, rows: list[tuple[int, int, bytes]], *, sent_at: float) -> bytes:
     """The JSON body of a batch of (seq, seq_end, body) rows, splicing the stored chunk bodies
     without re-encoding them. `first_seq`..`last_seq` is the seq range the chunks cover."""
-    stamp = (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sent_at))
-        + f".{int(sent_at % 1 * 1000):03d}Z"
-    )
+    stamp = rfc3339_ms(sent_at)
     head = (
         f'{{"schema":"{SCHEMA}","gateway":"{gateway_id}","first_seq":{rows[0][0]},'
         f'"last_seq":{rows[-1][1]},"sent_at":"{stamp}","chunks":['

@@ -24,6 +24,7 @@ from agent.config.settings import ForwardSettings
 from agent.core.backoff import Backoff
 from agent.core.clock import SYSTEM_CLOCK, Clock
 from agent.core.stats import Stats
+from agent.core.text import one_line
 from agent.durable.outbox import Batch, Outbox
 from agent.forward.outage import recovery_line
 from agent.forward.pacing import Pacer, retry_after_s
@@ -358,15 +359,6 @@ def build_request(
     if token:
         headers["Authorization"] = f"Bearer {token}"
     return body, headers
-
-
-def one_line(text: str, limit: int = 200) -> str:
-    """The cloud's words as one printable line: newlines and control characters escaped, so a
-    response body cannot forge log lines."""
-    return "".join(
-        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
-        for ch in text[:limit]
-    )
 
 
 async def _read_capped(r: httpx.Response) -> str:

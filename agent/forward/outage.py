@@ -7,23 +7,7 @@ turn that, and the age of the oldest unsent chunk, into a problem line once it p
 
 from __future__ import annotations
 
-import time
-
-
-def rfc3339(t: float) -> str:
-    """UTC, second precision: '2026-11-26T15:35:09Z'."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
-def duration_words(seconds: float) -> str:
-    """'45 s', '27 min', '3.5 h', '2.0 days'."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
+from agent.core.text import duration_words, rfc3339
 
 
 def outage_problems(

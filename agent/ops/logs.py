@@ -12,10 +12,10 @@ import json
 import logging
 import os
 import sys
-import time
 from typing import IO, Any
 
 from agent.config.settings import LogSettings
+from agent.core.text import rfc3339_ms
 
 # syslog priorities (RFC 5424) of the logging levels.
 _PRIORITY = {
@@ -65,10 +65,6 @@ class JournalFormatter(logging.Formatter):
             text += "\n" + self.formatException(record.exc_info)
         prefix = f"<{priority(record.levelno)}>"
         return "\n".join(prefix + line for line in text.splitlines() or [""])
-
-
-def rfc3339_ms(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):

@@ -6,7 +6,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
-from agent.forward.outage import outage_problems, rfc3339
+from agent.core.text import rfc3339
+from agent.forward.outage import outage_problems
 from agent.ops.figures import status_section
 
 if TYPE_CHECKING:

@@ -7,6 +7,7 @@ import random
 
 from agent.core.backoff import Backoff
 from agent.core.model import encode_batch
+from agent.core.text import one_line
 from agent.forward.pacing import retry_after_s
 
 
@@ -62,7 +63,6 @@ def test_batch_body_declares_the_seqs_a_compacted_chunk_stands_for() -> None:
 
 
 def test_the_clouds_words_cannot_forge_log_lines() -> None:
-    from agent.forward.forwarder import one_line
 
     forged = 'bad\n2026-11-26 03:00:00 INFO agent: all good\r\x1b[2J{"x": 1}'
     shown = one_line(forged)

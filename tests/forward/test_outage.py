@@ -18,9 +18,10 @@ import pytest
 from agent.config.settings import ForwardSettings
 from agent.core.model import Chunk, encode_chunk
 from agent.core.stats import Stats
+from agent.core.text import rfc3339
 from agent.durable.outbox import CheckpointWrite, Outbox
 from agent.forward.forwarder import Forwarder
-from agent.forward.outage import outage_problems, recovery_line, rfc3339
+from agent.forward.outage import outage_problems, recovery_line
 from devtools.procs import Receiver, wait_for
 from tests.helpers import AgentFactory, publish
 
