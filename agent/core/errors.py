@@ -52,7 +52,13 @@ class TapError(StartupError):
 
 
 class OutboxError(AgentError):
-    """The outbox cannot be opened or written (not corruption: the file is left alone)."""
+    """The outbox cannot be opened or written (not corruption: the file is left alone). The
+    only error the outbox lets out (agent/durable/outbox.py turns SQLite's into it); `full`:
+    the disk or the quota is full (backpressure, not a fault)."""
+
+    def __init__(self, message: str, *, full: bool = False) -> None:
+        super().__init__(message)
+        self.full = full
 
 
 class IncompatibleClient(AgentError, RuntimeError):

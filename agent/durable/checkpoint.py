@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from agent.config.settings import Settings
 from agent.core.clock import SYSTEM_CLOCK, Clock
+from agent.core.errors import OutboxError
 from agent.core.model import encode_chunk
 from agent.core.ratelimit import RateLimitedLog
 from agent.core.reasons import OutboxEvent
 from agent.core.stats import Stats
 from agent.durable.outbox import CheckpointWrite, Outbox, WindowKey
-from agent.durable.store import is_full
 from agent.intake.acks import AckLedger, JournalPlan, Pending
 from agent.windows.aggregate import DURABLE, Aggregator, Window
 
@@ -230,7 +229,7 @@ class Checkpointer:
     async def _cycle(self, final: bool) -> bool:
         try:
             await self._make_room()
-        except sqlite3.Error as e:
+        except OutboxError as e:
             self.buffer_full = True
             self._warn.warning("room", "could not make room in the outbox (%s)", e)
         await self._confirm()
@@ -276,8 +275,8 @@ class Checkpointer:
             write.history_expired = replays.expired_upto
         try:
             await finish(self._outbox.checkpoint(write, now=now))
-        except sqlite3.Error as e:
-            if is_full(e):
+        except OutboxError as e:
+            if e.full:
                 self.buffer_full = True
             if self.failing_since is None:
                 self.failing_since = mono

@@ -12,12 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from agent.core.errors import OutboxError
-from agent.durable.store import Batch, CheckpointWrite, Recovery, RoomMade, Store, WindowKey
+from agent.durable.store import (
+    Batch,
+    CheckpointWrite,
+    Recovery,
+    RoomMade,
+    Store,
+    WindowKey,
+    is_full,
+)
 
 __all__ = [
     "Batch",
@@ -59,8 +68,18 @@ class Outbox:
 
     def __init__(self, store: Store, runner: Runner) -> None:
         self.store = store
-        self._run = runner.run
         self._runner = runner
+
+    async def _run(self, name: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """One transaction on the runner; SQLite's errors come out as OutboxError only.
+
+        Raised outside the `except`: the new error carries no reference to SQLite's, whose
+        traceback holds the transaction's frames (a failing disk's retries leaked memory)."""
+        try:
+            return await self._runner.run(name, fn, *args, **kw)
+        except sqlite3.Error as e:
+            err = OutboxError(str(e), full=is_full(e))
+        raise err
 
     @classmethod
     async def open(
@@ -73,13 +92,19 @@ class Outbox:
         store_cls: type[Store] = Store,
     ) -> tuple[Outbox, Recovery]:
         runner = runner or ThreadRunner()
+        err: OutboxError | None = None
         try:
             store, recovery = await runner.run(
                 "open", store_cls.open, path, synchronous=synchronous, now=now
             )
+        except sqlite3.Error as e:
+            runner.close()
+            err = OutboxError(f"cannot open {path}: {e}")
         except BaseException:
             runner.close()
             raise
+        if err is not None:
+            raise err
         return cls(store, runner), recovery
 
     # Cached figures, read without a round trip to the worker.

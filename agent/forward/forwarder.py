@@ -12,7 +12,6 @@ import contextlib
 import gzip
 import logging
 import random
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -23,6 +22,7 @@ from agent import __version__
 from agent.config.settings import ForwardSettings
 from agent.core.backoff import Backoff
 from agent.core.clock import SYSTEM_CLOCK, Clock
+from agent.core.errors import OutboxError
 from agent.core.stats import Stats
 from agent.core.text import one_line
 from agent.durable.outbox import Batch, Outbox
@@ -148,7 +148,7 @@ class Forwarder:
                     max_bytes=s.max_batch_bytes,
                     now=self._clock.wall(),
                 )
-            except sqlite3.Error as e:
+            except OutboxError as e:
                 await asyncio.sleep(self._store_failed(e))
                 continue
             if batch is None:
@@ -156,7 +156,7 @@ class Forwarder:
                 continue
             try:
                 delay = await self._send(batch)
-            except sqlite3.Error as e:
+            except OutboxError as e:
                 delay = self._store_failed(e)
             if delay:
                 self.backoff_until = self._clock.wall() + delay
@@ -280,7 +280,7 @@ class Forwarder:
                 f"row (forward.timeout_s = {self._s.timeout_s:g}; waiting longer each time)"
             )
 
-    def _store_failed(self, e: sqlite3.Error) -> float:
+    def _store_failed(self, e: OutboxError) -> float:
         """An outbox write failed (a full disk, an I/O error): nothing is lost — the batch and
         its rows stay as they were — so back off and try again; never end the task."""
         self._stats.outbox_errors += 1

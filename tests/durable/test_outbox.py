@@ -214,7 +214,7 @@ async def test_checkpoint_is_all_or_nothing(tmp_path: Path) -> None:
         journal_upserts=[(1, 10)],
         snapshots=[(("c", "s", 1, 0), b"{}"), (("c", "s", 1, 0, "extra"), b"{}")],  # type: ignore[list-item]
     )
-    with pytest.raises(sqlite3.Error):
+    with pytest.raises(OutboxError):
         await ob.checkpoint(bad, now=1.0)
     assert ob.chunk_count == 0 and ob.last_seq == first.next_seq - 1
     await ob.close()

@@ -3,7 +3,6 @@ refuses writes without losing anything, and a corrupt file never stops the agent
 
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from agent.core.errors import OutboxError
 from agent.core.model import Chunk, encode_chunk
 from agent.durable.compaction import compact_range, counted_messages
 from agent.durable.outbox import Batch, CheckpointWrite, Outbox
@@ -204,10 +204,11 @@ async def test_full_outbox_refuses_writes_and_keeps_what_it_has(tmp_path: Path) 
     ob, _ = await Outbox.open(tmp_path / "b.sqlite3", synchronous="off")
     await ob.set_quota(1024**2)
     t = T0
-    with pytest.raises(sqlite3.OperationalError, match="full"):
+    with pytest.raises(OutboxError, match="full") as refused:
         while True:
             await ob.checkpoint(CheckpointWrite(chunks=[chunk(1, "det", t)] * 50), now=1.0)
             t += 1
+    assert refused.value.full  # SQLite's words, and the flag the checkpoint acts on
     count = ob.chunk_count
     assert count > 0 and len(all_bodies(ob)) == count
     assert ob.last_seq == all_rows(ob)[-1][0]  # the refused write used no seq
@@ -227,7 +228,7 @@ async def test_a_full_outbox_that_cannot_be_compacted_can_still_be_drained(tmp_p
     ob, _ = await Outbox.open(tmp_path / "b.sqlite3", synchronous="off")
     await ob.set_quota(1024**2)
     cam = 0
-    with pytest.raises(sqlite3.OperationalError, match="full"):
+    with pytest.raises(OutboxError, match="full"):
         while True:
             cs = [Chunk(f"cam-{cam + k:05d}", "det", T0 // 60 * 60, 60) for k in range(20)]
             for c in cs:
