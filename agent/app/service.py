@@ -132,7 +132,7 @@ class Service:
 
     async def _serve(self, outbox: Outbox, recovery: Recovery, stop: asyncio.Event) -> None:
         settings = self.settings
-        outbox.store.fault = self.faults.hit
+        outbox.set_fault(self.faults.hit)
         await outbox.set_quota(settings.buffer.max_bytes)
         async with _http_client(settings) as http:
             p = await build_pipeline(settings, outbox, recovery, http, faults=self.faults)

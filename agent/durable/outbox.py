@@ -107,6 +107,10 @@ class Outbox:
             raise err
         return cls(store, runner), recovery
 
+    def set_fault(self, hook: Callable[[str], None]) -> None:
+        """The crash-test hook at the store's fault points (agent/app/faults.py)."""
+        self.store.fault = hook
+
     # Cached figures, read without a round trip to the worker.
     @property
     def path(self) -> Path:

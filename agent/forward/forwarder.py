@@ -178,6 +178,11 @@ class Forwarder:
         return build_request(self._s, self._gateway_id, batch, token=self._token())
 
     @property
+    def pace(self) -> float:
+        """The current send pace, chunks per second (AIMD)."""
+        return self.pacer.rate
+
+    @property
     def token_problem(self) -> str | None:
         """What is wrong with the cloud token (its source's `problem`), if anything."""
         problem: str | None = getattr(self._token, "problem", None)

@@ -472,6 +472,11 @@ class AckLedger:
                 # The broker holds our frontier's message: its ids go on from ours.
                 self._epoch_open = self._distrust = False
 
+    @property
+    def remembered(self) -> int:
+        """Keys in the replay memory (0 without one)."""
+        return len(self.replays) if self.replays is not None else 0
+
     def open_epoch(self) -> None:
         """Before a (re)connect: the broker may have restarted and may hand its ids out anew
         (a restored snapshot's counter, or 1 without the session); the messages it sends

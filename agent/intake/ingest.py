@@ -454,6 +454,11 @@ class MqttSession:
     def connected(self) -> bool:
         return self._client is not None
 
+    @property
+    def is_subscribed(self) -> bool:
+        """Connected and every subscription answered (readiness)."""
+        return self.subscribed.is_set()
+
     async def run(self) -> None:
         """Connect, subscribe and hold the session; on any loss, back off and start over."""
         password = read_secret(self._s.password, self._s.password_file, "mqtt-password")

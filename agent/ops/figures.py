@@ -63,7 +63,7 @@ FIGURES: tuple[Figure, ...] = (
     Figure("ingest", "replay_memory", "replay_memory_keys", G,
          "Acked messages remembered to recognise a broker's replay of an older snapshot "
          "(8 bytes each; mqtt.broker_autosave_interval_s).",
-         lambda p: len(p.ledger.replays) if p.ledger.replays is not None else 0),
+         lambda p: p.ledger.remembered),
     Figure("ingest", "acked", "messages_acked", C, "PUBACKs sent after the effect was committed.",
          lambda p: p.stats.acked),
     Figure("ingest", "unacked", "messages_unacked", G, "Messages received and not yet acked.",
@@ -123,7 +123,7 @@ FIGURES: tuple[Figure, ...] = (
     Figure("forward", "outbox_errors", None, C, "Outbox writes of the forwarder that failed.",
          lambda p: p.stats.outbox_errors),
     Figure("forward", "pace_chunks_per_s", "forward_pace_chunks_per_second", G,
-         "Current send pace.", lambda p: p.forwarder.pacer.rate, digits=1),
+         "Current send pace.", lambda p: p.forwarder.pace, digits=1),
     Figure("forward", "throttled", "throttled", C, "429/503 answers.",
          lambda p: p.stats.throttled),
 )  # fmt: skip

@@ -26,7 +26,7 @@ SUSPECT_IDS_SHOWN = 20
 def ready_problems(p: Pipeline) -> list[str]:
     """Reasons the agent is not ready (empty: ready)."""
     problems = []
-    if not p.session.subscribed.is_set():
+    if not p.session.is_subscribed:
         refused = p.stats.mqtt_refused
         problems.append(f"MQTT {refused}" if refused else "MQTT not connected and subscribed")
     else:
