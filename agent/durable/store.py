@@ -39,7 +39,7 @@ from agent.intake.acks import HistoryRow
 log = logging.getLogger(__name__)
 
 CACHE_KIB = 512
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS chunks (
@@ -56,7 +56,7 @@ CREATE TABLE IF NOT EXISTS batch (
     chunks INTEGER NOT NULL,
     messages INTEGER NOT NULL,
     cut_at REAL NOT NULL,
-    body BLOB NOT NULL  -- the gateway id the batch was cut for (its body is rebuilt)
+    gateway_id BLOB NOT NULL  -- the gateway the batch was cut for (its body is rebuilt)
 );
 CREATE TABLE IF NOT EXISTS open_windows (
     camera TEXT NOT NULL,
@@ -114,6 +114,7 @@ DROP TABLE ack_journal_v2;
 """
 
 # v4: ack_history (the replay memory), created by the schema script itself.
+# v5: the cut batch's `body` column, which held the gateway id, is `gateway_id` (see _connect).
 
 # SQLite primary result codes that mean "this file is not a database we can trust".
 _CORRUPT_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
@@ -315,7 +316,7 @@ class Store:
         """The cut batch, its body rebuilt from its rows (unchanged while cut) and its cut time:
         the same bytes as when it was cut."""
         row = self._db.execute(
-            "SELECT first_seq, last_seq, last_row, chunks, messages, cut_at, body FROM batch"
+            "SELECT first_seq, last_seq, last_row, chunks, messages, cut_at, gateway_id FROM batch"
         ).fetchone()
         if row is None:
             return None
@@ -443,7 +444,7 @@ class Store:
         with self._txn() as db:
             db.execute(
                 "INSERT INTO batch (id, first_seq, last_seq, last_row, chunks, messages, cut_at,"
-                " body) VALUES (1, ?, ?, ?, ?, ?, ?, ?)",
+                " gateway_id) VALUES (1, ?, ?, ?, ?, ?, ?, ?)",
                 (b.first_seq, b.last_seq, b.last_row, b.chunks, b.messages, now,
                  gateway_id.encode()),
             )  # fmt: skip
@@ -828,11 +829,18 @@ def _connect(
                 " upgrade the agent or move the file away"
             )
         if version < SCHEMA_VERSION:
+            # Up to v4 the cut batch's gateway id was in a column named `body`.
+            batch_cols = {r[1] for r in con.execute("PRAGMA table_info(batch)")}
             # One script, one transaction: a crash mid-migration leaves the old version.
             con.executescript(
                 "BEGIN IMMEDIATE;"
                 + (_MIGRATE_1_TO_2 if version == 1 else "")
                 + (_MIGRATE_2_TO_3 if 1 <= version <= 2 else "")
+                + (
+                    "ALTER TABLE batch RENAME COLUMN body TO gateway_id;"
+                    if "body" in batch_cols
+                    else ""
+                )
                 + _SCHEMA
                 + f"PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
             )

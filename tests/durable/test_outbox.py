@@ -341,7 +341,7 @@ async def test_version_1_file_is_migrated_and_keeps_its_rows_and_seqs(tmp_path: 
     assert batch_doc(b)["chunks"] == [{"seq": 1, "a": 1}, {"seq": 2, "a": 2}]
     await ob.close()
     con = sqlite3.connect(path)
-    assert con.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 5
     assert "seq_end" in {r[1] for r in con.execute("PRAGMA table_info(chunks)")}
     assert "seq_end" in {r[1] for r in con.execute("PRAGMA table_info(dead_letters)")}
     # v3: the journal is keyed by (mid, digest): two rows under one id can be kept.
@@ -356,7 +356,7 @@ async def test_pragmas(tmp_path: Path) -> None:
     await ob.close()
     con = sqlite3.connect(path)
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert con.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 5
     con.close()
 
 
@@ -462,3 +462,29 @@ def test_an_outbox_deleted_under_the_agent_is_reported(tmp_path: Path) -> None:
     store.usage()
     assert store.problem is not None and "deleted or replaced" in store.problem
     store.close()
+
+
+async def test_a_cut_batch_survives_the_upgrade_that_renames_its_gateway_column(
+    tmp_path: Path,
+) -> None:
+    """Up to schema v4 the cut batch kept its gateway id in a column named `body`; the v5
+    migration renames it, and the batch comes back with the same seqs, bytes and key (G7)."""
+    path = tmp_path / "b.sqlite3"
+    ob, _ = await Outbox.open(path)
+    await ob.checkpoint(CheckpointWrite(chunks=[chunk_body(i) for i in range(3)]), now=1.0)
+    first = await ob.cut(gateway_id=GW, max_chunks=10, max_bytes=10**6, now=T0)
+    assert first is not None
+    await ob.close()
+    con = sqlite3.connect(path)
+    con.execute("ALTER TABLE batch RENAME COLUMN gateway_id TO body")
+    con.execute("PRAGMA user_version=4")
+    con.commit()
+    con.close()
+    ob, rec = await Outbox.open(path)
+    assert ob.batch == first and ob.batch is not None and ob.batch.body == first.body
+    assert rec.chunks == 3
+    await ob.close()
+    con = sqlite3.connect(path)
+    assert "gateway_id" in {r[1] for r in con.execute("PRAGMA table_info(batch)")}
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 5
+    con.close()
