@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from agent.core.text import duration_words
+
 SortKey = Literal["problem", "rate", "name", "skew", "last"]
 SORT_KEYS: dict[str, SortKey] = {
     "p": "problem",
@@ -65,15 +67,7 @@ def num(n: float | None) -> str:
 
 
 def age(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
+    return "—" if seconds is None else duration_words(seconds)
 
 
 def size(n: float | None) -> str:
