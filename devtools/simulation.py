@@ -285,6 +285,12 @@ class Broker:
         # The last snapshot of the session: (in flight, next packet id), and when it was taken.
         self.saved: tuple[list[InFlight], int] = ([], 1)
         self.saved_at = 0.0
+        # Messages first sent since the snapshot (they were in its queue), and those sent again
+        # as new after a restore: the agent counts such a message once more when neither its
+        # ledger nor its memory holds the key, or when the restored ids happen to continue its
+        # frontier (agent/intake/acks.py _check_fresh; a documented limit): at most twice.
+        self.sent_since_save: list[Msg] = []
+        self.requeued: Counter[int] = Counter()
         # Messages the broker itself lost (accepted after its last snapshot, or with a session
         # it forgot): counted at most once, not exactly once.
         self.lost: set[int] = set()
@@ -292,14 +298,23 @@ class Broker:
     def autosave(self) -> None:
         self.saved = ([InFlight(e.mid, e.msg, None) for e in self.inflight], self._next_mid)
         self.saved_at = self._clock.t
+        self.sent_since_save = []
 
     def restore(self) -> int:
         """Crash and restore the last snapshot; how many acked messages come back."""
         inflight, next_mid = self.saved
         kept = {e.msg.n for e in inflight}
-        self.lost |= {e.msg.n for e in self.inflight if e.msg.n not in kept}
+        # What it sent since were still queued in the snapshot: they come again, new (no DUP),
+        # though the agent may have counted them (agent/intake/acks.py _check_fresh).
+        requeued = [m for m in self.sent_since_save if m.n not in kept]
+        again = {m.n for m in requeued}
+        self.requeued.update(again)
+        self.lost |= {e.msg.n for e in self.inflight if e.msg.n not in kept | again}
         back = sum(1 for e in inflight if e.msg.n in self.acked)
+        back += sum(1 for m in requeued if m.n in self.acked)
         self.inflight = [InFlight(e.mid, e.msg, None) for e in inflight]
+        self.queue.extendleft(reversed(requeued))
+        self.sent_since_save = []
         self._next_mid = next_mid
         self.disconnect()
         return back
@@ -363,6 +378,7 @@ class Broker:
             self.deliver(waiting.msg, waiting.mid, True)
             return
         msg = self.queue.popleft()
+        self.sent_since_save.append(msg)
         mid = self._allocate()
         self.inflight.append(InFlight(mid, msg, self._clock.t))
         self.deliver(msg, mid, False)
@@ -1048,6 +1064,7 @@ class World:
             # Lost by the broker: at most once. Counted as a possible replay: once or twice.
             intos = [extra] if m.n in self.broker.lost else [want]
             intos += [extra] * self.out.possible_doubles[m.n]
+            intos += [extra] * self.broker.requeued[m.n]
             for into in intos:
                 e = into.setdefault((m.camera, m.stream), [0, 0, Counter()])
                 e[0] += 1

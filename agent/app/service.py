@@ -307,9 +307,20 @@ async def build_pipeline(
     if recovery.marks:
         await outbox.clear_marks()
     replays = None
-    if settings.mqtt.broker_autosave_interval_s > 0:
-        replays = ReplayMemory(2 * settings.mqtt.broker_autosave_interval_s)
+    if settings.mqtt.broker_autosave_interval_s <= 0 and recovery.history:
+        # A run without the memory writes no rows: left, they would greet the next run that
+        # has one as a frontier and keys from before this run's traffic (an adversary: 50
+        # messages lost after the key went 60 -> 0 -> 60).
+        await outbox.clear_history()
+        recovery.history = []
+    elif settings.mqtt.broker_autosave_interval_s > 0:
+        replays = ReplayMemory(
+            2 * settings.mqtt.broker_autosave_interval_s,
+            # About an eighth of the quota on disk (8 bytes a key and its row's share).
+            max_keys=max(10_000, settings.buffer.max_bytes // 128),
+        )
         replays.restore(recovery.history, mono)
+        recovery.history = []  # the memory holds them now: not a second copy for the run
     ledger = AckLedger(
         recovery.journal,
         replays=replays,

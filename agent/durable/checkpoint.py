@@ -145,6 +145,7 @@ class Checkpointer:
         self._warn = RateLimitedLog(log)
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
+        self._confirm_task: asyncio.Task[None] | None = None
         # Set at each commit, for waiters on what a commit records (epoch_durable).
         self._commits = asyncio.Event()
 
@@ -181,6 +182,8 @@ class Checkpointer:
     def stop(self) -> None:
         """Ask `run` to return after the cycle in progress (if any) has finished."""
         self._stop.set()
+        if self._confirm_task is not None:
+            self._confirm_task.cancel()  # the final cycles confirm for themselves
 
     async def checkpoint(self, *, final: bool = False) -> None:
         """One cycle; the final one (shutdown) goes on, piece by piece, until nothing closed is
@@ -232,7 +235,12 @@ class Checkpointer:
         except OutboxError as e:
             self.buffer_full = True
             self._warn.warning("room", "could not make room in the outbox (%s)", e)
-        await self._confirm()
+        if final:
+            # The shutdown's cycles confirm first, as they go: what is confirmed leaves the
+            # journal, and the last pieces may need that room in the quota.
+            await self._confirm()
+        else:
+            self._start_confirm()
         now, mono = self._clock.wall(), self._clock.mono()
         agg, ledger = self._agg, self._ledger
         closed = self._carry + (agg.close_all() if final else agg.close_due(mono))
@@ -369,6 +377,17 @@ class Checkpointer:
             # grow this without bound: an entry superseded under its id is a no-op for
             # confirmed(), so keeping the current ones only (one per remembered key) is exact.
             self._unconfirmed = ledger.current(self._unconfirmed)
+
+    def _start_confirm(self) -> None:
+        """The confirming round trip runs beside the cycles, not before each: with Mosquitto
+        2.0.11 sending past Receive Maximum, its answer can sit behind PUBLISHes the reader
+        has no room for, and every cycle waited out its timeout (acks at 100 per 8 s with
+        mqtt.receive_maximum = 100; an adversary's backlog never drained)."""
+        t = self._confirm_task
+        if t is None or t.done():
+            self._confirm_task = asyncio.get_running_loop().create_task(
+                self._confirm(), name="confirm-acks"
+            )
 
     async def _confirm(self) -> None:
         """One round trip to the broker after the acks already sent (or after a reconnect):

@@ -214,6 +214,9 @@ class Outbox:
     async def clear_marks(self) -> None:
         await self._run("clear_marks", self.store.clear_marks)
 
+    async def clear_history(self) -> None:
+        await self._run("clear_history", self.store.clear_history)
+
     async def close(self) -> None:
         try:
             await self._run("close", self.store.close)

@@ -80,6 +80,7 @@ CREATE TABLE IF NOT EXISTS ack_history (
     frontier INTEGER,
     frontier_digest INTEGER,
     epoch_open INTEGER NOT NULL,
+    jump_t REAL,
     acked BLOB NOT NULL,
     revoked BLOB NOT NULL
 );
@@ -155,12 +156,14 @@ def pack_keys(keys: Sequence[int]) -> bytes:
     return a.tobytes()
 
 
-def unpack_keys(blob: bytes) -> list[int]:
+def unpack_keys(blob: bytes) -> array[int]:
+    """8 bytes a key in memory too: a start restores millions of them (an adversary: a list of
+    Python ints took 7 times that, 697 MB for Debian's 1,800 s autosave interval)."""
     a = array("q")
     a.frombytes(blob)
     if sys.byteorder == "big":
         a.byteswap()
-    return a.tolist()
+    return a
 
 
 @dataclass
@@ -272,9 +275,9 @@ class Store:
         r.open_windows = [bytes(s) for (s,) in db.execute("SELECT state FROM open_windows")]
         r.history = [
             HistoryRow(int(seq), float(at), None if f is None else (int(f), int(fd)),
-                       bool(e), unpack_keys(a), unpack_keys(v))
-            for seq, at, f, fd, e, a, v in db.execute(
-                "SELECT seq, at, frontier, frontier_digest, epoch_open, acked, revoked"
+                       bool(e), unpack_keys(a), unpack_keys(v), None if j is None else float(j))
+            for seq, at, f, fd, e, a, v, j in db.execute(
+                "SELECT seq, at, frontier, frontier_digest, epoch_open, acked, revoked, jump_t"
                 " FROM ack_history ORDER BY seq"
             )
         ]  # fmt: skip
@@ -380,8 +383,8 @@ class Store:
             if (h := w.history) is not None:
                 db.execute(
                     "INSERT OR REPLACE INTO ack_history"
-                    " (seq, at, frontier, frontier_digest, epoch_open, acked, revoked)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    " (seq, at, frontier, frontier_digest, epoch_open, acked, revoked, jump_t)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         h.seq,
                         h.at,
@@ -389,6 +392,7 @@ class Store:
                         int(h.epoch_open),
                         pack_keys(h.acked),
                         pack_keys(h.revoked),
+                        h.jump_t,
                     ),
                 )
         if w.chunks:
@@ -681,6 +685,11 @@ class Store:
         with self._txn() as db:
             db.execute("DELETE FROM meta WHERE key = 'marks'")
 
+    def clear_history(self) -> None:
+        """Forget the replay memory (a run without one: its rows would be stale for the next)."""
+        with self._txn() as db:
+            db.execute("DELETE FROM ack_history")
+
     def file_bytes(self) -> int:
         """Database plus WAL on disk."""
         total = 0
@@ -831,6 +840,8 @@ def _connect(
         if version < SCHEMA_VERSION:
             # Up to v4 the cut batch's gateway id was in a column named `body`.
             batch_cols = {r[1] for r in con.execute("PRAGMA table_info(batch)")}
+            # A v4 ack_history (from before jump_t) gains the column.
+            history_cols = {r[1] for r in con.execute("PRAGMA table_info(ack_history)")}
             # One script, one transaction: a crash mid-migration leaves the old version.
             con.executescript(
                 "BEGIN IMMEDIATE;"
@@ -839,6 +850,11 @@ def _connect(
                 + (
                     "ALTER TABLE batch RENAME COLUMN body TO gateway_id;"
                     if "body" in batch_cols
+                    else ""
+                )
+                + (
+                    "ALTER TABLE ack_history ADD COLUMN jump_t REAL;"
+                    if history_cols and "jump_t" not in history_cols
                     else ""
                 )
                 + _SCHEMA

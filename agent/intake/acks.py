@@ -57,7 +57,7 @@ from __future__ import annotations
 import bisect
 from array import array
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -86,8 +86,10 @@ class HistoryRow:
     frontier: Frontier | None
     # A (re)connect happened and no new message came since (AckLedger.open_epoch).
     epoch_open: bool
-    acked: list[int]
-    revoked: list[int]
+    acked: Sequence[int]
+    revoked: Sequence[int]
+    # Traffic time of the last jump in the broker's sequence of new messages (_check_fresh).
+    jump_t: float | None = None
 
 
 # MQTT packet ids run 1..65535; Mosquitto hands them out in sequence, skipping 0.
@@ -99,6 +101,12 @@ def replay_key(mid: int, digest: int) -> int:
     """(packet id, digest) as one signed 64-bit number: what the replay memory keeps."""
     x = (digest + mid * 0x9E3779B97F4A7C15) & _MASK
     return x - (1 << 64) if x >> 63 else x
+
+
+# How far past the frontier a DUP delivery may be and still be taken as new (holes in the
+# broker's sequence); a restored snapshot's run that starts there is counted, as a possible
+# double (about 256 in 65,535 power cuts).
+FRONTIER_SLACK = 256
 
 
 def next_id(mid: int, space: int = ID_SPACE) -> int:
@@ -113,8 +121,12 @@ class ReplayMemory:
     (see the module's docstring): blocks sealed before the revocation no longer answer for it;
     an add after it does."""
 
-    def __init__(self, horizon_s: float, block_s: float = 5.0) -> None:
+    def __init__(self, horizon_s: float, block_s: float = 5.0, max_keys: int = 1 << 62) -> None:
         self.horizon_s = horizon_s
+        # A bound whatever the traffic time does: the keys live in the outbox, under its quota,
+        # and while intake is paused traffic time stands still (an adversary filled a 2 MiB
+        # outbox with them and the agent stopped for good).
+        self.max_keys = max_keys
         self._block_s = block_s
         # (first seq, last seq, newest traffic time, sorted keys)
         self._sealed: deque[tuple[int, int, float, array[int]]] = deque()
@@ -129,6 +141,7 @@ class ReplayMemory:
         self.next_seq = 1
         self.frontier_written: Frontier | None = None
         self.epoch_open_written = False
+        self.jump_t_written: float | None = None
         self.expired_upto: int | None = None
         # The horizon runs on traffic time: seconds of the broker's traffic, which stands still
         # from the last new message to the next. A broker that is down for an hour and comes
@@ -150,11 +163,12 @@ class ReplayMemory:
             or plan.revoked
             or plan.frontier != self.frontier_written
             or plan.epoch_open != self.epoch_open_written
+            or plan.jump_t != self.jump_t_written
         ):
             return None
         return HistoryRow(
             self.next_seq, self.now(), plan.frontier, plan.epoch_open, plan.remembered,
-            plan.revoked,
+            plan.revoked, plan.jump_t,
         )  # fmt: skip
 
     def written(self, row: HistoryRow | None, expired: int | None) -> None:
@@ -167,6 +181,7 @@ class ReplayMemory:
             self.next_seq = row.seq + 1
             self.frontier_written = row.frontier
             self.epoch_open_written = row.epoch_open
+            self.jump_t_written = row.jump_t
         gone = self.expire(self.now())
         if gone is not None:
             self.expired_upto = gone
@@ -184,6 +199,7 @@ class ReplayMemory:
             self.add(row.acked, row.seq, row.at)
             self.frontier_written = row.frontier
             self.epoch_open_written = row.epoch_open
+            self.jump_t_written = row.jump_t
         self.next_seq = rows[-1].seq + 1
         gone = self.expire(self.now())
         if gone is not None:
@@ -228,7 +244,11 @@ class ReplayMemory:
         if self._current_first is not None and t - self._current_t >= self._block_s:
             self._seal(t)
         gone = None
-        while self._sealed and t - self._sealed[0][2] > self.horizon_s:
+        if self._current_first is not None and len(self) > self.max_keys:
+            self._seal(t)
+        while self._sealed and (
+            t - self._sealed[0][2] > self.horizon_s or self._sealed_keys > self.max_keys
+        ):
             _first, gone, _t, block = self._sealed.popleft()
             self._sealed_keys -= len(block)
         if gone is not None and self._revoked:
@@ -292,6 +312,7 @@ class JournalPlan:
     revoked: list[int] = field(default_factory=list)
     frontier: Frontier | None = None
     epoch_open: bool = False
+    jump_t: float | None = None
 
 
 def _durable_after(
@@ -372,6 +393,9 @@ class AckLedger:
         # queued): an id no longer names one message of the sequence, and the frontier means
         # nothing; none is recorded, and the memory's matches are counted (possible doubles).
         self._ids_reused = False
+        # Traffic time of the last jump in the broker's sequence of new messages (_check_fresh);
+        # kept in the outbox, so a run after a crash still checks what the broker sends again.
+        self._jump_t: float | None = replays.jump_t_written if replays is not None else None
         self._by_key: dict[Key, Pending] = {}
         for mid, digest in journal:
             p = Pending(mid, 1, digest, None, 0.0, conn=-1)
@@ -422,14 +446,24 @@ class AckLedger:
             self._queue.append(p)
         return True
 
+    def _just_past(self, mid: int) -> bool:
+        """`mid` is the next id past the frontier, or a few further: the broker spends ids on
+        messages it never delivers to us (one over our Maximum Packet Size, one whose Message
+        Expiry ran out in our queue), so the sequence we see has holes (an adversary: ids 464,
+        465, 467; the message at 467 was lost when only 466 counted as past the frontier)."""
+        unseen = self._unseen
+        if unseen is None:
+            return False
+        return (mid - unseen) % self._space < max(1, min(FRONTIER_SLACK, self._space // 8))
+
     def past_frontier(self, mid: int, digest: int) -> bool:
-        """A DUP delivery under the next id past the frontier: delivered after the last
-        checkpoint and never counted, whatever a journal row or the replay memory says (a new
-        message with the bytes of one acked a wrap of ids ago). Unless the delivery under the
-        frontier's id just before was another message: then this run is a restored snapshot's,
-        and its ids met the frontier by chance."""
+        """A DUP delivery just past the frontier: delivered after the last checkpoint and never
+        counted, whatever a journal row or the replay memory says (a new message with the bytes
+        of one acked a wrap of ids ago). Unless the delivery under the frontier's id just before
+        was another message: then this run is a restored snapshot's, and its ids met the
+        frontier by chance."""
         replays = self.replays
-        if replays is None or mid != self._unseen or self._run_ours is False:
+        if replays is None or not self._just_past(mid) or self._run_ours is False:
             return False
         if self._ids_reused:
             return False
@@ -437,10 +471,10 @@ class AckLedger:
         if mine is not None and mine.conn != -1:
             return False  # counted by this run: a redelivery, whatever the ids say
         # When the memory holds its key and nothing told whose run this is, it may also be a
-        # restored run that starts, by a chance of about one in 65,535, right at the frontier:
-        # counted, and counted here as a possible double.
+        # restored run that starts, by a chance of FRONTIER_SLACK in 65,535, just past the
+        # frontier: counted, and counted here as a possible double.
         if self._run_ours is None and (
-            (mid, digest) in self._by_key or replay_key(mid, digest) in replays
+            (mid, digest) in self._by_key or self._remembered(mid, digest, replays)
         ):
             self.possible_replays += 1
         self._seen(mid, digest)
@@ -450,7 +484,7 @@ class AckLedger:
         """A DUP delivery not in the ledger: if it is a replay of a message acked within the
         horizon (a broker restored an older snapshot), queue its ack and return True."""
         replays = self.replays
-        if replays is None or replay_key(mid, digest) not in replays:
+        if replays is None or not self._remembered(mid, digest, replays):
             return False
         if self._distrust or self._ids_reused or self._frontier is None:
             # The run that died may have taken new messages we cannot tell (see __init__).
@@ -491,6 +525,33 @@ class AckLedger:
         r = self.replays
         return r is None or (self._epoch_open and r.epoch_open_written)
 
+    def _remembered(self, mid: int, digest: int, replays: ReplayMemory) -> bool:
+        """Acked and confirmed within the horizon: in the memory, or on its way there (confirmed,
+        its journal row to go and its key to be remembered by the next checkpoint: a replay in
+        between was counted again)."""
+        return (mid, digest) in self._prune or replay_key(mid, digest) in replays
+
+    def _check_fresh(self, mid: int, digest: int, replays: ReplayMemory) -> None:
+        """A new (not DUP) message that may have been counted before: a broker that restored a
+        snapshot sends again, as new, what was still queued for us then (never sent, so without
+        DUP), though we counted it since (an adversary: 2,000 of 2,000 counted twice,
+        unreported). Its key cannot tell it from a new message with the same bytes under a
+        reused id, so it is counted, as a possible double, when the ledger still holds its key
+        (a journal row: acked, unconfirmed, or confirmed and not yet remembered), or, for a
+        horizon after a jump in the broker's sequence of new messages, when the memory does."""
+        key = (mid, digest)
+        if key in self._by_key or key in self._prune:
+            self.possible_replays += 1
+            return
+        if self._unseen is not None and mid != self._unseen:
+            self._jump_t = replays.now()
+        if self._jump_t is None:
+            return
+        if replays.now() - self._jump_t > replays.horizon_s:
+            self._jump_t = None
+        elif replay_key(mid, digest) in replays:
+            self.possible_replays += 1
+
     def _seen(self, mid: int, digest: int) -> None:
         self._frontier = (mid, digest)
         self._unseen = next_id(mid, self._space)
@@ -507,6 +568,9 @@ class AckLedger:
         """Remember a newly counted message whose ack is owed once it is durable."""
         if not dup:
             self._fresh_seen = True
+            replays = self.replays
+            if replays is not None:
+                self._check_fresh(mid, digest, replays)
             self._seen(mid, digest)
             self._epoch_open = self._distrust = False
             unacked = len(self._queue) + len(self._orphans)
@@ -591,6 +655,7 @@ class AckLedger:
             ]
             plan.frontier = None if self._ids_reused else self._frontier
             plan.epoch_open = self._epoch_open
+            plan.jump_t = self._jump_t
         return plan
 
     def journal_written(self, plan: JournalPlan) -> None:
@@ -670,7 +735,7 @@ class AckLedger:
         """For a DUP delivery left uncounted (shutdown): the judgment of `past_frontier`,
         `redelivered` and `replayed`, changing nothing."""
         replays = self.replays
-        past = mid == self._unseen and self._run_ours is not False and not self._ids_reused
+        past = self._just_past(mid) and self._run_ours is not False and not self._ids_reused
         if replays is not None and past and (p is None or p.conn == -1):
             return False  # past the frontier: new
         if p is not None:
@@ -678,7 +743,7 @@ class AckLedger:
             # judges it the same way (its outbox still says the epoch is open).
             return True
         # A replay, or under distrust maybe not: remembered as it is, judged again next run.
-        return replays is not None and replay_key(mid, digest) in replays
+        return replays is not None and self._remembered(mid, digest, replays)
 
     def pop_acked(self, n: int) -> list[Pending]:
         """Remove the first n entries (their acks are being sent) and mark them acked."""

@@ -5,7 +5,13 @@ restored an older snapshot: a replay is recognised; a new message that shares a 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
+import httpx
+
+from agent.app.service import build_pipeline
+from agent.config.settings import BufferSettings, MqttSettings, Settings
+from agent.durable.outbox import CheckpointWrite, Outbox
 from agent.intake.acks import AckLedger, HistoryRow, ReplayMemory, replay_key
 
 
@@ -163,3 +169,79 @@ def test_ids_reused_in_flight_record_no_frontier() -> None:
         ledger.track(i % 8 + 1, 1, random.Random(i).getrandbits(63), None, 0.0)
     plan = ledger.plan_journal()
     assert plan.frontier is None
+
+
+def test_a_hole_in_the_broker_sequence_does_not_hide_what_lies_past_the_frontier() -> None:
+    """Mosquitto spends ids on messages it never delivers (too large for us, expired): the
+    frontier is 465, the next delivery is 467. A DUP under 467 after a crash is still new,
+    whatever the memory says (an adversary lost 50 byte-identical heartbeats this way)."""
+    ledger = _ledger()
+    _remembered(ledger, (467, 4670))
+    ledger.track(465, 1, 4650, None, 0.0)
+    ledger.new_connection()
+    assert ledger.past_frontier(467, 4670) is True
+    assert ledger.possible_replays == 1  # the memory knew the key: counted, as possible double
+    far = _ledger()
+    _remembered(far, (5000, 50))
+    far.track(465, 1, 4650, None, 0.0)
+    far.new_connection()
+    assert far.past_frontier(5000, 50) is False  # far from the frontier: a replay
+    assert far.replayed(5000, 50, 0.0) is True
+
+
+def test_a_new_message_the_ledger_or_memory_knows_is_counted_as_a_possible_double() -> None:
+    """A restored snapshot sends what was still queued then as new (no DUP): a journal row or,
+    after a jump in the sequence, the memory says it may have been counted."""
+    ledger = _ledger()
+    ledger.track(7, 1, 70, None, 0.0)
+    plan = ledger.plan_journal()
+    ledger.journal_written(plan)  # journaled (acked, not yet confirmed)
+    ledger.new_connection()
+    ledger.track(7, 1, 70, None, 0.0)  # the same key again, as new
+    assert ledger.possible_replays == 1
+    jumped = _ledger()
+    _remembered(jumped, (3, 30))
+    jumped.track(9, 1, 90, None, 0.0)  # frontier 9
+    jumped.track(3, 1, 30, None, 0.0)  # new, under 3: the sequence jumped back, a key it knows
+    assert jumped.possible_replays == 1
+    jumped.track(4, 1, 40, None, 0.0)  # not known: nothing to say
+    assert jumped.possible_replays == 1
+
+
+def test_the_memory_is_bounded_whatever_traffic_time_does() -> None:
+    m = ReplayMemory(horizon_s=60, block_s=1, max_keys=100)
+    for seq in range(1, 11):
+        m.add(range(seq * 1000, seq * 1000 + 50), seq=seq, t=0.0)  # no traffic time passes
+        m.expire(0.0)
+    assert len(m) <= 150  # the cap, and at most one block beyond it
+    assert 10_000 in m and 1000 not in m
+
+
+async def test_a_run_without_the_memory_leaves_no_stale_rows_for_the_next(tmp_path: Path) -> None:
+    """mqtt.broker_autosave_interval_s = 0 writes no ack_history rows; what an earlier run left
+    would greet the next run that has a memory as a frontier and keys from before this run's
+    traffic (an adversary lost 50 messages after the key went 60 -> 0 -> 60). It goes."""
+    path = tmp_path / "b.sqlite3"
+    outbox, _ = await Outbox.open(path)
+    await outbox.checkpoint(
+        CheckpointWrite(history=HistoryRow(1, 5.0, (9, 90), False, [replay_key(3, 30)], [])),
+        now=1.0,
+    )
+    await outbox.close()
+    outbox, recovery = await Outbox.open(path)
+    assert len(recovery.history) == 1
+    settings = Settings(
+        gateway_id="gw-replays",
+        mqtt=MqttSettings(broker_autosave_interval_s=0),
+        buffer=BufferSettings(path=path),
+    )
+    transport = httpx.MockTransport(lambda request: httpx.Response(500))  # never called
+    try:
+        async with httpx.AsyncClient(transport=transport) as http:
+            p = await build_pipeline(settings, outbox, recovery, http)
+            assert p.ledger.replays is None
+    finally:
+        await outbox.close()
+    outbox, recovery = await Outbox.open(path)
+    await outbox.close()
+    assert recovery.history == []
