@@ -146,6 +146,7 @@ class Checkpointer:
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._confirm_task: asyncio.Task[None] | None = None
+        self._capped_said = False
         # Set at each commit, for waiters on what a commit records (epoch_durable).
         self._commits = asyncio.Event()
 
@@ -336,8 +337,16 @@ class Checkpointer:
     ) -> None:
         """Apply a committed cycle to memory (synchronously: nothing can interleave)."""
         self._carry = rest
-        if self._ledger.replays is not None:
-            self._ledger.replays.written(write.history, write.history_expired)
+        replays = self._ledger.replays
+        if replays is not None:
+            replays.written(write.history, write.history_expired)
+            if replays.capped and not self._capped_said:
+                self._capped_said = True
+                log.warning(
+                    "replay memory capped at %d keys (buffer.max_bytes / 128): a broker snapshot "
+                    "older than the last of them would be counted again; raise buffer.max_bytes",
+                    replays.max_keys,
+                )
         for w in closed:
             w.durable_version = DURABLE
             w.saved_keys = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -79,6 +80,13 @@ class Outbox:
             return await self._runner.run(name, fn, *args, **kw)
         except sqlite3.Error as e:
             err = OutboxError(str(e), full=is_full(e))
+        except OSError as e:
+            # The seq reservation beside the database (plain file I/O, fsynced): a failing or
+            # full disk there is the outbox failing too, not an end of the agent.
+            err = OutboxError(
+                f"{e.strerror or e} ({e.filename or 'outbox'})",
+                full=e.errno in (errno.ENOSPC, errno.EDQUOT),
+            )
         raise err
 
     @classmethod

@@ -131,7 +131,11 @@ class Forwarder:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(5.0):
                         await self.wake.wait()
-                await self._outbox.refresh_counts()
+                try:
+                    await self._outbox.refresh_counts()
+                except OutboxError as e:  # a disk gone for reads too: wait, never end the task
+                    await asyncio.sleep(self._store_failed(e))
+                    continue
                 if self._outbox.chunk_count == 0:
                     continue
                 self.idle.clear()
@@ -152,7 +156,10 @@ class Forwarder:
                 await asyncio.sleep(self._store_failed(e))
                 continue
             if batch is None:
-                await self._outbox.refresh_counts()
+                try:
+                    await self._outbox.refresh_counts()
+                except OutboxError as e:
+                    await asyncio.sleep(self._store_failed(e))
                 continue
             try:
                 delay = await self._send(batch)

@@ -127,6 +127,8 @@ class ReplayMemory:
         # and while intake is paused traffic time stands still (an adversary filled a 2 MiB
         # outbox with them and the agent stopped for good).
         self.max_keys = max_keys
+        # The cap dropped keys still within the horizon (a replay of them would be counted).
+        self.capped = False
         self._block_s = block_s
         # (first seq, last seq, newest traffic time, sorted keys)
         self._sealed: deque[tuple[int, int, float, array[int]]] = deque()
@@ -247,8 +249,13 @@ class ReplayMemory:
         if self._current_first is not None and len(self) > self.max_keys:
             self._seal(t)
         while self._sealed and (
-            t - self._sealed[0][2] > self.horizon_s or self._sealed_keys > self.max_keys
+            t - self._sealed[0][2] > self.horizon_s
+            # The cap trims the oldest blocks, never the newest: a burst larger than the cap
+            # (a backlog drained within one block) stays remembered whole.
+            or (self._sealed_keys > self.max_keys and len(self._sealed) > 1)
         ):
+            if t - self._sealed[0][2] <= self.horizon_s:
+                self.capped = True
             _first, gone, _t, block = self._sealed.popleft()
             self._sealed_keys -= len(block)
         if gone is not None and self._revoked:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import sqlite3
 from pathlib import Path
@@ -488,3 +489,23 @@ async def test_a_cut_batch_survives_the_upgrade_that_renames_its_gateway_column(
     assert "gateway_id" in {r[1] for r in con.execute("PRAGMA table_info(batch)")}
     assert con.execute("PRAGMA user_version").fetchone()[0] == 5
     con.close()
+
+
+@pytest.mark.parametrize(("code", "full"), [(errno.EIO, False), (errno.ENOSPC, True)])
+async def test_a_failing_seq_reservation_is_the_outbox_failing_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, full: bool
+) -> None:
+    """The seq reservation beside the database is plain file I/O: a disk that fails or is full
+    there raised OSError out of the checkpoint, and the agent died (an adversary). It is an
+    OutboxError like SQLite's, `full` on ENOSPC, and nothing is written."""
+    ob, _ = await Outbox.open(tmp_path / "b.sqlite3")
+
+    def failing(upto: int) -> None:
+        raise OSError(code, os.strerror(code), str(tmp_path / "b.sqlite3.seq"))
+
+    monkeypatch.setattr(ob.store, "_reserve", failing)
+    ob.store._reserved = 0  # the next chunk needs a reservation
+    with pytest.raises(OutboxError) as refused:
+        await ob.checkpoint(CheckpointWrite(chunks=[chunk_body(1)]), now=1.0)
+    assert refused.value.full is full and ob.chunk_count == 0
+    await ob.close()

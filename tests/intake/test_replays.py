@@ -245,3 +245,16 @@ async def test_a_run_without_the_memory_leaves_no_stale_rows_for_the_next(tmp_pa
     outbox, recovery = await Outbox.open(path)
     await outbox.close()
     assert recovery.history == []
+
+
+def test_the_cap_never_drops_the_newest_block() -> None:
+    """A backlog drained within one block is larger than the cap: it stays remembered (an
+    adversary: a 20,000-message drain emptied a 1 MiB outbox's memory, and its replay was
+    counted twice unreported)."""
+    m = ReplayMemory(horizon_s=60, block_s=1, max_keys=100)
+    m.add(range(1000), seq=1, t=0.0)
+    m.expire(2.0)  # seals it: over the cap, but the newest block
+    assert 0 in m and 999 in m and not m.capped
+    m.add(range(5000, 5010), seq=2, t=2.5)
+    m.expire(4.0)  # a newer block: the old one goes, within the horizon
+    assert 0 not in m and 5000 in m and m.capped
