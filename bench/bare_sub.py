@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -27,19 +28,12 @@ async def run(port: int, topic: str, max_seconds: float) -> None:
     props.ReceiveMaximum = 65535
     count = 0
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     async with aiomqtt.Client(
-        "127.0.0.1",
-        port,
-        identifier=f"bench-bare-{os.getpid()}",
-        protocol=aiomqtt.ProtocolVersion.V5,
-        clean_start=True,
-        properties=props,
-        keepalive=60,
-    ) as client:
+        "127.0.0.1", port, identifier=f"bench-bare-{os.getpid()}",
+        protocol=aiomqtt.ProtocolVersion.V5, clean_start=True, properties=props, keepalive=60,
+    ) as client:  # fmt: skip
         await client.subscribe(topic, qos=1)
         print("ready", flush=True)
 
@@ -54,11 +48,9 @@ async def run(port: int, topic: str, max_seconds: float) -> None:
                 print(count, flush=True)
 
         tasks = [asyncio.create_task(consume()), asyncio.create_task(report())]
-        try:
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max_seconds):
                 await stop.wait()
-        except TimeoutError:
-            pass
         for t in tasks:
             t.cancel()
         print(count, flush=True)

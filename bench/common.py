@@ -1,14 +1,14 @@
-"""Shared helpers for the benchmarks: /proc readings, machine noise, baseline consumers, output.
+"""The benchmarks' one harness: child processes, /proc sampling, machine noise, the same-run
+baselines (bare aiomqtt, mosquitto_sub), figures and the reports written from them.
 
-Process startup (Mosquitto, the reference receiver, the agent) is agent.sim.procs; this module
-only adds what benchmarks need on top: an agent config with the shipped defaults, the two
-baseline subscribers (bare aiomqtt, mosquitto_sub), /proc sampling and the figure output that
-bench.run_all collects.
+Mosquitto, the reference receiver and the agent as processes are devtools.procs; this module
+adds what benchmarks need on top: the agent with the shipped defaults, /proc readings, the
+baseline consumers and the figure output that bench.run_all collects.
 
 Every script is a module run from the repository root (`python -m bench.<name>`); a script that
-starts another as a child process builds the command with bench_command() and starts it with
-cwd=ROOT (or env=child_env() where the cwd cannot be set), so it works from anywhere.
-Every script writes its working files under bench/out/<script>/ (git-ignored).
+starts another as a child builds the command with bench_command() and starts it with cwd=ROOT
+(or env=child_env() where the cwd cannot be set), so it works from anywhere. Every script writes
+its working files under bench/out/<script>/ (git-ignored).
 """
 
 from __future__ import annotations
@@ -16,77 +16,73 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
+import string
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from devtools.procs import (
     HOST,
     Agent,
     Mosquitto,
+    Proc,
+    Publisher,
     Receiver,
+    agent_config,
     free_port,
+    merged,
     mosquitto_binary,
+    port_open,
     terminate,
+    toml_text,
     wait_for,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 OUT = BENCH / "out"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MB = 1024 * 1024
 
 __all__ = [
-    "HOST",
-    "OUT",
-    "ROOT",
-    "Agent",
-    "Mosquitto",
-    "Receiver",
-    "free_port",
-    "wait_for",
+    "HOST", "Agent", "Mosquitto", "Proc", "Publisher", "Receiver", "agent_config", "free_port",
+    "merged", "port_open", "wait_for",
 ]  # fmt: skip
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-
-# -- child processes --------------------------------------------------------------------------
+# -- child processes, arguments, output -------------------------------------------------------
 
 
 def bench_command(name: str, *args: str) -> list[str]:
-    """`python -m bench.<name> args...` with this interpreter. Start it with cwd=ROOT, or with
-    env=child_env() where the cwd cannot be chosen, so `bench` is importable in the child."""
+    """`python -m bench.<name> args...` with this interpreter (start it with cwd=ROOT)."""
     return [sys.executable, "-m", f"bench.{name}", *args]
 
 
-def child_env() -> dict[str, str]:
+def child_env(**extra: str) -> dict[str, str]:
     """This process's environment with the repository root first on PYTHONPATH."""
-    env = dict(os.environ)
+    env = {**os.environ, **extra}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
 
 
-# -- arguments and output ---------------------------------------------------------------------
-
-
-def prog() -> str | None:
-    """`python -m bench.<name>` for the usage line (argparse would show `<name>.py`)."""
-    spec = getattr(sys.modules["__main__"], "__spec__", None)
-    return f"python -m {spec.name}" if spec is not None else None
-
-
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, *, quick: bool = True) -> argparse.ArgumentParser:
+    spec = getattr(sys.modules["__main__"], "__spec__", None)  # `python -m bench.<name>`
     p = argparse.ArgumentParser(
-        prog=prog(), description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--quick", action="store_true", help="short durations (smoke run)")
-    p.add_argument("--json-out", type=Path, help="also write the figures here (for run_all)")
+        prog=f"python -m {spec.name}" if spec is not None else None, description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    if quick:
+        p.add_argument("--quick", action="store_true", help="short durations (smoke run)")
+    p.add_argument("--json-out", type=Path, help="also write the figures here")
     return p
 
 
@@ -101,11 +97,48 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def write_json(path: Path | None, doc: Any) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=2, default=str))
+
+
+class _Text(string.Formatter):
+    """str.format where None reads "n/a" and a few named specs carry their unit."""
+
+    SPECS: ClassVar[dict[str, Callable[[Any], str]]] = {
+        "pct": lambda v: f"{v * 100:.1f} %",  # a fraction of one core
+        "x": lambda v: f"{v:.2f}x",
+        "n": lambda v: f"{v:,.0f}",
+        "sec": lambda v: f"{v:.2f} s",
+        "kibs": lambda v: f"{v / 1024:,.0f} KiB/s",
+        "min": lambda v: f"{v / 60:.1f} min",
+    }
+
+    def format_field(self, value: Any, spec: str) -> str:
+        if value is None:
+            return "n/a"
+        f = self.SPECS.get(spec)
+        return f(value) if f else super().format_field(value, spec)
+
+
+_TEXT = _Text()
+
+
+def fill(template: str, /, **values: Any) -> str:
+    """A report line from its template: `fill("{cpu:pct} of one core", cpu=None)` -> "n/a ..."."""
+    return _TEXT.vformat(template, (), values)
+
+
+def md_cell(x: Any) -> str:
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
 class Report:
     """The figures of one script: printed as they come, written as JSON at the end.
 
-    rows: what the issue asks for — (figure, target, measured, baseline, verdict) — for the
-    RESULTS.md table; figures: every number, flat; notes: how it was measured, caveats.
+    rows: what the issue asks for, (figure, target, measured, baseline, verdict), for the
+    RESULTS.md table; figures: every number; notes: how it was measured, caveats.
     """
 
     def __init__(self, name: str, quick: bool) -> None:
@@ -116,7 +149,7 @@ class Report:
         self.notes: list[str] = []
         self.started = time.time()
         self.load = MachineLoad()
-        self.agent_commit = machine_description().get("agent_commit")
+        self.machine = machine_description()
         self.calibration_start = calibrate()
         say(f"[{name}] mode {self.mode}; machine calibration {self.calibration_start:,.0f} ops/s")
 
@@ -125,14 +158,7 @@ class Report:
         if text is not None:
             say(f"[{self.name}] {text}")
 
-    def row(
-        self,
-        figure: str,
-        target: str,
-        measured: str,
-        baseline: str,
-        ok: bool | None,
-    ) -> None:
+    def row(self, figure: str, target: str, measured: str, baseline: str, ok: bool | None) -> None:
         self.rows.append(
             {"figure": figure, "target": target, "measured": measured, "baseline": baseline,
              "ok": ok}
@@ -155,8 +181,9 @@ class Report:
             "rows": self.rows,
             "figures": self.figures,
             "notes": self.notes,
-            "agent_commit_at_start": self.agent_commit,
-            "agent_commit_at_end": machine_description().get("agent_commit"),
+            "machine": self.machine,
+            "agent_commit_at_start": self.machine["agent_commit"],
+            "agent_commit_at_end": machine_description()["agent_commit"],
             "noise": {
                 "calibration_start_ops_s": round(self.calibration_start),
                 "calibration_end_ops_s": round(calibration_end),
@@ -170,9 +197,7 @@ class Report:
             f"(steal {steal:.1f}%) during the run; calibration {self.calibration_start:,.0f} -> "
             f"{calibration_end:,.0f} ops/s"
         )
-        if json_out is not None:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(doc, indent=2, default=str))
+        write_json(json_out, doc)
         return doc
 
 
@@ -191,8 +216,7 @@ def calibrate(seconds: float = 0.3) -> float:
     started = time.perf_counter()
     while time.perf_counter() < end:
         for _ in range(200):
-            s = json.dumps(doc, separators=(",", ":"))
-            d = json.loads(s)
+            d = json.loads(json.dumps(doc, separators=(",", ":")))
             d["frame"] += 1
             n += 1
     return n / (time.perf_counter() - started)
@@ -210,57 +234,44 @@ class MachineLoad:
             return [int(x) for x in f.readline().split()[1:]]
 
     def read(self) -> tuple[float, float]:
-        t1 = self._sample()
-        d = [b - a for a, b in zip(self._t0, t1, strict=False)]
+        d = [b - a for a, b in zip(self._t0, self._sample(), strict=False)]
         total = sum(d[:8]) or 1  # user nice system idle iowait irq softirq steal
-        idle = d[3] + d[4]
         steal = d[7] if len(d) > 7 else 0
-        return 100.0 * (total - idle) / total, 100.0 * steal / total
+        return 100.0 * (total - d[3] - d[4]) / total, 100.0 * steal / total
+
+
+def _first_line(path: str, prefix: str) -> str | None:
+    with contextlib.suppress(OSError), open(path) as f:
+        return next((line for line in f if line.startswith(prefix)), None)
+    return None
+
+
+def _run(*cmd: str) -> str:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=5).stdout.strip()
 
 
 def machine_description() -> dict[str, Any]:
-    model = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem_kb = 0
-    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                mem_kb = int(line.split()[1])
+    model = _first_line("/proc/cpuinfo", "model name")
+    mem = _first_line("/proc/meminfo", "MemTotal:")
     try:
-        out = subprocess.run(
-            [mosquitto_binary(), "-h"], capture_output=True, text=True, timeout=5
-        ).stdout
-        mosq = out.splitlines()[0].strip() if out else "?"
-    except (OSError, FileNotFoundError, subprocess.SubprocessError):
+        mosq = (_run(mosquitto_binary(), "-h").splitlines() or ["?"])[0].strip()
+    except (OSError, subprocess.SubprocessError):
         mosq = "not found"
-    fs = "?"
-    with contextlib.suppress(OSError, subprocess.SubprocessError, IndexError):
-        df = subprocess.run(
-            ["df", "--output=fstype,source", str(OUT.parent)], capture_output=True, text=True,
-            timeout=5,
-        ).stdout.split()  # fmt: skip
+    fs = commit = "?"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        df = _run("df", "--output=fstype,source", str(OUT.parent)).split()
         fs = " on ".join(df[-2:]) if len(df) >= 4 else "?"
-    commit = "?"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         # Read-only git queries: which agent code was measured.
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=5,
-        ).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "agent"],
-            capture_output=True, text=True, timeout=5,
-        ).stdout.strip()  # fmt: skip
-        commit = head + (" + uncommitted changes in agent/" if dirty else "")
+        dirty = _run("git", "-C", str(ROOT), "status", "--porcelain", "--", "agent")
+        commit = _run("git", "-C", str(ROOT), "rev-parse", "--short", "HEAD") + (
+            " + uncommitted changes in agent/" if dirty else ""
+        )
     return {
         "agent_commit": commit,
         "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "ram_gib": round(mem_kb / 1024**2, 1),
+        "cpu_model": model.split(":", 1)[1].strip() if model else "?",
+        "ram_gib": round(int(mem.split()[1]) / 1024**2, 1) if mem else 0.0,
         "kernel": platform.release(),
         "python": platform.python_version(),
         "mosquitto": mosq,
@@ -269,11 +280,11 @@ def machine_description() -> dict[str, Any]:
     }
 
 
-# -- /proc readings for one process -----------------------------------------------------------
+# -- /proc readings and sampling ----------------------------------------------------------------
 
 
 class ProcStat:
-    """CPU seconds, RSS, peak RSS (VmHWM) and I/O counters of one pid, from /proc."""
+    """CPU seconds, /proc/PID/status fields (RSS, peak RSS...) and I/O counters of one pid."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -283,18 +294,21 @@ class ProcStat:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime, all threads
 
-    def _status(self, key: str) -> int:
+    def status(self, *keys: str) -> dict[str, int]:
+        """Fields of /proc/PID/status as numbers (KiB for the Vm/Rss ones), one read."""
+        out: dict[str, int] = {}
         with open(f"/proc/{self.pid}/status") as f:
             for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-        return 0
+                key, _, rest = line.partition(":")
+                if key in keys:
+                    out[key] = int(rest.split()[0])
+        return out
 
     def rss_kb(self) -> int:
-        return self._status("VmRSS")
+        return self.status("VmRSS").get("VmRSS", 0)
 
     def hwm_kb(self) -> int:
-        return self._status("VmHWM")
+        return self.status("VmHWM").get("VmHWM", 0)
 
     def io(self) -> dict[str, int]:
         with open(f"/proc/{self.pid}/io") as f:
@@ -302,136 +316,105 @@ class ProcStat:
 
 
 class Sampler(threading.Thread):
-    """Samples processes every `interval_s`: max RSS seen, and a timeline of CPU seconds."""
+    """Samples processes: at start() and then every interval_s on a fixed grid (or at each
+    take()), per process its CPU seconds, RSS, peak RSS, anonymous RSS, threads (/proc/PID/status)
+    and write_bytes (/proc/PID/io). `extra(sample, previous)` adds what a script reads besides
+    (the agent's /status...). Sample times "t" are time.monotonic()."""
 
-    def __init__(self, pids: dict[str, int], interval_s: float = 0.25) -> None:
+    FIELDS: ClassVar[dict[str, str]] = {
+        "VmRSS": "rss_kb", "VmHWM": "hwm_kb", "RssAnon": "anon_kb", "Threads": "threads",
+    }  # fmt: skip
+
+    def __init__(
+        self, pids: dict[str, int], interval_s: float = 0.25,
+        extra: Callable[[dict[str, Any], dict[str, Any] | None], None] | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(daemon=True)
-        self.stats = {k: ProcStat(p) for k, p in pids.items()}
-        self.interval_s = interval_s
-        self.max_rss_kb = dict.fromkeys(pids, 0)
-        self.timeline: list[tuple[float, dict[str, float]]] = []
-        self.rss_timeline: list[tuple[float, dict[str, int]]] = []
-        self.wb_timeline: list[tuple[float, dict[str, int]]] = []  # /proc/PID/io write_bytes
+        self.procs = {k: ProcStat(p) for k, p in pids.items()}
+        self.interval_s, self.extra = interval_s, extra
+        self.samples: list[dict[str, Any]] = []
         self._stop_ev = threading.Event()
 
+    def take(self) -> dict[str, Any]:
+        s: dict[str, Any] = {"t": time.monotonic()}
+        for k, st in self.procs.items():
+            with contextlib.suppress(OSError, ValueError, IndexError, KeyError):
+                got = {self.FIELDS[f]: v for f, v in st.status(*self.FIELDS).items()}
+                s[k] = {**got, "cpu_s": st.cpu_s(), "write_bytes": st.io()["write_bytes"]}
+        if self.extra is not None:
+            self.extra(s, self.samples[-1] if self.samples else None)
+        self.samples.append(s)
+        return s
+
     def run(self) -> None:
-        while not self._stop_ev.is_set():
-            now = time.monotonic()
-            cpu, rss, wb = {}, {}, {}
-            for k, st in self.stats.items():
-                with contextlib.suppress(OSError, ValueError, IndexError, KeyError):
-                    rss[k] = st.rss_kb()
-                    self.max_rss_kb[k] = max(self.max_rss_kb[k], rss[k])
-                    cpu[k] = st.cpu_s()
-                    wb[k] = st.io()["write_bytes"]
-            self.timeline.append((now, cpu))
-            self.rss_timeline.append((now, rss))
-            self.wb_timeline.append((now, wb))
-            self._stop_ev.wait(self.interval_s)
+        t0, k = time.monotonic(), 0
+        while not self._stop_ev.wait(max(0.0, t0 + k * self.interval_s - time.monotonic())):
+            self.take()
+            k += 1
 
     def stop(self) -> None:
         self._stop_ev.set()
-        self.join(timeout=2)
+        self.join(timeout=30)
+
+    def max_rss_kb(self, key: str) -> int:
+        return max((s[key]["rss_kb"] for s in self.samples if key in s), default=0)
 
     def rss_at(self, key: str, t: float) -> int | None:
         """RSS (KiB) of `key` at the last sample taken at or before monotonic time t."""
-        best = None
-        for ts, rss in self.rss_timeline:
-            if ts > t:
-                break
-            best = rss.get(key, best)
-        return best
+        return next((s[key]["rss_kb"] for s in reversed(self.samples)
+                     if s["t"] <= t and key in s), None)  # fmt: skip
 
-    def write_rate_between(self, key: str, t0: float, t1: float) -> float | None:
-        """Average write_bytes per second of `key` between two monotonic times."""
-        pts = [(t, w[key]) for t, w in self.wb_timeline if key in w and t0 <= t <= t1]
+    def rate(self, key: str, field: str, t0: float, t1: float) -> float | None:
+        """Average growth per second of a counter (cpu_s: the CPU use, a fraction of one core;
+        write_bytes) of `key` between two monotonic times."""
+        pts: list[tuple[float, float]] = [
+            (s["t"], s[key][field]) for s in self.samples if key in s and t0 <= s["t"] <= t1
+        ]
         if len(pts) < 2 or pts[-1][0] <= pts[0][0]:
             return None
         return (pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0])
 
     def cpu_between(self, key: str, t0: float, t1: float) -> float | None:
-        """Average CPU use (fraction of one core) of `key` between two monotonic times."""
-        pts = [(t, c[key]) for t, c in self.timeline if key in c and t0 <= t <= t1]
-        if len(pts) < 2 or pts[-1][0] <= pts[0][0]:
-            return None
-        return (pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0])
+        return self.rate(key, "cpu_s", t0, t1)
 
 
 # -- the agent with the shipped defaults ------------------------------------------------------
 
 GATEWAY_ID = "bench-gw"
-CLIENT_ID = "edge-agent-bench"
 
 
-def _toml(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return json.dumps(str(v))
-
-
-def write_agent_config(
-    path: Path,
-    *,
-    mqtt_port: int,
-    receiver_url: str,
-    buffer_path: Path,
-    health_port: int,
-    gateway_id: str = GATEWAY_ID,
-    client_id: str = CLIENT_ID,
-    **sections: dict[str, Any],
-) -> Path:
-    """A config with the defaults of config.example.toml, plus per-section overrides
-    (e.g. aggregate={"idle_close_s": 2.0}, forward={"max_chunks_per_s": 1e6})."""
-    base: dict[str, dict[str, Any]] = {
-        "mqtt": {"host": HOST, "port": mqtt_port, "client_id": client_id,
+def start_agent(
+    work: Path, broker_port: int, receiver_url: str, *, ready: bool = True,
+    gateway_id: str = GATEWAY_ID, **sections: dict[str, Any],
+) -> Agent:  # fmt: skip
+    """Write a config with the defaults of config.example.toml plus per-section overrides
+    (e.g. aggregate={"idle_close_s": 2.0}), start `python -m agent.cli run` and wait for
+    /readyz (unless ready=False)."""
+    health_port = free_port()
+    base = {
+        "gateway_id": gateway_id,
+        "mqtt": {"host": HOST, "port": broker_port, "client_id": "edge-agent-bench",
                  "reconnect_min_s": 0.1, "reconnect_max_s": 1.0},
         "aggregate": {},
-        "buffer": {"path": str(buffer_path)},
+        "buffer": {"path": str(work / "agent" / "buffer.sqlite3")},
         "forward": {"url": receiver_url},
         "health": {"listen": f"{HOST}:{health_port}"},
         "log": {"level": "info"},
     }  # fmt: skip
-    for section, values in sections.items():
-        base.setdefault(section, {}).update(values)
-    lines = [f"gateway_id = {_toml(gateway_id)}"]
-    for section, values in base.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def start_agent(
-    work: Path, broker_port: int, receiver_url: str, *, ready_timeout_s: float = 60,
-    gateway_id: str = GATEWAY_ID, client_id: str = CLIENT_ID, **sections: dict[str, Any],
-) -> Agent:  # fmt: skip
-    """Write a config, start `python -m agent.cli run`, wait for /readyz. `sections` are
-    per-section overrides, as in write_agent_config."""
-    health_port = free_port()
-    config = write_agent_config(
-        work / "agent.toml",
-        mqtt_port=broker_port,
-        receiver_url=receiver_url,
-        buffer_path=work / "agent" / "buffer.sqlite3",
-        health_port=health_port,
-        gateway_id=gateway_id,
-        client_id=client_id,
-        **sections,
-    )
+    config = work / "agent.toml"
+    config.write_text(toml_text(merged(base, sections)))
     agent = Agent(config, work / "agent.log", health_port).start()
     try:
-        agent.wait_ready(timeout_s=ready_timeout_s)
+        if ready:
+            agent.wait_ready(timeout_s=60)
     except BaseException:
         agent.kill()
         raise
     return agent
 
 
-def agent_figure(agent: Agent, *path: str) -> Any:
-    """One value from /status (None if the agent does not answer)."""
-    doc: Any = agent.status()
+def dig(doc: Any, *path: str) -> Any:
+    """doc[path[0]][path[1]]..., None where a level is missing."""
     for key in path:
         if not isinstance(doc, dict):
             return None
@@ -439,15 +422,89 @@ def agent_figure(agent: Agent, *path: str) -> Any:
     return doc
 
 
+def agent_figure(agent: Agent, *path: str) -> Any:
+    """One value from /status (None if the agent does not answer)."""
+    return dig(agent.status(), *path)
+
+
+def kill_quietly(*procs: Any) -> None:
+    """Stop what a benchmark started (SIGTERM, then SIGKILL), ignoring what already exited."""
+    for p in procs:
+        if p is not None:
+            with contextlib.suppress(Exception):
+                p.stop()
+
+
+class LoadThread(threading.Thread):
+    """A blocking load function (bench.loadgen.run_load, ...) in the background."""
+
+    def __init__(self, load: Callable[[], dict[str, Any]]) -> None:
+        super().__init__(daemon=True)
+        self.load = load
+        self.result: dict[str, Any] = {}
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.load()
+        except BaseException as e:  # reported by the main thread
+            self.error = e
+
+
 # -- baseline consumers -----------------------------------------------------------------------
 
+PROBE_TOPIC = "site/cam/probe/ready"
 
-class _Counting:
-    """A child process whose stdout tells how many messages it has received."""
 
-    popen: subprocess.Popen[bytes]
-    count: int
-    ready: threading.Event
+class CountingSub:
+    """A baseline subscriber as a child process that tells how many messages it received:
+
+    bare    bench.bare_sub, a bare aiomqtt QoS 1 subscriber that only counts (prints counts);
+    mosq    the broker's own C client, `mosquitto_sub -q 1`, one output byte per message. A
+            retained probe message is published before it starts; receiving it means the
+            subscription is in place. The probe is not counted.
+    """
+
+    def __init__(self, kind: str, port: int, log_path: Path, max_seconds: float = 600) -> None:
+        self.kind = kind
+        self.count = 0
+        self.ready = threading.Event()
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed by the reader thread
+        if kind == "bare":
+            cmd = bench_command("bare_sub", "--port", str(port), "--max-seconds", str(max_seconds))
+        else:
+            subprocess.run(
+                [shutil.which("mosquitto_pub") or "/usr/bin/mosquitto_pub", "-h", HOST, "-p",
+                 str(port), "-V", "mqttv5", "-q", "1", "-r", "-t", PROBE_TOPIC, "-m", "x"],
+                check=True, timeout=10, capture_output=True,
+            )  # fmt: skip
+            cmd = [shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub", "-h", HOST, "-p",
+                   str(port), "-V", "mqttv5", "-q", "1", "-i", f"bench-mosqsub-{os.getpid()}",
+                   "-t", "site/cam/+/+", "-D", "connect", "receive-maximum", "65535",
+                   "-F", "x", "-N"]  # fmt: skip
+        self.popen = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=self._log, start_new_session=True, cwd=ROOT,
+            bufsize=-1 if kind == "bare" else 0,
+        )  # fmt: skip
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        if self.kind == "bare":
+            for line in self.popen.stdout:
+                s = line.strip()
+                if s == b"ready":
+                    self.ready.set()
+                elif s.isdigit():
+                    self.count = int(s)
+        else:
+            raw, fd = 0, self.popen.stdout.fileno()
+            while data := os.read(fd, 1 << 16):
+                raw += len(data)
+                self.ready.set()
+                self.count = max(0, raw - 1)
+        self._log.close()
 
     @property
     def pid(self) -> int:
@@ -457,142 +514,62 @@ class _Counting:
     def running(self) -> bool:
         return self.popen.poll() is None
 
+    def wait_ready(self, timeout_s: float = 30) -> None:
+        what = {"bare": "bare aiomqtt subscriber", "mosq": "mosquitto_sub"}[self.kind]
+        wait_for(lambda: self.ready.is_set() or not self.running, timeout_s=timeout_s, what=what)
+        if not self.ready.is_set():
+            raise RuntimeError(f"{what} exited before subscribing")
+
     def stop(self, timeout_s: float = 10) -> None:
         terminate(self.popen, timeout_s)
         self._thread.join(timeout=2)
-
-    _thread: threading.Thread
-
-
-class BareSub(_Counting):
-    """bench.bare_sub: a bare aiomqtt QoS 1 subscriber that only counts."""
-
-    def __init__(self, port: int, log_path: Path, max_seconds: float = 600) -> None:
-        self.count = 0
-        self.ready = threading.Event()
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed by the reader thread
-        self.popen = subprocess.Popen(
-            bench_command("bare_sub", "--port", str(port), "--max-seconds", str(max_seconds)),
-            stdout=subprocess.PIPE, stderr=self._log, start_new_session=True, cwd=ROOT,
-        )  # fmt: skip
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            s = line.strip()
-            if s == b"ready":
-                self.ready.set()
-            elif s.isdigit():
-                self.count = int(s)
-        self._log.close()
-
-    def wait_ready(self, timeout_s: float = 30) -> None:
-        wait_for(
-            lambda: self.ready.is_set() or not self.running, timeout_s=timeout_s,
-            what="bare aiomqtt subscriber",
-        )  # fmt: skip
-        if not self.ready.is_set():
-            raise RuntimeError("bare aiomqtt subscriber exited before subscribing")
-
-
-PROBE_TOPIC = "site/cam/probe/ready"
-
-
-class MosqSub(_Counting):
-    """The broker's own C client: `mosquitto_sub -q 1`, one output byte per message.
-
-    Readiness: a retained probe message is published before it starts; receiving it (the one
-    byte it prints) means the subscription is in place. The probe is not counted.
-    """
-
-    def __init__(self, port: int, log_path: Path) -> None:
-        sub = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"
-        pub = shutil.which("mosquitto_pub") or "/usr/bin/mosquitto_pub"
-        subprocess.run(
-            [pub, "-h", HOST, "-p", str(port), "-V", "mqttv5", "-q", "1", "-r",
-             "-t", PROBE_TOPIC, "-m", "x"],
-            check=True, timeout=10, capture_output=True,
-        )  # fmt: skip
-        self.count = 0
-        self._raw = 0
-        self.ready = threading.Event()
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed by the reader thread
-        self.popen = subprocess.Popen(
-            [sub, "-h", HOST, "-p", str(port), "-V", "mqttv5", "-q", "1",
-             "-i", f"bench-mosqsub-{os.getpid()}", "-t", "site/cam/+/+",
-             "-D", "connect", "receive-maximum", "65535", "-F", "x", "-N"],
-            stdout=subprocess.PIPE, stderr=self._log, start_new_session=True, bufsize=0,
-        )  # fmt: skip
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        fd = self.popen.stdout.fileno()
-        while True:
-            data = os.read(fd, 1 << 16)
-            if not data:
-                break
-            self._raw += len(data)
-            if self._raw >= 1:
-                self.ready.set()
-            self.count = max(0, self._raw - 1)
-        self._log.close()
-
-    def wait_ready(self, timeout_s: float = 30) -> None:
-        wait_for(
-            lambda: self.ready.is_set() or not self.running, timeout_s=timeout_s,
-            what="mosquitto_sub",
-        )  # fmt: skip
-        if not self.ready.is_set():
-            raise RuntimeError("mosquitto_sub exited before subscribing")
 
 
 # -- numbers ----------------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], p: float) -> float | None:
-    """Linear-interpolated percentile (p in 0..100) of unsorted values."""
-    if not values:
-        return None
-    s = sorted(values)
-    k = (len(s) - 1) * p / 100
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
 def weighted_percentile(pairs: Iterable[tuple[float, int]], p: float) -> float | None:
     """Percentile of values each repeated `weight` times (p in 0..100)."""
     items = sorted((v, w) for v, w in pairs if w > 0)
-    total = sum(w for _, w in items)
-    if not total:
-        return None
-    rank = total * p / 100
-    acc = 0
+    rank, acc = sum(w for _, w in items) * p / 100, 0
     for v, w in items:
         acc += w
         if acc >= rank:
             return v
-    return items[-1][0]
-
-
-def fmt_rate(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:,.0f}"
+    return None
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b == 0:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def rnd(x: float | None, nd: int | None = 2) -> float | None:
+    return None if x is None else round(x, nd)
+
+
+@dataclass
+class Fit:
+    """Least-squares line y = a + b t: slope b (per hour when t is in hours) and its stderr."""
+
+    n: int
+    slope: float
+    stderr: float
+    mean: float
+
+    @property
+    def significant(self) -> bool:
+        return self.n >= 3 and abs(self.slope) > 2 * self.stderr
+
+
+def linfit(points: Iterable[tuple[float, float | None]]) -> Fit | None:
+    pts = [(t, y) for t, y in points if y is not None and math.isfinite(y)]
+    n = len(pts)
+    if n < 2:
         return None
-    return a / b
-
-
-def kill_quietly(*procs: Any) -> None:
-    """Stop what a benchmark started (SIGTERM, then SIGKILL), ignoring what already exited."""
-    for p in procs:
-        if p is None:
-            continue
-        with contextlib.suppress(Exception):
-            p.stop()
+    mt, my = sum(t for t, _ in pts) / n, sum(y for _, y in pts) / n
+    sxx = sum((t - mt) ** 2 for t, _ in pts)
+    if sxx == 0:
+        return None
+    b = sum((t - mt) * (y - my) for t, y in pts) / sxx
+    resid = sum((y - (my - b * mt + b * t)) ** 2 for t, y in pts)
+    return Fit(n, b, math.sqrt(resid / (n - 2) / sxx) if n > 2 else math.inf, my)

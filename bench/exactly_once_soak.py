@@ -18,7 +18,7 @@ Scenarios (each run bounded: RUN_BUDGET_S):
   (re-drawn every 0.5 s: some answers within the timeout, some after it, the batch landing
   anyway), then normally. Compacted chunks cover 10/60 s: exact per (camera, stream).
 - sigterm-slow-fsync: buffer.synchronous = full, every fsync/fdatasync of the agent 20-100 ms
-  slower (an LD_PRELOAD shim compiled at run time with gcc, given to the agent process only);
+  slower (tests/tools/slowfsync.c, an LD_PRELOAD shim given to the agent process only);
   100 cameras at 2,000 msgs/s for 20 s; 8 SIGTERM restarts at seeded random moments. Exact per
   (camera, stream, second).
 
@@ -29,7 +29,6 @@ its seed and an excerpt of the agent's log.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -46,82 +45,26 @@ from pathlib import Path
 from typing import Any
 
 from agent.sim.cloud import load_merged
-from bench.common import OUT as BENCH_OUT
-from devtools.procs import (
+from bench.common import (
+    OUT,
     Agent,
     Mosquitto,
     Publisher,
     Receiver,
     agent_config,
+    dig,
     free_port,
+    merged,
+    parser,
+    say,
     wait_for,
+    write_json,
 )
-from devtools.truth import Comparison, Expected, compare, compare_per_stream
+from devtools.truth import Expected, compare, compare_per_stream
+from tests.shims import build
 
-OUT = BENCH_OUT / "exactly_once"
 RUN_BUDGET_S = 60.0
 GATEWAY = "gw-soak"
-
-SLOW_FSYNC_C = r"""
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <time.h>
-#include <unistd.h>
-#include <pthread.h>
-
-static int (*real_fsync)(int);
-static int (*real_fdatasync)(int);
-static unsigned long calls;
-static double slept_ms;
-static unsigned int seed;
-static int lo_ms = 20, hi_ms = 100;
-static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-
-__attribute__((constructor)) static void init(void) {
-    real_fsync = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
-    real_fdatasync = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
-    const char *lo = getenv("SLOW_FSYNC_MIN_MS"), *hi = getenv("SLOW_FSYNC_MAX_MS");
-    if (lo) lo_ms = atoi(lo);
-    if (hi) hi_ms = atoi(hi);
-    seed = (unsigned int)getpid();
-    fprintf(stderr, "slow-fsync shim loaded: fsync/fdatasync +%d..%d ms (pid %d)\n",
-            lo_ms, hi_ms, (int)getpid());
-}
-
-__attribute__((destructor)) static void fini(void) {
-    fprintf(stderr, "slow-fsync shim: %lu calls, %.0f ms slept\n", calls, slept_ms);
-}
-
-static void slow(void) {
-    pthread_mutex_lock(&mu);
-    int ms = lo_ms + (hi_ms > lo_ms ? rand_r(&seed) % (hi_ms - lo_ms + 1) : 0);
-    calls++;
-    slept_ms += ms;
-    pthread_mutex_unlock(&mu);
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
-int fsync(int fd) { slow(); return real_fsync(fd); }
-int fdatasync(int fd) { slow(); return real_fdatasync(fd); }
-"""
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def build_shim(tmp: Path) -> Path:
-    src = tmp / "slow_fsync.c"
-    lib = tmp / "slow_fsync.so"
-    src.write_text(SLOW_FSYNC_C)
-    subprocess.run(
-        ["gcc", "-O2", "-shared", "-fPIC", "-o", str(lib), str(src), "-ldl", "-lpthread"],
-        check=True,
-    )
-    return lib
 
 
 @dataclass
@@ -132,7 +75,7 @@ class Scenario:
     duration_s: float
     # Restart kinds in schedule order are drawn from this multiset ("TERM" / "KILL").
     restarts: tuple[str, ...] = ()
-    config: dict[str, str] = field(default_factory=dict)  # "[section]" -> lines to add
+    config: dict[str, Any] = field(default_factory=dict)  # over the test agent's config
     per_stream: bool = False
     slow_fsync: bool = False
     late_cloud: bool = False
@@ -142,18 +85,16 @@ SCENARIOS = {
     "ack-pressure": Scenario(
         "ack-pressure", cameras=40, rate_per_camera=20, duration_s=15,
         restarts=("TERM", "TERM", "TERM", "KILL", "KILL"),
-        config={"[mqtt]": "receive_maximum = 100"},
+        config={"mqtt": {"receive_maximum": 100}},
     ),
     "tiny-quota-late-cloud": Scenario(
         "tiny-quota-late-cloud", cameras=60, rate_per_camera=25, duration_s=15,
-        config={"[buffer]": 'max_bytes = "2MiB"', "[forward]": "timeout_s = 1"},
+        config={"buffer": {"max_bytes": "2MiB"}, "forward": {"timeout_s": 1}},
         per_stream=True, late_cloud=True,
     ),
     "sigterm-slow-fsync": Scenario(
         "sigterm-slow-fsync", cameras=100, rate_per_camera=20, duration_s=20,
-        restarts=("TERM",) * 8,
-        config={"[buffer]": 'synchronous = "full"'},
-        slow_fsync=True,
+        restarts=("TERM",) * 8, config={"buffer": {"synchronous": "full"}}, slow_fsync=True,
     ),
 }  # fmt: skip
 
@@ -192,16 +133,15 @@ class RunResult:
 
 class Run:
     def __init__(self, sc: Scenario, seed: int, workdir: Path, shim: Path | None) -> None:
-        self.sc = sc
-        self.seed = seed
-        self.rng = random.Random(seed)
-        self.workdir = workdir
-        self.shim = shim
+        self.sc, self.seed, self.rng = sc, seed, random.Random(seed)
+        self.workdir, self.shim = workdir, shim
         self.res = RunResult(sc.name, seed, workdir=str(workdir))
         self.started = time.monotonic()
         self.deadline = self.started + RUN_BUDGET_S
         self.agents: list[Agent] = []
         self.agent: Agent | None = None
+        self.broker: Mosquitto | None = None
+        self.receiver: Receiver | None = None
 
     def left(self) -> float:
         return max(0.5, self.deadline - time.monotonic())
@@ -218,25 +158,22 @@ class Run:
 
     def sample_outbox(self) -> None:
         """Peak outbox usage and compaction seen during the run (polled, at most every 0.25 s)."""
-        now = time.monotonic()
-        if now - self.res.extra.get("_sampled", 0.0) < 0.25 or self.agent is None:
+        now, x = time.monotonic(), self.res.extra
+        if now - x.get("_sampled", 0.0) < 0.25 or self.agent is None:
             return
-        self.res.extra["_sampled"] = now
+        x["_sampled"] = now
         ob = (self.agent.status() or {}).get("outbox", {})
         usage = float(ob.get("usage_of_max_bytes") or 0.0)
-        self.res.extra["peak_usage"] = round(max(self.res.extra.get("peak_usage", 0.0), usage), 3)
-        self.res.extra["peak_chunks"] = max(
-            self.res.extra.get("peak_chunks", 0), ob.get("chunks", 0)
-        )
+        x["peak_usage"] = round(max(x.get("peak_usage", 0.0), usage), 3)
+        x["peak_chunks"] = max(x.get("peak_chunks", 0), ob.get("chunks", 0))
 
     def restart(self, kind: str) -> None:
         assert self.agent is not None
-        a = self.agent
         if kind == "KILL":
-            a.kill()
+            self.agent.kill()
         else:
-            a.signal(signal.SIGTERM)
-            code = a.wait(timeout_s=min(20.0, self.left()))
+            self.agent.signal(signal.SIGTERM)
+            code = self.agent.wait(timeout_s=min(20.0, self.left()))
             if code != 0:
                 raise RuntimeError(f"agent exited {code} after SIGTERM")
         self.res.restarts += 1
@@ -244,24 +181,15 @@ class Run:
 
     def execute(self) -> RunResult:
         sc = self.sc
-        self.broker = Mosquitto(self.workdir / "mosquitto").start()
-        self.receiver = Receiver(self.workdir / "cloud").start()
+        broker = self.broker = Mosquitto(self.workdir / "mosquitto").start()
+        receiver = self.receiver = Receiver(self.workdir / "cloud").start()
         self.health_port = free_port()
-        cfg = agent_config(
-            path=self.workdir / "agent.toml",
-            gateway_id=GATEWAY,
-            mqtt_port=self.broker.port,
-            receiver_url=self.receiver.url,
-            buffer_path=self.workdir / "agent" / "buffer.sqlite3",
-            health_port=self.health_port,
-        )
+        self.cfg = agent_config(
+            path=self.workdir / "agent.toml", gateway_id=GATEWAY, mqtt_port=broker.port,
+            receiver_url=receiver.url, buffer_path=self.workdir / "agent" / "buffer.sqlite3",
+            health_port=self.health_port, overrides=sc.config,
+        )  # fmt: skip
         (self.workdir / "agent").mkdir(exist_ok=True)
-        text = cfg.read_text()
-        for section, lines in sc.config.items():
-            assert section + "\n" in text, section
-            text = text.replace(section + "\n", f"{section}\n{lines}\n", 1)
-        cfg.write_text(text)
-        self.cfg = cfg
 
         # The schedule, drawn before anything runs so the seed alone decides it.
         kinds = list(sc.restarts)
@@ -271,8 +199,7 @@ class Run:
         self.res.restart_schedule = [f"{k}@{t:.1f}s" for t, k in schedule]
         cloud_plan: list[tuple[float, dict[str, Any]]] = []
         if sc.late_cloud:
-            down_s = self.rng.uniform(7.5, 8.5)
-            slow_s = self.rng.uniform(7.5, 8.5)
+            down_s, slow_s = self.rng.uniform(7.5, 8.5), self.rng.uniform(7.5, 8.5)
             cloud_plan.append((0.0, {"status": 503}))
             t = down_s
             cloud_plan.append((t, {"status": None, "delay_ms": self.rng.uniform(900, 1300)}))
@@ -283,17 +210,15 @@ class Run:
             self.res.extra["cloud"] = f"503 for {down_s:.1f}s, slow for {slow_s:.1f}s"
 
         if cloud_plan and cloud_plan[0][0] == 0.0:
-            self.receiver.fault(**cloud_plan.pop(0)[1])
+            receiver.fault(**cloud_plan.pop(0)[1])
         self.start_agent()
-        pub = Publisher(
-            self.broker, self.workdir, cameras=sc.cameras, rate=sc.rate_per_camera,
-            duration_s=sc.duration_s, seed=self.seed,
-        ).start()  # fmt: skip
+        pub = Publisher(broker, self.workdir, cameras=sc.cameras, rate=sc.rate_per_camera,
+                        duration_s=sc.duration_s, seed=self.seed).start()  # fmt: skip
         t0 = time.monotonic() + 0.5  # the simulator starts publishing half a second later
         while schedule or cloud_plan:
             now = time.monotonic() - t0
             if cloud_plan and now >= cloud_plan[0][0]:
-                self.receiver.fault(**cloud_plan.pop(0)[1])
+                receiver.fault(**cloud_plan.pop(0)[1])
                 continue
             if schedule and now >= schedule[0][0]:
                 self.restart(schedule.pop(0)[1])
@@ -313,57 +238,46 @@ class Run:
         self.res.acked_by_broker = int(pub.summary.get("acked", 0))
         want = sum(e.count for e in expected.values())
         try:
-            wait_for(
-                lambda: self.receiver.messages() >= want,
-                timeout_s=max(0.5, self.left() - 8), what=f"{want} messages at the receiver",
-            )  # fmt: skip
+            wait_for(lambda: receiver.messages() >= want, timeout_s=max(0.5, self.left() - 8),
+                     what=f"{want} messages at the receiver")  # fmt: skip
         except TimeoutError as e:
             self.res.error = str(e)
         assert self.agent is not None
         st = self.agent.status() or {}
         self.res.extra["last_agent"] = {
-            "snapshots_written": st.get("outbox", {}).get("snapshots_written"),
-            "compacted_chunks": st.get("outbox", {}).get("compacted_chunks"),
-            "redelivered_skipped": st.get("ingest", {}).get("redelivered_skipped"),
-            "batches_failed": st.get("forward", {}).get("batches_failed"),
-        }
+            k: dig(st, section, k) for section, k in (
+                ("outbox", "snapshots_written"), ("outbox", "compacted_chunks"),
+                ("ingest", "redelivered_skipped"), ("forward", "batches_failed"))
+        }  # fmt: skip
         self.agent.signal(signal.SIGTERM)
         try:
             self.res.final_exit = self.agent.wait(timeout_s=min(10.0, self.left()))
         except subprocess.TimeoutExpired:
-            self.res.error = (
-                self.res.error + "; " if self.res.error else ""
-            ) + "final SIGTERM hung"
-        self.judge(expected)
+            self.res.error = "; ".join(x for x in (self.res.error, "final SIGTERM hung") if x)
+        self.judge(expected, receiver)
         return self.res
 
-    def judge(self, expected: dict[tuple[str, str, int], Expected]) -> None:
-        merged = load_merged(self.receiver.db)
-        c: Comparison = (compare_per_stream if self.sc.per_stream else compare)(expected, merged)
-        self.res.received = c.received_messages
-        self.res.missing = c.missing
-        self.res.duplicated = c.duplicated
-        self.res.mismatched_rows = len(c.mismatched_rows)
-        if c.mismatched_rows:
-            self.res.extra["mismatched"] = c.mismatched_rows[:10]
-        gw = self.receiver.stats().get("gateways", {}).get(GATEWAY, {})
-        self.res.gaps = int(gw.get("gaps", 0))
-        self.res.out_of_order = int(gw.get("out_of_order", 0))
-        self.res.extra["cloud_duplicates"] = int(gw.get("duplicates", 0))
-        self.res.ok = (
-            c.expected_messages > 0
-            and c.exact
-            and self.res.gaps == 0
-            and self.res.out_of_order == 0
-            and self.res.final_exit == 0
-            and self.res.restarts == len(self.sc.restarts)
-            and not self.res.error
+    def judge(self, expected: dict[tuple[str, str, int], Expected], receiver: Receiver) -> None:
+        c = (compare_per_stream if self.sc.per_stream else compare)(
+            expected, load_merged(receiver.db)
         )
+        r = self.res
+        r.received, r.missing, r.duplicated = c.received_messages, c.missing, c.duplicated
+        r.mismatched_rows = len(c.mismatched_rows)
+        if c.mismatched_rows:
+            r.extra["mismatched"] = c.mismatched_rows[:10]
+        gw = receiver.stats().get("gateways", {}).get(GATEWAY, {})
+        r.gaps, r.out_of_order = int(gw.get("gaps", 0)), int(gw.get("out_of_order", 0))
+        r.extra["cloud_duplicates"] = int(gw.get("duplicates", 0))
+        r.ok = (
+            c.expected_messages > 0 and c.exact and r.gaps == 0 and r.out_of_order == 0
+            and r.final_exit == 0 and r.restarts == len(self.sc.restarts) and not r.error
+        )  # fmt: skip
 
     def cleanup(self) -> None:
         for a in self.agents:
             a.kill()
-        for p in (getattr(self, "receiver", None), getattr(self, "broker", None)):
+        for p in (self.receiver, self.broker):
             if p is not None:
                 p.stop(timeout_s=5)
 
@@ -379,7 +293,7 @@ def log_excerpt(workdir: Path, lines: int = 40) -> str:
 
 
 def one_run(sc: Scenario, seed: int, shim: Path | None, keep: bool) -> RunResult:
-    workdir = OUT / sc.name / f"seed-{seed}"
+    workdir = OUT / "exactly_once" / sc.name / f"seed-{seed}"
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     run = Run(sc, seed, workdir, shim)
@@ -412,37 +326,26 @@ def summarize(name: str, results: list[RunResult]) -> dict[str, Any]:
     durations = [r.duration_s for r in results]
     ok = sum(r.ok for r in results)
     return {
-        "scenario": name,
-        "runs": len(results),
-        "ok": ok,
-        "failed": len(results) - ok,
+        "scenario": name, "runs": len(results), "ok": ok, "failed": len(results) - ok,
         "failed_seeds": [r.seed for r in results if not r.ok],
         "published_total": sum(r.acked_by_broker for r in results),
         "restarts_total": sum(r.restarts for r in results),
-        "duration_min_s": min(durations),
-        "duration_median_s": statistics.median(durations),
+        "duration_min_s": min(durations), "duration_median_s": statistics.median(durations),
         "duration_max_s": max(durations),
-    }
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.exactly_once_soak",
-        description=__doc__,
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
+    p = parser(__doc__ or "", quick=False)
     p.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--seed", type=int, help="seed of the first run (the next runs add 1)")
     p.add_argument("--keep", action="store_true", help="keep the working directory of good runs")
-    p.add_argument("--json-out", type=Path, help="also write the results here")
     p.add_argument("--max-bytes", help='override buffer.max_bytes (e.g. "1MiB"), for a variant run')
     args = p.parse_args(argv)
     sc = SCENARIOS[args.scenario]
     if args.max_bytes:
-        lines = [ln for ln in sc.config.get("[buffer]", "").splitlines() if "max_bytes" not in ln]
-        lines.append(f'max_bytes = "{args.max_bytes}"')
-        sc = replace(sc, config={**sc.config, "[buffer]": "\n".join(lines)})
+        sc = replace(sc, config=merged(sc.config, {"buffer": {"max_bytes": args.max_bytes}}))
     first = args.seed if args.seed is not None else time.time_ns() % 100_000
     say(f"exactly-once soak: {sc.name}, {args.runs} runs, seeds {first}..{first + args.runs - 1}")
     say(f"  {sc}")
@@ -450,9 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     results: list[RunResult] = []
     failures: list[tuple[RunResult, str]] = []
     try:
-        shim = build_shim(tmp) if sc.slow_fsync else None
-        for i in range(args.runs):
-            seed = first + i
+        shim = build("slowfsync.c", tmp / "slowfsync.so") if sc.slow_fsync else None
+        for seed in range(first, first + args.runs):
             r = one_run(sc, seed, shim, args.keep)
             results.append(r)
             extra = f" schedule={','.join(r.restart_schedule)}" if r.restart_schedule else ""
@@ -476,18 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{s['duration_max_s']:.1f} s; {s['published_total']} messages, "
         f"{s['restarts_total']} restarts"
     )
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(
-            json.dumps(
-                {
-                    "summary": s,
-                    "runs": [asdict(r) for r in results],
-                    "failures": [{"seed": r.seed, "log_excerpt": e} for r, e in failures],
-                },
-                indent=2,
-            )
-        )
+    write_json(args.json_out, {
+        "summary": s, "runs": [asdict(r) for r in results],
+        "failures": [{"seed": r.seed, "log_excerpt": e} for r, e in failures],
+    })  # fmt: skip
     return 0 if s["failed"] == 0 else 1
 
 

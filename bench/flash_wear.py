@@ -11,7 +11,6 @@ not counted.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -19,18 +18,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import (
+    Agent,
+    LoadThread,
+    Mosquitto,
+    ProcStat,
+    Receiver,
+    agent_config,
+    dig,
+    free_port,
+    parser,
+    write_json,
+)
 from bench.loadgen import LoadOptions, run_load
-from devtools.procs import Agent, Mosquitto, Receiver, agent_config, free_port
 
 WARMUP_S = 10.0
-
-
-def _io(pid: int) -> dict[str, int]:
-    out = {}
-    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        k, _, v = line.partition(":")
-        out[k] = int(v)
-    return out
 
 
 def measure(mode: str, seconds: float, rate: float, cameras: int) -> dict[str, Any]:
@@ -51,41 +53,29 @@ def measure(mode: str, seconds: float, rate: float, cameras: int) -> dict[str, A
         try:
             agent.wait_ready(timeout_s=30)
             assert agent.popen is not None
-            pid = agent.popen.pid
-            import threading
-
-            result: dict[str, Any] = {}
-
-            def load() -> None:
-                result.update(run_load(LoadOptions(
-                    port=mq.port, cameras=cameras, rate=rate, duration_s=seconds + WARMUP_S,
-                    processes=1,
-                )))  # fmt: skip
-
-            t = threading.Thread(target=load)
-            t.start()
+            proc = ProcStat(agent.popen.pid)
+            load = LoadThread(lambda: run_load(LoadOptions(
+                port=mq.port, cameras=cameras, rate=rate, duration_s=seconds + WARMUP_S,
+                processes=1)))  # fmt: skip
+            load.start()
             time.sleep(WARMUP_S)
-            start, t0 = _io(pid), time.monotonic()
-            snap0 = (agent.status() or {}).get("outbox", {})
+            io0, t0, ob0 = proc.io(), time.monotonic(), dig(agent.status(), "outbox") or {}
             time.sleep(seconds)
-            end, t1 = _io(pid), time.monotonic()
-            snap1 = (agent.status() or {}).get("outbox", {})
-            t.join(timeout=seconds + 60)
+            io1, t1, ob1 = proc.io(), time.monotonic(), dig(agent.status(), "outbox") or {}
+            load.join(timeout=seconds + 60)
             elapsed = t1 - t0
+
+            def per_s(a: dict[str, Any], b: dict[str, Any], key: str) -> int:
+                return round(float(b.get(key, 0) - a.get(key, 0)) / elapsed)
+
             return {
-                "mode": mode,
-                "seconds": round(elapsed, 1),
-                "write_bytes_per_s": round((end["write_bytes"] - start["write_bytes"]) / elapsed),
-                "write_calls_per_s": round((end["syscw"] - start["syscw"]) / elapsed),
-                "snapshots_per_s": round(
-                    (snap1.get("snapshots_written", 0) - snap0.get("snapshots_written", 0))
-                    / elapsed
-                ),
-                "chunks_per_s": round(
-                    (snap1.get("chunks_committed", 0) - snap0.get("chunks_committed", 0)) / elapsed
-                ),
-                "published": result.get("acked"),
-            }
+                "mode": mode, "seconds": round(elapsed, 1),
+                "write_bytes_per_s": per_s(io0, io1, "write_bytes"),
+                "write_calls_per_s": per_s(io0, io1, "syscw"),
+                "snapshots_per_s": per_s(ob0, ob1, "snapshots_written"),
+                "chunks_per_s": per_s(ob0, ob1, "chunks_committed"),
+                "published": load.result.get("acked"),
+            }  # fmt: skip
         finally:
             agent.stop()
             rc.stop()
@@ -93,23 +83,19 @@ def measure(mode: str, seconds: float, rate: float, cameras: int) -> dict[str, A
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = parser(__doc__ or "", quick=False)
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--rate", type=float, default=3000.0)
     p.add_argument("--cameras", type=int, default=300)
-    p.add_argument("--json-out")
     a = p.parse_args(argv)
     rows = []
     for r in range(a.rounds):
         for mode in ("window", "message"):
-            row = measure(mode, a.seconds, a.rate, a.cameras)
-            row["round"] = r + 1
+            row = {**measure(mode, a.seconds, a.rate, a.cameras), "round": r + 1}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    if a.json_out:
-        Path(a.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json_out).write_text(json.dumps(rows, indent=1) + "\n")
+    write_json(a.json_out, rows)
     return 0
 
 

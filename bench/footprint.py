@@ -40,27 +40,32 @@ from typing import Any
 
 import msgspec
 
+from agent.sim.cloud import load_merged
 from bench.common import (
     GATEWAY_ID,
     ROOT,
-    BareSub,
+    CountingSub,
     Mosquitto,
     ProcStat,
+    Publisher,
     Receiver,
     Report,
     Sampler,
     agent_figure,
     bench_command,
+    dig,
+    fill,
     fresh_dir,
     kill_quietly,
     parser,
     ratio,
+    rnd,
     say,
     start_agent,
     wait_for,
     weighted_percentile,
 )
-from devtools.procs import Publisher
+from devtools.truth import compare
 
 CAMERAS = 300
 # Issue #20: with pydantic-settings loaded (it was 60 MB without pydantic, issue #13).
@@ -74,40 +79,34 @@ LINGER_S = 0.2
 WARMUP_S = 5.0
 
 
-# -- the raw SQLite baseline (runs in a child process, to read its own /proc/self/io) ----------
-
-
 def sqlite_baseline(db: Path, bodies_file: Path, commits: int, batches: int) -> dict[str, Any]:
+    """The raw SQLite baseline (in a child process, to read its own /proc/self/io)."""
     bodies: list[bytes] = msgspec.msgpack.decode(bodies_file.read_bytes())
     before = ProcStat(os.getpid()).io()
     con = sqlite3.connect(db, isolation_level=None)
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("PRAGMA synchronous=FULL")
-    con.execute(
-        "CREATE TABLE chunks (seq INTEGER PRIMARY KEY AUTOINCREMENT, created_at REAL NOT NULL,"
-        " body BLOB NOT NULL)"
-    )
+    con.execute("CREATE TABLE chunks (seq INTEGER PRIMARY KEY AUTOINCREMENT, created_at REAL NOT"
+                " NULL, body BLOB NOT NULL)")  # fmt: skip
+
+    def transaction(sql: str, *args: Any) -> None:
+        con.execute("BEGIN IMMEDIATE")
+        (con.executemany if args and isinstance(args[0], list) else con.execute)(sql, *args)
+        con.execute("COMMIT")
+
     commits = max(1, commits)
     per = max(1, -(-len(bodies) // commits))
     delete_every = max(1, round(commits / max(1, batches)))
-    last_seq = 0
-    k = 0
+    last_seq = k = 0
     for i in range(0, len(bodies), per):
         group = bodies[i : i + per]
-        con.execute("BEGIN IMMEDIATE")
-        con.executemany(
-            "INSERT INTO chunks (created_at, body) VALUES (?, ?)", [(time.time(), b) for b in group]
-        )
-        con.execute("COMMIT")
+        transaction("INSERT INTO chunks (created_at, body) VALUES (?, ?)",
+                    [(time.time(), b) for b in group])  # fmt: skip
         k += 1
         if k % delete_every == 0:
-            con.execute("BEGIN IMMEDIATE")
-            con.execute("DELETE FROM chunks WHERE seq <= ?", (last_seq,))
-            con.execute("COMMIT")
+            transaction("DELETE FROM chunks WHERE seq <= ?", (last_seq,))
         last_seq += len(group)
-    con.execute("BEGIN IMMEDIATE")
-    con.execute("DELETE FROM chunks")
-    con.execute("COMMIT")
+    transaction("DELETE FROM chunks")
     con.close()
     after = ProcStat(os.getpid()).io()
     return {
@@ -118,61 +117,30 @@ def sqlite_baseline(db: Path, bodies_file: Path, commits: int, batches: int) -> 
     }
 
 
-# -- the run ----------------------------------------------------------------------------------
-
-
-def chunk_rows(db: Path, gateway: str) -> list[tuple[float, dict[str, Any]]]:
-    con = sqlite3.connect(db)
-    try:
-        return [
-            (float(r), json.loads(b))
-            for r, b in con.execute(
-                "SELECT received_at, body FROM chunks WHERE gateway = ? ORDER BY seq", (gateway,)
-            )
-        ]
-    finally:
-        con.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = parser(__doc__ or "")
-    p.add_argument("--duration", type=float, help="seconds of publishing")
-    p.add_argument("--sqlite-baseline", nargs=4, metavar=("DB", "BODIES", "COMMITS", "BATCHES"),
-                   help="internal: run the raw SQLite baseline")  # fmt: skip
-    args = p.parse_args(argv)
-    if args.sqlite_baseline:
-        db, bodies, commits, batches = args.sqlite_baseline
-        print(json.dumps(sqlite_baseline(Path(db), Path(bodies), int(commits), int(batches))))
-        return 0
-    duration = args.duration or (32.0 if args.quick else 60.0)
-    rep = Report("footprint", args.quick)
-    work = fresh_dir("footprint")
+def measure(rep: Report, work: Path, duration: float) -> dict[str, Any]:
+    """The run: the agent and the bare subscriber under the simulator's load, then drained;
+    what was measured, by name."""
     broker = receiver = agent = bare = None
     try:
         broker = Mosquitto(work / "mosquitto").start()
         receiver = Receiver(work / "cloud").start()
         agent = start_agent(work, broker.port, receiver.url)
-        bare = BareSub(broker.port, work / "bare.log")
+        bare = CountingSub("bare", broker.port, work / "bare.log")
         bare.wait_ready()
         assert agent.popen is not None and broker.popen is not None
-        apid = agent.popen.pid
-        ast = ProcStat(apid)
-        sampler = Sampler(
-            {"agent": apid, "bare": bare.pid, "broker": broker.popen.pid}, interval_s=0.5
-        )
+        ast = ProcStat(agent.popen.pid)
+        sampler = Sampler({"agent": ast.pid, "bare": bare.pid, "broker": broker.popen.pid},
+                          interval_s=0.5)  # fmt: skip
         sampler.start()
         time.sleep(1.0)
         idle_rss_kb = ast.rss_kb()
         log_size0 = (work / "agent.log").stat().st_size
         io0 = ast.io()
         st0 = agent.status() or {}
-        say(
-            f"[footprint] {CAMERAS} cameras x {RATE:g} msgs/s for {duration:g} s "
-            f"(simulator, 2 processes); agent idle RSS {idle_rss_kb / 1024:.1f} MB"
-        )
-        pub = Publisher(
-            broker, work, cameras=CAMERAS, rate=RATE, duration_s=duration, seed=11, processes=2
-        )
+        say(f"[footprint] {CAMERAS} cameras x {RATE:g} msgs/s for {duration:g} s (simulator, 2 "
+            f"processes); agent idle RSS {idle_rss_kb / 1024:.1f} MB")  # fmt: skip
+        pub = Publisher(broker, work, cameras=CAMERAS, rate=RATE, duration_s=duration, seed=11,
+                        processes=2)  # fmt: skip
         pub_start_wall = time.time()
         pub.start()
         t_pub0 = time.monotonic()
@@ -181,10 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             pub.wait(0.5)
             if io_pub is None and time.monotonic() - t_pub0 >= 1.5 + duration:
                 io_pub = (time.monotonic(), ast.io())
-        t_pub1 = time.monotonic()
-        pub_end_wall = time.time()
-        if io_pub is None:
-            io_pub = (t_pub1, ast.io())
+        t_pub1, pub_end_wall = time.monotonic(), time.time()
+        io_pub = io_pub or (t_pub1, ast.io())
         acked = int(pub.summary.get("acked", 0))
         expected = None
         try:
@@ -200,65 +166,72 @@ def main(argv: list[str] | None = None) -> int:
         except TimeoutError as e:
             rep.note(str(e))
         time.sleep(0.5)
-        io1 = ast.io()
-        hwm_kb = ast.hwm_kb()
-        bare_hwm_kb = ProcStat(bare.pid).hwm_kb()
+        io1, hwm_kb, bare_hwm_kb = ast.io(), ast.hwm_kb(), ProcStat(bare.pid).hwm_kb()
         st1 = agent.status() or {}
         log_growth = (work / "agent.log").stat().st_size - log_size0
         sampler.stop()
-        delivered = receiver.messages()
-        bare_count = bare.count
+        delivered, bare_count = receiver.messages(), bare.count
     finally:
         kill_quietly(bare, agent)
     try:
-        rows = chunk_rows(receiver.db, GATEWAY_ID)
+        con = sqlite3.connect(receiver.db)
+        rows = [
+            (float(r), json.loads(b))
+            for r, b in con.execute(
+                "SELECT received_at, body FROM chunks WHERE gateway = ? ORDER BY seq", (GATEWAY_ID,)
+            )
+        ]
+        con.close()
     finally:
         kill_quietly(receiver, broker)
-
-    # CPU over the steady part of the publishing, and over each half of it.
-    c0, c1 = t_pub0 + WARMUP_S, t_pub1 - 1.0
-    cpu_agent = sampler.cpu_between("agent", c0, c1)
-    cpu_bare = sampler.cpu_between("bare", c0, c1)
-    cpu_broker = sampler.cpu_between("broker", c0, c1)
-    rate = acked / duration if duration else 0
-    mid = (c0 + c1) / 2
-    phase_a, phase_b = (c0, mid), (mid, c1)
-    cpu_a = sampler.cpu_between("agent", *phase_a)
-    cpu_b = sampler.cpu_between("agent", *phase_b)
-    rep.figure("agent_cpu_pct_first_half", None if cpu_a is None else round(cpu_a * 100, 1))
-    rep.figure("agent_cpu_pct_second_half", None if cpu_b is None else round(cpu_b * 100, 1))
-    rep.figure("published_acked", acked)
-    rep.figure("delivered_messages", delivered)
-    rep.figure("bare_received", bare_count)
-    rep.figure("msgs_per_s", round(rate, 1))
-    rep.figure("agent_cpu_pct", None if cpu_agent is None else round(cpu_agent * 100, 1))
-    rep.figure("bare_cpu_pct", None if cpu_bare is None else round(cpu_bare * 100, 1))
-    rep.figure("broker_cpu_pct", None if cpu_broker is None else round(cpu_broker * 100, 1))
     exact = None
     if expected is not None:
-        from agent.sim.cloud import load_merged
-        from devtools.truth import compare
+        exact = compare(expected, load_merged(receiver.db, GATEWAY_ID)).exact
+    return dict(
+        duration=duration, sampler=sampler, idle_rss_kb=idle_rss_kb, io0=io0, st0=st0,
+        pub_start_wall=pub_start_wall, t_pub0=t_pub0, io_pub=io_pub, t_pub1=t_pub1,
+        pub_end_wall=pub_end_wall, acked=acked, exact=exact, io1=io1, hwm_kb=hwm_kb,
+        bare_hwm_kb=bare_hwm_kb, st1=st1, log_growth=log_growth, delivered=delivered,
+        bare_count=bare_count, rows=rows,
+    )  # fmt: skip
 
-        cmp = compare(expected, load_merged(receiver.db, GATEWAY_ID))
-        exact = cmp.exact
+
+def cpu_and_memory(rep: Report, m: dict[str, Any]) -> None:
+    """CPU over the steady part of the publishing, and over each half of it; RSS."""
+    sampler, t_pub0, t_pub1, acked, duration = (
+        m[k] for k in ("sampler", "t_pub0", "t_pub1", "acked", "duration")
+    )
+    delivered, bare_count, exact = m["delivered"], m["bare_count"], m["exact"]
+    c0, c1 = t_pub0 + WARMUP_S, t_pub1 - 1.0
+    halves = ((c0, (c0 + c1) / 2), ((c0 + c1) / 2, c1))
+    cpu = {k: sampler.cpu_between(k, c0, c1) for k in ("agent", "bare", "broker")}
+    cpu_a, cpu_b = (sampler.cpu_between("agent", *h) for h in halves)
+    rate = acked / duration if duration else 0
+    pct = {k: rnd(None if v is None else v * 100, 1) for k, v in cpu.items()}
+    for key, value in (
+        ("agent_cpu_pct_first_half", rnd(None if cpu_a is None else cpu_a * 100, 1)),
+        ("agent_cpu_pct_second_half", rnd(None if cpu_b is None else cpu_b * 100, 1)),
+        ("published_acked", acked), ("delivered_messages", delivered),
+        ("bare_received", bare_count), ("msgs_per_s", round(rate, 1)),
+        ("agent_cpu_pct", pct["agent"]), ("bare_cpu_pct", pct["bare"]),
+        ("broker_cpu_pct", pct["broker"]),
+    ):  # fmt: skip
+        rep.figure(key, value)
+    if exact is not None:
         rep.figure("exact", exact)
-    say(
-        f"[footprint] {acked:,} messages acked by the broker ({rate:,.0f} msgs/s), "
-        f"{delivered:,} counted at the receiver, bare subscriber got {bare_count:,}; "
-        f"ground truth {'EXACT' if exact else 'not exact' if exact is False else 'n/a'}"
-    )
+    say(f"[footprint] {acked:,} messages acked by the broker ({rate:,.0f} msgs/s), "
+        f"{delivered:,} counted at the receiver, bare subscriber got {bare_count:,}; ground "
+        f"truth {'EXACT' if exact else 'not exact' if exact is False else 'n/a'}")  # fmt: skip
     rep.row(
-        f"Agent CPU at {rate:,.0f} msgs/s",
-        "<= 10 % of one core and <= 0.35x bare aiomqtt",
-        "n/a"
-        if cpu_agent is None
-        else f"{cpu_agent * 100:.1f} % (first half {_pct(cpu_a)}, second half {_pct(cpu_b)})",
-        f"bare aiomqtt {_pct(cpu_bare)} (agent/bare {_x(ratio(cpu_agent, cpu_bare))}); broker "
-        f"{_pct(cpu_broker)}",
-        None
-        if cpu_agent is None or cpu_bare is None
-        else cpu_agent <= 0.10 and cpu_agent <= 0.35 * cpu_bare,
-    )
+        f"Agent CPU at {rate:,.0f} msgs/s", "<= 10 % of one core and <= 0.35x bare aiomqtt",
+        fill("{a:pct} (first half {ca:pct}, second half {cb:pct})", a=cpu["agent"], ca=cpu_a,
+             cb=cpu_b) if cpu["agent"] is not None else "n/a",
+        fill("bare aiomqtt {b:pct} (agent/bare {r:x}); broker {m:pct}", b=cpu["bare"],
+             r=ratio(cpu["agent"], cpu["bare"]), m=cpu["broker"]),
+        None if cpu["agent"] is None or cpu["bare"] is None
+        else cpu["agent"] <= 0.10 and cpu["agent"] <= 0.35 * cpu["bare"],
+    )  # fmt: skip
+    hwm_kb, bare_hwm_kb, idle_rss_kb = m["hwm_kb"], m["bare_hwm_kb"], m["idle_rss_kb"]
     quarters = [sampler.rss_at("agent", t_pub0 + (t_pub1 - t_pub0) * q / 4) for q in (1, 2, 3, 4)]
     rep.figure(
         "agent_rss_mb_by_quarter", [None if q is None else round(q / 1024, 1) for q in quarters],
@@ -269,146 +242,149 @@ def main(argv: list[str] | None = None) -> int:
     rep.figure("agent_idle_rss_mb", round(idle_rss_kb / 1024, 1))
     rep.figure("bare_peak_rss_mb", round(bare_hwm_kb / 1024, 1))
     rep.row(
-        f"Agent peak RSS, {CAMERAS} cameras",
-        f"<= {PEAK_RSS_TARGET_MB} MB",
+        f"Agent peak RSS, {CAMERAS} cameras", f"<= {PEAK_RSS_TARGET_MB} MB",
         f"{hwm_kb / 1024:.1f} MB (VmHWM)",
         f"bare aiomqtt {bare_hwm_kb / 1024:.1f} MB; agent idle before load "
-        f"{idle_rss_kb / 1024:.1f} MB",
-        hwm_kb / 1024 <= PEAK_RSS_TARGET_MB,
-    )
+        f"{idle_rss_kb / 1024:.1f} MB", hwm_kb / 1024 <= PEAK_RSS_TARGET_MB,
+    )  # fmt: skip
 
-    # SQLite writes.
+
+def writes(rep: Report, m: dict[str, Any], work: Path) -> dict[str, Any]:
+    """SQLite bytes written: per second, per byte of chunks, against raw SQLite's; the agent's
+    counters."""
+    io0, io1, io_pub, st0, st1, t_pub0, log_growth, rows, duration, sampler = (
+        m[k] for k in ("io0", "io1", "io_pub", "st0", "st1", "t_pub0", "log_growth", "rows",
+                       "duration", "sampler")
+    )  # fmt: skip
+    c0, c1 = t_pub0 + WARMUP_S, m["t_pub1"] - 1.0
+    halves = ((c0, (c0 + c1) / 2), ((c0 + c1) / 2, c1))
     wb_pub = io_pub[1]["write_bytes"] - io0["write_bytes"]
     wb_all = io1["write_bytes"] - io0["write_bytes"] - log_growth
     cancelled = io1["cancelled_write_bytes"] - io0["cancelled_write_bytes"]
     pub_s = io_pub[0] - t_pub0
-    bodies = []
-    for _, c in rows:
-        c.pop("seq", None)
-        bodies.append(msgspec.json.encode(c))
+    bodies = [msgspec.json.encode({k: v for k, v in c.items() if k != "seq"}) for _, c in rows]
     chunk_bytes = sum(len(b) for b in bodies)
-    wear = ratio(wb_all, chunk_bytes)
-    wear_net = ratio(wb_all - cancelled, chunk_bytes)
-    rep.figure("wear_net_of_cancelled", None if wear_net is None else round(wear_net, 2))
+    wear, wear_net = ratio(wb_all, chunk_bytes), ratio(wb_all - cancelled, chunk_bytes)
     chunk_rate = chunk_bytes / duration  # chunks are produced evenly while the cameras publish
-    wr_a = sampler.write_rate_between("agent", *phase_a)
-    wr_b = sampler.write_rate_between("agent", *phase_b)
-    wear_a = ratio(wr_a, chunk_rate)
-    wear_b = ratio(wr_b, chunk_rate)
-    rep.figure("write_bytes_per_s_first_half", None if wr_a is None else round(wr_a))
-    rep.figure("write_bytes_per_s_second_half", None if wr_b is None else round(wr_b))
-    rep.figure("wear_first_half", None if wear_a is None else round(wear_a, 2))
-    rep.figure("wear_second_half", None if wear_b is None else round(wear_b, 2))
-    commits = (st1.get("outbox", {}).get("checkpoints", 0) or 0) - (
-        st0.get("outbox", {}).get("checkpoints", 0) or 0
-    )
-    batches = (st1.get("forward", {}).get("batches_sent", 0) or 0) - (
-        st0.get("forward", {}).get("batches_sent", 0) or 0
+    wr_a, wr_b = (sampler.rate("agent", "write_bytes", *h) for h in halves)
+    wear_a, wear_b = ratio(wr_a, chunk_rate), ratio(wr_b, chunk_rate)
+    commits, batches = (
+        (dig(st1, *path) or 0) - (dig(st0, *path) or 0)
+        for path in (("outbox", "checkpoints"), ("forward", "batches_sent"))
     )
     bodies_file = work / "bodies.msgpack"
     bodies_file.write_bytes(msgspec.msgpack.encode(bodies))
-    base = json.loads(
-        subprocess.run(
-            bench_command(
-                "footprint",
-                "--sqlite-baseline",
-                str(work / "baseline.sqlite3"),
-                str(bodies_file),
-                str(commits),
-                str(batches),
-            ),
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=300,
-        ).stdout
-    )
+    base = json.loads(subprocess.run(
+        bench_command("footprint", "--sqlite-baseline", str(work / "baseline.sqlite3"),
+                      str(bodies_file), str(commits), str(batches)),
+        cwd=ROOT, capture_output=True, text=True, check=True, timeout=300,
+    ).stdout)  # fmt: skip
     base_wear = ratio(base["write_bytes"], chunk_bytes)
+    rep.figure("wear_net_of_cancelled", rnd(wear_net))
+    rep.figure("write_bytes_per_s_first_half", rnd(wr_a, None))
+    rep.figure("write_bytes_per_s_second_half", rnd(wr_b, None))
+    rep.figure("wear_first_half", rnd(wear_a))
+    rep.figure("wear_second_half", rnd(wear_b))
     rep.figure("sqlite_write_bytes_per_s", round(wb_pub / pub_s) if pub_s > 0 else None,
                f"agent write_bytes during publishing: {wb_pub:,} B in {pub_s:.1f} s = "
                f"{wb_pub / pub_s / 1024:,.0f} KiB/s")  # fmt: skip
-    rep.figure("write_bytes_run", wb_all)
-    rep.figure("cancelled_write_bytes_run", cancelled)
-    rep.figure("log_bytes_excluded", log_growth)
-    rep.figure("chunks", len(bodies))
-    rep.figure("chunk_bytes", chunk_bytes)
-    rep.figure("chunks_committed", (st1.get("outbox") or {}).get("chunks_committed"))
-    rep.figure("snapshots_written", (st1.get("outbox") or {}).get("snapshots_written"))
-    rep.figure("checkpoints", commits)
-    rep.figure("batches_sent", batches)
-    rep.figure("sqlite_baseline", base)
-    fw = st1.get("forward") or {}
+    outbox, fw = st1.get("outbox") or {}, st1.get("forward") or {}
+    for key, value in (
+        ("write_bytes_run", wb_all), ("cancelled_write_bytes_run", cancelled),
+        ("log_bytes_excluded", log_growth), ("chunks", len(bodies)), ("chunk_bytes", chunk_bytes),
+        ("chunks_committed", outbox.get("chunks_committed")),
+        ("snapshots_written", outbox.get("snapshots_written")), ("checkpoints", commits),
+        ("batches_sent", batches), ("sqlite_baseline", base),
+    ):  # fmt: skip
+        rep.figure(key, value)
     if fw.get("chunks_sent"):
         rep.figure("wire_bytes_per_chunk_live", round(fw["bytes_sent"] / fw["chunks_sent"], 1))
     rep.row(
-        "SQLite bytes written per second (3,000 msgs/s)",
-        "(report)",
-        (f"{wb_pub / pub_s / 1024:,.0f} KiB/s" if pub_s > 0 else "n/a")
-        + f" (first half {_kib(wr_a)}, second half {_kib(wr_b)})",
-        f"raw SQLite, same chunks and commit cadence: {base['write_bytes']:,} B for the whole "
-        f"run vs the agent's {wb_all:,} B (agent/raw {_x(ratio(wb_all, base['write_bytes']))})",
+        "SQLite bytes written per second (3,000 msgs/s)", "(report)",
+        fill("{r:kibs} (first half {a:kibs}, second half {b:kibs})",
+             r=wb_pub / pub_s if pub_s > 0 else None, a=wr_a, b=wr_b),
+        fill("raw SQLite, same chunks and commit cadence: {raw:,} B for the whole run vs the "
+             "agent's {agent:,} B (agent/raw {r:x})", raw=base["write_bytes"], agent=wb_all,
+             r=ratio(wb_all, base["write_bytes"])),
         None,
-    )
+    )  # fmt: skip
     rep.row(
-        "Flash wear: SQLite write_bytes per byte of chunks",
-        "<= 4",
-        "n/a"
-        if wear is None
-        else f"{wear:.2f} over the run ({wb_all:,} B for {chunk_bytes:,} B of {len(bodies):,} "
-        f"chunks); net of cancelled writes {_f(wear_net)}; by half of the publishing "
-        f"{_f(wear_a)}, {_f(wear_b)}",
-        "n/a"
-        if base_wear is None
-        else f"raw SQLite {base_wear:.2f} (agent/raw {_x(ratio(wear, base_wear))})",
+        "Flash wear: SQLite write_bytes per byte of chunks", "<= 4",
+        fill("{w:.2f} over the run ({wb:,} B for {cb:,} B of {n:,} chunks); net of cancelled "
+             "writes {net:.2f}; by half of the publishing {a:.2f}, {b:.2f}", w=wear, wb=wb_all,
+             cb=chunk_bytes, n=len(bodies), net=wear_net, a=wear_a, b=wear_b)
+        if wear is not None else "n/a",
+        fill("raw SQLite {b:.2f} (agent/raw {r:x})", b=base_wear, r=ratio(wear, base_wear))
+        if base_wear is not None else "n/a",
         None if wear is None else wear <= 4,
-    )
+    )  # fmt: skip
     if cancelled > 0.05 * wb_all:
-        rep.note(
-            f"{cancelled:,} B of the agent's write_bytes were cancelled (cancelled_write_bytes: "
-            "pages dirtied then truncated or deleted before writeback, e.g. SQLite temp files); "
-            f"net of them the wear ratio is {_f(wear_net)}"
-        )
+        rep.note(fill(
+            "{c:,} B of the agent's write_bytes were cancelled (cancelled_write_bytes: pages "
+            "dirtied then truncated or deleted before writeback, e.g. SQLite temp files); net of "
+            "them the wear ratio is {net:.2f}", c=cancelled, net=wear_net))  # fmt: skip
+    return {"commits": commits, "batches": batches, "snapshots": outbox.get("snapshots_written")}
 
-    # Delay.
+
+def delay(rep: Report, m: dict[str, Any]) -> None:
+    """Publish -> receiver delay per message, in windows closed while the cameras published."""
+    rows, pub_start_wall, pub_end_wall = m["rows"], m["pub_start_wall"], m["pub_end_wall"]
     steady_until = pub_end_wall - (WINDOW_S + LATENESS_S) - 0.5
     oldest, newest, oldest_all = [], [], []
     for received_at, c in rows:
-        w = int(c.get("count", 0))
         if c.get("rev", 0) != 0:
             continue
+        w = int(c.get("count", 0))
         d_old = received_at - float(c["event_first"])
-        d_new = received_at - float(c["event_last"])
         oldest_all.append((d_old, w))
-        if (
-            float(c["t"]) + float(c.get("width_s", 1)) <= steady_until
-            and c["t"] >= pub_start_wall + 1
-        ):
+        t = float(c["t"])
+        if t + float(c.get("width_s", 1)) <= steady_until and t >= pub_start_wall + 1:
             oldest.append((d_old, w))
-            newest.append((d_new, w))
-    p50_hi, p99_hi = weighted_percentile(oldest, 50), weighted_percentile(oldest, 99)
-    p50_lo, p99_lo = weighted_percentile(newest, 50), weighted_percentile(newest, 99)
-    p99_all = weighted_percentile(oldest_all, 99)
+            newest.append((received_at - float(c["event_last"]), w))
+    d = {
+        "delay_p50_upper_s": weighted_percentile(oldest, 50),
+        "delay_p99_upper_s": weighted_percentile(oldest, 99),
+        "delay_p50_lower_s": weighted_percentile(newest, 50),
+        "delay_p99_lower_s": weighted_percentile(newest, 99),
+        "delay_p99_upper_incl_end_of_run_s": weighted_percentile(oldest_all, 99),
+    }
+    for k, v in d.items():
+        rep.figure(k, rnd(v, 3))
     target = WINDOW_S + LATENESS_S + 1.0
-    floor = WINDOW_S + LATENESS_S + CHECKPOINT_S + LINGER_S
-    for k, v in (("delay_p50_upper_s", p50_hi), ("delay_p99_upper_s", p99_hi),
-                 ("delay_p50_lower_s", p50_lo), ("delay_p99_lower_s", p99_lo),
-                 ("delay_p99_upper_incl_end_of_run_s", p99_all)):  # fmt: skip
-        rep.figure(k, None if v is None else round(v, 3))
     rep.row(
         "Publish -> receiver delay p50 / p99 (per message)",
         f"p99 <= window + lateness + 1 s = {target:g} s",
-        f"p50 {_s(p50_hi)} / p99 {_s(p99_hi)} (upper bound: oldest message of each chunk); "
-        f"lower bound p50 {_s(p50_lo)} / p99 {_s(p99_lo)}",
-        f"design floor window + lateness + checkpoint + linger = {floor:g} s (worst message)",
-        None if p99_hi is None else p99_hi <= target,
-    )
-    rep.note(
-        f"delay percentiles are over {sum(w for _, w in oldest):,} messages in windows closed "
-        f"while the cameras were publishing (steady state); including the last windows of the "
-        f"run, which close only after idle_close_s = {IDLE_CLOSE_S:g} s of silence, p99 (upper) "
-        f"is {_s(p99_all)}"
-    )
+        fill("p50 {delay_p50_upper_s:sec} / p99 {delay_p99_upper_s:sec} (upper bound: oldest "
+             "message of each chunk); lower bound p50 {delay_p50_lower_s:sec} / p99 "
+             "{delay_p99_lower_s:sec}", **d),
+        f"design floor window + lateness + checkpoint + linger = "
+        f"{WINDOW_S + LATENESS_S + CHECKPOINT_S + LINGER_S:g} s (worst message)",
+        None if d["delay_p99_upper_s"] is None else d["delay_p99_upper_s"] <= target,
+    )  # fmt: skip
+    rep.note(fill(
+        "delay percentiles are over {n:,} messages in windows closed while the cameras were "
+        "publishing (steady state); including the last windows of the run, which close only "
+        "after idle_close_s = {idle:g} s of silence, p99 (upper) is "
+        "{delay_p99_upper_incl_end_of_run_s:sec}", n=sum(w for _, w in oldest), idle=IDLE_CLOSE_S,
+        **d))  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__ or "")
+    p.add_argument("--duration", type=float, help="seconds of publishing")
+    p.add_argument("--sqlite-baseline", nargs=4, metavar=("DB", "BODIES", "COMMITS", "BATCHES"),
+                   help="internal: run the raw SQLite baseline")  # fmt: skip
+    args = p.parse_args(argv)
+    if args.sqlite_baseline:
+        db, bodies, commits, batches = args.sqlite_baseline
+        print(json.dumps(sqlite_baseline(Path(db), Path(bodies), int(commits), int(batches))))
+        return 0
+    rep = Report("footprint", args.quick)
+    work = fresh_dir("footprint")
+    m = measure(rep, work, args.duration or (32.0 if args.quick else 60.0))
+    cpu_and_memory(rep, m)
+    c = writes(rep, m, work)
+    delay(rep, m)
     rep.note(
         "flash wear = agent write_bytes from just before the first message to the outbox "
         "drained (after the last delete), minus the growth of its log file, over the bytes of "
@@ -416,32 +392,10 @@ def main(argv: list[str] | None = None) -> int:
         "msgspec, without seq); write_bytes counts pages dirtied (4 KiB granularity), so a WAL "
         "frame appended after each fsync'd commit costs at least a page"
     )
-    rep.note(
-        f"agent counters: {commits} checkpoints, {batches} batches sent, snapshots (ack "
-        f"pressure) {(st1.get('outbox') or {}).get('snapshots_written')}"
-    )
+    rep.note(f"agent counters: {c['commits']} checkpoints, {c['batches']} batches sent, "
+             f"snapshots (ack pressure) {c['snapshots']}")  # fmt: skip
     rep.finish(args.json_out)
     return 0
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{x * 100:.1f} %"
-
-
-def _x(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}x"
-
-
-def _kib(x: float | None) -> str:
-    return "n/a" if x is None else f"{x / 1024:,.0f} KiB/s"
-
-
-def _f(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}"
-
-
-def _s(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f} s"
 
 
 if __name__ == "__main__":

@@ -27,26 +27,28 @@ is bisected between the last pass and the failure.
 from __future__ import annotations
 
 import math
+import resource
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.sim.cameras import SimOptions, run_simulation
 from bench.common import (
-    BareSub,
-    MosqSub,
+    CountingSub,
+    LoadThread,
     Mosquitto,
     Receiver,
     Report,
     Sampler,
     agent_figure,
-    fmt_rate,
+    fill,
     fresh_dir,
     kill_quietly,
     parser,
     ratio,
+    rnd,
     say,
     start_agent,
 )
@@ -63,27 +65,17 @@ MIN_OFFERED = 0.97
 
 def generate(port: int, rate: float, duration_s: float, generator: str) -> dict[str, Any]:
     """Run the publishers (blocking); totals with `published`, `acked`, `cpu_s`."""
-    if generator == "sim":
-        import resource
-
-        from agent.sim.cameras import SimOptions, run_simulation
-
-        procs = max(2, math.ceil(rate / 4000))
-        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        s = run_simulation(
-            SimOptions(port=port, cameras=300, rate=rate / 300, duration_s=duration_s,
-                       processes=procs, drain_timeout_s=20)
-        )  # fmt: skip
-        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        s["cpu_s"] = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
-        s["target"] = int(rate * duration_s)
-        s["processes"] = procs
-        s["window_waits"] = 0
-        return s
-    procs = max(1, math.ceil(rate / 40_000))
-    return run_load(
-        LoadOptions(port=port, cameras=300, rate=rate, duration_s=duration_s, processes=procs)
-    )
+    if generator == "loadgen":
+        return run_load(LoadOptions(port=port, cameras=300, rate=rate, duration_s=duration_s,
+                                    processes=max(1, math.ceil(rate / 40_000))))  # fmt: skip
+    procs = max(2, math.ceil(rate / 4000))
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    s = run_simulation(SimOptions(port=port, cameras=300, rate=rate / 300, duration_s=duration_s,
+                                  processes=procs, drain_timeout_s=20))  # fmt: skip
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    s.update(cpu_s=r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, processes=procs,
+             target=int(rate * duration_s), window_waits=0)  # fmt: skip
+    return s
 
 
 def run_step(
@@ -102,72 +94,46 @@ def run_step(
         assert broker.popen is not None
         if consumer == "agent":
             receiver = Receiver(d / "cloud").start()
-            agent = start_agent(
-                d, broker.port, receiver.url, aggregate={"idle_close_s": IDLE_CLOSE_S}
-            )
+            agent = start_agent(d, broker.port, receiver.url,
+                                aggregate={"idle_close_s": IDLE_CLOSE_S})  # fmt: skip
             assert agent.popen is not None
-            pid = agent.popen.pid
+            pid, grace, delivered = agent.popen.pid, AGENT_GRACE_S, receiver.messages
 
-            def agent_received() -> int | None:
+            def count() -> int | None:
                 v = agent_figure(agent, "ingest", "received")
-                return int(v) if v is not None else None
-
-            count, delivered = agent_received, receiver.messages
-            grace = AGENT_GRACE_S
+                return None if v is None else int(v)
         else:
-            sub = (BareSub if consumer == "bare_aiomqtt" else MosqSub)(
-                broker.port, d / f"{consumer}.log"
-            )
+            kind = "bare" if consumer == "bare_aiomqtt" else "mosq"
+            sub = CountingSub(kind, broker.port, d / f"{consumer}.log")
             sub.wait_ready()
-            pid = sub.pid
-
-            def sub_count() -> int:
-                return sub.count
-
-            count, delivered = sub_count, sub_count
-            grace = GRACE_S
+            pid, grace = sub.pid, GRACE_S
+            count = delivered = lambda: sub.count
         sampler = Sampler({"consumer": pid, "broker": broker.popen.pid}, interval_s=0.25)
         sampler.start()
-        summary: dict[str, Any] = {}
-        err: list[BaseException] = []
-
-        def gen() -> None:
-            try:
-                summary.update(generate(broker.port, rate, duration_s, generator))
-            except BaseException as e:  # reported below
-                err.append(e)
-
-        t = threading.Thread(target=gen, daemon=True)
+        gen = LoadThread(lambda: generate(broker.port, rate, duration_s, generator))
         started_wall = time.time()
-        t.start()
+        gen.start()
         # The generator starts publishing ~1 s after it is launched (process start).
         end_wall = started_wall + 1.0 + duration_s
-        count_at_end = None
-        at_end_mono = None
-        poll = 0.25 if consumer == "agent" else 0.1
-        while t.is_alive():
-            now = time.time()
-            if count_at_end is None and now >= end_wall:
-                count_at_end = count()
-                at_end_mono = time.monotonic()
-            time.sleep(poll)
-        t.join()
-        if err:
-            raise err[0]
+        count_at_end = at_end_mono = None
+        while gen.is_alive():
+            if count_at_end is None and time.time() >= end_wall:
+                count_at_end, at_end_mono = count(), time.monotonic()
+            time.sleep(0.25 if consumer == "agent" else 0.1)
+        gen.join()
+        if gen.error is not None:
+            raise gen.error
+        summary = gen.result
         if count_at_end is None:
-            count_at_end = count()
-            at_end_mono = time.monotonic()
-        published = int(summary["published"])
-        acked = int(summary["acked"])
+            count_at_end, at_end_mono = count(), time.monotonic()
+        published, acked = int(summary["published"]), int(summary["acked"])
         offered = published / duration_s
         res.update(
-            offered_rate=round(offered, 1),
-            published=published,
-            broker_acked=acked,
+            offered_rate=round(offered, 1), published=published, broker_acked=acked,
             generator_processes=summary.get("processes"),
             generator_cpu_cores=round(float(summary.get("cpu_s", 0)) / duration_s, 2),
             generator_window_waits=summary.get("window_waits", 0),
-        )
+        )  # fmt: skip
         # Grace: wait for everything the broker acknowledged to reach the consumer / receiver.
         deadline = time.monotonic() + grace
         got = delivered()
@@ -178,63 +144,45 @@ def run_step(
         received = count()
         sampler.stop()
         t_pub0 = at_end_mono - duration_s if at_end_mono else done_mono
+        t_pub1 = at_end_mono or done_mono
+        lag = None if count_at_end is None else published - count_at_end
         res.update(
-            consumer_count_at_end=count_at_end,
-            lag_at_end=None if count_at_end is None else published - count_at_end,
-            consumer_received=received,
+            consumer_count_at_end=count_at_end, lag_at_end=lag, consumer_received=received,
             delivered=got,
-            consumer_cpu_cores=_r(
-                sampler.cpu_between("consumer", t_pub0, at_end_mono or done_mono)
-            ),
-            broker_cpu_cores=_r(sampler.cpu_between("broker", t_pub0, at_end_mono or done_mono)),
-            consumer_max_rss_mb=round(sampler.max_rss_kb["consumer"] / 1024, 1),
-        )
+            consumer_cpu_cores=rnd(sampler.cpu_between("consumer", t_pub0, t_pub1)),
+            broker_cpu_cores=rnd(sampler.cpu_between("broker", t_pub0, t_pub1)),
+            consumer_max_rss_mb=round(sampler.max_rss_kb("consumer") / 1024, 1),
+        )  # fmt: skip
         if agent is not None:
             res["agent_snapshots_written"] = agent_figure(agent, "outbox", "snapshots_written")
             res["agent_unacked_end"] = agent_figure(agent, "ingest", "unacked")
         # The verdict.
-        lag = res["lag_at_end"]
-        reasons = []
-        if summary.get("failed"):
-            reasons.append(f"broker failed to ack {summary['failed']} publishes")
-        if summary.get("reconnects") or summary.get("closed"):
-            reasons.append("a publisher lost its connection")
-        if offered < MIN_OFFERED * rate:
-            res["generator_limited"] = True
-            reasons.append(f"generator offered only {offered:,.0f} of {rate:,.0f} msgs/s")
-        else:
-            res["generator_limited"] = False
-        if lag is None or lag > max(KEEPUP_LAG_FRACTION * duration_s * rate, 200):
-            reasons.append(
-                f"fell behind: {lag} messages ({(lag or 0) / rate:.1f} s) not yet received "
-                "when publishing ended"
-            )
-        if got != acked:
-            reasons.append(f"delivered {got} of {acked} within {grace:.0f} s of the end")
-        res["passed"] = not reasons
-        res["reason"] = "; ".join(reasons) or "ok"
+        res["generator_limited"] = offered < MIN_OFFERED * rate
+        reasons = [
+            f"broker failed to ack {summary['failed']} publishes" if summary.get("failed") else "",
+            "a publisher lost its connection"
+            if summary.get("reconnects") or summary.get("closed") else "",
+            f"generator offered only {offered:,.0f} of {rate:,.0f} msgs/s"
+            if res["generator_limited"] else "",
+            f"fell behind: {lag} messages ({(lag or 0) / rate:.1f} s) not yet received when "
+            "publishing ended"
+            if lag is None or lag > max(KEEPUP_LAG_FRACTION * duration_s * rate, 200) else "",
+            f"delivered {got} of {acked} within {grace:.0f} s of the end" if got != acked else "",
+        ]  # fmt: skip
+        res["passed"] = not any(reasons)
+        res["reason"] = "; ".join(r for r in reasons if r) or "ok"
         return res
     finally:
         kill_quietly(agent, sub, receiver, broker)
 
 
-def _r(x: float | None) -> float | None:
-    return None if x is None else round(x, 2)
-
-
-def _bound_note(lower_bound: dict[str, bool]) -> str:
-    """Which way the agent / bare ratio may be off when a ceiling is only a lower bound."""
-    agent, bare = lower_bound.get("agent"), lower_bound.get("bare_aiomqtt")
-    if bare and not agent:
-        return " (bare passed every rate tried: the true ratio is lower)"
-    if agent and not bare:
-        return " (the agent passed every rate tried: the true ratio is higher)"
-    if agent and bare:
-        return " (both passed every rate tried: inconclusive)"
-    return ""
-
-
-def show(res: dict[str, Any]) -> None:
+def step(consumer: str, rate: float, duration_s: float, work: Path, gen: str) -> dict[str, Any]:
+    """run_step, a broken step being a failure with its reason; printed."""
+    try:
+        res = run_step(consumer, rate, duration_s, work, gen)
+    except Exception as e:
+        res = {"consumer": consumer, "target_rate": rate, "passed": False,
+               "reason": f"step error: {type(e).__name__}: {e}"}  # fmt: skip
     say(
         f"  {res['consumer']:<14} target {res['target_rate']:>7,.0f}  offered "
         f"{res.get('offered_rate', 0):>8,.0f}  lag@end {res.get('lag_at_end')!s:>7}  delivered "
@@ -243,6 +191,7 @@ def show(res: dict[str, Any]) -> None:
         f"{res.get('generator_cpu_cores')}  -> {'PASS' if res.get('passed') else 'FAIL'}"
         + ("" if res.get("passed") else f" ({res.get('reason')})")
     )
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,50 +205,37 @@ def main(argv: list[str] | None = None) -> int:
     duration = args.duration or (4.0 if args.quick else 10.0)
     if args.rates:
         ladder = [float(x) for x in args.rates.split(",")]
-    elif args.quick:
-        ladder = [5000, 10000, 20000, 40000]
     else:
-        ladder = [2500, 5000, 10000, 20000, 30000, 45000, 60000]
+        ladder = [5000, 10000, 20000, 40000] if args.quick else [2500, 5000, 10000, 20000,
+                                                                 30000, 45000, 60000]  # fmt: skip
     bisect_steps = args.bisect if args.bisect is not None else (1 if args.quick else 2)
     consumers = [c for c in args.consumers.split(",") if c in CONSUMERS]
     rep = Report("ingest_ceiling", args.quick)
     work = fresh_dir("ingest_ceiling")
-    say(
-        f"[ingest_ceiling] {len(ladder)} rates x {len(consumers)} consumers, N = {duration:g} s "
-        f"per step, generator {args.generator}, 300 cameras x 3 streams, QoS 1"
-    )
+    say(f"[ingest_ceiling] {len(ladder)} rates x {len(consumers)} consumers, N = {duration:g} s "
+        f"per step, generator {args.generator}, 300 cameras x 3 streams, QoS 1")  # fmt: skip
     results: list[dict[str, Any]] = []
-    state: dict[str, dict[str, Any]] = {
-        c: {"pass": None, "fail": None, "stop": False} for c in consumers
-    }
+    # Per consumer: its last pass, first real failure, first generator-limited step.
+    state: dict[str, dict[str, Any]] = {c: {"pass": None, "fail": None} for c in consumers}
     budget_end = time.monotonic() + (240 if args.quick else 420)
+    stopped: set[str] = set()
     for rate in ladder:
         say(f"[ingest_ceiling] rate {rate:,.0f} msgs/s")
         for c in consumers:
-            st = state[c]
-            if st["stop"]:
+            if c in stopped:
                 continue
             if time.monotonic() > budget_end:
                 rep.note(f"time budget reached; {c} not run at {rate:,.0f} msgs/s")
-                st["stop"] = True
+                stopped.add(c)
                 continue
-            try:
-                res = run_step(c, rate, duration, work, args.generator)
-            except Exception as e:  # a broken step is a failure, with its reason
-                res = {"consumer": c, "target_rate": rate, "passed": False,
-                       "reason": f"step error: {type(e).__name__}: {e}"}  # fmt: skip
+            res = step(c, rate, duration, work, args.generator)
             results.append(res)
-            show(res)
             if res.get("passed"):
-                st["pass"] = res
+                state[c]["pass"] = res
             else:
-                st["stop"] = True
-                if res.get("generator_limited"):
-                    st["gen_limited"] = res
-                else:
-                    st["fail"] = res
-    # Bisect between the last pass and the first real failure.
-    for c in consumers:
+                stopped.add(c)
+                state[c]["gen_limited" if res.get("generator_limited") else "fail"] = res
+    for c in consumers:  # bisect between the last pass and the first real failure
         st = state[c]
         for _ in range(bisect_steps):
             if st["fail"] is None or time.monotonic() > budget_end:
@@ -310,13 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             if mid <= lo or mid >= hi:
                 break
             say(f"[ingest_ceiling] bisect {c} at {mid:,.0f} msgs/s")
-            try:
-                res = run_step(c, mid, duration, work, args.generator)
-            except Exception as e:
-                res = {"consumer": c, "target_rate": mid, "passed": False,
-                       "reason": f"step error: {type(e).__name__}: {e}"}  # fmt: skip
+            res = step(c, mid, duration, work, args.generator)
             results.append(res)
-            show(res)
             if res.get("passed"):
                 st["pass"] = res
             elif res.get("generator_limited"):
@@ -328,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     for c in consumers:
         passes = [r for r in results if r["consumer"] == c and r.get("passed")]
         # A passing step offered >= 97 % of its target: the ceiling is named by its target.
-        ceilings[c] = max((r["target_rate"] for r in passes), default=None)
+        ceiling = ceilings[c] = max((r["target_rate"] for r in passes), default=None)
         st = state[c]
         if st.get("fail"):
             bound = f"fails at {st['fail']['target_rate']:,.0f}: {st['fail']['reason']}"
@@ -336,16 +267,12 @@ def main(argv: list[str] | None = None) -> int:
             bound = "generator-limited above; the ceiling is at least this"
         else:
             bound = "passed every rate tried; the ceiling is at least this"
-        best = next((r for r in passes if r["target_rate"] == ceilings[c]), None)
+        best = next((r for r in passes if r["target_rate"] == ceiling), None)
         rep.figure(
-            f"ceiling_{c}", ceilings[c],
-            f"ceiling {c}: {fmt_rate(ceilings[c])} msgs/s ({bound})"
-            + (
-                f"; at that rate consumer CPU {best['consumer_cpu_cores']} cores, broker "
-                f"{best['broker_cpu_cores']}, generator {best['generator_cpu_cores']}"
-                if best
-                else ""
-            ),
+            f"ceiling_{c}", ceiling,
+            fill("ceiling {c}: {v:n} msgs/s ({b})", c=c, v=ceiling, b=bound)
+            + (fill("; at that rate consumer CPU {consumer_cpu_cores} cores, broker "
+                    "{broker_cpu_cores}, generator {generator_cpu_cores}", **best) if best else ""),
         )  # fmt: skip
         rep.figure(f"ceiling_{c}_bound", bound)
     rep.figure("steps", results)
@@ -355,35 +282,37 @@ def main(argv: list[str] | None = None) -> int:
     agent_c = ceilings.get("agent")
     r_bare = ratio(agent_c, ceilings.get("bare_aiomqtt"))
     r_mosq = ratio(agent_c, ceilings.get("mosquitto_sub"))
-    rep.figure("agent_over_bare_aiomqtt", None if r_bare is None else round(r_bare, 3))
-    rep.figure("agent_over_mosquitto_sub", None if r_mosq is None else round(r_mosq, 3))
-    lower_bound = {c: not state[c].get("fail") for c in consumers}
+    rep.figure("agent_over_bare_aiomqtt", rnd(r_bare, 3))
+    rep.figure("agent_over_mosquitto_sub", rnd(r_mosq, 3))
+    lower = {c: " (lower bound)" if not state[c].get("fail") else "" for c in consumers}
+    agent_lb, bare_lb = bool(lower.get("agent")), bool(lower.get("bare_aiomqtt"))
+    bound_note = {  # which way the agent / bare ratio may be off when a ceiling is a lower bound
+        (False, True): " (bare passed every rate tried: the true ratio is lower)",
+        (True, False): " (the agent passed every rate tried: the true ratio is higher)",
+        (True, True): " (both passed every rate tried: inconclusive)",
+    }.get((agent_lb, bare_lb), "")
     rep.row(
-        f"Sustained ingest, zero loss, N = {duration:g} s",
-        ">= 30,000 msgs/s",
-        f"{fmt_rate(agent_c)} msgs/s" + (" (lower bound)" if lower_bound.get("agent") else ""),
-        f"bare aiomqtt {fmt_rate(ceilings.get('bare_aiomqtt'))}"
-        + (" (lower bound)" if lower_bound.get("bare_aiomqtt") else "")
-        + f"; mosquitto_sub {fmt_rate(ceilings.get('mosquitto_sub'))}"
-        + (" (lower bound)" if lower_bound.get("mosquitto_sub") else ""),
+        f"Sustained ingest, zero loss, N = {duration:g} s", ">= 30,000 msgs/s",
+        fill("{v:n} msgs/s", v=agent_c) + lower.get("agent", ""),
+        fill("bare aiomqtt {b:n}{lb}; mosquitto_sub {m:n}{lm}", b=ceilings.get("bare_aiomqtt"),
+             lb=lower.get("bare_aiomqtt", ""), m=ceilings.get("mosquitto_sub"),
+             lm=lower.get("mosquitto_sub", "")),
         None if agent_c is None else agent_c >= 30_000,
-    )
+    )  # fmt: skip
     rep.row(
-        "Agent / bare aiomqtt, agent / mosquitto_sub (ingest ceiling)",
-        ">= 3 and >= 0.55",
-        "n/a" if r_bare is None else f"{r_bare:.2f}" + _bound_note(lower_bound),
-        f"agent / mosquitto_sub = {'n/a' if r_mosq is None else f'{r_mosq:.2f}'}"
-        + (" (mosquitto_sub is a lower bound)" if lower_bound.get("mosquitto_sub") else ""),
+        "Agent / bare aiomqtt, agent / mosquitto_sub (ingest ceiling)", ">= 3 and >= 0.55",
+        "n/a" if r_bare is None else f"{r_bare:.2f}" + bound_note,
+        fill("agent / mosquitto_sub = {r:.2f}", r=r_mosq)
+        + (" (mosquitto_sub is a lower bound)" if lower.get("mosquitto_sub") else ""),
         None if r_bare is None or r_mosq is None else r_bare >= 3 and r_mosq >= 0.55,
     )  # fmt: skip
-    agent_fail = state.get("agent", {}).get("fail")
-    if agent_fail:
-        rep.note(
-            f"agent's first failing step: {agent_fail['target_rate']:,.0f} msgs/s, consumer CPU "
-            f"{agent_fail.get('consumer_cpu_cores')} cores (1.0 = one core: the agent is one "
-            f"Python thread plus the SQLite worker), snapshots written "
-            f"{agent_fail.get('agent_snapshots_written')}: {agent_fail['reason']}"
-        )
+    if fail := state.get("agent", {}).get("fail"):
+        rep.note(fill(
+            "agent's first failing step: {target_rate:,.0f} msgs/s, consumer CPU "
+            "{consumer_cpu_cores} cores (1.0 = one core: the agent is one Python thread plus the "
+            "SQLite worker), snapshots written {agent_snapshots_written}: {reason}",
+            **{"consumer_cpu_cores": None, "agent_snapshots_written": None, **fail},
+        ))  # fmt: skip
     rep.note(
         "sustained = generator offered >= 97 % of the rate, the consumer was <= "
         f"{KEEPUP_LAG_FRACTION * duration:g} s of traffic behind when publishing ended "

@@ -1,4 +1,4 @@
-"""A lean MQTT v5 QoS 1 load generator for the ingest ceiling: raw sockets, no paho.
+"""A lean MQTT v5 QoS 1 load generator: raw sockets, no paho.
 
 Why not the simulator (agent.sim.cameras)? On this 2-core machine a paho publisher process costs
 ~100 µs of CPU per QoS 1 message and degrades sharply past ~5-8k msgs/s (paho re-scans its
@@ -52,19 +52,55 @@ class LoadOptions:
     topic_prefix: str = "site/cam"
 
 
-def _varint(n: int) -> bytes:
+# -- MQTT v5 framing (also bench.hostile_soak's raw publisher) --------------------------------
+
+
+def varint(n: int) -> bytes:
     out = bytearray()
     while True:
-        b = n % 128
-        n //= 128
+        b, n = n % 128, n // 128
         out.append(b | 0x80 if n else b)
         if not n:
             return bytes(out)
 
 
-def _str(s: str) -> bytes:
-    b = s.encode()
+def mqtt_str(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
     return struct.pack("!H", len(b)) + b
+
+
+def connect_packet(client_id: str, keepalive: int = 0) -> bytes:
+    """CONNECT, MQTT v5, clean start, no properties."""
+    body = mqtt_str("MQTT") + bytes([5, 0x02]) + struct.pack("!HB", keepalive, 0)
+    body += mqtt_str(client_id)
+    return b"\x10" + varint(len(body)) + body
+
+
+def read_packet(sock: socket.socket) -> tuple[int, bytes] | None:
+    """One whole packet: (first byte, body), or None when the connection closes."""
+
+    def read(n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            got = sock.recv(n - len(buf))
+            if not got:
+                raise ConnectionError("closed")
+            buf += got
+        return buf
+
+    try:
+        first, mult, length = read(1)[0], 1, 0
+        while True:
+            b = read(1)[0]
+            length += (b & 0x7F) * mult
+            mult *= 128
+            if not b & 0x80:
+                return first, read(length)
+    except OSError:  # ConnectionError included
+        return None
+
+
+# -- the generator ----------------------------------------------------------------------------
 
 
 def _rests(rng: random.Random, stream: str, k: int) -> list[bytes]:
@@ -84,8 +120,7 @@ class _Acks(threading.Thread):
     def __init__(self, sock: socket.socket) -> None:
         super().__init__(daemon=True)
         self.sock = sock
-        self.acked = 0
-        self.failed = 0
+        self.acked = self.failed = 0
         self.closed: str | None = None
 
     def run(self) -> None:
@@ -119,8 +154,7 @@ class _Acks(threading.Thread):
                 kind = buf[i] >> 4
                 if kind == 4:  # PUBACK
                     acked += 1
-                    if length >= 3 and buf[j + 2] >= 0x80:
-                        failed += 1
+                    failed += length >= 3 and buf[j + 2] >= 0x80
                 elif kind == 14:  # DISCONNECT from the broker
                     self.closed = f"broker sent DISCONNECT {buf[j] if length else 0:#x}"
                 i = j + length
@@ -132,32 +166,20 @@ class _Acks(threading.Thread):
 def _connect(opts: LoadOptions, client_id: str) -> tuple[socket.socket, int]:
     sock = socket.create_connection((opts.host, opts.port), timeout=10)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    # MQTT v5 CONNECT: clean start, keepalive 0 (off), no properties.
-    var = _str("MQTT") + bytes([5, 0x02]) + struct.pack("!H", 0) + b"\x00"
-    payload = _str(client_id)
-    sock.sendall(b"\x10" + _varint(len(var) + len(payload)) + var + payload)
-    head = sock.recv(2)
-    if len(head) < 2 or head[0] != 0x20:
-        raise RuntimeError(f"no CONNACK from the broker: {head!r}")
-    rest = b""
-    while len(rest) < head[1]:
-        rest += sock.recv(head[1] - len(rest))
-    if rest[1] != 0:
-        raise RuntimeError(f"CONNACK refused: reason {rest[1]:#x}")
-    receive_max = 65535
-    props = rest[3:]  # flags, reason, props length (< 128 here), props
-    k = 0
+    sock.sendall(connect_packet(client_id))
+    got = read_packet(sock)
+    if got is None or got[0] != 0x20:
+        raise RuntimeError(f"no CONNACK from the broker: {got!r}")
+    if got[1][1] != 0:
+        raise RuntimeError(f"CONNACK refused: reason {got[1][1]:#x}")
+    receive_max, props, k = 65535, got[1][3:], 0  # flags, reason, props length (< 128), props
+    sizes = {0x24: 2, 0x25: 2, 0x28: 2, 0x29: 2, 0x2A: 2, 0x13: 3, 0x22: 3, 0x11: 5, 0x27: 5}
     while k < len(props):
-        pid = props[k]
-        if pid == 0x21:  # Receive Maximum
+        if props[k] == 0x21:  # Receive Maximum
             receive_max = struct.unpack("!H", props[k + 1 : k + 3])[0]
             k += 3
-        elif pid in (0x24, 0x25, 0x28, 0x29, 0x2A):  # one-byte properties
-            k += 2
-        elif pid in (0x13, 0x22):  # two-byte
-            k += 3
-        elif pid in (0x11, 0x27):  # four-byte
-            k += 5
+        elif props[k] in sizes:
+            k += sizes[props[k]]
         else:  # strings, user properties... not expected from Mosquitto here; stop parsing
             break
     sock.settimeout(None)
@@ -172,9 +194,8 @@ def _worker(opts: LoadOptions, index: int, cams: list[int]) -> dict[str, Any]:
     reader.start()
     rests = {s: _rests(rng, s, 64) for s, _ in STREAMS}
     # A pre-drawn sequence of (topic field, is-ms camera, payload rest), cycled.
-    topics = {
-        (c, s): _str(f"{opts.topic_prefix}/cam-{c:03d}/{s}") for c in cams for s, _ in STREAMS
-    }
+    topics = {(c, s): mqtt_str(f"{opts.topic_prefix}/cam-{c:03d}/{s}")
+              for c in cams for s, _ in STREAMS}  # fmt: skip
     seq: list[tuple[bytes, bool, bytes]] = []
     for _ in range(50_000):
         c = rng.choice(cams)
@@ -182,15 +203,12 @@ def _worker(opts: LoadOptions, index: int, cams: list[int]) -> dict[str, Any]:
         stream = "detections" if r < 0.7 else "motion" if r < 0.9 else "health"
         seq.append((topics[(c, stream)], c % 3 == 2, rng.choice(rests[stream])))
     rate = opts.rate * len(cams) / opts.cameras
-    published = pid = 0
-    max_behind = 0
-    window_waits = 0
+    published = pid = max_behind = window_waits = k = 0
     if opts.start_at:
         time.sleep(max(0.0, opts.start_at - time.time()))
     start = time.monotonic()
     end = start + opts.duration_s
     tick_s = 0.005
-    k = 0
     while published < opts.max_messages and reader.closed is None:
         now_m = time.monotonic()
         if now_m >= end:
@@ -198,24 +216,20 @@ def _worker(opts: LoadOptions, index: int, cams: list[int]) -> dict[str, Any]:
         due = min(int(rate * (now_m - start)), opts.max_messages) - published
         room = window - (published - reader.acked)
         n = min(due, room, 5000)
-        if due > room:
-            window_waits += 1
+        window_waits += due > room
         max_behind = max(max_behind, due - n)
         if n > 0:
             now = time.time()
             ts_s = b'{"ts":' + repr(round(now, 3)).encode()
             ts_ms = b'{"ts":' + str(int(now * 1000)).encode()
-            parts = []
+            parts: list[bytes] = []
             for _ in range(n):
                 topic, ms, rest = seq[k]
                 k = k + 1 if k + 1 < len(seq) else 0
                 pid = pid + 1 if pid < 65535 else 1
                 payload = (ts_ms if ms else ts_s) + rest
-                parts.append(b"\x32")
-                parts.append(_varint(len(topic) + 3 + len(payload)))
-                parts.append(topic)
-                parts.append(struct.pack("!HB", pid, 0))
-                parts.append(payload)
+                parts += (b"\x32", varint(len(topic) + 3 + len(payload)), topic,
+                          struct.pack("!HB", pid, 0), payload)  # fmt: skip
             sock.sendall(b"".join(parts))
             published += n
         sleep_s = now_m + tick_s - time.monotonic()
@@ -256,22 +270,18 @@ def run_load(opts: LoadOptions) -> dict[str, Any]:
     start_at = opts.start_at or time.time() + 1.0
     o = {**asdict(opts), "start_at": start_at}
     children = [
-        subprocess.Popen(
-            bench_command("loadgen", "--child", json.dumps([o, i, g])),
-            stdout=subprocess.PIPE,
-            cwd=ROOT,
-        )
+        subprocess.Popen(bench_command("loadgen", "--child", json.dumps([o, i, g])),
+                         stdout=subprocess.PIPE, cwd=ROOT)
         for i, g in enumerate(groups)
-    ]
+    ]  # fmt: skip
     limit_s = (start_at - time.time()) + opts.duration_s + opts.drain_timeout_s + 30
     results = []
     try:
         for child in children:
             out, _ = child.communicate(timeout=limit_s)
             if child.returncode != 0:
-                raise RuntimeError(
-                    f"load generator process failed with exit code {child.returncode}"
-                )
+                raise RuntimeError(f"load generator process failed with exit code "
+                                   f"{child.returncode}")  # fmt: skip
             results.append(json.loads(out))
     finally:
         for child in children:
@@ -295,11 +305,8 @@ def run_load(opts: LoadOptions) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.loadgen",
-        description=__doc__,
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
+    p = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=1883)
     p.add_argument("--cameras", type=int, default=300)
@@ -310,12 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         raw, index, cams = json.loads(args.child)
         print(json.dumps(_worker(LoadOptions(**raw), index, cams)))
-        return 0
-    opts = LoadOptions(
-        port=args.port, cameras=args.cameras, rate=args.rate, duration_s=args.duration,
-        processes=args.processes,
-    )  # fmt: skip
-    print(json.dumps(run_load(opts)))
+    else:
+        print(json.dumps(run_load(LoadOptions(
+            port=args.port, cameras=args.cameras, rate=args.rate, duration_s=args.duration,
+            processes=args.processes,
+        ))))  # fmt: skip
     return 0
 
 

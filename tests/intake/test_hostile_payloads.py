@@ -28,22 +28,22 @@ from agent.intake.ingest import Intake, TopicRouter, digest
 from agent.intake.timekeeping import parse_event_time
 from agent.sim.cloud import load_merged
 from agent.windows.aggregate import Aggregator
+from bench.pills import BIG_INT, BY_NAME, CATEGORICAL, NUMERIC, PILLS, SIDE_COUNTERS, STREAMS, Pill
 from devtools.procs import Mosquitto, Publisher, wait_for
 from devtools.truth import compare
 from tests.helpers import AgentFactory, assert_exact, assert_seqs_clean
 
 T0 = 1764126000.0
-NUMERIC = ("conf", "level", "temp_c", "fps")
-CATEGORICAL = ("cls", "zone", "status")
 TOPIC = b"site/cam/cam-1/detections"
-BIG_INT = b"1" + b"0" * 400  # 401 digits: msgspec yields an int that float() cannot take
 # Not the fate of a received message: it is left for the broker to redeliver.
 NOT_PER_MESSAGE = {"ignored_at_shutdown"}
 
 
-def build_intake() -> tuple[Intake, Aggregator, AckLedger, Stats]:
+def build_intake(
+    streams: list[StreamSettings] | None = None,
+) -> tuple[Intake, Aggregator, AckLedger, Stats]:
     """The ingest path as agent/app/service.py wires it, with the default settings."""
-    streams = [
+    streams = streams or [
         StreamSettings(
             topic="site/cam/{camera}/{stream}", numeric=NUMERIC, categorical=CATEGORICAL
         ),
@@ -477,17 +477,37 @@ def test_hostile_documents_through_the_whole_ingest_path(
         assert all(len(k) <= MAX_CATEGORY_LEN for counts in c.cat.values() for k in counts)
 
 
+# -- the soak's catalogue, pill by pill, in process -------------------------------------------
+
+
+@pytest.mark.parametrize("pill", PILLS, ids=lambda p: p.name)
+def test_every_pill_of_the_catalogue_meets_its_outcome(pill: Pill) -> None:
+    """What bench/hostile_soak.py holds the agent to, message by message: each of a pill's
+    topics is rejected under its reason, or counted under its camera with its side counters.
+    A payload far over mqtt.max_payload_bytes, which the broker drops, is oversized here."""
+    intake, agg, ledger, stats = build_intake([StreamSettings(**s) for s in STREAMS])
+    for n in range(7):  # every topic of the id pills
+        send(intake, pill.payload(T0), n + 1, pill.topic(n).encode())
+    assert len(ledger) == 7 and per_message(stats) == 7
+    outcome = "reject:oversized" if pill.outcome == "broker_drops" else pill.outcome
+    if outcome.startswith("reject:"):
+        assert stats.rejects[outcome.removeprefix("reject:")] == 7, dict(stats.rejects)
+    else:
+        assert stats.counted == 7, dict(stats.rejects)
+        cameras = {c.camera for c in agg.close_all()}
+        assert len(cameras) == 7 if outcome == "flood" else cameras == {pill.camera}
+    side = {**agg.counters, **intake.clocks.counters}
+    assert {k: side.get(k, 0) for k in SIDE_COUNTERS} == {
+        k: 7 * pill.side.get(k, 0) for k in SIDE_COUNTERS
+    }
+
+
 # -- the proof with real processes -----------------------------------------------------------
 
-HOSTILE = [
-    b'{"cls":"\xff"}',
-    b'{"ts": 1764126000, "cls": "per\xc3\x28son", "conf": 0.5}',
-    b'{"conf": ' + BIG_INT + b"}",
-    b'{"ts": ' + BIG_INT + b', "conf": 0.5}',
-    b'{"cls": ' + BIG_INT + b"}",
-    b'{"conf": 1e200, "level": -1e200}',
-    b'{"conf": 1e400}',
-]
+# Pills of bench/pills.py (the hostile soak's catalogue): invalid UTF-8 twice, 1e400, and four
+# counted under cam-hostile: 400-digit ints as a number, a time and a category, 1e200.
+HOSTILE = ("utf8_in_string", "utf8_in_string_2", "int_400_digits_numeric", "int_400_digits_ts",
+           "int_400_digits_category", "float_1e200", "float_1e400")  # fmt: skip
 
 
 def publish_raw(broker: Mosquitto, topic: str, payloads: list[bytes]) -> None:
@@ -515,7 +535,8 @@ def test_hostile_messages_among_honest_ones_stop_nothing(
     pub = Publisher(agents.broker, tmp_path, cameras=20, rate=10, duration_s=4, seed=11).start()
     wait_for(lambda: (agent.status() or {}).get("ingest", {}).get("counted", 0) > 0,
              timeout_s=20, what="honest traffic")  # fmt: skip
-    publish_raw(agents.broker, "site/cam/cam-hostile/detections", HOSTILE * 3)
+    payloads = [BY_NAME[name].payload(time.time()) for name in HOSTILE]
+    publish_raw(agents.broker, "site/cam/cam-hostile/detections", payloads * 3)
     expected = pub.join()
 
     def honest() -> dict[tuple[str, str, int], Chunk]:
