@@ -361,7 +361,6 @@ async def build_pipeline(
         stats=stats,
         had_session=recovery.mqtt_session == _session_name(settings),
         record_session=lambda: outbox.mark_session(_session_name(settings)),
-        epoch_durable=lambda: checkpointer.epoch_durable(),
     )
     fs = settings.forward
     token = TokenSource(fs.token, secret_path(fs.token_file, "cloud-token"))

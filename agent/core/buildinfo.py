@@ -20,7 +20,7 @@ from pathlib import Path
 from agent import __version__
 
 UNKNOWN = "unknown"
-_CHECKOUT = Path(__file__).resolve().parent.parent
+_CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def version() -> str:

@@ -147,15 +147,6 @@ class Checkpointer:
         self._stop = asyncio.Event()
         self._confirm_task: asyncio.Task[None] | None = None
         self._capped_said = False
-        # Set at each commit, for waiters on what a commit records (epoch_durable).
-        self._commits = asyncio.Event()
-
-    async def epoch_durable(self) -> None:
-        """Until the outbox records the open epoch the ledger asked for (AckLedger.open_epoch):
-        a cycle or two. While commits fail, this waits: a disk that cannot record it cannot
-        count what a new connection would bring either."""
-        while not self._ledger.epoch_durable:
-            await self._commits.wait()
 
     async def run(self, progress: Callable[[], None] = lambda: None) -> None:
         """A cycle every checkpoint_interval_ms until `stop()`; the running cycle always ends."""
@@ -354,8 +345,6 @@ class Checkpointer:
             w.durable_version = max(w.durable_version, version)
             w.saved_keys = [_key(w)]
         self._ledger.journal_written(plan)
-        self._commits.set()
-        self._commits.clear()
         st = self._stats
         st.checkpoints += 1
         st.chunks_committed += len(closed)

@@ -528,6 +528,12 @@ class AckLedger:
             self._epoch_open = True
 
     @property
+    def epoch_pending(self) -> bool:
+        """An epoch opened that the outbox has not recorded yet: take no message."""
+        r = self.replays
+        return r is not None and self._epoch_open and not r.epoch_open_written
+
+    @property
     def epoch_durable(self) -> bool:
         r = self.replays
         return r is None or (self._epoch_open and r.epoch_open_written)

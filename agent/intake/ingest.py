@@ -400,7 +400,6 @@ class MqttSession:
         stats: Stats,
         had_session: bool = False,
         record_session: Callable[[], Awaitable[None]] | None = None,
-        epoch_durable: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """`had_session`: the outbox records a session this client id established at this
         broker, so a CONNACK without one means the broker lost it. `record_session` records
@@ -412,7 +411,6 @@ class MqttSession:
         self._stats = stats
         self._had_session = had_session
         self._record_session = record_session
-        self._epoch_durable = epoch_durable
         self._session_task: asyncio.Task[None] | None = None
         self._session_present: bool | None = None
         self._client: aiomqtt.Client | None = None
@@ -464,11 +462,6 @@ class MqttSession:
         password = read_secret(self._s.password, self._s.password_file, "mqtt-password")
         reconnecting = False
         while True:
-            # The outbox first records that the broker may begin its packet ids anew (a restart
-            # from a snapshot, or without the session): agent/intake/acks.py open_epoch.
-            self._ledger.open_epoch()
-            if self._epoch_durable is not None:
-                await self._epoch_durable()
             client = self._client_for(password)
             self.reader = install(client, self._intake.handle, room=self._room)
             expect_late_unsubacks(client)  # the barrier's, after its wait
@@ -560,6 +553,8 @@ class MqttSession:
     def _room(self) -> int:
         """How many more QoS 1 messages to take: the agent holds at most Receive Maximum
         unacked, whatever the broker sends (memory bounded by configuration, G5)."""
+        if self._ledger.epoch_pending:
+            return 0  # a checkpoint away (see _on_connack)
         room = self._s.receive_maximum - len(self._ledger)
         st = self._stats
         held = room <= 0
@@ -578,6 +573,11 @@ class MqttSession:
 
     def _on_connack(self, session_present: bool) -> None:
         self._session_present = session_present
+        # Connected: the broker may have begun its packet ids anew (a restart from a snapshot,
+        # or without the session). No message is taken (`_room`) until the outbox records it
+        # (agent/intake/acks.py open_epoch). Not before the CONNACK: an agent that dies while
+        # the broker is away took nothing, and its next run need not doubt its journal.
+        self._ledger.open_epoch()
 
     def _failed(self, e: aiomqtt.MqttError) -> float:
         """A connection failed or was lost: say why; the delay before the next attempt."""

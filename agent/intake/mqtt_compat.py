@@ -412,6 +412,8 @@ class FastReader:
             pos = end
             if self._sock is not sock:
                 return  # paho closed the connection (DISCONNECT, protocol error)
+            # What paho handled may have changed the room (a CONNACK opens an epoch).
+            room = min(room, self._room())
         del buf[:pos]
         if room <= 0 and frame(buf, 0, len(buf)) is not None:
             return  # a message waits for room; the end (if any) comes after it

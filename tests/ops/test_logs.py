@@ -26,7 +26,7 @@ def record(level: int, msg: str, *args: object, exc: bool = False) -> logging.Lo
             raise ValueError("boom")
         except ValueError as e:
             exc_info = (type(e), e, e.__traceback__)
-    r = logging.LogRecord("agent.ingest", level, __file__, 1, msg, args, exc_info)
+    r = logging.LogRecord("agent.intake.ingest", level, __file__, 1, msg, args, exc_info)
     TextArgs().filter(r)
     return r
 
@@ -36,7 +36,7 @@ def test_priorities_and_journal_lines() -> None:
     line = JournalFormatter().format(
         record(30, "rejected a message on %r: %s", TOPIC.encode(), "x")
     )
-    assert line == f"<4>agent.ingest: rejected a message on '{TOPIC}': x"
+    assert line == f"<4>agent.intake.ingest: rejected a message on '{TOPIC}': x"
     lines = JournalFormatter().format(record(40, "failed", exc=True)).splitlines()
     assert len(lines) > 2 and all(s.startswith("<3>") for s in lines)  # a traceback keeps it
     assert lines[-1] == "<3>ValueError: boom"
@@ -73,8 +73,8 @@ def test_a_real_agent_under_journald_then_in_json(agents: AgentFactory) -> None:
     lines = [s for s in log.read_text().splitlines() if s.strip()]
     assert lines and all(re.match(r"^<[0-7]>", s) for s in lines), lines[:5]
     assert not any(re.match(r"^<\d>\d{4}-\d\d-\d\d", s) for s in lines)  # journald stamps
-    assert any(s.startswith("<6>agent.service: ready") for s in lines)
-    assert f"<4>agent.ingest: rejected a message on '{TOPIC}': malformed_json" in lines
+    assert any(s.startswith("<6>agent.app.service: ready") for s in lines)
+    assert f"<4>agent.intake.ingest: rejected a message on '{TOPIC}': malformed_json" in lines
     assert not any("b'" in s for s in lines)
 
     start = len(log.read_text())
