@@ -42,9 +42,9 @@ This rests on Mosquitto's sequential ids: with a broker that hands ids out other
 
 A broker that restarted begins its ids anew (a restored snapshot's counter, or 1 without the
 session), so the frontier says nothing about what a run took after a reconnect until the first
-new message shows where the sequence is. Before each connect the outbox records that the epoch
-is open (the connect waits for that checkpoint); the first new message closes it. A run that
-starts from an outbox saying "open" cannot tell a replay from a new message its dead
+new message shows where the sequence is. At each CONNACK the outbox records that the epoch is
+open (no message is taken until that checkpoint commits); the first new message closes it. A run
+that starts from an outbox saying "open" cannot tell a replay from a new message its dead
 predecessor took: until its first new message, it counts every DUP delivery that only the
 journal or the memory knows, and counts it as a possible double (`possible_replays`, a figure).
 The same while the broker reuses ids still in flight (Mosquitto 2.0.11 past Receive Maximum
@@ -390,7 +390,7 @@ class AckLedger:
         # DUP deliveries past the frontier that the replay memory also knows (see `replayed`).
         self.possible_replays = 0
         # From a (re)connect until the first new message: the broker may have restarted and
-        # begun its ids anew; the outbox must say so before the connect (see `open_epoch`).
+        # begun its ids anew; the outbox must say so before a message is taken (`open_epoch`).
         self._epoch_open = False
         # This run started from an outbox that said so: until the first new message, a DUP
         # delivery known to the memory or the journal may be a message of such a new sequence,
@@ -519,11 +519,12 @@ class AckLedger:
         return len(self.replays) if self.replays is not None else 0
 
     def open_epoch(self) -> None:
-        """Before a (re)connect: the broker may have restarted and may hand its ids out anew
-        (a restored snapshot's counter, or 1 without the session); the messages it sends
-        before our next checkpoint are then past a frontier the outbox does not know. The next
-        checkpoint records that the epoch is open; connect only once it has committed
-        (`epoch_durable`), and the first new message closes it again."""
+        """At a CONNACK: the broker may have restarted and may hand its ids out anew (a
+        restored snapshot's counter, or 1 without the session); the messages it sends before
+        our next checkpoint are then past a frontier the outbox does not know. The next
+        checkpoint records that the epoch is open; no message is taken until it has committed
+        (`epoch_pending`; the simulation waits on `epoch_durable` before it connects), and the
+        first new message closes it again."""
         if self.replays is not None:
             self._epoch_open = True
 
