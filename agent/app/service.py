@@ -63,9 +63,11 @@ async def run_service(
     stop: asyncio.Event | None = None,
     faults: Faults = NO_FAULTS,
     notifier: Notifier | None = None,
+    on_second_signal: Callable[[], None] | None = None,
 ) -> Pipeline:
-    """Run until `stop` is set (or SIGTERM/SIGINT), then shut down in order."""
-    service = Service(settings, faults=faults, notifier=notifier)
+    """Run until `stop` is set (or SIGTERM/SIGINT), then shut down in order. A second signal
+    calls `on_second_signal` (the CLI: exit the process at once), else raises SecondSignal."""
+    service = Service(settings, faults=faults, notifier=notifier, on_second_signal=on_second_signal)
     await service.serve(stop)
     assert service.pipeline is not None
     return service.pipeline
@@ -80,8 +82,10 @@ class Service:
         *,
         faults: Faults = NO_FAULTS,
         notifier: Notifier | None = None,
+        on_second_signal: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
+        self._on_second_signal = on_second_signal
         self.faults = faults
         self.notifier = notifier or Notifier()
         self.pipeline: Pipeline | None = None
@@ -122,6 +126,11 @@ class Service:
                 log.warning(
                     "second signal: exiting now; the outbox and broker session keep the data"
                 )
+                if self._on_second_signal is not None:
+                    # Raised from a signal callback, SystemExit did not always reach the loop's
+                    # caller: during the final checkpoint it was lost and the drain went on
+                    # for its whole forward.shutdown_drain_s (seen in CI).
+                    self._on_second_signal()
                 raise SecondSignal
             log.info("received %s: shutting down", signal.Signals(signum).name)
             stop.set()

@@ -109,6 +109,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_now(code: int) -> None:
+    """End the process at once (a second signal): the outbox and the broker's session keep
+    everything; nothing in flight is worth waiting for."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.app.faults import Faults
     from agent.config.preflight import (
@@ -151,7 +160,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         "%s starting, gateway %s", buildinfo.describe(), settings.gateway_id
     )
     try:
-        uvloop.run(run_service(settings, faults=faults, notifier=Notifier.from_env()))
+        uvloop.run(
+            run_service(
+                settings,
+                faults=faults,
+                notifier=Notifier.from_env(),
+                on_second_signal=lambda: _exit_now(Exit.SECOND_SIGNAL),
+            )
+        )
     except (OutboxError, AlreadyRunning, StartupError) as e:
         logging.getLogger("agent").error("cannot start: %s", e)
         return EXIT_STARTUP
