@@ -12,7 +12,7 @@ $(BIN)/edge-agent: pyproject.toml requirements.lock requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q --require-hashes -r requirements-dev.lock
-	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip install -q --no-deps -e . -e ingest
 	touch $@
 
 venv: $(BIN)/edge-agent
@@ -48,9 +48,9 @@ simulate: venv
 	$(BIN)/python -m devtools.simulation --seeds $(SEEDS) --first $(FIRST) --jobs $(JOBS)
 
 check: venv
-	$(BIN)/ruff check agent devtools tests bench
-	$(BIN)/ruff format --check agent devtools tests bench
-	$(BIN)/mypy agent devtools tests bench
+	$(BIN)/ruff check agent ingest devtools tests bench
+	$(BIN)/ruff format --check agent ingest devtools tests bench
+	$(BIN)/mypy agent ingest/edge_ingest devtools tests bench
 
 clean:
 	rm -rf $(VENV) build dist demo-run .pytest_cache .mypy_cache .ruff_cache .hypothesis
@@ -68,6 +68,9 @@ lock: venv
 	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
 		--generate-hashes --custom-compile-command 'make lock' $(if $(UPGRADE),--upgrade) \
 		-c requirements.lock -o requirements-dev.lock
+	$(BIN)/uv pip compile ingest/requirements.in --universal --python-version 3.11 \
+		--generate-hashes --custom-compile-command 'make lock' $(if $(UPGRADE),--upgrade) \
+		-c requirements-dev.lock -o requirements-ingest.lock
 
 # The Debian package, built with the distribution's own interpreter (packaging/build-deb.sh).
 DEB_PYTHON ?= /usr/bin/python3

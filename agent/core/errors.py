@@ -10,7 +10,8 @@ what a caller may catch, and what the CLI alone turns into an exit code (agent/c
     ├── IncompatibleClient   aiomqtt's internals changed (a bug report, not an exit code)
     └── DataError            a value from outside cannot be used: counted, never raised out
         ├── BadTimestamp     a message's timestamp is no time in the configured unit
-        └── BadChunk         a stored chunk is not a well-formed chunk
+        ├── BadChunk         a stored chunk is not a well-formed chunk
+        └── BadBatch         a batch body is not the wire format (edge-ingest answers 400)
 
 A second signal during the shutdown is `agent.app.service.SecondSignal`, a SystemExit (asyncio
 lets only those through), mapped to its exit code by the CLI too.
@@ -75,3 +76,7 @@ class BadTimestamp(DataError):
 
 class BadChunk(DataError):
     """A stored chunk body that is not a well-formed chunk with finite numbers."""
+
+
+class BadBatch(DataError):
+    """A batch body that is not the wire format: the message names what is wrong and where."""

@@ -11,7 +11,7 @@ from typing import Annotated, Any, NotRequired, TypedDict
 
 import msgspec
 
-from agent.core.errors import BadChunk
+from agent.core.errors import BadBatch, BadChunk
 from agent.core.text import rfc3339_ms
 
 SCHEMA = "edge-agent/v1"
@@ -296,3 +296,91 @@ def encode_batch(gateway_id: str, rows: list[tuple[int, int, bytes]], *, sent_at
         f'"last_seq":{rows[-1][1]},"sent_at":"{stamp}","chunks":['
     ).encode()
     return head + b",".join(with_seq(s, b, e) for s, e, b in rows) + b"]}"
+
+
+# The batch as it travels (docs/design.md, "Wire format"): the one definition the agent's
+# reference receiver and edge-ingest decode with. Strings are bounded and free of NUL (which
+# PostgreSQL's text refuses); every number is finite (msgspec refuses JSON numbers beyond the
+# float range, and JSON has no inf or NaN).
+MAX_NAME_LEN = 256
+_Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_LEN, pattern=r"^[^\x00]*$")]
+_Seq = Annotated[int, msgspec.Meta(ge=0, le=_I64)]
+
+
+class WireNum(msgspec.Struct, forbid_unknown_fields=False):
+    n: Annotated[int, msgspec.Meta(ge=1, le=_I64)]
+    sum: float
+    sumsq: float
+    min: float
+    max: float
+    last: float
+    last_t: float = -math.inf
+
+
+class WireChunk(msgspec.Struct):
+    seq: _Seq
+    camera: _Name
+    stream: _Name
+    t: Annotated[int, msgspec.Meta(ge=-(2**40), le=2**40)]
+    width_s: Annotated[int, msgspec.Meta(ge=1, le=86400)]
+    rev: _Count
+    count: _Count
+    event_first: float
+    event_last: float
+    recv_first: float
+    recv_last: float
+    seq_end: _Seq | None = None
+    num: dict[_Name, WireNum] = {}
+    cat: dict[_Name, dict[Annotated[str, msgspec.Meta(max_length=MAX_NAME_LEN)], _Count]] = {}
+    skew_s: float = 0.0
+    flags: list[str] = []
+
+
+class WireBatch(msgspec.Struct):
+    schema: str
+    gateway: _Name
+    first_seq: _Seq
+    last_seq: _Seq
+    chunks: list[WireChunk]
+    sent_at: str = ""
+
+    @property
+    def key(self) -> str:
+        """The Idempotency-Key the agent sends with this batch."""
+        return f"{self.gateway}:{self.first_seq}-{self.last_seq}"
+
+
+_batch_decoder = msgspec.json.Decoder(WireBatch)
+
+
+def decode_batch(body: bytes) -> WireBatch:
+    """A batch body (not compressed) as a WireBatch; raises BadBatch, naming what is wrong and
+    where, when it is not one: its shape, its schema, or chunks that do not tile
+    `first_seq..last_seq` contiguously and in order (G8)."""
+    try:
+        batch = _batch_decoder.decode(body)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise BadBatch(str(e)) from None
+    if batch.schema != SCHEMA:
+        raise BadBatch(f"schema must be {SCHEMA!r}, got {batch.schema[:64]!r} - at `$.schema`")
+    if not batch.chunks:
+        raise BadBatch("chunks must not be empty - at `$.chunks`")
+    expect = batch.first_seq
+    for i, c in enumerate(batch.chunks):
+        end = c.seq if c.seq_end is None else c.seq_end
+        if c.seq != expect or end < c.seq:
+            raise BadBatch(
+                f"seqs must tile first_seq..last_seq contiguously and in order: expected seq"
+                f" {expect}, got {c.seq}..{end} - at `$.chunks[{i}]`"
+            )
+        expect = end + 1
+    if expect != batch.last_seq + 1:
+        raise BadBatch(
+            f"seqs must tile first_seq..last_seq: the chunks end at {expect - 1}, last_seq is"
+            f" {batch.last_seq} - at `$.last_seq`"
+        )
+    for i, c in enumerate(batch.chunks):
+        for f, s in c.num.items():
+            if not all(math.isfinite(v) for v in (s.sum, s.sumsq, s.min, s.max, s.last)):
+                raise BadBatch(f"a number is not finite - at `$.chunks[{i}].num.{f}`")
+    return batch
