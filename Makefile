@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test check venv mosquitto tmux clean simulate
+.PHONY: demo test check venv mosquitto tmux postgres clean simulate
 
 # Dependencies come from the locks only (exact versions, hashes checked); the project itself
 # is installed without dependencies. `make lock` regenerates the locks.
@@ -31,12 +31,20 @@ tmux:
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq tmux; \
 		else sudo apt-get update -qq && sudo apt-get install -y -qq tmux; fi; }
 
-demo: venv mosquitto
+# tests/ingest and the demo start private PostgreSQL clusters (devtools/postgres.py): they need
+# the server binaries (initdb, postgres), not a running server.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		echo "installing postgresql-15 (apt-get)"; \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq postgresql-15; \
+		else sudo apt-get update -qq && sudo apt-get install -y -qq postgresql-15; fi; }
+
+demo: venv mosquitto postgres
 	$(BIN)/python -m devtools.demo
 
 # Two workers (pytest-xdist), a test file each at a time: the process tests mostly wait on
 # windows closing, so two at once halve the wall time on 2 cores. `pytest` alone runs serially.
-test: venv mosquitto tmux
+test: venv mosquitto tmux postgres
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
 # The deterministic simulation of the durable core, as long as you like:
