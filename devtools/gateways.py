@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from agent.core.model import Chunk, encode_batch, encode_chunk
+from agent.core.model import Chunk, NumStats, encode_batch, encode_chunk
 from devtools.procs import HOST, Proc, free_port, port_open, wait_for
 
 CATEGORIES = ("person", "car", "bike", "dog")
@@ -245,3 +245,75 @@ class Ingest(Proc):
 def answer_doc(text: str) -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(text)
     return doc
+
+
+async def _load_views(dsn: str, gateway: str) -> dict[tuple[str, str, int], Chunk]:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        out: dict[tuple[str, str, int], Chunk] = {}
+        for r in await conn.fetch(
+            "SELECT camera, stream, extract(epoch FROM t)::bigint AS t, width_s, count"
+            " FROM edge_ingest.per_second WHERE gateway = $1",
+            gateway,
+        ):
+            c = out.setdefault(
+                (r["camera"], r["stream"], r["t"]),
+                Chunk(r["camera"], r["stream"], r["t"], r["width_s"]),
+            )
+            c.count += r["count"]
+        for r in await conn.fetch(
+            "SELECT camera, stream, extract(epoch FROM t)::bigint AS t, field, n, sum, sumsq,"
+            " min, max, last FROM edge_ingest.per_second_numeric WHERE gateway = $1",
+            gateway,
+        ):
+            c = out.setdefault(
+                (r["camera"], r["stream"], r["t"]), Chunk(r["camera"], r["stream"], r["t"], 1)
+            )
+            s = c.num.setdefault(r["field"], NumStats())
+            s.n += r["n"]
+            s.sum += r["sum"]
+            s.sumsq += r["sumsq"]
+            s.min = min(s.min, r["min"])
+            s.max = max(s.max, r["max"])
+        for r in await conn.fetch(
+            "SELECT camera, stream, extract(epoch FROM t)::bigint AS t, field, value, count"
+            " FROM edge_ingest.per_second_categories WHERE gateway = $1",
+            gateway,
+        ):
+            c = out.setdefault(
+                (r["camera"], r["stream"], r["t"]), Chunk(r["camera"], r["stream"], r["t"], 1)
+            )
+            cat = c.cat.setdefault(r["field"], {})
+            cat[r["value"]] = cat.get(r["value"], 0) + r["count"]
+        return out
+    finally:
+        await conn.close()
+
+
+def load_views(dsn: str, gateway: str) -> dict[tuple[str, str, int], Chunk]:
+    """The database's per-second views for one gateway as (camera, stream, t) -> Chunk: what
+    devtools.truth.compare takes (the reference receiver's load_merged, from PostgreSQL)."""
+    import asyncio
+
+    return asyncio.run(_load_views(dsn, gateway))
+
+
+def gateway_row(dsn: str, gateway: str) -> dict[str, Any]:
+    """edge_ingest.gateways' row of one gateway ({} when it never sent)."""
+    import asyncio
+
+    import asyncpg
+
+    async def fetch() -> dict[str, Any]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            r = await conn.fetchrow(
+                "SELECT * FROM edge_ingest.gateways WHERE gateway = $1", gateway
+            )
+            return dict(r) if r is not None else {}
+        finally:
+            await conn.close()
+
+    return asyncio.run(fetch())
