@@ -69,6 +69,11 @@ def batch_rows(chunks: list[WireChunk]) -> Rows:
                 cur[6] = s.last_t
         for f, values in c.cat.items():
             for v, n in values.items():
+                if "\x00" in v:
+                    # JSON allows NUL in a category value (a camera sent it; the agent keeps
+                    # it); PostgreSQL's text does not. Stored as U+FFFD, never refused: a
+                    # refusal would dead-letter the whole chunk.
+                    v = v.replace("\x00", "\ufffd")
                 ck = (*key, f, v)
                 cats[ck] = cats.get(ck, 0) + n
     return Rows(
