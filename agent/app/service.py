@@ -30,7 +30,7 @@ from agent.core.stats import Stats
 from agent.durable.checkpoint import Checkpointer
 from agent.durable.lock import OutboxLock
 from agent.durable.outbox import Outbox, Recovery
-from agent.forward.forwarder import Forwarder
+from agent.forward.forwarder import Forwarder, tcp_probe
 from agent.intake.acks import ID_SPACE, AckLedger, ReplayMemory
 from agent.intake.ingest import Intake, MqttSession, TopicRouter
 from agent.intake.timekeeping import CameraClocks, ClockPolicy
@@ -135,16 +135,24 @@ class Service:
             log.info("received %s: shutting down", signal.Signals(signum).name)
             stop.set()
 
+        def retry_now() -> None:
+            # `edge-agent forward --now`: end the forwarder's backoff at once.
+            if self.pipeline is not None:
+                self.pipeline.forwarder.retry_now.set()
+
         with contextlib.suppress(NotImplementedError, RuntimeError):
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, on_signal, sig)
+            loop.add_signal_handler(signal.SIGUSR1, retry_now)
 
     async def _serve(self, outbox: Outbox, recovery: Recovery, stop: asyncio.Event) -> None:
         settings = self.settings
         outbox.set_fault(self.faults.hit)
         await outbox.set_quota(settings.buffer.max_bytes)
         async with _http_client(settings) as http:
-            p = await build_pipeline(settings, outbox, recovery, http, faults=self.faults)
+            p = await build_pipeline(
+                settings, outbox, recovery, http, faults=self.faults, probe_cloud=True
+            )
             self.pipeline = p
             health = self._health(p)
             try:
@@ -296,8 +304,11 @@ async def build_pipeline(
     can_ack: Callable[[], bool] | None = None,
     confirm_acks: Callable[[], Awaitable[bool]] | None = None,
     id_space: int = ID_SPACE,
+    probe_cloud: bool = False,
 ) -> Pipeline:
-    """Every component, restored from what the outbox kept."""
+    """Every component, restored from what the outbox kept. `probe_cloud`: the forwarder
+    probes the cloud with TCP connects during a backoff (the service; not the simulation,
+    whose cloud is a model)."""
     stats = Stats()
     if recovery.moved_aside is not None:
         stats.outbox_events[OutboxEvent.outbox_corrupt_moved_aside] += 1
@@ -383,6 +394,7 @@ async def build_pipeline(
         rng=rng,
         clock=clock,
         fault=faults.hit,
+        probe=tcp_probe(fs.url) if probe_cloud else None,
     )
     checkpointer = Checkpointer(
         settings=settings,
@@ -398,6 +410,8 @@ async def build_pipeline(
         fault=faults.hit,
         stalled=lambda: faults.reached("stall_checkpoint"),
     )
+    # The session holds the ledger's acked-but-unconfirmed keys to a bound (MqttSession._room).
+    session.unconfirmed = lambda: checkpointer.unconfirmed
     pipeline = Pipeline(
         settings, outbox, aggregator, ledger, intake, clocks, session, forwarder, stats,
         checkpointer,

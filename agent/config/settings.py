@@ -747,6 +747,15 @@ class ForwardSettings(Section):
     )
     backoff_min_s: FiniteFloat = Field(default=0.5, gt=0, description=_BACKOFF)
     backoff_max_s: FiniteFloat = Field(default=60.0, gt=0, description=_BACKOFF)
+    probe_interval_s: FiniteFloat = Field(
+        default=2.0,
+        ge=0,
+        le=3600,
+        description="While a backoff follows a failure without any HTTP answer (connection "
+        "refused, reset, unreachable), open a TCP connection to the cloud this often and send "
+        "as soon as one succeeds: delivery resumes within seconds of the cloud's return, "
+        "whatever the backoff reached. 0: wait the whole backoff.",
+    )
     shutdown_drain_s: FiniteFloat = Field(
         default=5.0,
         ge=0,

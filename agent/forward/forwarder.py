@@ -12,9 +12,10 @@ import contextlib
 import gzip
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -94,8 +95,15 @@ class Forwarder:
         rng: random.Random | None = None,
         clock: Clock = SYSTEM_CLOCK,
         fault: Callable[[str], None] = lambda point: None,
+        probe: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self._fault = fault
+        # A cheap "is the cloud back?" (a TCP connect), tried every forward.probe_interval_s
+        # during a backoff after a failure without an answer. None: the backoff is waited out.
+        self._probe = probe
+        self._no_answer = False
+        # Set by SIGUSR1 (`edge-agent forward --now`): end the current backoff at once.
+        self.retry_now = asyncio.Event()
         self._clock = clock
         self._s = settings
         self._gateway_id = gateway_id
@@ -167,8 +175,35 @@ class Forwarder:
                 delay = self._store_failed(e)
             if delay:
                 self.backoff_until = self._clock.wall() + delay
-                await asyncio.sleep(delay)
+                await self._wait_backoff(delay)
                 self.backoff_until = None
+
+    async def _wait_backoff(self, delay: float) -> None:
+        """Wait `delay`, or less: until `retry_now` is set, or, after a failure without an
+        answer, until a probe finds the cloud reachable again."""
+        self.retry_now.clear()
+        interval = self._s.probe_interval_s
+        probing = self._probe is not None and self._no_answer and 0 < interval < delay
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delay  # the loop's time, as asyncio.sleep(delay) had it
+        while (left := deadline - loop.time()) > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, interval) if probing else left):
+                    await self.retry_now.wait()
+            if self.retry_now.is_set():
+                log.info("retrying now (SIGUSR1), %.1f s before the backoff ended", left)
+                self.retry_now.clear()
+                return
+            if not probing:
+                return
+            assert self._probe is not None
+            if deadline - loop.time() > 0 and await self._probe():
+                log.info(
+                    "the cloud accepts connections again: sending now, %.1f s before the "
+                    "backoff ended",
+                    deadline - loop.time(),
+                )
+                return
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait (at most timeout_s) until the outbox is empty; True if it is."""
@@ -226,6 +261,8 @@ class Forwarder:
             text = f"no complete answer within {wait_s + 1.0:g} s"
         except httpx.HTTPError as e:
             text = f"{type(e).__name__}: {e}"
+        # Refused, reset, unreachable: nothing answered, so a TCP connect tells when it's back.
+        self._no_answer = status is None and not timed_out
         self._note_timeout(timed_out, wait_s)
         latency_s = self._clock.mono() - started
         self._stats.observe_latency(latency_s)
@@ -351,6 +388,27 @@ class Forwarder:
             self._outbox.chunk_count,
         )  # fmt: skip
         return delay
+
+
+def tcp_probe(url: str, timeout_s: float = 2.0) -> Callable[[], Awaitable[bool]]:
+    """A probe of `url`'s host and port: True when a TCP connection opens within timeout_s
+    (then closed at once: no TLS, no request; a few packets per probe)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+
+    async def probe() -> bool:
+        try:
+            async with asyncio.timeout(timeout_s):
+                _, writer = await asyncio.open_connection(host, port)
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+
+    return probe
 
 
 def build_request(

@@ -296,7 +296,7 @@ def _float_keys() -> list[tuple[str, str]]:
 
 
 def test_every_float_key_is_found() -> None:
-    assert len(_float_keys()) == 19
+    assert len(_float_keys()) == 20
     assert ("forward", "backoff_min_s") in _float_keys()
 
 

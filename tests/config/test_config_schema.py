@@ -107,7 +107,7 @@ def _schema_keys(schema: dict[str, Any], node: dict[str, Any], prefix: str = "")
 def test_the_schema_and_the_model_agree_on_every_key_and_default() -> None:
     schema = json_schema()
     assert _schema_keys(schema, schema) == _model_keys(Settings)
-    assert len(_model_keys(Settings)) == 71
+    assert len(_model_keys(Settings)) == 72
 
 
 def _literal_keys(model: type[BaseModel], prefix: str = "") -> dict[str, list[str]]:
