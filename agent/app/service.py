@@ -21,9 +21,10 @@ import httpx
 import agent.ops.memory as memory
 from agent.app.faults import NO_FAULTS, Faults
 from agent.config.credentials import TokenSource, client_tls_context
+from agent.config.reload import plan as reload_plan
 from agent.config.settings import AggregateSettings, Settings, secret_path
 from agent.core.clock import SYSTEM_CLOCK, Clock
-from agent.core.errors import BadChunk, OutboxError, StartupError
+from agent.core.errors import BadChunk, ConfigError, OutboxError, StartupError
 from agent.core.model import Chunk, decode_chunk
 from agent.core.reasons import OutboxEvent
 from agent.core.stats import Stats
@@ -35,6 +36,7 @@ from agent.intake.acks import ID_SPACE, AckLedger, ReplayMemory
 from agent.intake.ingest import Intake, MqttSession, TopicRouter
 from agent.intake.timekeeping import CameraClocks, ClockPolicy
 from agent.ops.health import Cached, HealthServer, Response, json_response
+from agent.ops.logs import setup_logging
 from agent.ops.metrics import render as render_metrics
 from agent.ops.notify import Notifier
 from agent.ops.pipeline import Pipeline
@@ -64,10 +66,19 @@ async def run_service(
     faults: Faults = NO_FAULTS,
     notifier: Notifier | None = None,
     on_second_signal: Callable[[], None] | None = None,
+    reload: Callable[[], Settings] | None = None,
 ) -> Pipeline:
     """Run until `stop` is set (or SIGTERM/SIGINT), then shut down in order. A second signal
-    calls `on_second_signal` (the CLI: exit the process at once), else raises SecondSignal."""
-    service = Service(settings, faults=faults, notifier=notifier, on_second_signal=on_second_signal)
+    calls `on_second_signal` (the CLI: exit the process at once), else raises SecondSignal.
+    SIGHUP calls `reload` (the CLI: read the config file again) and applies what may change
+    live (agent/config/reload.py)."""
+    service = Service(
+        settings,
+        faults=faults,
+        notifier=notifier,
+        on_second_signal=on_second_signal,
+        reload=reload,
+    )
     await service.serve(stop)
     assert service.pipeline is not None
     return service.pipeline
@@ -83,9 +94,13 @@ class Service:
         faults: Faults = NO_FAULTS,
         notifier: Notifier | None = None,
         on_second_signal: Callable[[], None] | None = None,
+        reload: Callable[[], Settings] | None = None,
     ) -> None:
         self.settings = settings
         self._on_second_signal = on_second_signal
+        self._reload = reload
+        self._reloading: asyncio.Task[list[str]] | None = None
+        self._http: contextlib.AsyncExitStack | None = None
         self.faults = faults
         self.notifier = notifier or Notifier()
         self.pipeline: Pipeline | None = None
@@ -140,16 +155,66 @@ class Service:
             if self.pipeline is not None:
                 self.pipeline.forwarder.retry_now.set()
 
+        def on_hup() -> None:
+            if self._reload is None or self.pipeline is None or self._http is None:
+                log.warning("SIGHUP: nothing to reload yet (starting, or no config file)")
+                return
+            if self._reloading is not None and not self._reloading.done():
+                log.warning("SIGHUP: a reload is still being applied; this one is ignored")
+                return
+            self._reloading = loop.create_task(self.reload(), name="reload")
+
         with contextlib.suppress(NotImplementedError, RuntimeError):
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, on_signal, sig)
             loop.add_signal_handler(signal.SIGUSR1, retry_now)
+            loop.add_signal_handler(signal.SIGHUP, on_hup)
+
+    async def reload(self) -> list[str]:
+        """Read the config again and apply it, all or nothing; returns the keys applied. Every
+        outcome is one log line: applied (WARNING: the running config changed), refused
+        (naming the keys that need a restart, or the file's problems), or unchanged."""
+        assert self._reload is not None and self.pipeline is not None and self._http is not None
+        try:
+            new = self._reload()
+        except ConfigError as e:
+            log.error("reload refused, the running config stays: %s", "; ".join(e.problems))
+            return []
+        live, restart = reload_plan(self.settings, new)
+        if restart:
+            log.warning(
+                "reload refused, the running config stays: %s cannot change without a "
+                "restart (systemctl restart edge-agent)",
+                ", ".join(restart),
+            )
+            return []
+        if not live:
+            log.info("reload: the config file has no changes")
+            return []
+        p = self.pipeline
+        if any(k.startswith("log.") for k in live):
+            setup_logging(new.log)
+        if any(k.startswith("forward.") for k in live):
+            fs = new.forward
+            client = await self._http.enter_async_context(_http_client(new))
+            p.forwarder.reconfigure(
+                fs,
+                client=client,
+                token=TokenSource(fs.token, secret_path(fs.token_file, "cloud-token")),
+                probe=tcp_probe(fs.url),
+            )
+        self.settings = p.settings = new
+        log.warning("reload: applied %s", ", ".join(live))
+        return live
 
     async def _serve(self, outbox: Outbox, recovery: Recovery, stop: asyncio.Event) -> None:
         settings = self.settings
         outbox.set_fault(self.faults.hit)
         await outbox.set_quota(settings.buffer.max_bytes)
-        async with _http_client(settings) as http:
+        async with contextlib.AsyncExitStack() as clients:
+            # Clients made by a reload are closed with the first, at the end.
+            self._http = clients
+            http = await clients.enter_async_context(_http_client(settings))
             p = await build_pipeline(
                 settings, outbox, recovery, http, faults=self.faults, probe_cloud=True
             )

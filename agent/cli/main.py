@@ -166,6 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 faults=faults,
                 notifier=Notifier.from_env(),
                 on_second_signal=lambda: _exit_now(Exit.SECOND_SIGNAL),
+                reload=lambda: load_settings(args.config),
             )
         )
     except (OutboxError, AlreadyRunning, StartupError) as e:

@@ -178,6 +178,30 @@ class Forwarder:
                 await self._wait_backoff(delay)
                 self.backoff_until = None
 
+    def reconfigure(
+        self,
+        settings: ForwardSettings,
+        *,
+        client: httpx.AsyncClient,
+        token: Callable[[], str | None],
+        probe: Callable[[], Awaitable[bool]] | None,
+    ) -> None:
+        """Take new forward settings (a reload): the next attempt uses them. The cut batch is
+        untouched (G7): the same seqs, bytes and key go to the new url."""
+        self._s = settings
+        self._client = client
+        self._token = token
+        self._probe = probe
+        self._backoff.min_s, self._backoff.max_s = settings.backoff_min_s, settings.backoff_max_s
+        pacer = self.pacer
+        pacer.max_rate = settings.max_chunks_per_s
+        pacer.min_rate = min(settings.min_chunks_per_s, settings.max_chunks_per_s)
+        pacer.rate = min(max(pacer.rate, pacer.min_rate), pacer.max_rate)
+        pacer.max_bytes_per_s = settings.max_bytes_per_s
+        pacer.fast_response_s = settings.fast_response_s
+        self._limit = min(self._limit, settings.max_batch_chunks)
+        self.retry_now.set()  # a backoff for the old url or token ends now
+
     async def _wait_backoff(self, delay: float) -> None:
         """Wait `delay`, or less: until `retry_now` is set, or, after a failure without an
         answer, until a probe finds the cloud reachable again."""
