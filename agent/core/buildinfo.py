@@ -39,6 +39,11 @@ def commit() -> str:
     return value if isinstance(value, str) and value else UNKNOWN
 
 
+def labels() -> dict[str, str]:
+    """This build as labels: {"version", "commit"} (edge_agent_build_info adds gateway_id)."""
+    return {"version": version(), "commit": commit()}
+
+
 def describe() -> str:
     """One line for `--version` and the start-up log."""
     return f"edge-agent {version()} (commit {commit()})"

@@ -38,9 +38,11 @@ if TYPE_CHECKING:
 P = "edge_agent_"
 
 
-def build_info() -> dict[str, str]:
-    """The labels of edge_agent_build_info: the one place that says which build this is."""
-    return {"version": buildinfo.version(), "commit": buildinfo.commit()}
+def build_info(gateway_id: str) -> dict[str, str]:
+    """The labels of edge_agent_build_info: the one place that says which gateway and build
+    this is. Only this series carries gateway_id: a central Prometheus joins it onto the others
+    by instance (docs/operating.md, "Monitoring shipped")."""
+    return {"gateway_id": gateway_id, **buildinfo.labels()}
 
 
 def _with_zeros(counts: Mapping[str, int], known: Iterable[str]) -> list[tuple[str, int]]:
@@ -63,7 +65,11 @@ class PipelineCollector(Collector):
             return GaugeMetricFamily(P + name, doc, value=value)
 
         now = time.time()
-        yield InfoMetricFamily(P + "build", "The agent's version and commit.", value=build_info())
+        yield InfoMetricFamily(
+            P + "build",
+            "The gateway (gateway_id), the agent's version and commit.",
+            value=build_info(p.settings.gateway_id),
+        )
         yield gauge("start_time_seconds", "When the agent started (unix time).", st.started_at)
         yield gauge("ready", "1 when /readyz answers 200.", float(not ready_problems(p)))
         # The plain figures, from the one table /status uses too.
