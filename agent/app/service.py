@@ -41,12 +41,14 @@ from agent.ops.metrics import render as render_metrics
 from agent.ops.notify import Notifier
 from agent.ops.pipeline import Pipeline
 from agent.ops.status import (
+    SILENT_AFTER_S,
     alive_problems,
     camera_document,
     ready_problems,
     status_document,
     status_line,
 )
+from agent.ops.transitions import Transitions
 from agent.windows.aggregate import Aggregator
 
 log = logging.getLogger(__name__)
@@ -491,9 +493,16 @@ async def _notify_loop(p: Pipeline, notifier: Notifier) -> None:
     log.info("ready: outbox open, MQTT subscribed")
     memory.trim()  # what start-up freed
     last_trim = time.monotonic()
+    transitions = Transitions()
     while True:
         await asyncio.sleep(5)
         notifier.status(status_line(p))
+        now = time.monotonic()
+        transitions.observe(
+            problems=ready_problems(p),
+            silent=p.aggregator.silent_cameras(now, SILENT_AFTER_S),
+            now=now,
+        )
         if time.monotonic() - last_trim >= memory.TRIM_EVERY_S:
             memory.trim()
             last_trim = time.monotonic()

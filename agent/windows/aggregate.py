@@ -322,6 +322,10 @@ class Aggregator:
         silent = sum(1 for cam in self._cameras.values() if now - cam.last_recv >= silent_after_s)
         return active, silent
 
+    def silent_cameras(self, now: float, silent_after_s: float) -> set[str]:
+        """The remembered cameras not heard from within silent_after_s."""
+        return {n for n, cam in self._cameras.items() if now - cam.last_recv >= silent_after_s}
+
     def camera_info(self, now: float) -> dict[str, dict[str, Any]]:
         """Per camera: last seen, messages, rate, open windows (for /status)."""
         return {
