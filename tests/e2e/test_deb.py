@@ -301,30 +301,57 @@ def test_install_run_upgrade_remove_purge(
         assert_exact(wait_delivered(receiver, expected))
         status = agent.status()
         assert status is not None and status["version"] == __version__
+        assert agent.popen is not None
+        pid = agent.popen.pid
+
+        # Upgrade over itself, offline too, with that agent running outside systemd (this
+        # machine has none): the edited conffile, the outbox and the user stay, dpkg asks
+        # nothing (stdin is /dev/null), and it says plainly that the agent runs the old code.
+        r = run(*OFFLINE, "dpkg", "-i", str(deb))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "Next steps" not in r.stdout
+        assert f"an agent started outside systemd (pid {pid}) still runs" in r.stderr
+        assert agent.running
+        assert config.read_text() == edited
+        assert mode(config) == ("root", "edge-agent", 0o640)
+        assert (STATE / "outbox.sqlite3").exists()
+        assert pwd.getpwnam("edge-agent").pw_uid == user.pw_uid
+        assert run(str(PREFIX / "bin" / "edge-agent"), "--version").returncode == 0
+
+        # Remove, the agent still running: the package stops it (gracefully: exit 0) before
+        # deleting its program, and says so; the config, the credentials, the outbox stay.
+        r = run("dpkg", "--remove", "edge-agent")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"stopping the agent started outside systemd (pid {pid})" in r.stderr
+        assert "edge-agent: stopped" in r.stderr
+        assert not agent.running
     finally:
         rc = agent.stop()
     assert rc == 0, agent.log_text()[-3000:]
     assert f"commit {git_commit(ROOT)}" in agent.log_text()
-    assert mode(STATE / "outbox.sqlite3")[0] == "edge-agent"
-
-    # Upgrade over itself, offline too: the edited conffile, the outbox and the user stay, and
-    # dpkg asks nothing (stdin is /dev/null: a conffile question would fail the install).
-    r = run(*OFFLINE, "dpkg", "-i", str(deb))
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "Next steps" not in r.stdout
-    assert config.read_text() == edited
-    assert mode(config) == ("root", "edge-agent", 0o640)
-    assert (STATE / "outbox.sqlite3").exists()
-    assert pwd.getpwnam("edge-agent").pw_uid == user.pw_uid
-    assert run(str(PREFIX / "bin" / "edge-agent"), "--version").returncode == 0
-
-    # Remove: the program goes; the config, the credentials and the outbox stay.
-    r = run("dpkg", "--remove", "edge-agent")
-    assert r.returncode == 0, r.stdout + r.stderr
     assert not PREFIX.exists() and not UNIT.exists()
     assert not Path("/usr/bin/edge-agent").is_symlink()
     assert config.read_text() == edited
     assert (ETC / "cloud-token").exists() and (STATE / "outbox.sqlite3").exists()
+    assert mode(STATE / "outbox.sqlite3")[0] == "edge-agent"
+
+    # Purge while a process of the service user still runs: deluser fails, and the package
+    # says so (it used to hide it and leave the user behind silently).
+    squatter = subprocess.Popen(as_service_user(["sleep", "300"]), stdin=subprocess.DEVNULL)
+    try:
+        r = run("dpkg", "--purge", "edge-agent")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "the user edge-agent was not deleted" in r.stderr, r.stderr
+        assert user_exists()
+    finally:
+        squatter.kill()
+        squatter.wait()
+    assert run("deluser", "--system", "--quiet", "edge-agent").returncode == 0
+    if group_exists():
+        run("delgroup", "--system", "--quiet", "edge-agent")
+    # Reinstall and purge with nothing running: nothing of it is left.
+    r = run(*OFFLINE, "dpkg", "-i", str(deb))
+    assert r.returncode == 0, r.stdout + r.stderr
 
     # Purge: nothing of it is left.
     r = run("dpkg", "--purge", "edge-agent")
