@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,13 +35,11 @@ from devtools.procs import (
     Agent,
     Mosquitto,
     Proc,
-    Publisher,
     Receiver,
     agent_config,
     free_port,
     merged,
     mosquitto_binary,
-    port_open,
     terminate,
     toml_text,
     wait_for,
@@ -52,11 +50,7 @@ BENCH = ROOT / "bench"
 OUT = BENCH / "out"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MB = 1024 * 1024
-
-__all__ = [
-    "HOST", "Agent", "Mosquitto", "Proc", "Publisher", "Receiver", "agent_config", "free_port",
-    "merged", "port_open", "wait_for",
-]  # fmt: skip
+GATEWAY_ID = "bench-gw"
 
 
 # -- child processes, arguments, output -------------------------------------------------------
@@ -74,7 +68,9 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def parser(description: str, *, quick: bool = True) -> argparse.ArgumentParser:
+def parser(
+    description: str, *, quick: bool = True, json_out: bool = True
+) -> argparse.ArgumentParser:
     spec = getattr(sys.modules["__main__"], "__spec__", None)  # `python -m bench.<name>`
     p = argparse.ArgumentParser(
         prog=f"python -m {spec.name}" if spec is not None else None, description=description,
@@ -82,7 +78,8 @@ def parser(description: str, *, quick: bool = True) -> argparse.ArgumentParser:
     )  # fmt: skip
     if quick:
         p.add_argument("--quick", action="store_true", help="short durations (smoke run)")
-    p.add_argument("--json-out", type=Path, help="also write the figures here")
+    if json_out:
+        p.add_argument("--json-out", type=Path, help="also write the figures here")
     return p
 
 
@@ -104,7 +101,7 @@ def write_json(path: Path | None, doc: Any) -> None:
 
 
 class _Text(string.Formatter):
-    """str.format where None reads "n/a" and a few named specs carry their unit."""
+    """str.format where None (or a missing name) reads "n/a" and a few specs carry their unit."""
 
     SPECS: ClassVar[dict[str, Callable[[Any], str]]] = {
         "pct": lambda v: f"{v * 100:.1f} %",  # a fraction of one core
@@ -114,6 +111,9 @@ class _Text(string.Formatter):
         "kibs": lambda v: f"{v / 1024:,.0f} KiB/s",
         "min": lambda v: f"{v / 60:.1f} min",
     }
+
+    def get_value(self, key: int | str, args: Any, kwargs: Any) -> Any:
+        return kwargs.get(key) if isinstance(key, str) else args[key]
 
     def format_field(self, value: Any, spec: str) -> str:
         if value is None:
@@ -142,14 +142,11 @@ class Report:
     """
 
     def __init__(self, name: str, quick: bool) -> None:
-        self.name = name
-        self.mode = "quick" if quick else "full"
+        self.name, self.mode, self.started = name, "quick" if quick else "full", time.time()
         self.rows: list[dict[str, Any]] = []
         self.figures: dict[str, Any] = {}
         self.notes: list[str] = []
-        self.started = time.time()
-        self.load = MachineLoad()
-        self.machine = machine_description()
+        self.load, self.machine = MachineLoad(), machine_description()
         self.calibration_start = calibrate()
         say(f"[{name}] mode {self.mode}; machine calibration {self.calibration_start:,.0f} ops/s")
 
@@ -159,10 +156,8 @@ class Report:
             say(f"[{self.name}] {text}")
 
     def row(self, figure: str, target: str, measured: str, baseline: str, ok: bool | None) -> None:
-        self.rows.append(
-            {"figure": figure, "target": target, "measured": measured, "baseline": baseline,
-             "ok": ok}
-        )  # fmt: skip
+        self.rows.append({"figure": figure, "target": target, "measured": measured,
+                          "baseline": baseline, "ok": ok})  # fmt: skip
         verdict = {True: "MEETS", False: "MISSES", None: "n/a"}[ok]
         say(f"[{self.name}] {figure}: {measured} (target {target}; baseline {baseline}) {verdict}")
 
@@ -174,29 +169,22 @@ class Report:
         calibration_end = calibrate()
         busy, steal = self.load.read()
         doc = {
-            "name": self.name,
-            "mode": self.mode,
+            "name": self.name, "mode": self.mode,
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(self.started)),
             "seconds": round(time.time() - self.started, 1),
-            "rows": self.rows,
-            "figures": self.figures,
-            "notes": self.notes,
-            "machine": self.machine,
-            "agent_commit_at_start": self.machine["agent_commit"],
+            "rows": self.rows, "figures": self.figures, "notes": self.notes,
+            "machine": self.machine, "agent_commit_at_start": self.machine["agent_commit"],
             "agent_commit_at_end": machine_description()["agent_commit"],
             "noise": {
                 "calibration_start_ops_s": round(self.calibration_start),
                 "calibration_end_ops_s": round(calibration_end),
-                "machine_busy_pct": round(busy, 1),
-                "machine_steal_pct": round(steal, 1),
+                "machine_busy_pct": round(busy, 1), "machine_steal_pct": round(steal, 1),
                 "loadavg_end": os.getloadavg()[0],
             },
-        }
-        say(
-            f"[{self.name}] done in {doc['seconds']} s; machine busy {busy:.0f}% of all cores "
+        }  # fmt: skip
+        say(f"[{self.name}] done in {doc['seconds']} s; machine busy {busy:.0f}% of all cores "
             f"(steal {steal:.1f}%) during the run; calibration {self.calibration_start:,.0f} -> "
-            f"{calibration_end:,.0f} ops/s"
-        )
+            f"{calibration_end:,.0f} ops/s")  # fmt: skip
         write_json(json_out, doc)
         return doc
 
@@ -211,10 +199,8 @@ def calibrate(seconds: float = 0.3) -> float:
     the benchmark ran, which is the reason every figure has a same-run baseline.
     """
     doc = {"ts": 1764126000.123, "cls": "person", "conf": 0.87, "frame": 12}
-    n = 0
-    end = time.perf_counter() + seconds
-    started = time.perf_counter()
-    while time.perf_counter() < end:
+    n, started = 0, time.perf_counter()
+    while time.perf_counter() < started + seconds:
         for _ in range(200):
             d = json.loads(json.dumps(doc, separators=(",", ":")))
             d["frame"] += 1
@@ -253,11 +239,10 @@ def _run(*cmd: str) -> str:
 def machine_description() -> dict[str, Any]:
     model = _first_line("/proc/cpuinfo", "model name")
     mem = _first_line("/proc/meminfo", "MemTotal:")
-    try:
-        mosq = (_run(mosquitto_binary(), "-h").splitlines() or ["?"])[0].strip()
-    except (OSError, subprocess.SubprocessError):
+    mosq = fs = commit = "?"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
         mosq = "not found"
-    fs = commit = "?"
+        mosq = (_run(mosquitto_binary(), "-h").splitlines() or ["?"])[0].strip()
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         df = _run("df", "--output=fstype,source", str(OUT.parent)).split()
         fs = " on ".join(df[-2:]) if len(df) >= 4 else "?"
@@ -268,16 +253,12 @@ def machine_description() -> dict[str, Any]:
             " + uncommitted changes in agent/" if dirty else ""
         )
     return {
-        "agent_commit": commit,
-        "nproc": os.cpu_count(),
+        "agent_commit": commit, "nproc": os.cpu_count(),
         "cpu_model": model.split(":", 1)[1].strip() if model else "?",
         "ram_gib": round(int(mem.split()[1]) / 1024**2, 1) if mem else 0.0,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "mosquitto": mosq,
-        "filesystem": fs,
-        "loadavg": os.getloadavg(),
-    }
+        "kernel": platform.release(), "python": platform.python_version(), "mosquitto": mosq,
+        "filesystem": fs, "loadavg": os.getloadavg(),
+    }  # fmt: skip
 
 
 # -- /proc readings and sampling ----------------------------------------------------------------
@@ -296,13 +277,9 @@ class ProcStat:
 
     def status(self, *keys: str) -> dict[str, int]:
         """Fields of /proc/PID/status as numbers (KiB for the Vm/Rss ones), one read."""
-        out: dict[str, int] = {}
         with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in keys:
-                    out[key] = int(rest.split()[0])
-        return out
+            pairs = (line.partition(":") for line in f)
+            return {k: int(rest.split()[0]) for k, _, rest in pairs if k in keys}
 
     def rss_kb(self) -> int:
         return self.status("VmRSS").get("VmRSS", 0)
@@ -313,6 +290,12 @@ class ProcStat:
     def io(self) -> dict[str, int]:
         with open(f"/proc/{self.pid}/io") as f:
             return {k: int(v) for k, v in (line.split(": ") for line in f)}
+
+
+def pid(p: Proc | None) -> int:
+    """The pid of a started child process."""
+    assert p is not None and p.popen is not None
+    return p.popen.pid
 
 
 class Sampler(threading.Thread):
@@ -378,32 +361,44 @@ class Sampler(threading.Thread):
         return self.rate(key, "cpu_s", t0, t1)
 
 
-# -- the agent with the shipped defaults ------------------------------------------------------
-
-GATEWAY_ID = "bench-gw"
+# -- the agent, and the site around it ----------------------------------------------------------
 
 
 def start_agent(
     work: Path, broker_port: int, receiver_url: str, *, ready: bool = True,
-    gateway_id: str = GATEWAY_ID, **sections: dict[str, Any],
+    test_config: bool = False, env: dict[str, str] | None = None, gateway_id: str = GATEWAY_ID,
+    client_id: str = "edge-agent-bench", **sections: Any,
 ) -> Agent:  # fmt: skip
-    """Write a config with the defaults of config.example.toml plus per-section overrides
-    (e.g. aggregate={"idle_close_s": 2.0}), start `python -m agent.cli run` and wait for
-    /readyz (unless ready=False)."""
-    health_port = free_port()
-    base = {
-        "gateway_id": gateway_id,
-        "mqtt": {"host": HOST, "port": broker_port, "client_id": "edge-agent-bench",
-                 "reconnect_min_s": 0.1, "reconnect_max_s": 1.0},
-        "aggregate": {},
-        "buffer": {"path": str(work / "agent" / "buffer.sqlite3")},
-        "forward": {"url": receiver_url},
-        "health": {"listen": f"{HOST}:{health_port}"},
-        "log": {"level": "info"},
-    }  # fmt: skip
-    config = work / "agent.toml"
-    config.write_text(toml_text(merged(base, sections)))
-    agent = Agent(config, work / "agent.log", health_port).start()
+    """The agent as a child process (config work/agent.toml, outbox under work/agent/): the
+    defaults of config.example.toml but ports, paths, a 0.1-1 s MQTT reconnect and per-section
+    overrides (e.g. aggregate={"idle_close_s": 2.0}); with test_config, devtools' test config
+    instead (short lateness and linger) with the same overrides. `env` is the agent's own
+    environment (LD_PRELOAD...). Waits for /readyz unless ready=False."""
+    health_port, config = free_port(), work / "agent.toml"
+    (work / "agent").mkdir(parents=True, exist_ok=True)
+    buffer = work / "agent" / "buffer.sqlite3"
+    if test_config:
+        agent_config(path=config, gateway_id=gateway_id, mqtt_port=broker_port,
+                     receiver_url=receiver_url, buffer_path=buffer, client_id=client_id,
+                     health_port=health_port, overrides=sections)  # fmt: skip
+    else:
+        base = {
+            "gateway_id": gateway_id,
+            "mqtt": {"host": HOST, "port": broker_port, "client_id": client_id,
+                     "reconnect_min_s": 0.1, "reconnect_max_s": 1.0},
+            "aggregate": {}, "buffer": {"path": str(buffer)},
+            "forward": {"url": receiver_url}, "health": {"listen": f"{HOST}:{health_port}"},
+            "log": {"level": "info"},
+        }  # fmt: skip
+        config.write_text(toml_text(merged(base, sections)))
+    return respawn(Agent(config, work / "agent.log", health_port), env=env, ready=ready)
+
+
+def respawn(old: Agent, *, env: dict[str, str] | None = None, ready: bool = True) -> Agent:
+    """Start the agent again with the same config, health port, log and environment."""
+    agent = Agent(Path(old.args[-1]), old.log_path, old.health_port)
+    agent._env = {**os.environ, **env} if env else old._env
+    agent.start()
     try:
         if ready:
             agent.wait_ready(timeout_s=60)
@@ -413,6 +408,22 @@ def start_agent(
     return agent
 
 
+@contextlib.contextmanager
+def site(work: Path, **agent: Any) -> Iterator[tuple[Mosquitto, Receiver, Agent]]:
+    """A private Mosquitto, the reference receiver and the agent (start_agent's keywords) in
+    `work`; all stopped at the end."""
+    procs: list[Any] = []
+    try:
+        broker = Mosquitto(work / "mosquitto").start()
+        procs.append(broker)
+        receiver = Receiver(work / "cloud").start()
+        procs.append(receiver)
+        procs.append(start_agent(work, broker.port, receiver.url, **agent))
+        yield broker, receiver, procs[-1]
+    finally:
+        kill_quietly(*reversed(procs))
+
+
 def dig(doc: Any, *path: str) -> Any:
     """doc[path[0]][path[1]]..., None where a level is missing."""
     for key in path:
@@ -420,6 +431,19 @@ def dig(doc: Any, *path: str) -> Any:
             return None
         doc = doc.get(key)
     return doc
+
+
+class Nones(dict[str, Any]):
+    """A mapping for str.format where a missing key reads None, as dig() would."""
+
+    def __missing__(self, key: str) -> None:
+        return None
+
+
+def idle(status: dict[str, Any] | None) -> bool:
+    """/status says nothing is on its way: no window open, nothing unacked, the outbox empty."""
+    paths = (("aggregate", "windows_open"), ("ingest", "unacked"), ("outbox", "chunks"))
+    return all(dig(status, *p) == 0 for p in paths)
 
 
 def agent_figure(agent: Agent, *path: str) -> Any:
@@ -453,8 +477,6 @@ class LoadThread(threading.Thread):
 
 # -- baseline consumers -----------------------------------------------------------------------
 
-PROBE_TOPIC = "site/cam/probe/ready"
-
 
 class CountingSub:
     """A baseline subscriber as a child process that tells how many messages it received:
@@ -466,26 +488,23 @@ class CountingSub:
     """
 
     def __init__(self, kind: str, port: int, log_path: Path, max_seconds: float = 600) -> None:
-        self.kind = kind
-        self.count = 0
-        self.ready = threading.Event()
+        self.kind, self.count, self.ready = kind, 0, threading.Event()
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed by the reader thread
+        mosq = [HOST, "-p", str(port), "-V", "mqttv5", "-q", "1"]
         if kind == "bare":
             cmd = bench_command("bare_sub", "--port", str(port), "--max-seconds", str(max_seconds))
         else:
-            subprocess.run(
-                [shutil.which("mosquitto_pub") or "/usr/bin/mosquitto_pub", "-h", HOST, "-p",
-                 str(port), "-V", "mqttv5", "-q", "1", "-r", "-t", PROBE_TOPIC, "-m", "x"],
-                check=True, timeout=10, capture_output=True,
-            )  # fmt: skip
-            cmd = [shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub", "-h", HOST, "-p",
-                   str(port), "-V", "mqttv5", "-q", "1", "-i", f"bench-mosqsub-{os.getpid()}",
-                   "-t", "site/cam/+/+", "-D", "connect", "receive-maximum", "65535",
-                   "-F", "x", "-N"]  # fmt: skip
+            subprocess.run([shutil.which("mosquitto_pub") or "/usr/bin/mosquitto_pub", "-h", *mosq,
+                            "-r", "-t", "site/cam/probe/ready", "-m", "x"],
+                           check=True, timeout=10, capture_output=True)  # fmt: skip
+            cmd = [shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub", "-h", *mosq,
+                   "-i", f"bench-mosqsub-{os.getpid()}", "-t", "site/cam/+/+",
+                   "-D", "connect", "receive-maximum", "65535", "-F", "x", "-N"]  # fmt: skip
         self.popen = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=self._log, start_new_session=True, cwd=ROOT,
             bufsize=-1 if kind == "bare" else 0,
         )  # fmt: skip
+        self.pid = self.popen.pid
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
@@ -503,22 +522,19 @@ class CountingSub:
             while data := os.read(fd, 1 << 16):
                 raw += len(data)
                 self.ready.set()
-                self.count = max(0, raw - 1)
+                self.count = max(0, raw - 1)  # the probe
         self._log.close()
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
 
     @property
     def running(self) -> bool:
         return self.popen.poll() is None
 
-    def wait_ready(self, timeout_s: float = 30) -> None:
+    def wait_ready(self, timeout_s: float = 30) -> CountingSub:
         what = {"bare": "bare aiomqtt subscriber", "mosq": "mosquitto_sub"}[self.kind]
         wait_for(lambda: self.ready.is_set() or not self.running, timeout_s=timeout_s, what=what)
         if not self.ready.is_set():
             raise RuntimeError(f"{what} exited before subscribing")
+        return self
 
     def stop(self, timeout_s: float = 10) -> None:
         terminate(self.popen, timeout_s)

@@ -7,7 +7,7 @@
 Every run starts its own Mosquitto and reference receiver on free loopback ports, a fresh outbox,
 the agent as a child process (`edge-agent run`), and the camera simulator; it ends with a final
 SIGTERM of the agent (windows closed, drained) and compares the receiver's merged table with the
-ground truth computed from every publish the broker acknowledged (agent.sim.truth).
+ground truth computed from every publish the broker acknowledged (devtools.truth).
 
 Scenarios (each run bounded: RUN_BUDGET_S):
 
@@ -30,7 +30,6 @@ its seed and an excerpt of the agent's log.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
@@ -45,22 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.sim.cloud import load_merged
-from bench.common import (
-    OUT,
-    Agent,
-    Mosquitto,
-    Publisher,
-    Receiver,
-    agent_config,
-    dig,
-    free_port,
-    merged,
-    parser,
-    say,
-    wait_for,
-    write_json,
-)
-from devtools.truth import Expected, compare, compare_per_stream
+from bench.common import OUT, dig, parser, respawn, say, start_agent, write_json
+from devtools.procs import Agent, Mosquitto, Publisher, Receiver, merged, wait_for
+from devtools.truth import compare, compare_per_stream
 from tests.shims import build
 
 RUN_BUDGET_S = 60.0
@@ -131,155 +117,110 @@ class RunResult:
         )
 
 
-class Run:
-    def __init__(self, sc: Scenario, seed: int, workdir: Path, shim: Path | None) -> None:
-        self.sc, self.seed, self.rng = sc, seed, random.Random(seed)
-        self.workdir, self.shim = workdir, shim
-        self.res = RunResult(sc.name, seed, workdir=str(workdir))
-        self.started = time.monotonic()
-        self.deadline = self.started + RUN_BUDGET_S
-        self.agents: list[Agent] = []
-        self.agent: Agent | None = None
-        self.broker: Mosquitto | None = None
-        self.receiver: Receiver | None = None
+def plans(sc: Scenario, rng: random.Random, res: RunResult) -> list[tuple[float, Any]]:
+    """The run's schedule, drawn before anything runs so the seed alone decides it: (seconds
+    after the publishing starts, a restart kind or the receiver's fault settings)."""
+    kinds = list(sc.restarts)
+    rng.shuffle(kinds)
+    moments = sorted(rng.uniform(1.0, sc.duration_s - 1.0) for _ in kinds)
+    res.restart_schedule = [f"{k}@{t:.1f}s" for t, k in zip(moments, kinds, strict=True)]
+    plan: list[tuple[float, Any]] = list(zip(moments, kinds, strict=True))
+    if sc.late_cloud:
+        down_s, slow_s = rng.uniform(7.5, 8.5), rng.uniform(7.5, 8.5)
+        plan += [
+            (0.0, {"status": 503}),
+            (down_s, {"status": None, "delay_ms": rng.uniform(900, 1300)}),
+        ]
+        t = down_s
+        while t + 0.5 < down_s + slow_s:
+            t += 0.5
+            plan.append((t, {"delay_ms": rng.uniform(900, 1300)}))
+        plan.append((down_s + slow_s, {"delay_ms": 0}))
+        res.extra["cloud"] = f"503 for {down_s:.1f}s, slow for {slow_s:.1f}s"
+    return sorted(plan, key=lambda x: x[0])
 
-    def left(self) -> float:
-        return max(0.5, self.deadline - time.monotonic())
 
-    def start_agent(self) -> Agent:
-        a = Agent(self.cfg, self.workdir / "agent.log", self.health_port)
-        if self.shim is not None:  # the agent process only
-            a._env = {**os.environ, "LD_PRELOAD": str(self.shim)}
-        a.start()
-        self.agents.append(a)
-        a.wait_ready(timeout_s=min(30.0, self.left()))
-        self.agent = a
-        return a
+def execute(sc: Scenario, res: RunResult, work: Path, shim: Path | None, procs: list[Any]) -> None:
+    started = time.monotonic()
 
-    def sample_outbox(self) -> None:
-        """Peak outbox usage and compaction seen during the run (polled, at most every 0.25 s)."""
-        now, x = time.monotonic(), self.res.extra
-        if now - x.get("_sampled", 0.0) < 0.25 or self.agent is None:
-            return
-        x["_sampled"] = now
-        ob = (self.agent.status() or {}).get("outbox", {})
-        usage = float(ob.get("usage_of_max_bytes") or 0.0)
+    def left() -> float:
+        return max(0.5, started + RUN_BUDGET_S - time.monotonic())
+
+    def sample_outbox() -> None:  # peak outbox usage and compaction seen during the run
+        ob = (agent.status() or {}).get("outbox", {})
+        x, usage = res.extra, float(ob.get("usage_of_max_bytes") or 0.0)
         x["peak_usage"] = round(max(x.get("peak_usage", 0.0), usage), 3)
         x["peak_chunks"] = max(x.get("peak_chunks", 0), ob.get("chunks", 0))
 
-    def restart(self, kind: str) -> None:
-        assert self.agent is not None
-        if kind == "KILL":
-            self.agent.kill()
-        else:
-            self.agent.signal(signal.SIGTERM)
-            code = self.agent.wait(timeout_s=min(20.0, self.left()))
-            if code != 0:
-                raise RuntimeError(f"agent exited {code} after SIGTERM")
-        self.res.restarts += 1
-        self.start_agent()
-
-    def execute(self) -> RunResult:
-        sc = self.sc
-        broker = self.broker = Mosquitto(self.workdir / "mosquitto").start()
-        receiver = self.receiver = Receiver(self.workdir / "cloud").start()
-        self.health_port = free_port()
-        self.cfg = agent_config(
-            path=self.workdir / "agent.toml", gateway_id=GATEWAY, mqtt_port=broker.port,
-            receiver_url=receiver.url, buffer_path=self.workdir / "agent" / "buffer.sqlite3",
-            health_port=self.health_port, overrides=sc.config,
-        )  # fmt: skip
-        (self.workdir / "agent").mkdir(exist_ok=True)
-
-        # The schedule, drawn before anything runs so the seed alone decides it.
-        kinds = list(sc.restarts)
-        self.rng.shuffle(kinds)
-        moments = sorted(self.rng.uniform(1.0, sc.duration_s - 1.0) for _ in kinds)
-        schedule = list(zip(moments, kinds, strict=True))
-        self.res.restart_schedule = [f"{k}@{t:.1f}s" for t, k in schedule]
-        cloud_plan: list[tuple[float, dict[str, Any]]] = []
-        if sc.late_cloud:
-            down_s, slow_s = self.rng.uniform(7.5, 8.5), self.rng.uniform(7.5, 8.5)
-            cloud_plan.append((0.0, {"status": 503}))
-            t = down_s
-            cloud_plan.append((t, {"status": None, "delay_ms": self.rng.uniform(900, 1300)}))
-            while t + 0.5 < down_s + slow_s:
-                t += 0.5
-                cloud_plan.append((t, {"delay_ms": self.rng.uniform(900, 1300)}))
-            cloud_plan.append((down_s + slow_s, {"delay_ms": 0}))
-            self.res.extra["cloud"] = f"503 for {down_s:.1f}s, slow for {slow_s:.1f}s"
-
-        if cloud_plan and cloud_plan[0][0] == 0.0:
-            receiver.fault(**cloud_plan.pop(0)[1])
-        self.start_agent()
-        pub = Publisher(broker, self.workdir, cameras=sc.cameras, rate=sc.rate_per_camera,
-                        duration_s=sc.duration_s, seed=self.seed).start()  # fmt: skip
-        t0 = time.monotonic() + 0.5  # the simulator starts publishing half a second later
-        while schedule or cloud_plan:
-            now = time.monotonic() - t0
-            if cloud_plan and now >= cloud_plan[0][0]:
-                receiver.fault(**cloud_plan.pop(0)[1])
+    broker = Mosquitto(work / "mosquitto").start()
+    receiver = Receiver(work / "cloud").start()
+    procs += [receiver, broker]
+    plan = plans(sc, random.Random(res.seed), res)
+    if plan and plan[0][0] == 0.0 and isinstance(plan[0][1], dict):
+        receiver.fault(**plan.pop(0)[1])
+    env = {"LD_PRELOAD": str(shim)} if shim is not None else None  # the agent process only
+    agent = start_agent(work, broker.port, receiver.url, test_config=True, env=env,
+                        gateway_id=GATEWAY, client_id="edge-agent-test", **sc.config)  # fmt: skip
+    procs.append(agent)
+    pub = Publisher(broker, work, cameras=sc.cameras, rate=sc.rate_per_camera,
+                    duration_s=sc.duration_s, seed=res.seed).start()  # fmt: skip
+    t0, sampled = time.monotonic() + 0.5, 0.0  # the simulator publishes half a second later
+    while plan:
+        now = time.monotonic() - t0
+        if now >= plan[0][0]:
+            what = plan.pop(0)[1]
+            if isinstance(what, dict):
+                receiver.fault(**what)
                 continue
-            if schedule and now >= schedule[0][0]:
-                self.restart(schedule.pop(0)[1])
-                continue
-            if sc.late_cloud:
-                self.sample_outbox()
-            nxt = min(x[0] for x in (schedule[:1] + cloud_plan[:1]))
-            time.sleep(max(0.0, min(0.05, nxt - now)))
-            if time.monotonic() > self.deadline:
-                raise TimeoutError("run budget spent before the schedule was done")
-        while sc.late_cloud and pub.running:
-            self.sample_outbox()
-            pub.wait(0.25)
-        expected = pub.join()
-        self.res.extra.pop("_sampled", None)
-        self.res.published = int(pub.summary.get("published", 0))
-        self.res.acked_by_broker = int(pub.summary.get("acked", 0))
-        want = sum(e.count for e in expected.values())
-        try:
-            wait_for(lambda: receiver.messages() >= want, timeout_s=max(0.5, self.left() - 8),
-                     what=f"{want} messages at the receiver")  # fmt: skip
-        except TimeoutError as e:
-            self.res.error = str(e)
-        assert self.agent is not None
-        st = self.agent.status() or {}
-        self.res.extra["last_agent"] = {
-            k: dig(st, section, k) for section, k in (
-                ("outbox", "snapshots_written"), ("outbox", "compacted_chunks"),
-                ("ingest", "redelivered_skipped"), ("forward", "batches_failed"))
-        }  # fmt: skip
-        self.agent.signal(signal.SIGTERM)
-        try:
-            self.res.final_exit = self.agent.wait(timeout_s=min(10.0, self.left()))
-        except subprocess.TimeoutExpired:
-            self.res.error = "; ".join(x for x in (self.res.error, "final SIGTERM hung") if x)
-        self.judge(expected, receiver)
-        return self.res
-
-    def judge(self, expected: dict[tuple[str, str, int], Expected], receiver: Receiver) -> None:
-        c = (compare_per_stream if self.sc.per_stream else compare)(
-            expected, load_merged(receiver.db)
-        )
-        r = self.res
-        r.received, r.missing, r.duplicated = c.received_messages, c.missing, c.duplicated
-        r.mismatched_rows = len(c.mismatched_rows)
-        if c.mismatched_rows:
-            r.extra["mismatched"] = c.mismatched_rows[:10]
-        gw = receiver.stats().get("gateways", {}).get(GATEWAY, {})
-        r.gaps, r.out_of_order = int(gw.get("gaps", 0)), int(gw.get("out_of_order", 0))
-        r.extra["cloud_duplicates"] = int(gw.get("duplicates", 0))
-        r.ok = (
-            c.expected_messages > 0 and c.exact and r.gaps == 0 and r.out_of_order == 0
-            and r.final_exit == 0 and r.restarts == len(self.sc.restarts) and not r.error
-        )  # fmt: skip
-
-    def cleanup(self) -> None:
-        for a in self.agents:
-            a.kill()
-        for p in (self.receiver, self.broker):
-            if p is not None:
-                p.stop(timeout_s=5)
+            if what == "KILL":
+                agent.kill()
+            else:
+                agent.signal(signal.SIGTERM)
+                if (code := agent.wait(timeout_s=min(20.0, left()))) != 0:
+                    raise RuntimeError(f"agent exited {code} after SIGTERM")
+            res.restarts += 1
+            agent = respawn(agent)
+            procs.append(agent)
+            continue
+        if sc.late_cloud and time.monotonic() - sampled >= 0.25:
+            sampled = time.monotonic()
+            sample_outbox()
+        time.sleep(max(0.0, min(0.05, plan[0][0] - now)))
+        if time.monotonic() > started + RUN_BUDGET_S:
+            raise TimeoutError("run budget spent before the schedule was done")
+    while sc.late_cloud and pub.running:
+        sample_outbox()
+        pub.wait(0.25)
+    expected = pub.join()
+    res.published = int(pub.summary.get("published", 0))
+    res.acked_by_broker = int(pub.summary.get("acked", 0))
+    want = sum(e.count for e in expected.values())
+    try:
+        wait_for(lambda: receiver.messages() >= want, timeout_s=max(0.5, left() - 8),
+                 what=f"{want} messages at the receiver")  # fmt: skip
+    except TimeoutError as e:
+        res.error = str(e)
+    st = agent.status() or {}
+    res.extra["last_agent"] = {k: dig(st, section, k) for section, k in (
+        ("outbox", "snapshots_written"), ("outbox", "compacted_chunks"),
+        ("ingest", "redelivered_skipped"), ("forward", "batches_failed"))}  # fmt: skip
+    agent.signal(signal.SIGTERM)
+    try:
+        res.final_exit = agent.wait(timeout_s=min(10.0, left()))
+    except subprocess.TimeoutExpired:
+        res.error = "; ".join(x for x in (res.error, "final SIGTERM hung") if x)
+    c = (compare_per_stream if sc.per_stream else compare)(expected, load_merged(receiver.db))
+    res.received, res.missing, res.duplicated = c.received_messages, c.missing, c.duplicated
+    res.mismatched_rows = len(c.mismatched_rows)
+    if c.mismatched_rows:
+        res.extra["mismatched"] = c.mismatched_rows[:10]
+    gw = receiver.stats().get("gateways", {}).get(GATEWAY, {})
+    res.gaps, res.out_of_order = int(gw.get("gaps", 0)), int(gw.get("out_of_order", 0))
+    res.extra["cloud_duplicates"] = int(gw.get("duplicates", 0))
+    res.ok = (
+        c.expected_messages > 0 and c.exact and res.gaps == 0 and res.out_of_order == 0
+        and res.final_exit == 0 and res.restarts == len(sc.restarts) and not res.error
+    )  # fmt: skip
 
 
 def log_excerpt(workdir: Path, lines: int = 40) -> str:
@@ -296,43 +237,33 @@ def one_run(sc: Scenario, seed: int, shim: Path | None, keep: bool) -> RunResult
     workdir = OUT / "exactly_once" / sc.name / f"seed-{seed}"
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    run = Run(sc, seed, workdir, shim)
+    res, started = RunResult(sc.name, seed, workdir=str(workdir)), time.monotonic()
+    procs: list[Any] = []
     try:
-        run.execute()
+        execute(sc, res, workdir, shim, procs)
     except Exception as e:  # a run that could not finish is a failed run, with its evidence
-        run.res.error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        res.error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         (workdir / "traceback.txt").write_text(traceback.format_exc())
-        run.res.ok = False
+        res.ok = False
     finally:
-        run.cleanup()
-        run.res.duration_s = round(time.monotonic() - run.started, 1)
+        for p in reversed(procs):
+            if isinstance(p, Agent):
+                p.kill()
+            else:
+                p.stop(timeout_s=5)
+        res.duration_s = round(time.monotonic() - started, 1)
     if shim is not None:  # what the shim did, from each agent's exit line (SIGTERM exits only)
         calls = slept = 0.0
         for ln in (workdir / "agent.log").read_text(errors="replace").splitlines():
             if ln.startswith("slow-fsync shim: "):
                 parts = ln.split()
-                calls += float(parts[2])
-                slept += float(parts[4])
-        run.res.extra["fsync_calls_slowed"] = int(calls)
-        run.res.extra["fsync_ms_added"] = int(slept)
-    if run.res.ok and not keep:
+                calls, slept = calls + float(parts[2]), slept + float(parts[4])
+        res.extra.update(fsync_calls_slowed=int(calls), fsync_ms_added=int(slept))
+    if res.ok and not keep:
         shutil.rmtree(workdir, ignore_errors=True)
     else:
-        (workdir / "result.json").write_text(json.dumps(asdict(run.res), indent=2))
-    return run.res
-
-
-def summarize(name: str, results: list[RunResult]) -> dict[str, Any]:
-    durations = [r.duration_s for r in results]
-    ok = sum(r.ok for r in results)
-    return {
-        "scenario": name, "runs": len(results), "ok": ok, "failed": len(results) - ok,
-        "failed_seeds": [r.seed for r in results if not r.ok],
-        "published_total": sum(r.acked_by_broker for r in results),
-        "restarts_total": sum(r.restarts for r in results),
-        "duration_min_s": min(durations), "duration_median_s": statistics.median(durations),
-        "duration_max_s": max(durations),
-    }  # fmt: skip
+        (workdir / "result.json").write_text(json.dumps(asdict(res), indent=2))
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -358,19 +289,25 @@ def main(argv: list[str] | None = None) -> int:
             r = one_run(sc, seed, shim, args.keep)
             results.append(r)
             extra = f" schedule={','.join(r.restart_schedule)}" if r.restart_schedule else ""
-            if "cloud" in r.extra:
-                extra += f" cloud=[{r.extra['cloud']}]"
+            extra += f" cloud=[{r.extra['cloud']}]" if "cloud" in r.extra else ""
             say(r.line() + extra)
             if not r.ok:
-                excerpt = log_excerpt(Path(r.workdir))
-                failures.append((r, excerpt))
+                failures.append((r, excerpt := log_excerpt(Path(r.workdir))))
                 say(f"  FAILED seed {seed}; evidence kept in {r.workdir}")
                 if r.extra.get("mismatched"):
                     say("  " + "\n  ".join(r.extra["mismatched"]))
                 say("  agent log excerpt:\n    " + excerpt.replace("\n", "\n    "))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    s = summarize(sc.name, results)
+    durations, ok = [r.duration_s for r in results], sum(r.ok for r in results)
+    s = {
+        "scenario": sc.name, "runs": len(results), "ok": ok, "failed": len(results) - ok,
+        "failed_seeds": [r.seed for r in results if not r.ok],
+        "published_total": sum(r.acked_by_broker for r in results),
+        "restarts_total": sum(r.restarts for r in results),
+        "duration_min_s": min(durations), "duration_median_s": statistics.median(durations),
+        "duration_max_s": max(durations),
+    }  # fmt: skip
     say(
         f"SUMMARY {sc.name}: {s['ok']}/{s['runs']} exact, {s['failed']} failed"
         + (f" (seeds {s['failed_seeds']})" if s["failed_seeds"] else "")

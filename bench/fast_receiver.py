@@ -119,8 +119,8 @@ class Seqs:
 
 class Gateway:
     def __init__(self) -> None:
-        self.seqs = Seqs()
-        self.max_seq = self.gaps = self.out_of_order = self.duplicates = 0
+        self.seqs, self.max_seq = Seqs(), 0
+        self.gaps = self.out_of_order = self.duplicates = 0
 
 
 class State:
@@ -142,9 +142,7 @@ class State:
             if max_seq and b.first_seq > max_seq + 1:
                 gw.gaps += 1
             new = len(b.chunks)
-            for c in b.chunks:
-                messages += c.count
-                late += c.rev > 0
+            messages, late = sum(c.count for c in b.chunks), sum(c.rev > 0 for c in b.chunks)
             seqs.add(b.first_seq, b.last_seq)
             max_seq = max(max_seq, b.last_seq)
         else:
@@ -162,12 +160,9 @@ class State:
                 new += 1
                 messages += c.count
                 late += c.rev > 0
-        gw.max_seq = max_seq
-        gw.duplicates += dup
-        self.chunks += new
-        self.messages += messages
-        self.late_deltas += late
-        self.batches += 1
+        gw.max_seq, gw.duplicates = max_seq, gw.duplicates + dup
+        self.chunks, self.messages = self.chunks + new, self.messages + messages
+        self.late_deltas, self.batches = self.late_deltas + late, self.batches + 1
         return new, dup
 
     def accepted(self, nbytes: int) -> None:
@@ -197,7 +192,7 @@ class Handler(BaseHTTPRequestHandler):
     state: State
     null = False
 
-    def log_message(self, format: str, *args: Any) -> None:
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
 
     def _reply(self, status: int, doc: Any) -> None:

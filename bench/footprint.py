@@ -1,6 +1,6 @@
 """Footprint: 300 cameras x 10 msgs/s (3,000 msgs/s) for 60 s into the agent.
 
-The camera simulator (agent.sim.procs.Publisher: paho, QoS 1, 2 processes) publishes to a
+The camera simulator (devtools.procs.Publisher: paho, QoS 1, 2 processes) publishes to a
 private Mosquitto; the agent runs with the shipped defaults (window 1 s, allowed lateness 2 s,
 idle close 5 s, checkpoint 250 ms, synchronous = full, linger 200 ms) and forwards to the
 reference receiver. Measured on the agent's pid from /proc:
@@ -45,10 +45,7 @@ from bench.common import (
     GATEWAY_ID,
     ROOT,
     CountingSub,
-    Mosquitto,
     ProcStat,
-    Publisher,
-    Receiver,
     Report,
     Sampler,
     agent_figure,
@@ -56,26 +53,20 @@ from bench.common import (
     dig,
     fill,
     fresh_dir,
-    kill_quietly,
     parser,
+    pid,
     ratio,
     rnd,
     say,
-    start_agent,
-    wait_for,
+    site,
     weighted_percentile,
 )
+from devtools.procs import Publisher, wait_for
 from devtools.truth import compare
 
-CAMERAS = 300
-# Issue #20: with pydantic-settings loaded (it was 60 MB without pydantic, issue #13).
-PEAK_RSS_TARGET_MB = 70
-RATE = 10.0
-WINDOW_S = 1.0
-LATENESS_S = 2.0  # shipped default
-IDLE_CLOSE_S = 5.0  # shipped default
-CHECKPOINT_S = 0.25
-LINGER_S = 0.2
+CAMERAS, RATE = 300, 10.0
+PEAK_RSS_TARGET_MB = 70  # issue #20: with pydantic-settings loaded (60 MB without, issue #13)
+WINDOW_S, LATENESS_S, IDLE_CLOSE_S, CHECKPOINT_S, LINGER_S = 1.0, 2.0, 5.0, 0.25, 0.2  # shipped
 WARMUP_S = 5.0
 
 
@@ -94,9 +85,8 @@ def sqlite_baseline(db: Path, bodies_file: Path, commits: int, batches: int) -> 
         (con.executemany if args and isinstance(args[0], list) else con.execute)(sql, *args)
         con.execute("COMMIT")
 
-    commits = max(1, commits)
-    per = max(1, -(-len(bodies) // commits))
-    delete_every = max(1, round(commits / max(1, batches)))
+    per = max(1, -(-len(bodies) // max(1, commits)))
+    delete_every = max(1, round(max(1, commits) / max(1, batches)))
     last_seq = k = 0
     for i in range(0, len(bodies), per):
         group = bodies[i : i + per]
@@ -109,119 +99,98 @@ def sqlite_baseline(db: Path, bodies_file: Path, commits: int, batches: int) -> 
     transaction("DELETE FROM chunks")
     con.close()
     after = ProcStat(os.getpid()).io()
-    return {
-        "write_bytes": after["write_bytes"] - before["write_bytes"],
-        "cancelled_write_bytes": after["cancelled_write_bytes"] - before["cancelled_write_bytes"],
-        "commits": k,
-        "delete_every": delete_every,
-    }
+    d = {k: after[k] - before[k] for k in ("write_bytes", "cancelled_write_bytes")}
+    return {**d, "commits": k, "delete_every": delete_every}
 
 
 def measure(rep: Report, work: Path, duration: float) -> dict[str, Any]:
     """The run: the agent and the bare subscriber under the simulator's load, then drained;
     what was measured, by name."""
-    broker = receiver = agent = bare = None
-    try:
-        broker = Mosquitto(work / "mosquitto").start()
-        receiver = Receiver(work / "cloud").start()
-        agent = start_agent(work, broker.port, receiver.url)
-        bare = CountingSub("bare", broker.port, work / "bare.log")
-        bare.wait_ready()
-        assert agent.popen is not None and broker.popen is not None
-        ast = ProcStat(agent.popen.pid)
-        sampler = Sampler({"agent": ast.pid, "bare": bare.pid, "broker": broker.popen.pid},
-                          interval_s=0.5)  # fmt: skip
-        sampler.start()
-        time.sleep(1.0)
-        idle_rss_kb = ast.rss_kb()
-        log_size0 = (work / "agent.log").stat().st_size
-        io0 = ast.io()
-        st0 = agent.status() or {}
-        say(f"[footprint] {CAMERAS} cameras x {RATE:g} msgs/s for {duration:g} s (simulator, 2 "
-            f"processes); agent idle RSS {idle_rss_kb / 1024:.1f} MB")  # fmt: skip
-        pub = Publisher(broker, work, cameras=CAMERAS, rate=RATE, duration_s=duration, seed=11,
-                        processes=2)  # fmt: skip
-        pub_start_wall = time.time()
-        pub.start()
-        t_pub0 = time.monotonic()
-        io_pub = None
-        while pub.running:
-            pub.wait(0.5)
-            if io_pub is None and time.monotonic() - t_pub0 >= 1.5 + duration:
-                io_pub = (time.monotonic(), ast.io())
-        t_pub1, pub_end_wall = time.monotonic(), time.time()
-        io_pub = io_pub or (t_pub1, ast.io())
-        acked = int(pub.summary.get("acked", 0))
-        expected = None
+    m: dict[str, Any] = {"duration": duration}
+    with site(work) as (broker, receiver, agent):
+        bare = CountingSub("bare", broker.port, work / "bare.log").wait_ready()
         try:
-            expected = pub.join()
-        except Exception as e:
-            rep.note(f"simulator ground truth unavailable: {e}")
-        # Everything at the receiver, then the outbox drained (the deletes are part of the wear).
-        try:
-            wait_for(lambda: receiver.messages() >= acked, timeout_s=IDLE_CLOSE_S + 30,
-                     what="every message at the receiver", poll_s=0.5)  # fmt: skip
-            wait_for(lambda: agent_figure(agent, "outbox", "chunks") == 0, timeout_s=20,
-                     what="outbox drained", poll_s=0.2)  # fmt: skip
-        except TimeoutError as e:
-            rep.note(str(e))
-        time.sleep(0.5)
-        io1, hwm_kb, bare_hwm_kb = ast.io(), ast.hwm_kb(), ProcStat(bare.pid).hwm_kb()
-        st1 = agent.status() or {}
-        log_growth = (work / "agent.log").stat().st_size - log_size0
-        sampler.stop()
-        delivered, bare_count = receiver.messages(), bare.count
-    finally:
-        kill_quietly(bare, agent)
-    try:
+            ast = ProcStat(pid(agent))
+            sampler = m["sampler"] = Sampler(
+                {"agent": ast.pid, "bare": bare.pid, "broker": pid(broker)}, interval_s=0.5
+            )
+            sampler.start()
+            time.sleep(1.0)
+            m.update(idle_rss_kb=ast.rss_kb(), io0=ast.io(), st0=agent.status() or {})
+            log_size0 = (work / "agent.log").stat().st_size
+            say(f"[footprint] {CAMERAS} cameras x {RATE:g} msgs/s for {duration:g} s (simulator, "
+                f"2 processes); agent idle RSS {m['idle_rss_kb'] / 1024:.1f} MB")  # fmt: skip
+            pub = Publisher(broker, work, cameras=CAMERAS, rate=RATE, duration_s=duration,
+                            seed=11, processes=2)  # fmt: skip
+            m["pub_start_wall"], m["t_pub0"] = time.time(), time.monotonic()
+            pub.start()
+            while pub.running:
+                pub.wait(0.5)
+                if "io_pub" not in m and time.monotonic() - m["t_pub0"] >= 1.5 + duration:
+                    m["io_pub"] = (time.monotonic(), ast.io())
+            m["t_pub1"], m["pub_end_wall"] = time.monotonic(), time.time()
+            m.setdefault("io_pub", (m["t_pub1"], ast.io()))
+            acked = m["acked"] = int(pub.summary.get("acked", 0))
+            expected = None
+            try:
+                expected = pub.join()
+            except Exception as e:
+                rep.note(f"simulator ground truth unavailable: {e}")
+            # Everything at the receiver, then the outbox drained (the deletes count as wear).
+            try:
+                wait_for(lambda: receiver.messages() >= acked, timeout_s=IDLE_CLOSE_S + 30,
+                         what="every message at the receiver", poll_s=0.5)  # fmt: skip
+                wait_for(lambda: agent_figure(agent, "outbox", "chunks") == 0, timeout_s=20,
+                         what="outbox drained", poll_s=0.2)  # fmt: skip
+            except TimeoutError as e:
+                rep.note(str(e))
+            time.sleep(0.5)
+            m.update(io1=ast.io(), hwm_kb=ast.hwm_kb(), bare_hwm_kb=ProcStat(bare.pid).hwm_kb(),
+                     st1=agent.status() or {}, delivered=receiver.messages(),
+                     log_growth=(work / "agent.log").stat().st_size - log_size0)  # fmt: skip
+            sampler.stop()
+        finally:
+            bare.stop()
+        m["bare_count"] = bare.count
+        agent.stop()
         con = sqlite3.connect(receiver.db)
-        rows = [
+        m["rows"] = [
             (float(r), json.loads(b))
             for r, b in con.execute(
                 "SELECT received_at, body FROM chunks WHERE gateway = ? ORDER BY seq", (GATEWAY_ID,)
             )
         ]
         con.close()
-    finally:
-        kill_quietly(receiver, broker)
-    exact = None
-    if expected is not None:
-        exact = compare(expected, load_merged(receiver.db, GATEWAY_ID)).exact
-    return dict(
-        duration=duration, sampler=sampler, idle_rss_kb=idle_rss_kb, io0=io0, st0=st0,
-        pub_start_wall=pub_start_wall, t_pub0=t_pub0, io_pub=io_pub, t_pub1=t_pub1,
-        pub_end_wall=pub_end_wall, acked=acked, exact=exact, io1=io1, hwm_kb=hwm_kb,
-        bare_hwm_kb=bare_hwm_kb, st1=st1, log_growth=log_growth, delivered=delivered,
-        bare_count=bare_count, rows=rows,
-    )  # fmt: skip
+        m["exact"] = None if expected is None else compare(
+            expected, load_merged(receiver.db, GATEWAY_ID)).exact  # fmt: skip
+    return m
 
 
 def cpu_and_memory(rep: Report, m: dict[str, Any]) -> None:
     """CPU over the steady part of the publishing, and over each half of it; RSS."""
-    sampler, t_pub0, t_pub1, acked, duration = (
-        m[k] for k in ("sampler", "t_pub0", "t_pub1", "acked", "duration")
-    )
-    delivered, bare_count, exact = m["delivered"], m["bare_count"], m["exact"]
+    sampler, t_pub0, t_pub1, acked = m["sampler"], m["t_pub0"], m["t_pub1"], m["acked"]
     c0, c1 = t_pub0 + WARMUP_S, t_pub1 - 1.0
-    halves = ((c0, (c0 + c1) / 2), ((c0 + c1) / 2, c1))
     cpu = {k: sampler.cpu_between(k, c0, c1) for k in ("agent", "bare", "broker")}
-    cpu_a, cpu_b = (sampler.cpu_between("agent", *h) for h in halves)
-    rate = acked / duration if duration else 0
-    pct = {k: rnd(None if v is None else v * 100, 1) for k, v in cpu.items()}
+    cpu_a, cpu_b = (sampler.cpu_between("agent", *h) for h in halves(c0, c1))
+    rate = acked / m["duration"] if m["duration"] else 0
+
+    def pct(v: float | None) -> float | None:
+        return rnd(None if v is None else v * 100, 1)
+
     for key, value in (
-        ("agent_cpu_pct_first_half", rnd(None if cpu_a is None else cpu_a * 100, 1)),
-        ("agent_cpu_pct_second_half", rnd(None if cpu_b is None else cpu_b * 100, 1)),
-        ("published_acked", acked), ("delivered_messages", delivered),
-        ("bare_received", bare_count), ("msgs_per_s", round(rate, 1)),
-        ("agent_cpu_pct", pct["agent"]), ("bare_cpu_pct", pct["bare"]),
-        ("broker_cpu_pct", pct["broker"]),
+        ("agent_cpu_pct_first_half", pct(cpu_a)), ("agent_cpu_pct_second_half", pct(cpu_b)),
+        ("published_acked", acked), ("delivered_messages", m["delivered"]),
+        ("bare_received", m["bare_count"]), ("msgs_per_s", round(rate, 1)),
+        ("agent_cpu_pct", pct(cpu["agent"])), ("bare_cpu_pct", pct(cpu["bare"])),
+        ("broker_cpu_pct", pct(cpu["broker"])),
     ):  # fmt: skip
         rep.figure(key, value)
-    if exact is not None:
-        rep.figure("exact", exact)
+    if m["exact"] is not None:
+        rep.figure("exact", m["exact"])
+    truth = {True: "EXACT", False: "not exact", None: "n/a"}[m["exact"]]
     say(f"[footprint] {acked:,} messages acked by the broker ({rate:,.0f} msgs/s), "
-        f"{delivered:,} counted at the receiver, bare subscriber got {bare_count:,}; ground "
-        f"truth {'EXACT' if exact else 'not exact' if exact is False else 'n/a'}")  # fmt: skip
+        f"{m['delivered']:,} counted at the receiver, bare subscriber got {m['bare_count']:,}; "
+        f"ground truth {truth}")  # fmt: skip
     rep.row(
         f"Agent CPU at {rate:,.0f} msgs/s", "<= 10 % of one core and <= 0.35x bare aiomqtt",
         fill("{a:pct} (first half {ca:pct}, second half {cb:pct})", a=cpu["agent"], ca=cpu_a,
@@ -231,42 +200,39 @@ def cpu_and_memory(rep: Report, m: dict[str, Any]) -> None:
         None if cpu["agent"] is None or cpu["bare"] is None
         else cpu["agent"] <= 0.10 and cpu["agent"] <= 0.35 * cpu["bare"],
     )  # fmt: skip
-    hwm_kb, bare_hwm_kb, idle_rss_kb = m["hwm_kb"], m["bare_hwm_kb"], m["idle_rss_kb"]
+    hwm, bare_hwm, idle = (m[k] / 1024 for k in ("hwm_kb", "bare_hwm_kb", "idle_rss_kb"))
     quarters = [sampler.rss_at("agent", t_pub0 + (t_pub1 - t_pub0) * q / 4) for q in (1, 2, 3, 4)]
     rep.figure(
         "agent_rss_mb_by_quarter", [None if q is None else round(q / 1024, 1) for q in quarters],
         "agent RSS at 1/4, 1/2, 3/4 and the end of the publishing: "
         + ", ".join("n/a" if q is None else f"{q / 1024:.1f} MB" for q in quarters),
     )  # fmt: skip
-    rep.figure("agent_peak_rss_mb", round(hwm_kb / 1024, 1))
-    rep.figure("agent_idle_rss_mb", round(idle_rss_kb / 1024, 1))
-    rep.figure("bare_peak_rss_mb", round(bare_hwm_kb / 1024, 1))
-    rep.row(
-        f"Agent peak RSS, {CAMERAS} cameras", f"<= {PEAK_RSS_TARGET_MB} MB",
-        f"{hwm_kb / 1024:.1f} MB (VmHWM)",
-        f"bare aiomqtt {bare_hwm_kb / 1024:.1f} MB; agent idle before load "
-        f"{idle_rss_kb / 1024:.1f} MB", hwm_kb / 1024 <= PEAK_RSS_TARGET_MB,
-    )  # fmt: skip
+    rep.figure("agent_peak_rss_mb", round(hwm, 1))
+    rep.figure("agent_idle_rss_mb", round(idle, 1))
+    rep.figure("bare_peak_rss_mb", round(bare_hwm, 1))
+    rep.row(f"Agent peak RSS, {CAMERAS} cameras", f"<= {PEAK_RSS_TARGET_MB} MB",
+            f"{hwm:.1f} MB (VmHWM)", f"bare aiomqtt {bare_hwm:.1f} MB; agent idle before load "
+            f"{idle:.1f} MB", hwm <= PEAK_RSS_TARGET_MB)  # fmt: skip
+
+
+def halves(c0: float, c1: float) -> tuple[tuple[float, float], tuple[float, float]]:
+    return (c0, (c0 + c1) / 2), ((c0 + c1) / 2, c1)
 
 
 def writes(rep: Report, m: dict[str, Any], work: Path) -> dict[str, Any]:
     """SQLite bytes written: per second, per byte of chunks, against raw SQLite's; the agent's
     counters."""
-    io0, io1, io_pub, st0, st1, t_pub0, log_growth, rows, duration, sampler = (
-        m[k] for k in ("io0", "io1", "io_pub", "st0", "st1", "t_pub0", "log_growth", "rows",
-                       "duration", "sampler")
-    )  # fmt: skip
-    c0, c1 = t_pub0 + WARMUP_S, m["t_pub1"] - 1.0
-    halves = ((c0, (c0 + c1) / 2), ((c0 + c1) / 2, c1))
-    wb_pub = io_pub[1]["write_bytes"] - io0["write_bytes"]
-    wb_all = io1["write_bytes"] - io0["write_bytes"] - log_growth
+    io0, io1, (t_io, io_pub), st0, st1 = m["io0"], m["io1"], m["io_pub"], m["st0"], m["st1"]
+    wb_pub = io_pub["write_bytes"] - io0["write_bytes"]
+    wb_all = io1["write_bytes"] - io0["write_bytes"] - m["log_growth"]
     cancelled = io1["cancelled_write_bytes"] - io0["cancelled_write_bytes"]
-    pub_s = io_pub[0] - t_pub0
-    bodies = [msgspec.json.encode({k: v for k, v in c.items() if k != "seq"}) for _, c in rows]
+    pub_s = t_io - m["t_pub0"]
+    bodies = [msgspec.json.encode({k: v for k, v in c.items() if k != "seq"}) for _, c in m["rows"]]
     chunk_bytes = sum(len(b) for b in bodies)
     wear, wear_net = ratio(wb_all, chunk_bytes), ratio(wb_all - cancelled, chunk_bytes)
-    chunk_rate = chunk_bytes / duration  # chunks are produced evenly while the cameras publish
-    wr_a, wr_b = (sampler.rate("agent", "write_bytes", *h) for h in halves)
+    chunk_rate = chunk_bytes / m["duration"]  # chunks come evenly while the cameras publish
+    h = halves(m["t_pub0"] + WARMUP_S, m["t_pub1"] - 1.0)
+    wr_a, wr_b = (m["sampler"].rate("agent", "write_bytes", *x) for x in h)
     wear_a, wear_b = ratio(wr_a, chunk_rate), ratio(wr_b, chunk_rate)
     commits, batches = (
         (dig(st1, *path) or 0) - (dig(st0, *path) or 0)
@@ -280,19 +246,20 @@ def writes(rep: Report, m: dict[str, Any], work: Path) -> dict[str, Any]:
         cwd=ROOT, capture_output=True, text=True, check=True, timeout=300,
     ).stdout)  # fmt: skip
     base_wear = ratio(base["write_bytes"], chunk_bytes)
-    rep.figure("wear_net_of_cancelled", rnd(wear_net))
-    rep.figure("write_bytes_per_s_first_half", rnd(wr_a, None))
-    rep.figure("write_bytes_per_s_second_half", rnd(wr_b, None))
-    rep.figure("wear_first_half", rnd(wear_a))
-    rep.figure("wear_second_half", rnd(wear_b))
+    outbox, fw = st1.get("outbox") or {}, st1.get("forward") or {}
+    for key, value in (
+        ("wear_net_of_cancelled", rnd(wear_net)), ("write_bytes_per_s_first_half", rnd(wr_a, None)),
+        ("write_bytes_per_s_second_half", rnd(wr_b, None)), ("wear_first_half", rnd(wear_a)),
+        ("wear_second_half", rnd(wear_b)),
+    ):  # fmt: skip
+        rep.figure(key, value)
     rep.figure("sqlite_write_bytes_per_s", round(wb_pub / pub_s) if pub_s > 0 else None,
                f"agent write_bytes during publishing: {wb_pub:,} B in {pub_s:.1f} s = "
                f"{wb_pub / pub_s / 1024:,.0f} KiB/s")  # fmt: skip
-    outbox, fw = st1.get("outbox") or {}, st1.get("forward") or {}
     for key, value in (
         ("write_bytes_run", wb_all), ("cancelled_write_bytes_run", cancelled),
-        ("log_bytes_excluded", log_growth), ("chunks", len(bodies)), ("chunk_bytes", chunk_bytes),
-        ("chunks_committed", outbox.get("chunks_committed")),
+        ("log_bytes_excluded", m["log_growth"]), ("chunks", len(bodies)),
+        ("chunk_bytes", chunk_bytes), ("chunks_committed", outbox.get("chunks_committed")),
         ("snapshots_written", outbox.get("snapshots_written")), ("checkpoints", commits),
         ("batches_sent", batches), ("sqlite_baseline", base),
     ):  # fmt: skip
@@ -328,26 +295,20 @@ def writes(rep: Report, m: dict[str, Any], work: Path) -> dict[str, Any]:
 
 def delay(rep: Report, m: dict[str, Any]) -> None:
     """Publish -> receiver delay per message, in windows closed while the cameras published."""
-    rows, pub_start_wall, pub_end_wall = m["rows"], m["pub_start_wall"], m["pub_end_wall"]
-    steady_until = pub_end_wall - (WINDOW_S + LATENESS_S) - 0.5
+    steady_until = m["pub_end_wall"] - (WINDOW_S + LATENESS_S) - 0.5
     oldest, newest, oldest_all = [], [], []
-    for received_at, c in rows:
+    for received_at, c in m["rows"]:
         if c.get("rev", 0) != 0:
             continue
-        w = int(c.get("count", 0))
-        d_old = received_at - float(c["event_first"])
+        w, d_old = int(c.get("count", 0)), received_at - float(c["event_first"])
         oldest_all.append((d_old, w))
         t = float(c["t"])
-        if t + float(c.get("width_s", 1)) <= steady_until and t >= pub_start_wall + 1:
+        if t + float(c.get("width_s", 1)) <= steady_until and t >= m["pub_start_wall"] + 1:
             oldest.append((d_old, w))
             newest.append((received_at - float(c["event_last"]), w))
-    d = {
-        "delay_p50_upper_s": weighted_percentile(oldest, 50),
-        "delay_p99_upper_s": weighted_percentile(oldest, 99),
-        "delay_p50_lower_s": weighted_percentile(newest, 50),
-        "delay_p99_lower_s": weighted_percentile(newest, 99),
-        "delay_p99_upper_incl_end_of_run_s": weighted_percentile(oldest_all, 99),
-    }
+    d = {f"delay_p{p}_{b}_s": weighted_percentile(x, p)
+         for b, x in (("upper", oldest), ("lower", newest)) for p in (50, 99)}  # fmt: skip
+    d["delay_p99_upper_incl_end_of_run_s"] = weighted_percentile(oldest_all, 99)
     for k, v in d.items():
         rep.figure(k, rnd(v, 3))
     target = WINDOW_S + LATENESS_S + 1.0
@@ -379,8 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         db, bodies, commits, batches = args.sqlite_baseline
         print(json.dumps(sqlite_baseline(Path(db), Path(bodies), int(commits), int(batches))))
         return 0
-    rep = Report("footprint", args.quick)
-    work = fresh_dir("footprint")
+    rep, work = Report("footprint", args.quick), fresh_dir("footprint")
     m = measure(rep, work, args.duration or (32.0 if args.quick else 60.0))
     cpu_and_memory(rep, m)
     c = writes(rep, m, work)

@@ -6,10 +6,11 @@ payload ("pill", bench/pills.py), for minutes, with real processes.
 
 One run: its own Mosquitto and reference receiver on free loopback ports, a fresh outbox, the
 agent as a child process (`edge-agent run`), the camera simulator (agent.sim.cameras, its ground
-truth) as the honest cameras, and, in parallel, a hostile publisher (paho, QoS 1, its own client
-ids, camera ids `evil-*` / `flood-*`, never `cam-*`) looping over every pill at a few hundred
-msgs/s. Every few seconds: the agent's RSS (/proc/<pid>/status VmRSS), CPU (utime + stime),
-threads, /healthz and /status (rejects by reason, MQTT reconnects, counters).
+truth) as the honest cameras, and, in parallel, a hostile publisher (raw MQTT v5 from
+bench.loadgen, QoS 1, its own client ids, camera ids `evil-*` / `flood-*`, never `cam-*`)
+looping over every pill at a few hundred msgs/s. Every few seconds: the agent's RSS
+(/proc/<pid>/status VmRSS), CPU (utime + stime), threads, /healthz and /status (rejects by
+reason, MQTT reconnects, counters).
 
 At the end the hostile publisher stops, the honest one finishes, the script waits for delivery,
 takes the final /status, stops the agent (SIGTERM, exit 0 expected) and judges:
@@ -27,10 +28,9 @@ takes the final /status, stops the agent (SIGTERM, exit 0 expected) and judges:
   counted at the cloud or rejected as too_many_cameras, nothing else; a payload far over
   mqtt.max_payload_bytes is dropped by the broker (see the README) and appears nowhere.
 
-A payload with invalid UTF-8 in its topic cannot be published with paho (it encodes topics); it
-is sent with a minimal raw MQTT v5 client on its own connection, once a second. Mosquitto
-validates topic UTF-8 and disconnects such a client, so the agent never sees it: the outcome is
-reported (and, should one be acknowledged, it is expected as bad_topic_encoding).
+A payload with invalid UTF-8 in its topic is sent on its own connection, once a second.
+Mosquitto validates topic UTF-8 and disconnects such a client, so the agent never sees it: the
+outcome is reported (and, should one be acknowledged, it is expected as bad_topic_encoding).
 
 Prints a summary; writes bench/HOSTILE_SOAK.md (unless --no-md) with the date, commit,
 parameters and figures. The working directory is kept under bench/out/hostile_soak/ on failure
@@ -48,6 +48,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import sys
 import threading
 import time
@@ -56,31 +57,25 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-
 from agent.sim.cameras import camera_name
 from agent.sim.cloud import load_merged
 from bench.common import (
     BENCH,
-    HOST,
     OUT,
-    Agent,
-    Mosquitto,
-    Publisher,
-    Receiver,
+    Nones,
     Sampler,
-    agent_config,
     dig,
-    free_port,
+    idle,
     machine_description,
     parser,
+    pid,
     say,
-    wait_for,
+    site,
     write_json,
 )
-from bench.loadgen import connect_packet, mqtt_str, read_packet, varint
+from bench.loadgen import connect, mqtt_str, publish_packet, read_packet, split_packets
 from bench.pills import MAX_PAYLOAD, PILLS, RAW_TOPICS, SIDE_COUNTERS, STREAMS
+from devtools.procs import HOST, Agent, Publisher, wait_for
 from devtools.truth import compare
 
 GATEWAY = "gw-hostile"
@@ -88,30 +83,27 @@ GATEWAY = "gw-hostile"
 
 def raw_publish(port: int, topic: bytes, payload: bytes, client_id: str) -> str:
     """CONNECT (v5, clean start), PUBLISH QoS 1 on a raw topic; what the broker answered."""
-    with socket.create_connection((HOST, port), timeout=5) as s:
-        s.sendall(connect_packet(client_id, keepalive=30))
-        got = read_packet(s)
-        if got is None or got[0] >> 4 != 2:
-            return "no_connack"
-        pub = mqtt_str(topic) + b"\x00\x01" + b"\x00" + payload
-        s.sendall(b"\x32" + varint(len(pub)) + pub)
-        got = read_packet(s)
-        if got is None:
+    try:
+        sock, _ = connect(HOST, port, client_id, timeout_s=5)
+    except ConnectionError:
+        return "no_connack"
+    with sock:
+        sock.settimeout(5)
+        sock.sendall(publish_packet(mqtt_str(topic), 1, payload))
+        if (got := read_packet(sock)) is None:
             return "disconnected"
         kind, body = got[0] >> 4, got[1]
         if kind == 4:
             with contextlib.suppress(OSError):
-                s.sendall(b"\xe0\x00")
+                sock.sendall(b"\xe0\x00")
             rc = body[2] if len(body) > 2 else 0
             return "puback" if rc < 0x80 else f"puback_rc_{rc:#x}"
-        if kind == 14:
-            return f"disconnect_rc_{body[0] if body else 0:#x}"
-        return f"packet_{kind}"
+        return f"disconnect_rc_{body[0] if body else 0:#x}" if kind == 14 else f"packet_{kind}"
 
 
 class Hostile:
-    """Loops over every pill at `rate` msgs/s (weighted, seeded) on one paho client (QoS 1);
-    the raw bad-topic pill once a second on its own connections."""
+    """Loops over every pill at `rate` msgs/s (weighted, seeded) on one raw MQTT connection (QoS
+    1, at most 1,000 in flight); the raw bad-topic pill once a second on its own connections."""
 
     def __init__(self, port: int, rate: float, seed: int, skip: frozenset[str]) -> None:
         self.port, self.rate, self.rng = port, rate, random.Random(seed)
@@ -124,10 +116,8 @@ class Hostile:
         self.flood_acked: set[str] = set()
         self.connects = self.disconnects = 0
         self.error = ""
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._inflight: dict[int, tuple[str, str]] = {}
-        self._early: dict[int, int] = {}
+        self._stop, self._lock = threading.Event(), threading.Lock()
+        self._inflight: dict[int, tuple[str, str]] = {}  # packet id -> (pill, topic)
         self._threads = [threading.Thread(target=f, daemon=True) for f in (self._run, self._raw)]
 
     def start(self) -> Hostile:
@@ -140,82 +130,78 @@ class Hostile:
         for t in self._threads:
             t.join(timeout=60)
 
-    def _settle(self, mid: int, rc: int) -> None:
-        name, topic = self._inflight.pop(mid)
-        if rc >= 0x80:
-            self.ack_rc[f"{name}:{rc:#x}"] += 1
-            return
-        self.acked[name] += 1
-        if self.by_name[name].outcome == "flood":
-            self.flood_acked.add(topic.split("/")[2])
+    def _acks(self, sock: socket.socket) -> None:
+        buf = b""
+        with contextlib.suppress(OSError):
+            while data := sock.recv(1 << 16):
+                packets, used = split_packets(buf := buf + data)
+                for first, j, end in packets:
+                    if first >> 4 == 14:
+                        self.disconnects += 1
+                    if first >> 4 != 4:
+                        continue
+                    rc = buf[j + 2] if end - j > 2 else 0
+                    with self._lock:
+                        name, topic = self._inflight.pop(struct.unpack_from("!H", buf, j)[0])
+                    if rc >= 0x80:
+                        self.ack_rc[f"{name}:{rc:#x}"] += 1
+                        continue
+                    self.acked[name] += 1
+                    if self.by_name[name].outcome == "flood":
+                        self.flood_acked.add(topic.split("/")[2])
+                buf = buf[used:]
 
     def _run(self) -> None:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"hostile-{time.time_ns()}",
-                             protocol=mqtt.MQTTv5)  # fmt: skip
-        client.max_inflight_messages_set(1000)
-        client.max_queued_messages_set(0)
-
-        def on_publish(_c: Any, _u: Any, mid: int, rc: Any, _p: Any) -> None:
-            value = int(getattr(rc, "value", rc) or 0)
-            with self._lock:
-                if mid in self._inflight:
-                    self._settle(mid, value)
-                else:
-                    self._early[mid] = value
-
-        def on_connect(*_a: Any) -> None:
-            self.connects += 1
-
-        def on_disconnect(*_a: Any) -> None:
-            self.disconnects += 1
-
-        client.on_publish = on_publish
-        client.on_connect = on_connect
-        client.on_disconnect = on_disconnect
         try:
-            client.connect(HOST, self.port, keepalive=30)
-            client.loop_start()
-            names = [p.name for p in self.pills]
-            weights = [p.weight for p in self.pills]
-            start, n_sent = time.monotonic(), 0
+            sock, receive_max = connect(HOST, self.port, f"hostile-{time.time_ns()}")
+        except OSError as e:
+            self.error = f"{type(e).__name__}: {e}"
+            return
+        self.connects += 1
+        reader = threading.Thread(target=self._acks, args=(sock,), daemon=True)
+        reader.start()
+        names, weights = [p.name for p in self.pills], [p.weight for p in self.pills]
+        try:
+            start, n_sent, mid = time.monotonic(), 0, 0
             while not self._stop.is_set():
                 due = int(self.rate * (time.monotonic() - start)) - n_sent
-                for _ in range(min(due, 500)):
+                parts = []
+                for _ in range(max(0, min(due, 500, min(1000, receive_max) - len(self._inflight)))):
                     pill = self.by_name[self.rng.choices(names, weights)[0]]
                     topic = pill.topic(self.sent[pill.name])
-                    info = client.publish(topic, pill.payload(time.time()), qos=1)
                     with self._lock:
-                        self._inflight[info.mid] = (pill.name, topic)
-                        if info.mid in self._early:
-                            self._settle(info.mid, self._early.pop(info.mid))
+                        while (mid := mid % 65535 + 1) in self._inflight:
+                            pass
+                        self._inflight[mid] = (pill.name, topic)
+                    parts.append(publish_packet(mqtt_str(topic), mid, pill.payload(time.time())))
                     self.sent[pill.name] += 1
                     n_sent += 1
+                sock.sendall(b"".join(parts))
                 time.sleep(0.01)
             deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                with self._lock:
-                    if not self._inflight:
-                        break
+            while self._inflight and reader.is_alive() and time.monotonic() < deadline:
                 time.sleep(0.05)
-            with self._lock:
-                if self._inflight:
-                    self.error = f"{len(self._inflight)} hostile publishes never acknowledged"
+            sock.sendall(b"\xe0\x00")
         except Exception as e:  # reported, and the run fails
             self.error = f"{type(e).__name__}: {e}"
         finally:
-            client.disconnect()
-            client.loop_stop()
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            reader.join(timeout=5)
+            sock.close()
+            if self._inflight and not self.error:
+                self.error = f"{len(self._inflight)} hostile publishes never acknowledged"
 
     def _raw(self) -> None:
-        n = 0
-        while not self._stop.wait(1.0):
+        for n in itertools.count():
+            if self._stop.wait(1.0):
+                return
             try:
                 out = raw_publish(self.port, RAW_TOPICS[n % 3], b'{"conf": 0.5}',
                                   f"hostile-raw-{time.time_ns()}")  # fmt: skip
             except OSError as e:
                 out = f"error_{type(e).__name__}"
             self.raw_outcomes[out] += 1
-            n += 1
 
 
 class Watch:
@@ -237,8 +223,7 @@ class Watch:
 
     def __call__(self, s: dict[str, Any], _prev: dict[str, Any] | None) -> None:
         t = s["t"] - self.t0
-        proc = s.pop("agent", None)
-        s["t"] = round(t, 1)
+        proc, s["t"] = s.pop("agent", None), round(t, 1)
         if not self.agent.running:
             self.problems.append(f"t={t:.1f}s agent not running (exit {self.popen.poll()})")
             return
@@ -258,8 +243,7 @@ class Watch:
         if s["healthz"] != 200:
             self.problems.append(f"t={t:.1f}s /healthz answered {s['healthz']}")
         st = self.agent.status() or {}
-        for key, path in self.STATUS:
-            s[key] = dig(st, *path)
+        s.update({key: dig(st, *path) for key, path in self.STATUS})
         s["rejects"] = dig(st, "ingest", "rejects") or {}
         if s["reconnects"]:
             self.problems.append(f"t={t:.1f}s mqtt.reconnects = {s['reconnects']}")
@@ -273,128 +257,106 @@ def window_median(samples: list[dict[str, Any]], lo: float, hi: float) -> float 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     res: dict[str, Any] = {"checks": {}, "failures": []}
     checks: dict[str, bool] = res["checks"]
-    procs: list[Any] = []
     try:
-        broker = Mosquitto(workdir / "mosquitto").start()
-        procs.append(broker)
-        receiver = Receiver(workdir / "cloud").start()
-        procs.append(receiver)
-        health_port = free_port()
-        (workdir / "agent").mkdir(exist_ok=True)
-        cfg = agent_config(
-            path=workdir / "agent.toml", gateway_id=GATEWAY, mqtt_port=broker.port,
-            receiver_url=receiver.url, buffer_path=workdir / "agent" / "buffer.sqlite3",
-            health_port=health_port, client_id="edge-agent-hostile-soak",
-            overrides={"mqtt": {"max_payload_bytes": MAX_PAYLOAD},
-                       "aggregate": {"max_cameras": args.max_cameras}, "streams": STREAMS},
-        )  # fmt: skip
-        res["config"] = cfg.read_text()
-        agent = Agent(cfg, workdir / "agent.log", health_port).start()
-        procs.append(agent)
-        agent.wait_ready(timeout_s=30)
-        assert agent.popen is not None
-        pid = res["agent_pid"] = agent.popen.pid
-        say(f"agent pid {pid}, broker :{broker.port}, receiver :{receiver.port}, "
-            f"health :{health_port}, workdir {workdir}")  # fmt: skip
+        with site(workdir, test_config=True, gateway_id=GATEWAY,
+                  client_id="edge-agent-hostile-soak", mqtt={"max_payload_bytes": MAX_PAYLOAD},
+                  aggregate={"max_cameras": args.max_cameras}, streams=STREAMS,
+                  ) as (broker, receiver, agent):  # fmt: skip
+            res["config"] = (workdir / "agent.toml").read_text()
+            apid = res["agent_pid"] = pid(agent)
+            say(f"agent pid {apid}, broker :{broker.port}, receiver :{receiver.port}, "
+                f"health :{agent.health_port}, workdir {workdir}")  # fmt: skip
+            t0 = time.monotonic()
+            watch = Watch(agent, t0)
+            sampler = Sampler({"agent": apid}, args.sample_s, extra=watch)
+            sampler.start()
+            pub = Publisher(broker, workdir, cameras=args.cameras, rate=args.rate_per_camera,
+                            duration_s=args.duration_s, seed=args.seed).start()  # fmt: skip
+            wait_for(lambda: (dig(agent.status(), "ingest", "counted") or 0) > 0, timeout_s=30,
+                     what="honest traffic counted")  # fmt: skip
+            hostile = Hostile(broker.port, args.hostile_rate, args.seed, frozenset(args.skip_pills))
+            hostile.start()
+            say(f"honest cameras publishing ({args.cameras} x {args.rate_per_camera:g}/s), "
+                f"hostile publisher started ({args.hostile_rate:g}/s)")  # fmt: skip
+            next_line = time.monotonic() + 30
+            while time.monotonic() < t0 + args.duration_s and agent.running:
+                time.sleep(0.2)
+                if time.monotonic() >= next_line:
+                    next_line += 30
+                    s = sampler.samples[-1]
+                    say(f"  t={s['t']:6.1f}s rss={s.get('rss_kb', 0) / 1024:6.1f} MiB "
+                        f"rate10s={s.get('msgs_per_s_10s')} cameras={s.get('cameras')} "
+                        f"rejects={sum((s.get('rejects') or {}).values())} "
+                        f"reconnects={s.get('reconnects')} "
+                        f"hostile_sent={sum(hostile.sent.values())}")  # fmt: skip
+            hostile.stop()
+            res["hostile_stopped_at_s"] = round(time.monotonic() - t0, 1)
+            expected = pub.join()
+            res["honest_summary"] = pub.summary
+            honest_ids = {camera_name(i) for i in range(args.cameras)}
 
-        t0 = time.monotonic()
-        watch = Watch(agent, t0)
-        sampler = Sampler({"agent": pid}, args.sample_s, extra=watch)
-        sampler.start()
-        pub = Publisher(broker, workdir, cameras=args.cameras, rate=args.rate_per_camera,
-                        duration_s=args.duration_s, seed=args.seed).start()  # fmt: skip
-        wait_for(lambda: agent_counted(agent) > 0, timeout_s=30, what="honest traffic counted")
-        hostile = Hostile(broker.port, args.hostile_rate, args.seed, frozenset(args.skip_pills))
-        hostile.start()
-        say(f"honest cameras publishing ({args.cameras} x {args.rate_per_camera:g}/s), "
-            f"hostile publisher started ({args.hostile_rate:g}/s)")  # fmt: skip
-        end = t0 + 0.5 + args.duration_s
-        next_line = time.monotonic() + 30
-        while time.monotonic() < end - 0.5 and agent.running:
-            time.sleep(0.2)
-            if time.monotonic() >= next_line:
-                next_line += 30
-                s = sampler.samples[-1]
-                say(f"  t={s['t']:6.1f}s rss={s.get('rss_kb', 0) / 1024:6.1f} MiB "
-                    f"rate10s={s.get('msgs_per_s_10s')} cameras={s.get('cameras')} "
-                    f"rejects={sum((s.get('rejects') or {}).values())} "
-                    f"reconnects={s.get('reconnects')} "
-                    f"hostile_sent={sum(hostile.sent.values())}")  # fmt: skip
-        hostile.stop()
-        res["hostile_stopped_at_s"] = round(time.monotonic() - t0, 1)
-        expected = pub.join()
-        res["honest_summary"] = pub.summary
-        honest_ids = {camera_name(i) for i in range(args.cameras)}
+            def delivered() -> bool:  # everything the agent counted is at the receiver, none open
+                st = agent.status()
+                return idle(st) and receiver.messages() == dig(st, "ingest", "counted")
 
-        def delivered() -> bool:  # everything the agent counted is at the receiver, none open
-            st = agent.status() or {}
-            return bool(
-                dig(st, "aggregate", "windows_open") == 0 and dig(st, "ingest", "unacked") == 0
-                and receiver.messages() == st.get("ingest", {}).get("counted", -1)
+            try:
+                wait_for(delivered, timeout_s=90, poll_s=0.5,
+                         what="delivery of every counted message")  # fmt: skip
+            except TimeoutError as e:
+                res["failures"].append(str(e))
+            sampler.stop()
+            sampler.take()
+            final = res["final_status"] = agent.status() or {}
+            samples = res["samples"] = sampler.samples
+            checks["same agent pid, never exited"] = (
+                agent.running and pid(agent) == apid
+                and not any("not running" in p for p in watch.problems)
             )  # fmt: skip
+            checks["the agent is one process (no child processes at any sample)"] = all(
+                not s.get("children") for s in samples
+            )
+            checks["/healthz 200 at every sample"] = all(s.get("healthz") == 200 for s in samples)
+            checks["mqtt.reconnects 0 throughout"] = (
+                all(not s.get("reconnects") for s in samples)
+                and dig(final, "mqtt", "reconnects") == 0)  # fmt: skip
+            res["agent_exit"] = agent.stop(timeout_s=30)
+            checks["agent exit 0 on SIGTERM"] = res["agent_exit"] == 0
 
-        try:
-            wait_for(delivered, timeout_s=90, poll_s=0.5, what="delivery of every counted message")
-        except TimeoutError as e:
-            res["failures"].append(str(e))
-        sampler.stop()
-        sampler.take()
-        final = res["final_status"] = agent.status() or {}
-        samples = res["samples"] = sampler.samples
-        checks["same agent pid, never exited"] = (
-            agent.running and agent.popen.pid == pid
-            and not any("not running" in p for p in watch.problems)
-        )  # fmt: skip
-        checks["the agent is one process (no child processes at any sample)"] = all(
-            not s.get("children") for s in samples
-        )
-        checks["/healthz 200 at every sample"] = all(s.get("healthz") == 200 for s in samples)
-        checks["mqtt.reconnects 0 throughout"] = (
-            all(not s.get("reconnects") for s in samples) and dig(final, "mqtt", "reconnects") == 0
-        )
-        res["agent_exit"] = agent.stop(timeout_s=30)
-        checks["agent exit 0 on SIGTERM"] = res["agent_exit"] == 0
-
-        # -- honest: exact per (camera, stream, second)
-        merged = load_merged(receiver.db)
-        cmp = compare(expected, {k: c for k, c in merged.items() if k[0] in honest_ids})
-        res["honest"] = {
-            "published": pub.summary.get("published"), "acked_by_broker": pub.summary.get("acked"),
-            "expected": cmp.expected_messages, "received": cmp.received_messages,
-            "missing": cmp.missing, "duplicated": cmp.duplicated,
-            "mismatched_rows": cmp.mismatched_rows[:10],
-            "rate_msgs_per_s": pub.summary.get("rate_msgs_per_s"),
-        }  # fmt: skip
-        checks["honest exact (missing 0, duplicated 0, rows equal)"] = (
-            cmp.exact and sum(e.count for e in expected.values()) > 0
-        )
-        gw = receiver.stats().get("gateways", {}).get(GATEWAY, {})
-        res["receiver"] = {k: gw.get(k) for k in ("gaps", "out_of_order", "duplicates")}
-        checks["receiver: no seq gap, none out of order"] = not gw.get("gaps") and not gw.get(
-            "out_of_order"
-        )
-        judge_pills(res, hostile, merged, honest_ids, final, args.skip_pills)
-        checks["no honest or hostile publisher reconnect"] = (
-            not pub.summary.get("reconnects") and hostile.connects == 1
-        )
-
-        resources(res, samples, args.duration_s)
-        res["sampler_problems"] = watch.problems[:20]
-        res["broker_malformed_disconnects"] = broker.log_text().count(
-            "disconnected due to malformed packet"
-        )
-        alog = agent.log_text()
-        res["agent_log"] = {"lines": alog.count("\n"), "bytes": len(alog.encode())}
-        res["cameras_forgotten_at_cap"] = final.get("aggregate", {}).get(
-            "cameras_forgotten_at_cap", 0
-        )
+            # -- honest: exact per (camera, stream, second)
+            merged = load_merged(receiver.db)
+            cmp = compare(expected, {k: c for k, c in merged.items() if k[0] in honest_ids})
+            res["honest"] = {
+                "published": pub.summary.get("published"),
+                "acked_by_broker": pub.summary.get("acked"), "expected": cmp.expected_messages,
+                "received": cmp.received_messages, "missing": cmp.missing,
+                "duplicated": cmp.duplicated, "mismatched_rows": cmp.mismatched_rows[:10],
+                "rate_msgs_per_s": pub.summary.get("rate_msgs_per_s"),
+            }  # fmt: skip
+            checks["honest exact (missing 0, duplicated 0, rows equal)"] = (
+                cmp.exact and sum(e.count for e in expected.values()) > 0
+            )
+            gw = receiver.stats().get("gateways", {}).get(GATEWAY, {})
+            res["receiver"] = {k: gw.get(k) for k in ("gaps", "out_of_order", "duplicates")}
+            checks["receiver: no seq gap, none out of order"] = not gw.get("gaps") and not gw.get(
+                "out_of_order"
+            )
+            judge_pills(res, hostile, merged, honest_ids, final, args.skip_pills)
+            checks["no honest or hostile publisher reconnect"] = (
+                not pub.summary.get("reconnects") and hostile.connects == 1
+            )
+            resources(res, samples, args.duration_s)
+            res["sampler_problems"] = watch.problems[:20]
+            res["broker_malformed_disconnects"] = broker.log_text().count(
+                "disconnected due to malformed packet"
+            )
+            alog = agent.log_text()
+            res["agent_log"] = {"lines": alog.count("\n"), "bytes": len(alog.encode())}
+            res["cameras_forgotten_at_cap"] = (
+                dig(final, "aggregate", "cameras_forgotten_at_cap") or 0
+            )
     except Exception as e:
         res["failures"].append(f"{type(e).__name__}: {e}")
         (workdir / "traceback.txt").write_text(traceback.format_exc())
-    finally:
-        for p in reversed(procs):
-            with contextlib.suppress(Exception):
-                p.stop(timeout_s=10)
     res["ok"] = bool(checks) and all(checks.values()) and not res["failures"]
     return res
 
@@ -431,10 +393,6 @@ def resources(res: dict[str, Any], samples: list[dict[str, Any]], duration_s: fl
     )
 
 
-def agent_counted(agent: Agent) -> int:
-    return int(dig(agent.status(), "ingest", "counted") or 0)
-
-
 def judge_pills(
     res: dict[str, Any], hostile: Hostile, merged: dict[Any, Any], honest_ids: set[str],
     final: dict[str, Any], skip: list[str],
@@ -464,18 +422,18 @@ def judge_pills(
         if p.outcome.startswith("reject:"):
             want_rejects[p.outcome.split(":", 1)[1]] += n
         elif p.outcome == "counted":
-            row["at_cloud"] = per_camera.get(p.camera, 0)
-            row["ok"] = row["at_cloud"] == n
-            for k, v in p.side.items():
-                want_side[k] += v * n
-            row["expect"] = "counted" + (
-                " + " + ", ".join(f"{k}×{v}" for k, v in p.side.items()) if p.side else ""
+            row.update(
+                at_cloud=per_camera.get(p.camera, 0),
+                expect="counted"
+                + (" + " + ", ".join(f"{k}×{v}" for k, v in p.side.items()) if p.side else ""),
             )
+            row["ok"] = row["at_cloud"] == n
+            want_side.update({k: v * n for k, v in p.side.items()})
         elif p.outcome == "flood":
-            row["at_cloud"] = sum(c for cam, c in per_camera.items() if cam.startswith("flood-"))
-            row["too_many_cameras"] = rejects.get("too_many_cameras", 0)
+            row.update(at_cloud=sum(c for cam, c in per_camera.items() if cam.startswith("flood-")),
+                       too_many_cameras=rejects.get("too_many_cameras", 0),
+                       expect="counted or too_many_cameras")  # fmt: skip
             row["ok"] = row["at_cloud"] + row["too_many_cameras"] == n
-            row["expect"] = "counted or too_many_cameras"
         rows.append(row)
     raw_puback = hostile.raw_outcomes.get("puback", 0)
     want_rejects["bad_topic_encoding"] += raw_puback
@@ -493,10 +451,8 @@ def judge_pills(
         else:
             table.append({"reason": reason, "agent": got, "pills": want_rejects.get(reason, 0),
                           "ok": got == want_rejects.get(reason, 0)})  # fmt: skip
-    for key in SIDE_COUNTERS:
-        got = agg.get(key, 0)
-        table.append({"reason": f"aggregate.{key}", "agent": got, "pills": want_side[key],
-                      "ok": got == want_side[key]})  # fmt: skip
+    table += [{"reason": f"aggregate.{k}", "agent": agg.get(k, 0), "pills": want_side[k],
+               "ok": agg.get(k, 0) == want_side[k]} for k in SIDE_COUNTERS]  # fmt: skip
     res["reject_table"] = table
     checks["every reject reason equals its pills"] = all(r["ok"] for r in table)
     checks["every counted pill at the cloud once, under its camera"] = all(
@@ -525,8 +481,8 @@ Honest cameras (the camera simulator, its ground truth) mixed with every known h
 payload for minutes, with real processes: Mosquitto, the reference receiver, the agent.
 See the script's docstring for what is judged and how.
 
-- date: {date}
-- commit (when the agent started): {commit}
+- date: {res[date]}
+- commit (when the agent started): {res[commit]}
 - command: `.venv/bin/python -m bench.hostile_soak {argv}`
 - machine: {m[nproc]} × {m[cpu_model]}, {m[ram_gib]} GiB RAM, kernel {m[kernel]}, \
 Python {m[python]}, {m[mosquitto]}; load average at the end {m[loadavg]}
@@ -553,12 +509,12 @@ bad-topic publish/s; aggregate.max_cameras = {a.max_cameras}; mqtt.max_payload_b
 of one core |
 | agent threads (max) | {r[threads_max]} |
 | cameras tracked (max) | {r[cameras_max]} |
-| flood camera ids acked / at the cloud | {flood_ids_acked} / {flood_ids_at_cloud} |
-| cameras forgotten at the cap | {cameras_forgotten_at_cap} |
+| flood camera ids acked / at the cloud | {res[flood_ids_acked]} / {res[flood_ids_at_cloud]} |
+| cameras forgotten at the cap | {res[cameras_forgotten_at_cap]} |
 | agent log over the run | {log[lines]} lines, {log[bytes]} bytes (warnings rate-limited) |
 | MQTT reconnects | {reconnects} |
-| agent pid / exit code on SIGTERM | {agent_pid} / {agent_exit} |
-| receiver seq gaps / out of order | {receiver} |
+| agent pid / exit code on SIGTERM | {res[agent_pid]} / {res[agent_exit]} |
+| receiver seq gaps / out of order | {res[receiver]} |
 
 ## Reject table
 
@@ -572,9 +528,10 @@ of one core |
 |---|---|---|---|
 {pill_rows}
 
-Raw publishes with invalid UTF-8 in the topic: {raw}; Mosquitto's log: {malformed} × \
-"disconnected due to malformed packet" — Mosquitto checks topic UTF-8 and drops the connection, \
-so `bad_topic_encoding` cannot reach the agent through it.
+Raw publishes with invalid UTF-8 in the topic: {raw}; Mosquitto's log: \
+{res[broker_malformed_disconnects]} × "disconnected due to malformed packet" — Mosquitto \
+checks topic UTF-8 and drops the connection, so `bad_topic_encoding` cannot reach the agent \
+through it.
 
 A payload far over `mqtt.max_payload_bytes` (`oversized_far_over_1MiB`) is acknowledged to the \
 publisher and dropped by the broker for the agent (Maximum Packet Size): it appears in no counter \
@@ -594,37 +551,26 @@ publisher and dropped by the broker for the agent (Maximum Packet Size): it appe
 
 def report(res: dict[str, Any], args: argparse.Namespace) -> str:
     """bench/HOSTILE_SOAK.md, also printed at the end of a run."""
-
-    class Missing(dict[str, Any]):
-        def __missing__(self, key: str) -> None:
-            return None
-
     pts = [f"{s['t']:.0f}s:{s['rss_kb'] / 1024:.1f}" for s in res.get("samples", [])
            if "rss_kb" in s]  # fmt: skip
-    pill_rows = []
-    for p in res.get("pill_rows", []):
-        cloud = p.get("at_cloud", "")
-        if "too_many_cameras" in p:
-            cloud = f"{cloud} (+ {p['too_many_cameras']} too_many_cameras)"
-        pill_rows.append(f"| {p['pill']} | {p['acked']} | {p['expect']} | {cloud} |")
+    pills = [(p, f" (+ {p['too_many_cameras']} too_many_cameras)" if "too_many_cameras" in p
+              else "") for p in res.get("pill_rows", [])]  # fmt: skip
     return MD.format(
-        **{k: res.get(k) for k in ("date", "commit", "flood_ids_acked", "flood_ids_at_cloud",
-                                   "cameras_forgotten_at_cap", "agent_pid", "agent_exit",
-                                   "receiver")},
-        argv=" ".join(res["argv"]), m=machine_description(), a=args,
+        res=Nones(res), argv=" ".join(res["argv"]), m=machine_description(), a=args,
         honest_rate=args.cameras * args.rate_per_camera, pills=len(res.get("pill_rows", [])),
         max_payload=MAX_PAYLOAD, result="OK" if res["ok"] else "FAIL",
         skipped=f"; pills left out: {', '.join(args.skip_pills)}" if args.skip_pills else "",
-        h=Missing(res.get("honest", {})), r=Missing(res.get("resources", {"window_s": 0})),
-        rcv=Missing(res.get("received", {})), log=Missing(res.get("agent_log", {})),
+        h=Nones(res.get("honest", {})), r=Nones(res.get("resources", {"window_s": 0})),
+        rcv=Nones(res.get("received", {})), log=Nones(res.get("agent_log", {})),
         mismatched=len(dig(res, "honest", "mismatched_rows") or []),
         hostile_acked=sum((dig(res, "hostile", "acked") or {}).values()),
         reconnects=dig(res, "final_status", "mqtt", "reconnects"),
         reject_rows="\n".join(f"| {t['reason']} | {t['agent']} | {t['pills']} | "
                               f"{'ok' if t['ok'] else 'MISMATCH'} |"
                               for t in res.get("reject_table", [])),
-        pill_rows="\n".join(pill_rows),
-        raw=dig(res, "hostile", "raw_bad_topic"), malformed=res.get("broker_malformed_disconnects"),
+        pill_rows="\n".join(f"| {p['pill']} | {p['acked']} | {p['expect']} | "
+                            f"{p.get('at_cloud', '')}{flood} |" for p, flood in pills),
+        raw=dig(res, "hostile", "raw_bad_topic"),
         checks="\n".join([f"- [{'x' if v else ' '}] {k}" for k, v in res["checks"].items()]
                          + [f"- FAILURE: {f}" for f in res["failures"]]
                          + [f"- sampler: {p}" for p in res.get("sampler_problems", [])]),

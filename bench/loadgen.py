@@ -1,4 +1,5 @@
-"""A lean MQTT v5 QoS 1 load generator: raw sockets, no paho.
+"""A lean MQTT v5 QoS 1 load generator: raw sockets, no paho; and the raw MQTT framing the other
+benchmarks share (bench.hostile_soak's raw publisher, bench.power_cut's cameras and tap).
 
 Why not the simulator (agent.sim.cameras)? On this 2-core machine a paho publisher process costs
 ~100 µs of CPU per QoS 1 message and degrades sharply past ~5-8k msgs/s (paho re-scans its
@@ -31,9 +32,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from agent.sim.cameras import make_payload
-from bench.common import ROOT, bench_command
+from bench.common import ROOT, bench_command, parser
 
 STREAMS = (("detections", 0.7), ("motion", 0.2), ("health", 0.1))
+
+
+def pick_stream(rng: random.Random) -> str:
+    r = rng.random()
+    return "detections" if r < 0.7 else "motion" if r < 0.9 else "health"
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,7 @@ class LoadOptions:
     topic_prefix: str = "site/cam"
 
 
-# -- MQTT v5 framing (also bench.hostile_soak's raw publisher) --------------------------------
+# -- MQTT v5 framing --------------------------------------------------------------------------
 
 
 def varint(n: int) -> bytes:
@@ -76,14 +82,46 @@ def connect_packet(client_id: str, keepalive: int = 0) -> bytes:
     return b"\x10" + varint(len(body)) + body
 
 
+def publish_packet(topic: bytes, pid: int, payload: bytes) -> bytes:
+    """PUBLISH QoS 1, no properties; `topic` already framed (mqtt_str)."""
+    return (
+        b"\x32"
+        + varint(len(topic) + 3 + len(payload))
+        + topic
+        + struct.pack("!HB", pid, 0)
+        + payload
+    )
+
+
+def split_packets(buf: bytes) -> tuple[list[tuple[int, int, int]], int]:
+    """The complete packets at the start of buf: [(first byte, body start, body end)], and how
+    many bytes they take."""
+    out, i, n = [], 0, len(buf)
+    while i + 2 <= n:
+        j, mult, length = i + 1, 1, 0
+        while j < n and j < i + 5:  # the remaining length, a varint of at most 4 bytes
+            b = buf[j]
+            length += (b & 0x7F) * mult
+            j += 1
+            if not b & 0x80:
+                break
+            mult *= 128
+        else:
+            break
+        if j + length > n:
+            break
+        out.append((buf[i], j, j + length))
+        i = j + length
+    return out, i
+
+
 def read_packet(sock: socket.socket) -> tuple[int, bytes] | None:
     """One whole packet: (first byte, body), or None when the connection closes."""
 
     def read(n: int) -> bytes:
         buf = b""
         while len(buf) < n:
-            got = sock.recv(n - len(buf))
-            if not got:
+            if not (got := sock.recv(n - len(buf))):
                 raise ConnectionError("closed")
             buf += got
         return buf
@@ -98,6 +136,33 @@ def read_packet(sock: socket.socket) -> tuple[int, bytes] | None:
                 return first, read(length)
     except OSError:  # ConnectionError included
         return None
+
+
+def connect(
+    host: str, port: int, client_id: str, timeout_s: float = 10
+) -> tuple[socket.socket, int]:
+    """A clean MQTT v5 session, keepalive off: the socket (blocking) and the broker's Receive
+    Maximum. ConnectionError (an OSError) when there is no CONNACK accepting us."""
+    sock = socket.create_connection((host, port), timeout=timeout_s)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(connect_packet(client_id))
+        got = read_packet(sock)
+        if got is None or got[0] != 0x20 or len(got[1]) < 2 or got[1][1] != 0:
+            raise ConnectionError(f"no CONNACK accepting us: {got!r}"[:200])
+        receive_max, props, k = 65535, got[1][3:], 0  # flags, reason, props length (< 128)
+        sizes = {0x24: 2, 0x25: 2, 0x28: 2, 0x29: 2, 0x2A: 2, 0x13: 3, 0x22: 3, 0x11: 5, 0x27: 5}
+        while k < len(props):
+            if props[k] == 0x21:  # Receive Maximum
+                receive_max = struct.unpack("!H", props[k + 1 : k + 3])[0]
+            elif props[k] not in sizes:  # strings, user properties: not from Mosquitto here
+                break
+            k += sizes.get(props[k], 3)
+        sock.settimeout(None)
+        return sock, receive_max
+    except BaseException:
+        sock.close()
+        raise
 
 
 # -- the generator ----------------------------------------------------------------------------
@@ -135,60 +200,21 @@ class _Acks(threading.Thread):
                 self.closed = self.closed or "broker closed the connection"
                 return
             buf += data
-            i, n = 0, len(buf)
-            acked = failed = 0
-            while i + 2 <= n:
-                # fixed header: type byte, then a varint remaining length
-                j, mult, length = i + 1, 1, 0
-                while j < n:
-                    b = buf[j]
-                    length += (b & 0x7F) * mult
-                    j += 1
-                    if not b & 0x80:
-                        break
-                    mult *= 128
-                else:
-                    break
-                if j + length > n:
-                    break
-                kind = buf[i] >> 4
-                if kind == 4:  # PUBACK
-                    acked += 1
-                    failed += length >= 3 and buf[j + 2] >= 0x80
-                elif kind == 14:  # DISCONNECT from the broker
-                    self.closed = f"broker sent DISCONNECT {buf[j] if length else 0:#x}"
-                i = j + length
-            buf = buf[i:]
-            self.acked += acked
-            self.failed += failed
-
-
-def _connect(opts: LoadOptions, client_id: str) -> tuple[socket.socket, int]:
-    sock = socket.create_connection((opts.host, opts.port), timeout=10)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(connect_packet(client_id))
-    got = read_packet(sock)
-    if got is None or got[0] != 0x20:
-        raise RuntimeError(f"no CONNACK from the broker: {got!r}")
-    if got[1][1] != 0:
-        raise RuntimeError(f"CONNACK refused: reason {got[1][1]:#x}")
-    receive_max, props, k = 65535, got[1][3:], 0  # flags, reason, props length (< 128), props
-    sizes = {0x24: 2, 0x25: 2, 0x28: 2, 0x29: 2, 0x2A: 2, 0x13: 3, 0x22: 3, 0x11: 5, 0x27: 5}
-    while k < len(props):
-        if props[k] == 0x21:  # Receive Maximum
-            receive_max = struct.unpack("!H", props[k + 1 : k + 3])[0]
-            k += 3
-        elif props[k] in sizes:
-            k += sizes[props[k]]
-        else:  # strings, user properties... not expected from Mosquitto here; stop parsing
-            break
-    sock.settimeout(None)
-    return sock, receive_max
+            packets, used = split_packets(buf)
+            for first, j, end in packets:
+                if first >> 4 == 4:  # PUBACK
+                    self.acked += 1
+                    self.failed += end - j >= 3 and buf[j + 2] >= 0x80
+                elif first >> 4 == 14:  # DISCONNECT from the broker
+                    self.closed = f"broker sent DISCONNECT {buf[j] if end > j else 0:#x}"
+            buf = buf[used:]
 
 
 def _worker(opts: LoadOptions, index: int, cams: list[int]) -> dict[str, Any]:
     rng = random.Random(opts.seed * 1000 + index)
-    sock, receive_max = _connect(opts, f"loadgen-{opts.seed}-{index}-{time.time_ns()}")
+    sock, receive_max = connect(
+        opts.host, opts.port, f"loadgen-{opts.seed}-{index}-{time.time_ns()}"
+    )
     window = max(1, min(opts.window, receive_max, 60_000))
     reader = _Acks(sock)
     reader.start()
@@ -199,8 +225,7 @@ def _worker(opts: LoadOptions, index: int, cams: list[int]) -> dict[str, Any]:
     seq: list[tuple[bytes, bool, bytes]] = []
     for _ in range(50_000):
         c = rng.choice(cams)
-        r = rng.random()
-        stream = "detections" if r < 0.7 else "motion" if r < 0.9 else "health"
+        stream = pick_stream(rng)
         seq.append((topics[(c, stream)], c % 3 == 2, rng.choice(rests[stream])))
     rate = opts.rate * len(cams) / opts.cameras
     published = pid = max_behind = window_waits = k = 0
@@ -208,7 +233,6 @@ def _worker(opts: LoadOptions, index: int, cams: list[int]) -> dict[str, Any]:
         time.sleep(max(0.0, opts.start_at - time.time()))
     start = time.monotonic()
     end = start + opts.duration_s
-    tick_s = 0.005
     while published < opts.max_messages and reader.closed is None:
         now_m = time.monotonic()
         if now_m >= end:
@@ -227,12 +251,10 @@ def _worker(opts: LoadOptions, index: int, cams: list[int]) -> dict[str, Any]:
                 topic, ms, rest = seq[k]
                 k = k + 1 if k + 1 < len(seq) else 0
                 pid = pid + 1 if pid < 65535 else 1
-                payload = (ts_ms if ms else ts_s) + rest
-                parts += (b"\x32", varint(len(topic) + 3 + len(payload)), topic,
-                          struct.pack("!HB", pid, 0), payload)  # fmt: skip
+                parts.append(publish_packet(topic, pid, (ts_ms if ms else ts_s) + rest))
             sock.sendall(b"".join(parts))
             published += n
-        sleep_s = now_m + tick_s - time.monotonic()
+        sleep_s = now_m + 0.005 - time.monotonic()
         if sleep_s > 0:
             time.sleep(sleep_s)  # pacing the load generator, not waiting for a condition
     finished = time.monotonic()
@@ -250,17 +272,12 @@ def _worker(opts: LoadOptions, index: int, cams: list[int]) -> dict[str, Any]:
     sock.close()
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return {
-        "target": int(rate * opts.duration_s),
-        "published": published,
-        "acked": reader.acked - reader.failed,
-        "failed": published - (reader.acked - reader.failed),
-        "max_behind": max_behind,
-        "window_waits": window_waits,
-        "publish_s": round(finished - start, 3),
-        "drain_s": round(drained - finished, 3),
-        "cpu_s": round(ru.ru_utime + ru.ru_stime, 3),
-        "closed": closed_early,
-    }
+        "target": int(rate * opts.duration_s), "published": published,
+        "acked": reader.acked - reader.failed, "failed": published - (reader.acked - reader.failed),
+        "max_behind": max_behind, "window_waits": window_waits,
+        "publish_s": round(finished - start, 3), "drain_s": round(drained - finished, 3),
+        "cpu_s": round(ru.ru_utime + ru.ru_stime, 3), "closed": closed_early,
+    }  # fmt: skip
 
 
 def run_load(opts: LoadOptions) -> dict[str, Any]:
@@ -280,48 +297,52 @@ def run_load(opts: LoadOptions) -> dict[str, Any]:
         for child in children:
             out, _ = child.communicate(timeout=limit_s)
             if child.returncode != 0:
-                raise RuntimeError(f"load generator process failed with exit code "
-                                   f"{child.returncode}")  # fmt: skip
+                raise RuntimeError(
+                    f"load generator process failed with exit code {child.returncode}"
+                )
             results.append(json.loads(out))
     finally:
         for child in children:
             if child.poll() is None:
                 child.kill()
                 child.wait()
-    total: dict[str, Any] = {
-        k: sum(r[k] for r in results)
-        for k in ("target", "published", "acked", "failed", "window_waits", "cpu_s")
-    }
+    keys = ("target", "published", "acked", "failed", "window_waits", "cpu_s")
+    total: dict[str, Any] = {k: sum(r[k] for r in results) for k in keys}
     total.update(
-        start_at=start_at,
-        processes=procs,
-        publish_s=max(r["publish_s"] for r in results),
-        drain_s=max(r["drain_s"] for r in results),
-        max_behind=max(r["max_behind"] for r in results),
+        start_at=start_at, processes=procs,
+        **{k: max(r[k] for r in results) for k in ("publish_s", "drain_s", "max_behind")},
         closed=[r["closed"] for r in results if r["closed"]],
         rate_msgs_per_s=round(total["published"] / max(opts.duration_s, 1e-9), 1),
-    )
+    )  # fmt: skip
     return total
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__,
-                                formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
+    p = parser(__doc__ or "", quick=False, json_out=False)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=1883)
     p.add_argument("--cameras", type=int, default=300)
     p.add_argument("--rate", type=float, default=10_000, help="messages/s in total")
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--processes", type=int, default=2)
-    args = p.parse_args(argv)
-    if args.child:
-        raw, index, cams = json.loads(args.child)
+    a = p.parse_args(argv)
+    if a.child:
+        raw, index, cams = json.loads(a.child)
         print(json.dumps(_worker(LoadOptions(**raw), index, cams)))
     else:
-        print(json.dumps(run_load(LoadOptions(
-            port=args.port, cameras=args.cameras, rate=args.rate, duration_s=args.duration,
-            processes=args.processes,
-        ))))  # fmt: skip
+        print(
+            json.dumps(
+                run_load(
+                    LoadOptions(
+                        port=a.port,
+                        cameras=a.cameras,
+                        rate=a.rate,
+                        duration_s=a.duration,
+                        processes=a.processes,
+                    )
+                )
+            )
+        )
     return 0
 
 

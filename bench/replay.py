@@ -1,11 +1,12 @@
 """Replay: drain an outbox backlog of 300 cameras x 3 streams to the cloud.
 
 An outbox file is pre-filled with agent.outbox.Outbox + CheckpointWrite (realistic chunks: per
-camera and second ~7 detections, 2 motion, 1 health messages aggregated with agent.model.Chunk,
-encoded with encode_chunk), then the agent is started on a copy of it (`python -m agent.cli run`,
-shipped defaults except forward.max_chunks_per_s = 10,000,000 so the pacer never limits, and
-buffer.max_bytes = 8 GiB so nothing is compacted) and timed until its outbox is empty. The drain
-time is taken on the receiver's side: from the arrival of the first batch to that of the last.
+camera and second ~7 detections, 2 motion, 1 health messages of the camera simulator's shapes
+aggregated with agent.model.Chunk, encoded with encode_chunk), then the agent is started on a
+copy of it (`python -m agent.cli run`, shipped defaults except forward.max_chunks_per_s =
+10,000,000 so the pacer never limits, and buffer.max_bytes = 8 GiB so nothing is compacted) and
+timed until its outbox is empty. The drain time is taken on the receiver's side: from the
+arrival of the first batch to that of the last.
 
 Runs, in this order, each on a fresh copy / fresh receiver:
   receiver alone (baseline)  the same chunks in the agent's own requests (forward's defaults:
@@ -50,27 +51,24 @@ from agent.core.model import Chunk, encode_batch, encode_chunk
 from agent.durable.compaction import counted_messages
 from agent.durable.outbox import Batch, CheckpointWrite, Outbox
 from agent.forward.forwarder import build_request
+from agent.sim.cameras import make_payload
 from bench.common import (
     GATEWAY_ID,
-    HOST,
-    Mosquitto,
-    Proc,
     ProcStat,
-    Receiver,
     Report,
     Sampler,
     bench_command,
     child_env,
     fill,
-    free_port,
     fresh_dir,
     kill_quietly,
     parser,
-    port_open,
+    pid,
     rnd,
     start_agent,
-    wait_for,
-)
+)  # fmt: skip
+from devtools.procs import HOST, Mosquitto, Proc, Receiver, free_port, port_open, wait_for
+from devtools.truth import CATEGORICAL, NUMERIC
 
 CAMERAS = 300
 STREAMS = (("detections", 7), ("motion", 2), ("health", 1))  # messages per camera-second
@@ -83,55 +81,33 @@ HOUR = 3_200_000  # an hour of 300 cameras x 3 streams (README: 3.2 M chunks)
 # -- the backlog ------------------------------------------------------------------------------
 
 
-def _payload(rng: random.Random, stream: str) -> tuple[dict[str, float], dict[str, str]]:
-    if stream == "detections":
-        return (
-            {"conf": round(rng.uniform(0.3, 0.99), 3)},
-            {"cls": rng.choice(("person", "person", "person", "car", "car", "truck", "dog"))},
-        )
-    if stream == "motion":
-        return {"level": round(rng.random(), 3)}, {
-            "zone": rng.choice(("door", "lobby", "parking", "yard"))
-        }
-    return ({"temp_c": round(rng.uniform(35, 60), 1), "fps": round(rng.uniform(24, 30), 1)},
-            {"status": rng.choice(("ok", "ok", "ok", "ok", "degraded"))})  # fmt: skip
-
-
-def _templates(rng: random.Random, k: int = 3000) -> dict[str, list[Chunk]]:
-    """k realistic chunks per stream, aggregated from simulated messages of one second."""
-    out: dict[str, list[Chunk]] = {}
-    for stream, n in STREAMS:
-        out[stream] = []
-        for _ in range(k):
-            c = Chunk("cam-000", stream, 0, 1)
-            for _ in range(max(1, n + rng.randint(-1, 1))):
-                ts = rng.random()
-                c.add_times(ts, ts + rng.uniform(0.002, 0.02))
-                num, cat = _payload(rng, stream)
-                for f, v in num.items():
-                    c.add_number(f, v, ts)
-                for f, s in cat.items():
-                    c.add_category(f, s, 32)
-            out[stream].append(c)
-    return out
+def _template(rng: random.Random, stream: str, n: int) -> Chunk:
+    """A realistic chunk: ~n simulated messages of one second aggregated."""
+    c = Chunk("cam-000", stream, 0, 1)
+    for _ in range(max(1, n + rng.randint(-1, 1))):
+        ts = rng.random()
+        c.add_times(ts, ts + rng.uniform(0.002, 0.02))
+        for f, v in make_payload(rng, stream, ts, 0, False).items():
+            if f in NUMERIC:
+                c.add_number(f, v, ts)
+            elif f in CATEGORICAL:
+                c.add_category(f, v, 32)
+    return c
 
 
 def backlog_chunks(seconds: int, t0: int, seed: int = 1) -> tuple[list[bytes], int]:
     """300 cameras x 3 streams x `seconds` encoded chunks, in window order (as checkpoints
     would write them), and the number of messages they count."""
     rng = random.Random(seed)
-    tpl = _templates(rng)
-    out = []
-    messages = 0
-    for s in range(seconds):
-        t = t0 + s
+    tpl = {stream: [_template(rng, stream, n) for _ in range(3000)] for stream, n in STREAMS}
+    out, messages = [], 0
+    for t in range(t0, t0 + seconds):
         for cam in range(CAMERAS):
             for stream, _ in STREAMS:
                 c = rng.choice(tpl[stream])
                 base = (c.event_first, c.event_last, c.recv_first, c.recv_last)
                 c.camera, c.t = f"cam-{cam:03d}", t
-                c.event_first, c.event_last = base[0] + t, base[1] + t
-                c.recv_first, c.recv_last = base[2] + t, base[3] + t
+                c.event_first, c.event_last, c.recv_first, c.recv_last = (x + t for x in base)
                 for ns in c.num.values():
                     ns.last_t += t
                 out.append(encode_chunk(c))
@@ -171,30 +147,25 @@ def encoded_batches(rows: list[tuple[int, bytes]]) -> list[tuple[int, bytes, dic
     return out
 
 
-def post_all(
-    port: int, pid: int, batches: list[tuple[int, bytes, dict[str, str]]]
-) -> dict[str, Any]:
+def post_all(recv: Any, batches: list[tuple[int, bytes, dict[str, str]]]) -> dict[str, Any]:
     """POST batches back to back, one in flight, one keep-alive connection (at most 60 s):
     chunks/s, and the receiver's CPU over it."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    conn = http.client.HTTPConnection(HOST, recv.port, timeout=30)
     sent = failed = 0
-    cpu0 = ProcStat(pid).cpu_s()
-    started = time.monotonic()
+    cpu0, started = ProcStat(pid(recv)).cpu_s(), time.monotonic()
     for chunks, body, headers in batches:
         conn.request("POST", "/ingest", body=body, headers=headers)
         r = conn.getresponse()
         r.read()
-        if 200 <= r.status < 300:
-            sent += chunks
-        else:
-            failed += 1
+        sent, failed = (sent + chunks, failed) if 200 <= r.status < 300 else (sent, failed + 1)
         if time.monotonic() - started > 60:
             break
     elapsed = time.monotonic() - started
     conn.close()
+    cpu = ProcStat(pid(recv)).cpu_s() - cpu0
     return {"chunks": sent, "failed_batches": failed, "seconds": round(elapsed, 2),
             "chunks_per_s": round(sent / elapsed, 1) if elapsed else None,
-            "receiver_cpu_cores": round((ProcStat(pid).cpu_s() - cpu0) / elapsed, 2)}  # fmt: skip
+            "receiver_cpu_cores": round(cpu / elapsed, 2)}  # fmt: skip
 
 
 # -- the receivers ----------------------------------------------------------------------------
@@ -202,7 +173,7 @@ def post_all(
 
 class BenchReceiver(Proc):
     """bench.fast_receiver (validates tiling, dedups by seq, counts), or with null=True its
-    null mode (checks a chunk count only), as a child process."""
+    null mode (checks a chunk count only), as a child process, started."""
 
     def __init__(self, log_path: Path, *, null: bool = False) -> None:
         self.port = free_port()
@@ -212,8 +183,6 @@ class BenchReceiver(Proc):
         self.start()
         wait_for(lambda: port_open(self.port) or not self.running, timeout_s=15,
                  what="bench receiver")  # fmt: skip
-        assert self.popen is not None
-        self.pid = self.popen.pid
         self.url = f"http://{HOST}:{self.port}/ingest"
 
     def stats(self) -> dict[str, Any]:
@@ -232,8 +201,6 @@ class Reference(Receiver):
     def __init__(self, work: Path) -> None:
         super().__init__(work)
         self.start()
-        assert self.popen is not None
-        self.pid = self.popen.pid
 
     def span(self) -> tuple[float | None, float | None]:
         """received_at of its first and last chunk."""
@@ -258,8 +225,7 @@ def check(stats: dict[str, Any]) -> dict[str, Any]:
     gw = stats["gateways"].get(GATEWAY_ID, {})
     bad = {"bad_batches": stats["bad"]} if "bad" in stats else {}  # the reference has none
     return {"receiver_chunks": stats["chunks"], "receiver_messages": stats["messages"], **bad,
-            "gaps": gw.get("gaps"), "out_of_order": gw.get("out_of_order"),
-            "duplicates": gw.get("duplicates")}  # fmt: skip
+            **{k: gw.get(k) for k in ("gaps", "out_of_order", "duplicates")}}  # fmt: skip
 
 
 # -- the agent draining a copy of the backlog -------------------------------------------------
@@ -278,26 +244,23 @@ def agent_drain(label: str, src: Path, work: Path, recv: Any, n: int,
         launched, launched_wall = time.monotonic(), time.time()
         agent = start_agent(d, broker.port, recv.url, ready=False, buffer={"max_bytes": "8GiB"},
                             forward={"max_chunks_per_s": 10_000_000.0})  # fmt: skip
-        assert agent.popen is not None
-        sampler = Sampler({"agent": agent.popen.pid, "receiver": recv.pid}, interval_s=0.25)
+        sampler = Sampler({"agent": pid(agent), "receiver": pid(recv)}, interval_s=0.25)
         sampler.start()
         timeline: list[tuple[float, int]] = []  # (t, chunks sent)
         sent = nbytes = 0
         done = False
-        while time.monotonic() < launched + timeout_s:
+        while not done and time.monotonic() < launched + timeout_s:
             if not agent.running:
                 raise RuntimeError(f"agent exited:\n{agent.log_text()[-2000:]}")
-            s = agent.status()
-            if s is not None:
+            if (s := agent.status()) is not None:
                 sent, nbytes = s["forward"]["chunks_sent"], s["forward"]["bytes_sent"]
                 # /status is rebuilt at most once a second: a repeated answer is not a new
                 # point (it made whole tenths of the backlog read 0 chunks/s)
                 if not timeline or sent != timeline[-1][1]:
                     timeline.append((time.monotonic(), sent))
-                if s["outbox"]["chunks"] == 0 and sent >= n:
-                    done = True
-                    break
-            time.sleep(0.2)
+                done = s["outbox"]["chunks"] == 0 and sent >= n
+            if not done:
+                time.sleep(0.2)
         end = time.monotonic()
         sampler.stop()
         first_at, last_at = recv.span()
@@ -309,9 +272,7 @@ def agent_drain(label: str, src: Path, work: Path, recv: Any, n: int,
                 tenths.append(round((pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0])))
         t_a = launched + ((first_at - launched_wall) if first_at else 0)
         return {
-            "chunks": n,
-            "drained": done,
-            "chunks_sent": sent,
+            "chunks": n, "drained": done, "chunks_sent": sent,
             "startup_s": round(first_at - launched_wall, 2) if first_at else None,
             # Receiver side: the first batch's arrival to the last's; n - BATCH chunks between.
             "drain_s": round((last_at - first_at) * n / max(1, n - BATCH), 2)
@@ -334,18 +295,15 @@ def agent_drain(label: str, src: Path, work: Path, recv: Any, n: int,
 def build_backlog(rep: Report, work: Path, seconds: int, base_n: int) -> dict[str, Any]:
     """The outbox files (all of the backlog, and a quarter of it) and the baselines' requests."""
     n = CAMERAS * len(STREAMS) * seconds
-    n_small = n // 4
     src, src_small = work / "backlog.sqlite3", work / "backlog-quarter.sqlite3"
-    t0 = int(time.time()) - seconds - 10
-    started = time.monotonic()
+    t0, started = int(time.time()) - seconds - 10, time.monotonic()
     chunks, messages = backlog_chunks(seconds, t0)
     raw_bytes = sum(len(c) for c in chunks)
     asyncio.run(_fill(src, chunks, created_at=float(t0 + 3)))
-    asyncio.run(_fill(src_small, chunks[:n_small], created_at=float(t0 + 3)))
+    asyncio.run(_fill(src_small, chunks[: n // 4], created_at=float(t0 + 3)))
     batches = encoded_batches([(i + 1, chunks[i]) for i in range(base_n)])
     base_messages = sum(msgspec.json.decode(c)["count"] for c in chunks[:base_n])
     del chunks
-    wire = sum(len(b[1]) for b in batches)
     for key, value in (("backlog_chunks", n), ("backlog_messages", messages),
                        ("backlog_chunk_bytes", raw_bytes),
                        ("backlog_file_bytes", src.stat().st_size)):  # fmt: skip
@@ -356,9 +314,9 @@ def build_backlog(rep: Report, work: Path, seconds: int, base_n: int) -> dict[st
         f"of JSON per chunk, outbox file {src.stat().st_size / 1e6:.0f} MB, built in "
         f"{time.monotonic() - started:.1f} s",
     )  # fmt: skip
-    return dict(n=n, n_small=n_small, src=src, src_small=src_small, messages=messages,
-                raw_bytes=raw_bytes, batches=batches, base_messages=base_messages, wire=wire,
-                base_n=base_n)  # fmt: skip
+    return dict(n=n, n_small=n // 4, src=src, src_small=src_small, messages=messages,
+                raw_bytes=raw_bytes, batches=batches, base_messages=base_messages,
+                wire=sum(len(b[1]) for b in batches), base_n=base_n)  # fmt: skip
 
 
 def baselines(rep: Report, work: Path, bk: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -367,43 +325,45 @@ def baselines(rep: Report, work: Path, bk: dict[str, Any]) -> dict[str, dict[str
     for name, start in RECEIVERS.items():
         recv = start(work / f"{name}-baseline")
         try:
-            b = base[name] = post_all(recv.port, recv.pid, bk["batches"])
+            b = base[name] = post_all(recv, bk["batches"])
             if name == "receiver":
                 b["stored"] = recv.stats()["chunks"]
             elif name == "fast_receiver":
                 b.update(check(recv.stats()))
         finally:
             kill_quietly(recv)
-    base_ref, base_fast, base_null = base["receiver"], base["fast_receiver"], base["null_receiver"]
+    base_fast = base["fast_receiver"]
     fast_ok = (base_fast["receiver_chunks"] == base_fast["chunks"]
                and base_fast["receiver_messages"] == bk["base_messages"])  # fmt: skip
-    rep.figure("receiver_alone", base_ref, fill(
+    rep.figure("receiver_alone", base["receiver"], fill(
         "baseline, reference receiver alone: {chunks:,} chunks in {seconds} s = "
         "{chunks_per_s:n} chunks/s (stored {stored:,}), receiver CPU "
-        "{receiver_cpu_cores} cores", **base_ref))  # fmt: skip
+        "{receiver_cpu_cores} cores", **base["receiver"]))  # fmt: skip
     rep.figure("fast_receiver_alone", base_fast, fill(
         "baseline, fast receiver alone: {chunks:,} chunks in {seconds} s = {chunks_per_s:n} "
         "chunks/s, receiver CPU {receiver_cpu_cores} cores; counted {receiver_messages:,} "
         "messages of {m:,} {ok}", m=bk["base_messages"],
         ok="(exact)" if fast_ok else "(** NOT exact **)", **base_fast))  # fmt: skip
-    rep.figure("null_receiver_alone", base_null, fill(
-        "baseline, null receiver alone: {chunks_per_s:n} chunks/s", **base_null))  # fmt: skip
+    rep.figure(
+        "null_receiver_alone",
+        base["null_receiver"],
+        fill("baseline, null receiver alone: {chunks_per_s:n} chunks/s", **base["null_receiver"]),
+    )
     return base
 
 
 def drains(rep: Report, work: Path, bk: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     """The agent into the null receiver (a quarter, then all of the backlog), the fast checking
     receiver (the headline) and the reference receiver (end to end)."""
-    n, n_small, src, src_small, messages = (
-        bk[k] for k in ("n", "n_small", "src", "src_small", "messages"))  # fmt: skip
-    runs: list[tuple[str, str, Path, int, Callable[[Path], Any]]] = [
-        ("agent_to_null_quarter", f"agent -> null receiver ({n_small:,} chunks)", src_small,
+    n, n_small, src = bk["n"], bk["n_small"], bk["src"]
+    runs = (
+        ("agent_to_null_quarter", f"agent -> null receiver ({n_small:,} chunks)", bk["src_small"],
          n_small, RECEIVERS["null_receiver"]),
         ("agent_to_null", f"agent -> null receiver ({n:,} chunks)", src, n,
          RECEIVERS["null_receiver"]),
         ("agent_to_fast", "agent -> fast receiver", src, n, RECEIVERS["fast_receiver"]),
         ("agent_to_reference", "agent -> reference receiver", src, n, Reference),
-    ]  # fmt: skip
+    )  # fmt: skip
     results: dict[str, dict[str, Any]] = {}
     for key, label, path, count, start in runs:
         recv = start(work / key)
@@ -414,8 +374,8 @@ def drains(rep: Report, work: Path, bk: dict[str, Any], timeout_s: float) -> dic
         finally:
             kill_quietly(recv)
         if key == "agent_to_fast":
-            res["exact"] = (res["receiver_chunks"] == n and res["receiver_messages"] == messages
-                            and res["gaps"] == 0 and res["out_of_order"] == 0)  # fmt: skip
+            res["exact"] = (res["receiver_chunks"], res["receiver_messages"], res["gaps"],
+                            res["out_of_order"]) == (n, bk["messages"], 0, 0)  # fmt: skip
         rep.figure(key, res, fill(
             "{label}: {chunks_sent:,}/{chunks:,} chunks, drained in {drain_s} s = "
             "{chunks_per_s:n} chunks/s (startup before the first batch {startup_s} s); by tenth "
@@ -424,33 +384,33 @@ def drains(rep: Report, work: Path, bk: dict[str, Any], timeout_s: float) -> dic
             "RSS {agent_peak_rss_mb} MB{nd}", label=label, **res,
             nd="" if res["drained"] else "  ** not drained before the time limit **"))  # fmt: skip
     src.unlink()
-    src_small.unlink()
+    bk["src_small"].unlink()
     return results
 
 
 def verdicts(rep: Report, bk: dict[str, Any], base: dict[str, Any],
              results: dict[str, Any]) -> None:  # fmt: skip
     """The rows: the drains against their targets and the same-run baselines; the models."""
-    n, n_small, messages, raw_bytes, wire, base_n = (
-        bk[k] for k in ("n", "n_small", "messages", "raw_bytes", "wire", "base_n"))  # fmt: skip
-    base_ref, base_fast, base_null = base["receiver"], base["fast_receiver"], base["null_receiver"]
-    quarter, to_null = results["agent_to_null_quarter"], results["agent_to_null"]
-    to_fast, to_ref = results["agent_to_fast"], results["agent_to_reference"]
-
+    n, n_small = bk["n"], bk["n_small"]
+    base_ref, to_fast = base["receiver"], results["agent_to_fast"]
+    to_null, to_ref = results["agent_to_null"], results["agent_to_reference"]
+    r = dict(  # the rates, chunks/s
+        headline=to_fast.get("chunks_per_s"), fast_rx=base["fast_receiver"].get("chunks_per_s"),
+        rx=base_ref.get("chunks_per_s"), alone=to_null.get("chunks_per_s"),
+        e2e=to_ref.get("chunks_per_s"), q=results["agent_to_null_quarter"].get("chunks_per_s"),
+        null_rx=base["null_receiver"].get("chunks_per_s"),
+    )  # fmt: skip
     # One batch in flight: the receiver's and the agent's per-batch times add up.
-    e2e, agent_alone, headline = (to_ref.get("chunks_per_s"), to_null.get("chunks_per_s"),
-                                  to_fast.get("chunks_per_s"))  # fmt: skip
-    rx_rate, fast_rx = base_ref.get("chunks_per_s"), base_fast.get("chunks_per_s")
-    model = 1 / (1 / rx_rate + 1 / agent_alone) if rx_rate and agent_alone else None
-    model_fast = 1 / (1 / fast_rx + 1 / agent_alone) if fast_rx and agent_alone else None
-    rep.figure("one_in_flight_model_chunks_per_s", rnd(model, None))
-    rep.figure("one_in_flight_model_fast_chunks_per_s", rnd(model_fast, None))
+    alone, rx, q = r["alone"], r["rx"], r["q"]
+    r["model"] = 1 / (1 / rx + 1 / alone) if rx and alone else None
+    r["model_fast"] = 1 / (1 / r["fast_rx"] + 1 / alone) if r["fast_rx"] and alone else None
+    rep.figure("one_in_flight_model_chunks_per_s", rnd(r["model"], None))
+    rep.figure("one_in_flight_model_fast_chunks_per_s", rnd(r["model_fast"], None))
 
     # Does the agent's per-chunk time grow with the backlog? T(n)/n = a + b n (two points).
     hour_agent = hour_e2e = None
-    q_rate = quarter.get("chunks_per_s")
-    if q_rate and agent_alone:
-        c1, c2 = 1 / q_rate, 1 / agent_alone
+    if q and alone:
+        c1, c2 = 1 / q, 1 / alone
         b = max(0.0, (c2 - c1) / (n - n_small))
         a = c1 - b * n_small if b else (c1 + c2) / 2
         hour_agent = HOUR * (a + b * HOUR)
@@ -458,59 +418,48 @@ def verdicts(rep: Report, bk: dict[str, Any], base: dict[str, Any],
         rep.figure("per_chunk_us_full", round(c2 * 1e6, 2))
         rep.figure("per_chunk_growth_us_per_100k_backlog", round(b * 1e5 * 1e6, 3))
         rep.figure("extrapolated_3_2M_agent_alone_s", round(hour_agent))
-        if rx_rate:
-            hour_e2e = HOUR / rx_rate + hour_agent
+        if rx:
+            hour_e2e = HOUR / rx + hour_agent
             rep.figure("extrapolated_3_2M_reference_s", round(hour_e2e))
 
-    nd = {k: "" if r.get("drained") else " (NOT drained before the time limit)"
-          for k, r in results.items()}  # fmt: skip
-    rates = dict(
-        headline=headline,
-        fast_rx=fast_rx,
-        rx=rx_rate,
-        alone=agent_alone,
-        e2e=e2e,
-        model=model,
-        model_fast=model_fast,
-        q=q_rate,
-        null_rx=base_null.get("chunks_per_s"),
-    )
+    nd = {k: "" if x.get("drained") else " (NOT drained before the time limit)"
+          for k, x in results.items()}  # fmt: skip
     rep.row(
         f"Replay drain, {n:,} chunks, agent -> fast checking receiver (headline)",
         ">= 50,000 chunks/s",
-        fill("{headline:n} chunks/s, {drain_s} s", **rates, drain_s=to_fast.get("drain_s"))
+        fill("{headline:n} chunks/s, {drain_s} s", **r, drain_s=to_fast.get("drain_s"))
         + nd["agent_to_fast"]
         + fill("; receiver counted {receiver_chunks:,} chunks, {receiver_messages:,} messages of "
-               "{m:,}, gaps {gaps}, out of order {out_of_order}: ", m=messages, **to_fast)
+               "{m:,}, gaps {gaps}, out of order {out_of_order}: ", m=bk["messages"], **to_fast)
         + ("exact" if to_fast["exact"] else "**NOT exact**"),
         fill("fast receiver alone {fast_rx:n} chunks/s (reference receiver alone {rx:n}); agent "
              "alone (null receiver) {alone:n}; one batch in flight: 1/(1/rx + 1/agent) = "
-             "{model_fast:n}", **rates),
-        None if headline is None else headline >= TARGET_CHUNKS_S and bool(to_fast["exact"]),
+             "{model_fast:n}", **r),
+        None if r["headline"] is None
+        else r["headline"] >= TARGET_CHUNKS_S and bool(to_fast["exact"]),
     )  # fmt: skip
     rep.row(
         "Benchmark receiver alone (fast checking receiver, batches posted back to back)",
-        ">= 60,000 chunks/s", fill("{fast_rx:n} chunks/s", **rates),
-        fill("reference receiver alone {rx:n} chunks/s", **rates),
-        None if fast_rx is None else fast_rx >= 60_000,
+        ">= 60,000 chunks/s", fill("{fast_rx:n} chunks/s", **r),
+        fill("reference receiver alone {rx:n} chunks/s", **r),
+        None if r["fast_rx"] is None else r["fast_rx"] >= 60_000,
     )  # fmt: skip
     rep.row(
         f"Replay drain, {n:,} chunks, to the reference receiver",
         "(report: bound by the SQLite reference receiver)",
-        fill("{e2e:n} chunks/s, {s} s", **rates, s=to_ref.get("drain_s"))
-        + nd["agent_to_reference"],
+        fill("{e2e:n} chunks/s, {s} s", **r, s=to_ref.get("drain_s")) + nd["agent_to_reference"],
         fill("receiver alone {rx:n} chunks/s; agent alone {alone:n}; with one batch in flight "
-             "their times add up: 1/(1/rx + 1/agent) = {model:n}", **rates),
+             "their times add up: 1/(1/rx + 1/agent) = {model:n}", **r),
         None,
     )  # fmt: skip
     rep.row(
         f"Replay drain, {n:,} chunks, agent alone (null receiver)", ">= 50,000 chunks/s",
-        fill("{alone:n} chunks/s, {s} s", **rates, s=to_null.get("drain_s")) + nd["agent_to_null"],
+        fill("{alone:n} chunks/s, {s} s", **r, s=to_null.get("drain_s")) + nd["agent_to_null"],
         fill("null receiver alone {null_rx:n} chunks/s; agent alone on {ns:,} chunks {q:n} "
-             "chunks/s", **rates, ns=n_small),
-        None if agent_alone is None else agent_alone >= TARGET_CHUNKS_S,
+             "chunks/s", **r, ns=n_small),
+        None if alone is None else alone >= TARGET_CHUNKS_S,
     )  # fmt: skip
-    mins = {k: None if not v else HOUR / v for k, v in rates.items()}  # at this run's rates
+    mins = {k: HOUR / v if v else None for k, v in r.items()}  # at this run's rates
     rep.row(
         "Replay of an hour (3.2 M chunks), extrapolated", "(report; 50,000 chunks/s = 64 s)",
         fill("agent alone {a:min}, to the reference receiver {e:min}", a=hour_agent, e=hour_e2e),
@@ -518,27 +467,27 @@ def verdicts(rep: Report, bk: dict[str, Any], base: dict[str, Any],
              "receiver {headline:min}, reference {e2e:min}", **mins),
         None,
     )  # fmt: skip
+    chunk_b = bk["raw_bytes"] / n
     rep.row(
-        "Bytes on the wire per chunk (gzip body)",
-        "(report)",
+        "Bytes on the wire per chunk (gzip body)", "(report)",
         f"{to_ref.get('wire_bytes_per_chunk')} B",
-        f"uncompressed chunk JSON {raw_bytes / n:.0f} B "
-        f"(gzip {raw_bytes / n / (wire / base_n):.1f}x)",
+        f"uncompressed chunk JSON {chunk_b:.0f} B "
+        f"(gzip {chunk_b / (bk['wire'] / bk['base_n']):.1f}x)",
         None,
-    )
+    )  # fmt: skip
     if base_ref.get("receiver_cpu_cores") is not None and base_ref["receiver_cpu_cores"] < 0.7:
         rep.note(fill(
             "the reference receiver alone used {cores} cores while batches were posted back to "
             "back: it was waiting, not computing, part of the time (it replies with TCP_NODELAY, "
             "so not on delayed ACKs: look at the machine's load during the run; the null "
             "receiver took {null_rx:n} chunks/s over the same client)",
-            cores=base_ref["receiver_cpu_cores"], **rates))  # fmt: skip
-    if q_rate and agent_alone and agent_alone < 0.85 * q_rate:
+            cores=base_ref["receiver_cpu_cores"], **r))  # fmt: skip
+    if q and alone and alone < 0.85 * q:
         rep.note(fill(
             "agent alone: {q:n} chunks/s on a {ns:,}-chunk backlog but {alone:n} on {n:,}: the "
             "per-batch cost grows with the backlog (look for a per-batch outbox query that scans "
             "the chunks table); the hour extrapolation fits per-chunk time = a + b x backlog on "
-            "the two runs", ns=n_small, n=n, **rates))  # fmt: skip
+            "the two runs", ns=n_small, n=n, **r))  # fmt: skip
     rep.note(
         "drain time and rate are taken at the receiver (first to last batch arrival); the "
         "agent's startup (outbox open, PRAGMA quick_check) comes before and is listed apart"
@@ -563,8 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.seconds or (40 if args.quick else 400)
     base_n = min(CAMERAS * len(STREAMS) * seconds,
                  args.baseline_chunks or (36_000 if args.quick else 90_000))  # fmt: skip
-    rep = Report("replay", args.quick)
-    work = fresh_dir("replay")
+    rep, work = Report("replay", args.quick), fresh_dir("replay")
     bk = build_backlog(rep, work, seconds, base_n)
     base = baselines(rep, work, bk)
     verdicts(rep, bk, base, drains(rep, work, bk, 120 if args.quick else 300))

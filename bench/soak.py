@@ -34,6 +34,7 @@ databases are deleted at the end (an hour is a few GB) unless --keep.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -51,27 +52,26 @@ from bench.common import (
     Fit,
     LoadThread,
     MachineLoad,
-    Mosquitto,
+    Nones,
     ProcStat,
-    Receiver,
     Report,
     Sampler,
     dig,
+    fill,
     fresh_dir,
-    kill_quietly,
+    idle,
     linfit,
     parser,
+    pid,
     rnd,
     say,
-    start_agent,
-    wait_for,
+    site,
 )
 from bench.loadgen import LoadOptions, run_load
+from devtools.procs import wait_for
 
-CAMERAS = 300
-RATE_PER_CAMERA = 10.0
-# agent/durable/store.py: min(64 MiB, buffer.max_bytes / 8), max_bytes 1 GiB shipped
-WAL_CAP = 64 * MB
+CAMERAS, RATE_PER_CAMERA = 300, 10.0
+WAL_CAP = 64 * MB  # agent/durable/store.py: min(64 MiB, buffer.max_bytes / 8), max_bytes 1 GiB
 # What a sample reads from /status: (sample key, path in /status).
 FROM_STATUS = (
     ("agent_received", ("ingest", "received")), ("windows_open", ("aggregate", "windows_open")),
@@ -94,10 +94,7 @@ CORES = ("agent", "bare", "broker", "receiver")
 
 
 def file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
+    return path.stat().st_size if path.exists() else 0
 
 
 def _num(x: Any) -> float | None:
@@ -115,8 +112,7 @@ class Readings:
 
     def __call__(self, s: dict[str, Any], prev: dict[str, Any] | None) -> None:
         st = self.agent.status() or {}
-        busy, steal = self.load.read()
-        self.load = MachineLoad()
+        (busy, steal), self.load = self.load.read(), MachineLoad()
         a, b = s.get("agent", {}), s.get("bare", {})
         s.update(
             t_s=s["t"] - self.t0, agent_rss_kb=a.get("rss_kb"), agent_hwm_kb=a.get("hwm_kb"),
@@ -127,9 +123,8 @@ class Readings:
             rejects=sum((dig(st, "ingest", "rejects") or {}).values()),
             drops=sum((dig(st, "drops") or {}).values()), machine_busy_pct=busy,
             machine_steal_pct=steal, status=st, agent_us_per_msg=None, bare_us_per_msg=None,
+            **{key: dig(st, *path) for key, path in FROM_STATUS},
         )  # fmt: skip
-        for key, path in FROM_STATUS:
-            s[key] = dig(st, *path)
         dt = s["t_s"] - prev["t_s"] if prev else 0
         d = {k: s[k]["cpu_s"] - prev[k]["cpu_s"] for k in CORES if prev and k in s and k in prev}
         for k in CORES:
@@ -147,137 +142,113 @@ def receiver_truth(db: Path) -> dict[str, Any]:
     """The receiver's ground truth, read from its SQLite (read-only)."""
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
     try:
-        chunks, messages = con.execute(
+        q = [con.execute(sql, (GATEWAY_ID,)).fetchone() for sql in (
             "SELECT count(*), coalesce(sum(json_extract(body, '$.count')), 0) FROM chunks"
-            " WHERE gateway = ?", (GATEWAY_ID,),
-        ).fetchone()  # fmt: skip
-        row = con.execute(
+            " WHERE gateway = ?",
             "SELECT max_seq, batches, gaps, out_of_order, duplicates, rev0_repeats FROM gateways"
-            " WHERE gateway = ?", (GATEWAY_ID,),
-        ).fetchone()  # fmt: skip
-        (late_chunks,) = con.execute(
-            "SELECT count(*) FROM chunks WHERE gateway = ? AND rev > 0", (GATEWAY_ID,)
-        ).fetchone()
+            " WHERE gateway = ?",
+            "SELECT count(*) FROM chunks WHERE gateway = ? AND rev > 0")]  # fmt: skip
     finally:
         con.close()
     keys = ("max_seq", "batches", "gaps", "out_of_order", "duplicates", "rev0_repeats")
-    doc: dict[str, Any] = dict(zip(keys, row, strict=True)) if row else {}
-    doc.update(chunks=chunks, messages=messages, late_delta_chunks=late_chunks)
+    doc: dict[str, Any] = dict(zip(keys, q[1], strict=True)) if q[1] else {}
+    doc.update(chunks=q[0][0], messages=q[0][1], late_delta_chunks=q[2][0])
     return doc
 
 
 def run(rep: Report, work: Path, minutes: float, interval: float, keep: bool) -> dict[str, Any]:
     """The hour: the agent and the bare subscriber under loadgen's load, sampled on a grid;
     then drained, and the receiver's ground truth read."""
-    duration_s = minutes * 60
-    rate = CAMERAS * RATE_PER_CAMERA
-    broker = receiver = agent = bare = load_thread = None
-    samples: list[dict[str, Any]] = []  # the Sampler's
-    exit_code = 0
-    try:
-        broker = Mosquitto(work / "mosquitto").start()
-        receiver = Receiver(work / "cloud").start()
-        agent = start_agent(work, broker.port, receiver.url)
+    duration_s, rate = minutes * 60, CAMERAS * RATE_PER_CAMERA
+    r: dict[str, Any] = {"samples": []}  # the Sampler's samples, and what is measured
+    with site(work) as (broker, receiver, agent):
         bare = CountingSub("bare", broker.port, work / "bare.log", max_seconds=duration_s + 900)
-        bare.wait_ready()
-        assert agent.popen is not None and broker.popen is not None
-        assert receiver.popen is not None
-        pids = {"agent": agent.popen.pid, "bare": bare.pid, "broker": broker.popen.pid,
-                "receiver": receiver.popen.pid}  # fmt: skip
-        wal = work / "agent" / "buffer.sqlite3-wal"
-        idle, bare_idle = ProcStat(pids["agent"]).rss_kb(), ProcStat(pids["bare"]).rss_kb()
-        say(f"[soak] {CAMERAS} cameras x {RATE_PER_CAMERA:g} msgs/s = {rate:,.0f} msgs/s for "
-            f"{minutes:g} min (loadgen, 1 process, QoS 1); sample every {interval:g} s; "
-            f"agent idle RSS {idle / 1024:.1f} MB, bare {bare_idle / 1024:.1f} MB")  # fmt: skip
-        start_at = time.time() + 1.0
-        opts = LoadOptions(port=broker.port, cameras=CAMERAS, rate=rate, duration_s=duration_s,
-                           processes=1, seed=13, start_at=start_at,
-                           max_messages=int(rate * duration_s * 1.05) + 10_000)  # fmt: skip
-        load_thread = LoadThread(lambda: run_load(opts))
-        load_thread.start()
-        # Publishing starts at start_at (wall clock); sample on a fixed grid from there.
-        wait_for(lambda: time.time() >= start_at, timeout_s=5, what="publishing start",
-                 poll_s=0.01)  # fmt: skip
-        t0 = time.monotonic()
-        sampler = Sampler(pids, extra=Readings(agent, bare, wal, t0))
-        samples = sampler.samples
-        sampler.take()
-        k = 1
-        while True:
-            # The sampling interval itself: the only sleep in this script.
-            time.sleep(max(0.0, t0 + k * interval - time.monotonic()))
-            if not agent.running:
-                raise RuntimeError(f"agent exited during the soak:\n{agent.log_text()[-2000:]}")
-            s = sampler.take()
-            if k % max(1, round(60 / interval)) == 0 or k == 1:
-                say(_progress(s))
-            k += 1
-            if s["t_s"] >= duration_s or not load_thread.is_alive():
-                break
-        t_pub_end = samples[-1]["t_s"]
-        load_thread.join(timeout=opts.drain_timeout_s + 60)
-        if load_thread.error is not None:
-            raise load_thread.error
-        pub = load_thread.result
-        acked = int(pub.get("acked", 0))
-        say(f"[soak] publishing done: {json.dumps(pub)}")
-
-        def drained() -> bool:  # the last windows close after idle_close_s of silence
-            st = agent.status() if agent else None
-            return bool(
-                st and dig(st, "ingest", "received") is not None
-                and st["ingest"]["received"] >= acked and st["aggregate"]["windows_open"] == 0
-                and st["ingest"]["unacked"] == 0 and st["outbox"]["chunks"] == 0
+        load_thread = None
+        try:
+            bare.wait_ready()
+            pids = {"agent": pid(agent), "bare": bare.pid, "broker": pid(broker),
+                    "receiver": pid(receiver)}  # fmt: skip
+            wal = work / "agent" / "buffer.sqlite3-wal"
+            idle_kb = r["idle"] = ProcStat(pids["agent"]).rss_kb()
+            bare_kb = r["bare_idle"] = ProcStat(pids["bare"]).rss_kb()
+            say(f"[soak] {CAMERAS} cameras x {RATE_PER_CAMERA:g} msgs/s = {rate:,.0f} msgs/s for "
+                f"{minutes:g} min (loadgen, 1 process, QoS 1); sample every {interval:g} s; "
+                f"agent idle RSS {idle_kb / 1024:.1f} MB, bare {bare_kb / 1024:.1f} MB"
             )  # fmt: skip
+            start_at = time.time() + 1.0
+            opts = LoadOptions(port=broker.port, cameras=CAMERAS, rate=rate, duration_s=duration_s,
+                               processes=1, seed=13, start_at=start_at,
+                               max_messages=int(rate * duration_s * 1.05) + 10_000)  # fmt: skip
+            load_thread = LoadThread(lambda: run_load(opts))
+            load_thread.start()
+            # Publishing starts at start_at (wall clock); sample on a fixed grid from there.
+            time.sleep(max(0.0, start_at - time.time()))
+            t0 = time.monotonic()
+            sampler = Sampler(pids, extra=Readings(agent, bare, wal, t0))
+            samples = r["samples"] = sampler.samples
+            sampler.take()
+            for k in itertools.count(1):
+                # The sampling interval itself: the only sleep in this script.
+                time.sleep(max(0.0, t0 + k * interval - time.monotonic()))
+                if not agent.running:
+                    raise RuntimeError(f"agent exited during the soak:\n{agent.log_text()[-2000:]}")
+                s = sampler.take()
+                if k % max(1, round(60 / interval)) == 0 or k == 1:
+                    say(_progress(s))
+                if s["t_s"] >= duration_s or not load_thread.is_alive():
+                    break
+            r["t_pub_end"] = samples[-1]["t_s"]
+            load_thread.join(timeout=opts.drain_timeout_s + 60)
+            if load_thread.error is not None:
+                raise load_thread.error
+            pub = r["pub"] = load_thread.result
+            acked = r["acked"] = int(pub.get("acked", 0))
+            say(f"[soak] publishing done: {json.dumps(pub)}")
 
-        drain_note = None
-        try:
-            wait_for(drained, timeout_s=120, what="agent drained (windows closed, outbox empty)",
-                     poll_s=0.5)  # fmt: skip
-        except TimeoutError as e:
-            drain_note = str(e)
-            rep.note(drain_note)
-        b = bare
-        try:
-            wait_for(lambda: b.count >= acked or not b.running, timeout_s=30,
-                     what="bare subscriber caught up", poll_s=0.2)  # fmt: skip
-        except TimeoutError as e:
-            rep.note(f"{e}: it got {b.count:,} of {acked:,}")
-        final_status = agent.status() or {}
-        agent_hwm, bare_hwm = ProcStat(pids["agent"]).hwm_kb(), ProcStat(pids["bare"]).hwm_kb()
-        bare_count = bare.count
-        truth = receiver_truth(receiver.db)
-        db_bytes = file_size(receiver.db) + file_size(receiver.db.with_name("cloud.sqlite3-wal"))
-    except BaseException:
-        exit_code = 1
-        raise
-    finally:
-        kill_quietly(bare, agent, receiver, broker)
-        if load_thread is not None and load_thread.is_alive():
-            load_thread.join(timeout=5)
-        if not keep and exit_code == 0:
-            for d in ("cloud", "agent", "mosquitto"):
-                shutil.rmtree(work / d, ignore_errors=True)
-    return dict(samples=samples, t_pub_end=t_pub_end, pub=pub, acked=acked, idle=idle,
-                bare_idle=bare_idle, drain_note=drain_note, final_status=final_status,
-                agent_hwm=agent_hwm, bare_hwm=bare_hwm, bare_count=bare_count, truth=truth,
-                db_bytes=db_bytes)  # fmt: skip
+            def drained() -> bool:  # the last windows close after idle_close_s of silence
+                st = agent.status()
+                return idle(st) and (dig(st, "ingest", "received") or 0) >= acked
+
+            r["drain_note"] = None
+            try:
+                wait_for(drained, timeout_s=120, poll_s=0.5,
+                         what="agent drained (windows closed, outbox empty)")  # fmt: skip
+            except TimeoutError as e:
+                r["drain_note"] = str(e)
+                rep.note(str(e))
+            try:
+                wait_for(lambda: bare.count >= acked or not bare.running, timeout_s=30,
+                         what="bare subscriber caught up", poll_s=0.2)  # fmt: skip
+            except TimeoutError as e:
+                rep.note(f"{e}: it got {bare.count:,} of {acked:,}")
+            r.update(final_status=agent.status() or {}, agent_hwm=ProcStat(pids["agent"]).hwm_kb(),
+                     bare_hwm=ProcStat(pids["bare"]).hwm_kb(), bare_count=bare.count,
+                     truth=receiver_truth(receiver.db),
+                     db_bytes=file_size(receiver.db) + file_size(receiver.db.with_name(
+                         "cloud.sqlite3-wal")))  # fmt: skip
+        finally:
+            bare.stop()
+            if load_thread is not None and load_thread.is_alive():
+                load_thread.join(timeout=5)
+    if not keep:
+        for d in ("cloud", "agent", "mosquitto"):
+            shutil.rmtree(work / d, ignore_errors=True)
+    return r
 
 
 def flatness(rep: Report, r: dict[str, Any], minutes: float, interval: float) -> dict[str, Any]:
     """Ground truth, slopes and the verdict: the figures."""
-    samples, t_pub_end, pub, acked, truth, bare_count = (
-        r[k] for k in ("samples", "t_pub_end", "pub", "acked", "truth", "bare_count"))  # fmt: skip
+    samples, t_pub_end, pub, acked, truth = (r[k] for k in ("samples", "t_pub_end", "pub",
+                                                            "acked", "truth"))  # fmt: skip
     exact = (truth["messages"] == acked and pub.get("failed", 0) == 0 and not truth.get("gaps")
              and not truth.get("out_of_order"))  # fmt: skip
-    rep.figure("published", pub)
-    rep.figure("receiver", truth)
-    rep.figure("bare_received", bare_count)
-    rep.figure("exact", exact)
+    for key, value in (("published", pub), ("receiver", truth), ("bare_received", r["bare_count"]),
+                       ("exact", exact)):  # fmt: skip
+        rep.figure(key, value)
     say(f"[soak] ground truth: broker acked {acked:,}, receiver counted {truth['messages']:,} in "
         f"{truth['chunks']:,} chunks (gaps {truth.get('gaps')}, out of order "
         f"{truth.get('out_of_order')}, retransmitted duplicates {truth.get('duplicates')}); bare "
-        f"subscriber got {bare_count:,}: {'EXACT' if exact else 'NOT EXACT'}")  # fmt: skip
+        f"subscriber got {r['bare_count']:,}: {'EXACT' if exact else 'NOT EXACT'}")  # fmt: skip
     warm = min(60.0, max(interval, 0.1 * t_pub_end))
     steady = [s for s in samples if warm < s["t_s"] <= t_pub_end]
     second = [s for s in samples if t_pub_end / 2 <= s["t_s"] <= t_pub_end]
@@ -338,7 +309,7 @@ def flatness(rep: Report, r: dict[str, Any], minutes: float, interval: float) ->
     )  # fmt: skip
     if not cpu_flat:
         growing.insert(0, f"agent CPU per message ({cpu_pct:+.1f} %/hour; agent/bare ratio "
-                       f"{_pctv(ratio_pct)}/hour)")  # fmt: skip
+                       f"{fill('{r:+.1f} %', r=ratio_pct)}/hour)")  # fmt: skip
 
     us = [s["agent_us_per_msg"] for s in steady if s.get("agent_us_per_msg")]
     bus = [s["bare_us_per_msg"] for s in steady if s.get("bare_us_per_msg")]
@@ -375,11 +346,10 @@ def flatness(rep: Report, r: dict[str, Any], minutes: float, interval: float) ->
     rep.figure("samples", [_sample_doc(s) for s in samples])
     rep.figure("final_status", r["final_status"])
     verdict = "FLAT" if rss_flat and cpu_flat else "GROWS: " + "; ".join(growing[:2])
-    say(
-        f"[soak] agent RSS {_fitstr(f_rss, 'MB')}/h over the second half (bare "
-        f"{_fitstr(f_bare_rss, 'MB')}/h); CPU µs/msg {_pctv(cpu_pct)}/h (bare "
-        f"{_pctv(pct_h(fits['bare_cpu']))}/h, agent/bare {_pctv(ratio_pct)}/h): {verdict}"
-    )
+    say(fill("[soak] agent RSS {a}/h over the second half (bare {b}/h); CPU µs/msg {c:+.1f} %/h "
+             "(bare {bc:+.1f} %/h, agent/bare {r:+.1f} %/h): {v}", a=_fitstr(f_rss, "MB"),
+             b=_fitstr(f_bare_rss, "MB"), c=cpu_pct, bc=pct_h(fits["bare_cpu"]), r=ratio_pct,
+             v=verdict))  # fmt: skip
     if growing:
         say("[soak] grows: " + "; ".join(growing))
     return figures
@@ -411,20 +381,13 @@ def main(argv: list[str] | None = None) -> int:
 # -- output -----------------------------------------------------------------------------------
 
 
-def _pctv(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:+.1f} %"
-
-
 def _fitdoc(f: Fit | None) -> dict[str, Any] | None:
-    if f is None:
-        return None
-    return {"slope": round(f.slope, 3), "stderr": round(f.stderr, 3), "n": f.n,
-            "mean": round(f.mean, 2)}  # fmt: skip
+    return None if f is None else {"slope": round(f.slope, 3), "stderr": round(f.stderr, 3),
+                                   "n": f.n, "mean": round(f.mean, 2)}  # fmt: skip
 
 
 def _fitstr(f: Fit | dict[str, Any] | None, unit: str) -> str:
-    if isinstance(f, Fit):
-        f = vars(f)
+    f = vars(f) if isinstance(f, Fit) else f
     return "n/a" if f is None else f"{f['slope']:+.2f} ± {2 * f['stderr']:.2f} {unit}"
 
 
@@ -438,33 +401,23 @@ def _human(x: float, unit: str) -> str:
     return f"{x / 1024:,.0f} KiB" if unit == "B" else f"{x:,.1f} {unit}"
 
 
-def _f1(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.1f}"
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{x * 100:.1f} %"
-
-
 def _progress(s: dict[str, Any]) -> str:
-    return (
-        f"[soak] t={s['t_s'] / 60:5.1f} min  agent RSS {(s['agent_rss_kb'] or 0) / 1024:5.1f} MB, "
-        f"{_f1(s.get('agent_us_per_msg'))} µs/msg ({_pct(s.get('agent_cores'))})  bare "
-        f"{(s['bare_rss_kb'] or 0) / 1024:5.1f} MB, {_f1(s.get('bare_us_per_msg'))} µs/msg  "
-        f"broker {_pct(s.get('broker_cores'))}  windows {s['windows_open']}  unacked "
-        f"{s['unacked']}  outbox {s['outbox_chunks']} chunks, WAL {s['wal_bytes'] / MB:.1f} MB  "
-        f"machine busy {s['machine_busy_pct']:.0f} %"
-    )
+    return fill(
+        "[soak] t={tm:5.1f} min  agent RSS {ar:5.1f} MB, {agent_us_per_msg:.1f} µs/msg "
+        "({agent_cores:pct})  bare {br:5.1f} MB, {bare_us_per_msg:.1f} µs/msg  broker "
+        "{broker_cores:pct}  windows {windows_open}  unacked {unacked}  outbox {outbox_chunks} "
+        "chunks, WAL {wal:.1f} MB  machine busy {machine_busy_pct:.0f} %",
+        tm=s["t_s"] / 60, ar=(s["agent_rss_kb"] or 0) / 1024, br=(s["bare_rss_kb"] or 0) / 1024,
+        wal=s["wal_bytes"] / MB, **{k: v for k, v in s.items() if k != "t"},
+    )  # fmt: skip
 
 
 def _sample_doc(s: dict[str, Any]) -> dict[str, Any]:
     """A sample as written to the JSON: derived figures rounded, the raw readings left out."""
     nd = {"agent_us_per_msg": 1, "bare_us_per_msg": 1, "machine_busy_pct": 1,
           "machine_steal_pct": 1, "t_s": 1}  # fmt: skip
-    return {
-        k: rnd(v, nd.get(k, 3)) if k in nd or k.endswith("_cores") else v
-        for k, v in s.items() if k not in ("t", "status", *CORES)
-    }  # fmt: skip
+    return {k: rnd(v, nd.get(k, 3)) if k in nd or k.endswith("_cores") else v
+            for k, v in s.items() if k not in ("t", "status", *CORES)}  # fmt: skip
 
 
 MD = """# edge-agent soak: 300 cameras x 10 msgs/s for {length}
@@ -486,8 +439,8 @@ standard errors of the least-squares slope.
 | figure | agent | bare aiomqtt (same run) | verdict |
 |---|---|---|---|
 | ground truth | broker acked {acked:,}; receiver counted {t[messages]:,} in {t[chunks]:,} chunks; \
-gaps {gaps}, out of order {ooo}, retransmitted duplicates (deduped) {dups} | received \
-{f[bare_received]:,} | {exact} |
+gaps {t[gaps]}, out of order {t[out_of_order]}, retransmitted duplicates (deduped) \
+{t[duplicates]} | received {f[bare_received]:,} | {exact} |
 | publishing | {f[msgs_per_s]:,} msgs/s for {pub_min:.1f} min | | |
 | RSS idle -> peak (VmHWM) | {f[agent_idle_rss_mb]:.1f} -> {f[agent_peak_rss_mb]} MB | \
 {f[bare_idle_rss_mb]:.1f} -> {f[bare_peak_rss_mb]} MB | |
@@ -508,10 +461,11 @@ neighbours slow both).
 |---|---|---|---|
 {gauges}
 
-At the end: aggregate {aggregate}, late-delta chunks at the receiver \
-{late}, rejects {rejects}, drops {drops}, redelivered skipped \
-{redelivered}, MQTT reconnects {reconnects}, batches sent {batches} (failed {failed}), snapshots \
-written {snapshots}; receiver database {db_mb:,.0f} MB.{drain}
+At the end: aggregate {fs[aggregate]}, late-delta chunks at the receiver \
+{t[late_delta_chunks]}, rejects {ingest[rejects]}, drops {fs[drops]}, redelivered skipped \
+{ingest[redelivered_skipped]}, MQTT reconnects {mqtt[reconnects]}, batches sent \
+{fw[batches_sent]} (failed {fw[batches_failed]}), snapshots written \
+{outbox[snapshots_written]}; receiver database {db_mb:,.0f} MB.{drain}
 
 ## Time series (every {step_min:g} min; CPU averaged over the preceding {f[interval_s]:g} s \
 sample)
@@ -535,7 +489,7 @@ machine busy % |
 def write_md(path: Path, doc: dict[str, Any]) -> None:
     """bench/SOAK.md from the soak's JSON document (Report.finish)."""
     f = doc["figures"]
-    fits, fs, minutes, t_end = f["fits"], f["final_status"], f["minutes"], f["publish_s"]
+    fits, fs, minutes, t_end = f["fits"], Nones(f["final_status"]), f["minutes"], f["publish_s"]
 
     def gauge(label: str, g: dict[str, Any]) -> str:
         mb = g["unit"] == "B"
@@ -554,42 +508,33 @@ def write_md(path: Path, doc: dict[str, Any]) -> None:
         if s["t_s"] + 1e-6 < next_t and i != len(samples) - 1:
             continue
         next_t = (math.floor(s["t_s"] / step + 1e-6) + 1) * step
-        busy = "n/a" if i == 0 else f"{s['machine_busy_pct']:.0f}"
-        series.append(
-            f"| {s['t_s'] / 60:.1f} | {(s['agent_rss_kb'] or 0) / 1024:.1f} | "
-            f"{(s['agent_rss_anon_kb'] or 0) / 1024:.1f} | {_f1(s.get('agent_us_per_msg'))} | "
-            f"{_pct(s.get('agent_cores'))} | {(s['bare_rss_kb'] or 0) / 1024:.1f} | "
-            f"{_f1(s.get('bare_us_per_msg'))} | {_pct(s.get('broker_cores'))} | "
-            f"{s['windows_open']} | {s['unacked']} | {s['outbox_chunks']} | "
-            f"{(s['outbox_file_bytes'] or 0) / MB:.1f} | {s['wal_bytes'] / MB:.1f} | "
-            f"{busy} |"
-        )
-    truth = f["receiver"]
+        series.append(fill(
+            "| {tm:.1f} | {ar:.1f} | {aa:.1f} | {agent_us_per_msg:.1f} | {agent_cores:pct} | "
+            "{br:.1f} | {bare_us_per_msg:.1f} | {broker_cores:pct} | {windows_open} | {unacked} "
+            "| {outbox_chunks} | {ob:.1f} | {wal:.1f} | {busy:.0f} |", tm=s["t_s"] / 60,
+            ar=(s["agent_rss_kb"] or 0) / 1024, aa=(s["agent_rss_anon_kb"] or 0) / 1024,
+            br=(s["bare_rss_kb"] or 0) / 1024, ob=(s["outbox_file_bytes"] or 0) / MB,
+            wal=s["wal_bytes"] / MB, busy=s["machine_busy_pct"] if i else None, **s))  # fmt: skip
+    t = Nones(f["receiver"])
     path.write_text(MD.format(
         length=f"{minutes:g} minutes" if minutes < 60 else f"{minutes / 60:g} hour(s)",
         smoke="" if minutes >= 15 else (
             f"\n**SMOKE RUN ({minutes:g} minutes)**: proves the script, not the agent. Slopes "
             "extrapolated to an hour from a few minutes are dominated by warm-up and the "
             "neighbours' noise; the full hour is `.venv/bin/python -m bench.soak` (~62 min).\n"),
-        doc=doc, f=f, m=doc["machine"], n=doc["noise"], t=truth,
-        acked=f["published"].get("acked", 0), gaps=truth.get("gaps"),
-        ooo=truth.get("out_of_order"), dups=truth.get("duplicates"),
-        exact="exact" if f["exact"] else "**NOT exact**", pub_min=t_end / 60,
-        rss=_fitstr(fits["agent_rss"], "MB"), rss_anon=_fitstr(fits["agent_rss_anon"], "MB"),
-        bare_rss=_fitstr(fits["bare_rss"], "MB"),
-        rss_flat="flat" if f["rss_flat"] else "**grows**",
-        cpu=_pct_h(fits["agent_cpu"]), ratio=_pct_h(fits["ratio"]),
-        bare_cpu=_pct_h(fits["bare_cpu"]), cpu_flat="flat" if f["cpu_flat"] else "**grows**",
+        doc=doc, f=f, m=doc["machine"], n=doc["noise"], t=t, fs=fs,
+        **{k: Nones(fs[k] or {}) for k in ("ingest", "mqtt", "outbox")},
+        fw=Nones(fs["forward"] or {}),
+        acked=f["published"].get("acked", 0), exact="exact" if f["exact"] else "**NOT exact**",
+        pub_min=t_end / 60, rss=_fitstr(fits["agent_rss"], "MB"),
+        rss_anon=_fitstr(fits["agent_rss_anon"], "MB"), bare_rss=_fitstr(fits["bare_rss"], "MB"),
+        rss_flat="flat" if f["rss_flat"] else "**grows**", cpu=_pct_h(fits["agent_cpu"]),
+        ratio=_pct_h(fits["ratio"]), bare_cpu=_pct_h(fits["bare_cpu"]),
+        cpu_flat="flat" if f["cpu_flat"] else "**grows**",
         grows="; ".join(f["growing"]) if f["growing"] else "nothing.",
         gauges="\n".join(gauge(k, g) for k, g in f["gauges_second_half"].items()),
-        aggregate=dig(fs, "aggregate"), drops=dig(fs, "drops"),
-        late=truth.get("late_delta_chunks"), rejects=dig(fs, "ingest", "rejects"),
-        redelivered=dig(fs, "ingest", "redelivered_skipped"),
-        reconnects=dig(fs, "mqtt", "reconnects"), batches=dig(fs, "forward", "batches_sent"),
-        failed=dig(fs, "forward", "batches_failed"),
-        snapshots=dig(fs, "outbox", "snapshots_written"), db_mb=f["receiver_db_bytes"] / MB,
+        db_mb=f["receiver_db_bytes"] / MB, step_min=step / 60, series="\n".join(series),
         drain=f"\n\nDrain: {f['drain_note']}" if f["drain_note"] else "",
-        step_min=step / 60, series="\n".join(series),
     ))  # fmt: skip
 
 
