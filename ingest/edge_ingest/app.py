@@ -32,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from agent.core.errors import BadBatch
 from agent.core.model import decode_batch
 from edge_ingest.metrics import Metrics
-from edge_ingest.rows import batch_rows
+from edge_ingest.rows import Rows, batch_rows
 from edge_ingest.schema import drop_before, ensure_partitions
 from edge_ingest.store import Outcome, RefusedValue, Store, Unavailable
 
@@ -46,6 +46,7 @@ Send = Callable[[Message], Awaitable[None]]
 MAINTENANCE_EVERY_S = 3600.0
 PROBE_EVERY_S = 2.0
 _MAINT_LOCK = 0x6564_6766
+_I64 = 2**63 - 1
 
 
 class Answer(Exception):
@@ -159,6 +160,13 @@ class IngestApp:
     async def _handle(self, headers: dict[str, bytes], receive: Receive) -> dict[str, Any]:
         self._authenticate(headers.get("authorization"))
         raw = await self._read_body(headers, receive)
+        try:
+            async with self.store.admitted():
+                return await self._apply(headers, raw)
+        except Unavailable as e:  # no slot: refused before any decoding
+            raise self._unavailable(e) from None
+
+    async def _apply(self, headers: dict[str, bytes], raw: bytes) -> dict[str, Any]:
         if headers.get("content-encoding", b"").strip().lower() == b"gzip":
             raw = self._gunzip(raw)
         elif headers.get("content-encoding", b"identity").strip().lower() != b"identity":
@@ -177,6 +185,8 @@ class IngestApp:
         rows = batch_rows(batch.chunks)
         if not _finite_rows(rows.numeric):
             raise Answer(400, "malformed batch: merging its chunks overflows a sum")
+        if not _bigint_rows(rows):
+            raise Answer(400, "malformed batch: merging its chunks overflows a count")
         digest = hashlib.sha256(raw).digest()
         started = time.monotonic()
         try:
@@ -184,11 +194,7 @@ class IngestApp:
                 batch.gateway, batch.first_seq, batch.last_seq, digest, len(batch.chunks), rows
             )
         except Unavailable as e:
-            self.metrics.unavailable.labels(e.cause).inc()
-            after = self.retry_after_s * (3 if e.cause == "database_down" else 1)
-            raise Answer(
-                503, f"database unavailable ({e.cause}): retry later", {"Retry-After": str(after)}
-            ) from None
+            raise self._unavailable(e) from None
         except RefusedValue as e:
             raise Answer(422, f"the database refused a value of this batch: {e}") from None
         self.metrics.outcomes.labels(result.outcome.value).inc()
@@ -222,6 +228,13 @@ class IngestApp:
                 )  # fmt: skip
         return doc
 
+    def _unavailable(self, e: Unavailable) -> Answer:
+        self.metrics.unavailable.labels(e.cause).inc()
+        after = self.retry_after_s * (3 if e.cause == "database_down" else 1)
+        return Answer(
+            503, f"database unavailable ({e.cause}): retry later", {"Retry-After": str(after)}
+        )
+
     def _authenticate(self, value: bytes | None) -> None:
         if self._no_auth:
             return
@@ -235,7 +248,7 @@ class IngestApp:
     async def _read_body(self, headers: dict[str, bytes], receive: Receive) -> bytes:
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise Answer(413, f"body over {self.max_body_bytes} bytes", {"Connection": "close"})
+            await self._too_large(receive, 0)
         parts: list[bytes] = []
         size = 0
         while True:
@@ -245,10 +258,22 @@ class IngestApp:
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                raise Answer(413, f"body over {self.max_body_bytes} bytes", {"Connection": "close"})
+                await self._too_large(receive, size)
             parts.append(chunk)
             if not msg.get("more_body", False):
                 return b"".join(parts)
+
+    async def _too_large(self, receive: Receive, size: int) -> None:
+        """Answer 413 -- after reading the rest of the body and throwing it away, up to a
+        bound: a client still sending (the agent writes the whole body before it reads) would
+        otherwise get a reset connection instead of the 413 that tells it to split."""
+        limit = max(16 * self.max_body_bytes, self.max_decompressed_bytes)
+        while size <= limit:
+            msg = await receive()
+            if msg["type"] == "http.disconnect" or not msg.get("more_body", False):
+                break
+            size += len(msg.get("body", b""))
+        raise Answer(413, f"body over {self.max_body_bytes} bytes", {"Connection": "close"})
 
     def _gunzip(self, raw: bytes) -> bytes:
         d = zlib.decompressobj(16 + zlib.MAX_WBITS)
@@ -305,6 +330,17 @@ class IngestApp:
 
 def _finite_rows(rows: list[Any]) -> bool:
     return all(math.isfinite(r[6]) and math.isfinite(r[7]) for r in rows)
+
+
+def _bigint_rows(rows: Rows) -> bool:
+    """Whether the counts the batch's chunks add up to fit PostgreSQL's bigint (each chunk's do;
+    their sum in one batch may not, and the driver would raise OverflowError: a 500)."""
+    return (
+        rows.messages <= _I64
+        and all(r[4] <= _I64 for r in rows.counts)
+        and all(r[5] <= _I64 for r in rows.numeric)
+        and all(r[6] <= _I64 for r in rows.categories)
+    )
 
 
 async def _reply(send: Send, status: int, doc: Any, headers: dict[str, str] | None = None) -> None:

@@ -53,7 +53,7 @@ class Metrics:
         )
         Gauge(
             "edge_ingest_pool_waiting", "Requests waiting for a connection", registry=r
-        ).set_function(lambda: store.waiting)
+        ).set_function(lambda: store.waiting + store.queued)
         for a in ANSWERS:
             self.batches.labels(a)
         for c in CAUSES:

@@ -131,8 +131,9 @@ BEGIN
             RETURN;
         END IF;
         UPDATE edge_ingest.gateways x SET refused = x.refused + 1 WHERE x.gateway = p_gateway;
-        RETURN QUERY SELECT (CASE WHEN FOUND THEN 'reused' ELSE 'overlap' END)::text,
-            w.next_seq, 0::bigint;
+        -- Not FOUND: the UPDATE above has set it. b is all NULL when no batch starts here.
+        RETURN QUERY SELECT (CASE WHEN b.gateway IS NOT NULL THEN 'reused' ELSE 'overlap' END)
+            ::text, w.next_seq, 0::bigint;
         RETURN;
     END IF;
     v_gap := p_first - w.next_seq;

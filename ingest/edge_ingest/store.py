@@ -12,10 +12,11 @@ applied (a replay) or not (applied now) -- never twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +90,12 @@ def classify(exc: BaseException) -> Exception:
         return Unavailable("not_migrated", str(exc))
     if isinstance(exc, asyncpg.DataError):  # class 22: out of range, bad encoding
         return RefusedValue(str(exc))
+    if isinstance(exc, asyncpg.InternalClientError) and "another operation" in str(exc):
+        # A pooled connection whose backend was just terminated (pg_terminate_backend, a fast
+        # shutdown): asyncpg still consumes the server's FATAL when the next BEGIN comes ("cannot
+        # switch to state 15; another operation (2) is in progress"). The connection is gone.
+        # Found by devtools/ingest_simulation.py (seed 9), a 500 before.
+        return Unavailable("database_down", f"{type(exc).__name__}: {exc}")
     if isinstance(
         exc,
         OSError
@@ -137,6 +144,9 @@ class Store:
         self._pool: asyncpg.Pool | None = None
         self.waiting = 0
         self.in_use = 0
+        # Admission (admitted()): batches decoded or in a transaction at once, and waiting.
+        self._slots = asyncio.Semaphore(2 * size)
+        self.queued = 0
         self.last_ok: float | None = None
         self.last_error: str | None = None
 
@@ -160,6 +170,31 @@ class Store:
     @property
     def opened(self) -> int:
         return self._pool.get_size() if self._pool is not None else 0
+
+    @contextlib.asynccontextmanager
+    async def admitted(self) -> AsyncIterator[None]:
+        """A slot for one batch, taken before it is decoded: at most 2 x `size` batches are
+        decoded or applied at once (the pool busy, the next ones decoded meanwhile); up to
+        `max_waiting` more wait here holding only their bytes; beyond that Unavailable
+        ("queue_full") at once, and ("pool_timeout") after the acquire timeout. Refusing
+        before decoding keeps hundreds of gateways replaying at once from spending the CPU
+        on batches that are then refused (bench/INGEST.md)."""
+        if self._slots.locked() and self.queued >= self.max_waiting:
+            raise Unavailable("queue_full", f"{self.queued} requests wait for a connection")
+        self.queued += 1
+        try:
+            async with asyncio.timeout(self._acquire_timeout_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise Unavailable(
+                "pool_timeout", f"no connection free within {self._acquire_timeout_s:g} s"
+            ) from None
+        finally:
+            self.queued -= 1
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     async def run(self, fn: Callable[[Any], Awaitable[Any]]) -> Any:
         """`fn` on a pooled connection; raises Unavailable (503) or RefusedValue (422)."""
@@ -193,7 +228,10 @@ class Store:
             raise
         finally:
             self.in_use -= 1
-            await self._pool.release(conn)
+            try:
+                await self._pool.release(conn)
+            except Exception as e:  # the pool closed the connection; the batch's answer stands
+                log.info("a connection failed its reset and was closed: %r", e)
         self.last_ok = time.monotonic()
         self.last_error = None
         return result
