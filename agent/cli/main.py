@@ -11,18 +11,23 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import uvloop
 
+import agent.config.settings as config_settings
 import agent.core.buildinfo as buildinfo
 from agent.cli.exitcodes import Exit
 from agent.cli.exitcodes import epilog as exit_epilog
 from agent.config.settings import (
+    HealthSettings,
     Settings,
+    credentials_outside_systemd,
     effective_config,
     escape_controls,
     inline_secret_warnings,
@@ -44,13 +49,49 @@ EXIT_INTERRUPTED = Exit.INTERRUPTED
 EXIT_BROKEN_PIPE = Exit.BROKEN_PIPE
 
 
-def _load(path: str) -> Settings:
+# Names the config file when no --config is given.
+CONFIG_ENV = "EDGE_AGENT_CONFIG"
+
+
+def config_path(given: str | None) -> str:
+    """The config file a command reads, decided here for every command: --config, else
+    $EDGE_AGENT_CONFIG, else the unit's own (/etc/edge-agent/config.toml)."""
+    if given is not None:
+        return given
+    return os.environ.get(CONFIG_ENV) or str(config_settings.UNIT_CONFIG)
+
+
+def _load(given: str | None) -> tuple[str, Settings]:
+    """The config file (see config_path) and its settings; exit 2 with one line per problem.
+    Run with the unit's config, a command reads the credentials the unit would give it."""
+    path = config_path(given)
     try:
-        return load_settings(path)
+        settings = load_settings(path)
     except ConfigError as e:
+        if given is not None:
+            whence = ""
+        elif os.environ.get(CONFIG_ENV):
+            whence = f" (from {CONFIG_ENV})"
+        else:
+            whence = f" (the default; give --config FILE or set {CONFIG_ENV})"
         for p in e.problems:
+            if whence and p.startswith(f"config file {path!r}"):
+                p += whence
             print(f"config error: {escape_controls(p)}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
+    credentials_outside_systemd(path)
+    return path, settings
+
+
+def _health_url(args: argparse.Namespace) -> str:
+    """`status` and `top`: --url, else the config's health.listen. Without a config named and
+    none installed (or none this user may read), the default listen address."""
+    if args.url is not None:
+        return str(args.url)
+    named = args.config is not None or os.environ.get(CONFIG_ENV)
+    if not named and not os.access(config_settings.UNIT_CONFIG, os.R_OK):
+        return f"http://{HealthSettings.model_fields['listen'].default}"
+    return f"http://{_load(args.config)[1].health.listen}"
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -68,13 +109,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if args.schema:
         print(json.dumps(json_schema(), indent=2, ensure_ascii=False))
         return 0
-    if args.config is None:
-        print("config error: check-config needs --config FILE (or --schema)", file=sys.stderr)
-        return EXIT_CONFIG
-    settings = _load(args.config)
-    if not args.quiet:
+    path, settings = _load(args.config)
+    if args.show:
         print(json.dumps(effective_config(settings), indent=2))
-    for warning in inline_secret_warnings(args.config, settings) + credential_warnings(settings):
+    for warning in inline_secret_warnings(path, settings) + credential_warnings(settings):
         print(f"warning: {warning}", file=sys.stderr)
     user = args.service_user or default_service_user()
     problems = [
@@ -105,7 +143,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             print(f"{'ok' if r.ok else 'FAILED'}  {r.target}: {r.detail}", file=sys.stderr)
         if not all(r.ok for r in results):
             return EXIT_CONNECT
-    print(f"config ok: {args.config}", file=sys.stderr)
+    print(f"config ok: {path}", file=sys.stderr)
     return 0
 
 
@@ -129,7 +167,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         username_problem,
     )
 
-    settings = _load(args.config)
+    path, settings = _load(args.config)
     # What check-config (ExecStartPre) checked may have changed since: one line each, exit 2,
     # rather than a traceback from deep in the start.
     problems = [
@@ -151,7 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if problems:
         return EXIT_CONFIG
     setup_logging(settings.log)
-    for warning in inline_secret_warnings(args.config, settings) + credential_warnings(settings):
+    for warning in inline_secret_warnings(path, settings) + credential_warnings(settings):
         logging.getLogger("agent").warning(warning)
     from agent.app.service import SecondSignal, run_service
     from agent.ops.notify import Notifier
@@ -166,7 +204,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 faults=faults,
                 notifier=Notifier.from_env(),
                 on_second_signal=lambda: _exit_now(Exit.SECOND_SIGNAL),
-                reload=lambda: load_settings(args.config),
+                reload=lambda: load_settings(path),
             )
         )
     except (OutboxError, AlreadyRunning, StartupError) as e:
@@ -186,10 +224,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from agent.cli.views import status_lines
 
-    url = args.url
-    if url is None:
-        listen = _load(args.config).health.listen if args.config else "127.0.0.1:9108"
-        url = f"http://{listen}"
+    url = _health_url(args)
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=args.timeout_s) as r:
             doc = json.loads(r.read())
@@ -208,7 +243,7 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
     from agent.cli.views import deadletter_detail, deadletter_lines
     from agent.durable.store import list_dead_letters, retry_dead_letters, show_dead_letter
 
-    settings = _load(args.config)
+    _, settings = _load(args.config)
     path = settings.buffer.path
     if not path.exists():
         print(f"no outbox at {path}", file=sys.stderr)
@@ -247,10 +282,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     """Live view of a running agent; plain snapshots when stdout is not a terminal."""
     from agent.cli.top import TopOptions, run_top
 
-    url = args.url
-    if url is None:
-        listen = _load(args.config).health.listen if args.config else "127.0.0.1:9108"
-        url = f"http://{listen}"
+    url = _health_url(args)
     opts = TopOptions(
         url=url,
         interval_s=args.interval_s,
@@ -271,7 +303,7 @@ def cmd_tap(args: argparse.Namespace) -> int:
     """Print each message on the broker as the agent would see it (see agent/cli/tap.py)."""
     from agent.cli.tap import TapOptions, check_id, run_tap, subscriptions
 
-    settings = _load(args.config)
+    _, settings = _load(args.config)
     try:
         check_id("--camera", args.camera)
         check_id("--stream", args.stream)
@@ -335,6 +367,7 @@ def cmd_simulate_cloud(args: argparse.Namespace) -> int:
         seed=args.seed,
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
         tls_key=Path(args.tls_key) if args.tls_key else None,
+        token=args.token,
     )
     return 0
 
@@ -359,7 +392,31 @@ def cmd_simulate_cameras(args: argparse.Namespace) -> int:
         record=Path(args.record) if args.record else None,
         start_at=args.start_at,
     )
-    summary = run_simulation(opts)
+    # SIGTERM (`timeout`, systemd, a harness) ends it as Ctrl-C does: every process stops
+    # publishing, waits for its acks and writes --record, and the summary is printed.
+    stop = threading.Event()
+    stopped_by: list[str] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopped_by.append(signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    def started(processes: int) -> None:
+        print(
+            f"simulate cameras: {opts.cameras} cameras at {opts.rate:g} msgs/s each, from "
+            f"{processes} processes to {args.broker}, for {opts.duration_s:g} s "
+            "(Ctrl-C or SIGTERM stops it with its summary)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    summary = run_simulation(opts, stop=stop, started=started)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the summary is on its way: nothing to stop
+        signal.signal(sig, signal.SIG_IGN)
+    summary["stopped_by"] = stopped_by[0] if stopped_by else None
     print(json.dumps(summary, indent=2))
     return Exit.OK if summary["failed"] == 0 else Exit.PUBLISH_FAILED
 
@@ -369,6 +426,16 @@ def _clock_fault(spec: str) -> tuple[int, str]:
     if not index.isdigit() or not kind:
         raise argparse.ArgumentTypeError(f"--clock {spec!r}: expected N=KIND, e.g. 3=offset:37")
     return int(index), kind
+
+
+def _config_option(parser: argparse.ArgumentParser, what: str = "the agent's config") -> None:
+    """--config, the same for every command; its default is config_path's."""
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help=f"{what} (TOML; default: ${CONFIG_ENV}, else {config_settings.UNIT_CONFIG})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -382,11 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the agent")
-    run.add_argument("--config", required=True, help="TOML config file")
+    _config_option(run)
     run.set_defaults(func=cmd_run)
 
-    cc = sub.add_parser("check-config", help="validate a config file and print it, secrets masked")
-    cc.add_argument("--config", default=None, help="TOML config file")
+    cc = sub.add_parser("check-config", help="validate a config file (--show prints it)")
+    _config_option(cc, "the config to check")
     cc.add_argument(
         "--schema",
         action="store_true",
@@ -405,13 +472,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cc.add_argument("--timeout-s", type=float, default=10.0, help="for each --connect probe")
     cc.add_argument(
+        "--show", action="store_true", help="print the effective config, secrets masked"
+    )
+    cc.add_argument(
         "--quiet", action="store_true", help="print only problems (the unit's ExecStartPre)"
     )
     cc.set_defaults(func=cmd_check_config)
 
     stp = sub.add_parser("status", help="show a running agent's /status; exit 1 if not ready")
     stp.add_argument("--url", default=None, help="e.g. http://127.0.0.1:9108")
-    stp.add_argument("--config", default=None, help="read health.listen from this config")
+    _config_option(stp, "read health.listen from this config")
     stp.add_argument("--json", action="store_true", help="print the raw /status JSON")
     stp.add_argument("--timeout-s", type=float, default=5.0)
     stp.set_defaults(func=cmd_status)
@@ -421,22 +491,22 @@ def build_parser() -> argparse.ArgumentParser:
     # Each action has its own parser so `retry --config F 7002 7104` (docs/operating.md's order) and
     # `retry 7002 7104 --config F` both parse: SEQ... is the only positional.
     dl_list = dlsub.add_parser("list", help="every dead letter: what it holds, the cloud's answer")
-    dl_list.add_argument("--config", required=True)
+    _config_option(dl_list)
     dl_list.add_argument("--json", action="store_true", help="print JSON")
     dl_show = dlsub.add_parser("show", help="one dead letter: its chunk and the cloud's answer")
     dl_show.add_argument("seq", type=int, metavar="SEQ")
-    dl_show.add_argument("--config", required=True)
+    _config_option(dl_show)
     dl_show.add_argument("--json", action="store_true", help="print JSON")
     dl_retry = dlsub.add_parser("retry", help="put dead letters back in the outbox")
     dl_retry.add_argument("seqs", nargs="*", type=int, metavar="SEQ")
     dl_retry.add_argument("--all", action="store_true", help="retry every dead letter")
-    dl_retry.add_argument("--config", required=True)
+    _config_option(dl_retry)
     for parser in (dl_list, dl_show, dl_retry):
         parser.set_defaults(func=cmd_deadletter)
 
     top = sub.add_parser("top", help="live view of a running agent: pipeline stages, cameras")
     top.add_argument("--url", default=None, help="e.g. http://127.0.0.1:9108")
-    top.add_argument("--config", default=None, help="read health.listen from this config")
+    _config_option(top, "read health.listen from this config")
     top.add_argument("--interval-s", type=_positive(float), default=2.0, help="refresh every")
     top.add_argument(
         "--sort",
@@ -453,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     top.set_defaults(func=cmd_top)
 
     tap = sub.add_parser("tap", help="print each message on the broker as the agent sees it")
-    tap.add_argument("--config", required=True, help="the agent's TOML config")
+    _config_option(tap)
     tap.add_argument("--camera", default=None, help="only this camera id")
     tap.add_argument("--stream", default=None, help="only this stream")
     tap.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -476,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     cloud.add_argument("--seed", type=int, default=1)
     cloud.add_argument("--tls-cert", default=None, help="serve HTTPS with this cert chain (PEM)")
     cloud.add_argument("--tls-key", default=None, help="...and this key (PEM)")
+    cloud.add_argument(
+        "--token", default=None, help="require 'Authorization: Bearer TOKEN' (else 401)"
+    )
     cloud.set_defaults(func=cmd_simulate_cloud)
 
     cams = simsub.add_parser("cameras", help="publish realistic camera metadata at QoS 1")

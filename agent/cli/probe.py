@@ -24,7 +24,14 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent import __version__
 from agent.config.credentials import client_tls_context
-from agent.config.settings import Settings, mask_url, read_secret, token_problem
+from agent.config.settings import (
+    Settings,
+    credential_hint,
+    mask_url,
+    read_secret,
+    secret_path,
+    token_problem,
+)
 from agent.core.text import one_line
 from agent.intake.ingest import TopicRouter, connect_refusal, suback_problems, tls_context
 
@@ -98,11 +105,17 @@ def probe_cloud(settings: Settings, *, timeout_s: float) -> ProbeResult:
             verify = client_tls_context(
                 ca_file=f.ca_file, cert_file=f.cert_file, key_file=f.key_file
             )
-        token = read_secret(f.token, f.token_file, "cloud-token")
     except (OSError, ssl.SSLError) as e:
-        return ProbeResult(target, False, f"cannot set up TLS or read the token: {e}")
+        return ProbeResult(target, False, f"cannot set up TLS: {e}")
+    # Read as `run` reads it: forward.token, forward.token_file, else the credential.
+    source = None if f.token is not None else secret_path(f.token_file, "cloud-token")
+    try:
+        token = read_secret(f.token, source)
+    except OSError as e:
+        return ProbeResult(target, False, f"cannot read the cloud token '{source}': {e.strerror}")
     except UnicodeDecodeError:
-        return ProbeResult(target, False, "the cloud token file is not UTF-8 text")
+        return ProbeResult(target, False, f"the cloud token file '{source}' is not UTF-8 text")
+    where = "forward.token" if f.token is not None else f"'{source}'"
     if token:
         # As the agent's TokenSource would refuse it (httpx raised on a non-ASCII header).
         why = token_problem(token)
@@ -127,7 +140,12 @@ def probe_cloud(settings: Settings, *, timeout_s: float) -> ProbeResult:
     status, answer = r.status_code, one_line(r.text[:300])
     scheme = "TLS verified" if f.url.startswith("https://") else "plain HTTP"
     if status in (401, 403):
-        why = "no token configured" if not token else "check the token"
+        if token:
+            why = f"check the token in {where}"
+        elif source is not None:
+            why = f"no token: {where} is empty; put the cloud's token there"
+        else:
+            why = "no token configured: " + credential_hint("cloud-token", "forward.token_file")
         return ProbeResult(target, False, f"HTTP {status}: credentials refused ({why}): {answer}")
     if 300 <= status < 400:
         return ProbeResult(target, False, f"HTTP {status}: a redirect (never followed)")
@@ -135,8 +153,9 @@ def probe_cloud(settings: Settings, *, timeout_s: float) -> ProbeResult:
         return ProbeResult(target, False, f"HTTP {status}: check forward.url: {answer}")
     if status == 429 or status >= 500:
         return ProbeResult(target, False, f"HTTP {status}: the cloud is failing: {answer}")
+    sent = f"; token from {where}" if token else ""
     return ProbeResult(
         target,
         True,
-        f"{scheme}, credentials accepted (HTTP {status} to an empty probe batch)",
+        f"{scheme}, credentials accepted (HTTP {status} to an empty probe batch{sent})",
     )

@@ -17,14 +17,17 @@ import json
 import logging
 import os
 import queue
+import re
 import signal
 import threading
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+import msgspec
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -46,6 +49,10 @@ from agent.windows.aggregate import Aggregator, StreamSpec, Window
 QUEUE_MAX = 10_000
 # Intake's own per-reject warning: tap shows the reason on the message's line instead.
 _REJECT_LOG = "rejected a message on %r: %s"
+# A payload that is not JSON is shown this many characters around the parser's position.
+EXCERPT_CHARS = 120
+# msgspec's DecodeError: "JSON is malformed: trailing comma in object (byte 57)".
+_DECODE_ERROR = re.compile(r"(?:JSON is malformed: )?(?P<why>.*?)(?: \(byte (?P<at>\d+)\))?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +159,8 @@ class Tap:
             "counted": st.counted > counted_before,
             "reason": next(iter(new), None),
         }
+        if doc["reason"] == Reject.malformed_json:
+            doc.update(json_problem(payload))
         added = agg.last
         if isinstance(route, Route) and added is not None:
             doc.update(self._describe(route, added, recv_t, bool(bad_ts)))
@@ -191,6 +200,85 @@ class Tap:
         return out
 
 
+def json_problem(payload: bytes) -> dict[str, Any]:
+    """Why and where the agent's JSON decoder (msgspec) refuses `payload`: its reason, the
+    byte offset (`error_at`), and the payload around it (`excerpt`, escaped, at most
+    EXCERPT_CHARS characters of it; `excerpt_at`: the offset's character in the excerpt)."""
+    try:
+        msgspec.json.decode(payload)
+    except UnicodeDecodeError:
+        # msgspec says where in the string it was reading; Python says where in the payload.
+        try:
+            payload.decode("utf-8")
+            why, at = "not UTF-8", len(payload)
+        except UnicodeDecodeError as e:
+            why, at = f"not UTF-8 ({e.reason})", e.start
+    except msgspec.DecodeError as e:
+        m = _DECODE_ERROR.fullmatch(str(e))
+        assert m is not None  # the pattern matches any text
+        why, at = m["why"], int(m["at"]) if m["at"] else len(payload)  # no byte: at the end
+        why = why[:1].lower() + why[1:]  # "Input data was truncated"
+    except (RecursionError, ValueError):
+        return {}
+    else:
+        return {}
+    text, col = excerpt(payload, at)
+    return {"error": why, "error_at": at, "excerpt": text, "excerpt_at": col}
+
+
+def excerpt(payload: bytes, at: int, width: int = EXCERPT_CHARS) -> tuple[str, int]:
+    """At most `width` characters of `payload` around byte `at`, each character that is not
+    printable escaped ('\\x0a', '\\u2028'; a byte that is not UTF-8 as '\\xff'), '…' where
+    cut; and the column of byte `at` in it. No payload can move the cursor or forge a line."""
+    start, end = max(0, at - 4 * width), min(len(payload), at + 4 * width)
+    while 0 < start < at and 0x80 <= payload[start] < 0xC0:  # not inside a character
+        start += 1
+    while at < end < len(payload) and 0x80 <= payload[end] < 0xC0:
+        end -= 1
+    before, after = _escaped(payload[start:at]), _escaped(payload[at:end])
+    room = max(width // 2, width - sum(map(len, after)))
+    shown_before = _take(before[::-1], room)[::-1]
+    room = width - sum(map(len, shown_before))
+    shown_after = _take(after, room)
+    cut_left = start > 0 or len(shown_before) < len(before)
+    cut_right = end < len(payload) or len(shown_after) < len(after)
+    head = ("…" if cut_left else "") + "".join(shown_before)
+    return head + "".join(shown_after) + ("…" if cut_right else ""), len(head)
+
+
+def _escaped(raw: bytes) -> list[str]:
+    """One shown piece per character of `raw`."""
+    out = []
+    for ch in raw.decode("utf-8", "surrogateescape"):
+        if 0xDC80 <= ord(ch) <= 0xDCFF:  # a byte that is not UTF-8
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        elif ch.isprintable():
+            out.append(ch)
+        elif ord(ch) < 0x100:  # '\\x0a', never '\\n': that would read as JSON's own escape
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return out
+
+
+def _take(pieces: list[str], room: int) -> list[str]:
+    taken: list[str] = []
+    for piece in pieces:
+        room -= len(piece)
+        if room < 0:
+            break
+        taken.append(piece)
+    return taken
+
+
+def _columns(text: str) -> int:
+    """How many terminal columns `text` takes (wide characters two, combining marks none)."""
+    return sum(
+        0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+        for ch in text
+    )
+
+
 class _Capture(logging.Handler):
     """Collects what the intake logs about a message (clock notices, bad timestamps)."""
 
@@ -214,6 +302,12 @@ def format_line(doc: Mapping[str, Any]) -> str:
     who = f"{doc['camera']}/{doc['stream']}" if doc.get("camera") else doc["topic"]
     if not doc["counted"]:
         line = f"{head} {who}  REJECTED {doc.get('reason')}  ({doc['bytes']} B)"
+        if doc.get("error"):
+            shown = doc["excerpt"]
+            caret = " " * _columns("payload: " + shown[: doc["excerpt_at"]])
+            line += (
+                f"  {doc['error']} at byte {doc['error_at']}\n    payload: {shown}\n    {caret}^"
+            )
         return _with_notes(line, doc)
     parts = [f"{head} {who}  counted"]
     if doc.get("time_source") == "payload":

@@ -295,7 +295,12 @@ def _out_of_range(constraints: list[Any], positive: bool) -> str:
 # Descriptions are the comments of config.example.toml (tests/config/test_config_schema.py
 # holds them equal); a comment above several keys describes each of them.
 _BROKER = "The site's MQTT broker (Mosquitto), MQTT v5."
-_PASSWORD = "Broker password: inline (masked in output) or, better, from a file (first line)."
+_PASSWORD = (
+    "Broker password: inline (masked in output) or, better, from a file (first line). Neither "
+    "set: the systemd credential mqtt-password, which the unit loads from "
+    "/etc/edge-agent/mqtt-password (a command run by hand with /etc/edge-agent/config.toml reads "
+    "that file too)."
+)
 _BROKER_TLS = (
     "TLS to the broker (>= 1.2, hostname verified): on when tls = true or a CA / client "
     "certificate is given; the CA file, else the system store; a client certificate + key for "
@@ -669,7 +674,12 @@ def _check_url(url: str) -> str:
     return url
 
 
-_TOKEN = "Bearer token: inline (masked in output) or from a file."
+_TOKEN = (
+    "Bearer token: inline (masked in output) or from a file (first line, re-read when it "
+    "changes). Neither set: the systemd credential cloud-token, which the unit loads from "
+    "/etc/edge-agent/cloud-token (a command run by hand with /etc/edge-agent/config.toml reads "
+    "that file too, so `check-config --connect` tries the token the service sends)."
+)
 _CLOUD_TLS = (
     "TLS to the cloud: the CA file, else the system store; a client certificate + key for mTLS."
 )
@@ -1249,14 +1259,76 @@ def read_secret(
     return None
 
 
+# What systemd/edge-agent.service runs: `run --config UNIT_CONFIG`, with each credential loaded
+# from UNIT_CREDENTIALS_DIR (LoadCredential=cloud-token:/etc/edge-agent/cloud-token, ...); the
+# package and systemd/install.sh create those files. tests/config/test_credentials.py holds
+# both to the unit.
+UNIT_CONFIG = Path("/etc/edge-agent/config.toml")
+UNIT_CREDENTIALS_DIR = Path("/etc/edge-agent")
+# Outside systemd, where a command run with the unit's config reads its credentials.
+_credentials_outside_systemd: Path | None = None
+
+
+def credentials_outside_systemd(config: Path | str | None) -> None:
+    """Told the config file a command runs with (agent/cli/main.py, once loaded). With the
+    unit's own, outside systemd (no $CREDENTIALS_DIRECTORY), the credentials are read from the
+    files the unit loads them from, so `check-config --connect`, `run` or `tap` typed by hand
+    send what the service sends. Any other config reads only the files it names."""
+    global _credentials_outside_systemd
+    _credentials_outside_systemd = (
+        UNIT_CREDENTIALS_DIR if config is not None and _same_file(config, UNIT_CONFIG) else None
+    )
+
+
+def _same_file(a: Path | str, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def credential_path(credential: str) -> Path | None:
+    """Where the credential named `credential` comes from when the config names no file:
+    $CREDENTIALS_DIRECTORY/<name> under systemd (LoadCredential=), else, run with the unit's
+    config, the file the unit loads it from; None when neither applies."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if directory:
+        return Path(directory, credential)
+    if _credentials_outside_systemd is not None:
+        return _credentials_outside_systemd / credential
+    return None
+
+
+def credential_hint(credential: str, key: str) -> str:
+    """What to set when no secret is configured and the credential `credential` gives none:
+    for the operator's line (`check-config --connect`); `key` is the config key of its file."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if directory:
+        return f"set {key}, or load the credential {credential} (LoadCredential=)"
+    if _credentials_outside_systemd is not None:
+        path = _credentials_outside_systemd / credential
+        return f"put it in '{path}', which the unit loads, or set {key}"
+    return (
+        f"set {key}; '{UNIT_CREDENTIALS_DIR / credential}' is the unit's, read with its "
+        f"config '{UNIT_CONFIG}'"
+    )
+
+
 def secret_path(file: Path | None, credential: str | None) -> Path | None:
-    """The file a secret is read from: the configured one, else the systemd credential."""
+    """The file a secret is read from: the configured one, else its credential's
+    (credential_path) when that file is there."""
     if file is None and credential is not None:
-        directory = os.environ.get("CREDENTIALS_DIRECTORY")
-        candidate = Path(directory, credential) if directory else None
-        if candidate is not None and candidate.is_file():
+        candidate = credential_path(credential)
+        if candidate is not None and _present(candidate):
             return candidate
     return file
+
+
+def _present(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except PermissionError:  # there, not ours to read: reading it says so, naming the file
+        return True
 
 
 def inline_secret_warnings(path: Path | str | None, settings: Settings) -> list[str]:

@@ -11,6 +11,7 @@ from agent.forward.outage import outage_problems
 from agent.ops.figures import status_section
 
 if TYPE_CHECKING:
+    from agent.core.stats import Stats
     from agent.ops.pipeline import Pipeline
 
 # A remembered camera not heard from for this long is silent (/status, /metrics).
@@ -107,6 +108,25 @@ def stall_limit_s(p: Pipeline) -> float:
     return max(2.0, 20 * p.settings.buffer.checkpoint_interval_ms / 1000)
 
 
+def ingest_rate(st: Stats, window_s: float, now_mono: float) -> float:
+    """Messages counted per second over the last `window_s` (the checkpoints' samples), or
+    since the agent's first message when that came later: the seconds before it are not
+    averaged in. An agent started 10 s before its cameras, 18 s up, counts 200 msgs/s as 200,
+    not as 8 s of messages over 18 s (86); once messages flow, a pause is averaged in."""
+    samples = st.samples
+    if not samples:
+        return 0.0
+    newest_t, newest = samples[-1]
+    base_t, base = newest_t, newest
+    for t, n in reversed(samples):
+        if t < now_mono - window_s:
+            break
+        base_t, base = t, n
+        if n == 0:  # counted starts at 0: the last sample before the first message
+            break
+    return (newest - base) / (newest_t - base_t) if newest_t > base_t else 0.0
+
+
 def status_document(p: Pipeline) -> dict[str, Any]:
     """The /status JSON (schema in docs/reference.md): what flows, what waits, what was rejected."""
     st, ob, fw = p.stats, p.outbox, p.forwarder
@@ -127,8 +147,8 @@ def status_document(p: Pipeline) -> dict[str, Any]:
         },
         "ingest": {
             **status_section(p, "ingest"),
-            "msgs_per_s_10s": round(st.rate(10, mono), 1),
-            "msgs_per_s_60s": round(st.rate(60, mono), 1),
+            "msgs_per_s_10s": round(ingest_rate(st, 10, mono), 1),
+            "msgs_per_s_60s": round(ingest_rate(st, 60, mono), 1),
             "rejects": dict(st.rejects),
         },
         "aggregate": {
@@ -235,7 +255,7 @@ def status_line(p: Pipeline) -> str:
     cloud = p.forwarder.unhealthy_reason or ("retrying" if p.forwarder.backoff_until else "ok")
     active, _ = p.aggregator.camera_activity(time.monotonic(), SILENT_AFTER_S)
     line = (
-        f"{st.rate(10, time.monotonic()):.0f} msgs/s, {active} of "
+        f"{ingest_rate(st, 10, time.monotonic()):.0f} msgs/s, {active} of "
         f"{p.aggregator.camera_count} cameras active, "
         f"outbox {ob.chunk_count} chunks{age}, cloud: {cloud}"
     )

@@ -2,17 +2,22 @@
 
 Cameras are split over several processes (one paho client each), paced to the requested rate,
 bounded in count and time. With `record`, every publish the broker acknowledged is written to a
-JSONL file: the ground truth the tests compare the cloud's table with.
+JSONL file: the ground truth the tests compare the cloud's table with. Stopped early (`stop`:
+`simulate cameras` sets it on SIGTERM or Ctrl-C), every process stops publishing, waits for
+the broker's acks of what it sent, writes its record; the summary counts what was sent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +28,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 CLASSES = ("person", "person", "person", "car", "car", "truck", "bicycle", "dog")
 ZONES = ("door", "lobby", "parking", "yard")
 STATUSES = ("ok", "ok", "ok", "ok", "degraded")
+# What stops a publishing process early. They are held (blocked) from its start until it can
+# take them, so a stop that comes while it starts is acted on, not fatal.
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,10 @@ def camera_clock(kind: str, now: float, elapsed_s: float, ms: bool) -> tuple[flo
     raise ValueError(f"unknown camera clock fault {kind!r}")
 
 
-def _worker(opts: SimOptions, index: int, cams: list[int]) -> dict[str, int]:
+def _worker(
+    opts: SimOptions, index: int, cams: list[int], stop: threading.Event | None = None
+) -> dict[str, float]:
+    stop = stop or threading.Event()
     rng = random.Random(opts.seed * 1000 + index)
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
@@ -120,9 +131,11 @@ def _worker(opts: SimOptions, index: int, cams: list[int]) -> dict[str, int]:
     client.loop_start()
     record = open(opts.record.with_suffix(f".{index}.jsonl"), "w") if opts.record else None  # noqa: SIM115
     published = malformed = 0
+    start = time.monotonic()
+    publish_s = 0.0
     try:
         if opts.start_at:
-            time.sleep(max(0.0, opts.start_at - time.time()))
+            stop.wait(max(0.0, opts.start_at - time.time()))
         total_rate = opts.rate * len(cams)
         start = time.monotonic()
         end = start + opts.duration_s
@@ -131,7 +144,7 @@ def _worker(opts: SimOptions, index: int, cams: list[int]) -> dict[str, int]:
         skew = {c: (opts.skew_s if c % 10 == 9 else 0.0) for c in cams}
         faults = {c: kind for c, kind in opts.clocks if c in cams}
         tick_s = 0.01
-        while published < opts.max_messages:
+        while published < opts.max_messages and not stop.is_set():
             now_m = time.monotonic()
             if now_m >= end:
                 break
@@ -170,7 +183,8 @@ def _worker(opts: SimOptions, index: int, cams: list[int]) -> dict[str, int]:
                 published += 1
             sleep_s = now_m + tick_s - time.monotonic()
             if sleep_s > 0:
-                time.sleep(sleep_s)  # pacing the load generator, not waiting for a condition
+                stop.wait(sleep_s)  # pacing the load generator, not waiting for a condition
+        publish_s = time.monotonic() - start
         deadline = time.monotonic() + opts.drain_timeout_s
         while time.monotonic() < deadline:
             with lock:
@@ -196,27 +210,45 @@ def _worker(opts: SimOptions, index: int, cams: list[int]) -> dict[str, int]:
         # A reconnect makes paho resend in-flight publishes (DUP): the broker may then deliver
         # a message twice, and the ground truth is no longer exact.
         "reconnects": max(0, connects[0] - 1),
+        "publish_s": round(publish_s, 3),
     }
 
 
-def run_simulation(opts: SimOptions) -> dict[str, Any]:
-    """Publish for `duration_s` from `processes` child processes; return what was published."""
+def run_simulation(
+    opts: SimOptions,
+    *,
+    stop: threading.Event | None = None,
+    started: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Publish for `duration_s` from `processes` child processes; return what was published.
+    `stop` set ends it early (each process flushes and reports); `started(n)` is called once
+    the n processes are launched."""
     procs = max(1, min(opts.processes, opts.cameras))
     groups = [list(range(i, opts.cameras, procs)) for i in range(procs)]
     start_at = opts.start_at or time.time() + 0.5
     o = {**asdict(opts), "start_at": start_at, "record": str(opts.record) if opts.record else None}
-    started = time.monotonic()
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-m", "agent.sim.cameras", json.dumps([o, i, g])],
-            stdout=subprocess.PIPE,
-        )
-        for i, g in enumerate(groups)
-    ]
+    began = time.monotonic()
+    # Children inherit the signal mask: they start with the stop signals held (see _child_main).
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        children = [
+            subprocess.Popen(
+                [sys.executable, "-m", "agent.sim.cameras", json.dumps([o, i, g])],
+                stdout=subprocess.PIPE,
+            )
+            for i, g in enumerate(groups)
+        ]
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    if started is not None:
+        started(len(children))
     limit_s = opts.duration_s + opts.drain_timeout_s + 60
+    _wait(children, stop, time.monotonic() + limit_s)
     results = []
     for child in children:
-        out, _ = child.communicate(timeout=limit_s)
+        assert child.stdout is not None
+        out = child.stdout.read()
+        child.stdout.close()
         if child.returncode != 0:
             raise RuntimeError(f"camera simulator process failed with exit code {child.returncode}")
         results.append(json.loads(out))
@@ -227,15 +259,37 @@ def run_simulation(opts: SimOptions) -> dict[str, Any]:
                 merged.write(part.read_text())
                 part.unlink()
     keys = ("published", "acked", "failed", "malformed", "reconnects")
-    total = {k: sum(r[k] for r in results) for k in keys}
-    elapsed = time.monotonic() - started
+    total = {k: int(sum(r[k] for r in results)) for k in keys}
+    elapsed = time.monotonic() - began
+    stopped = stop is not None and stop.is_set()
+    # Stopped early: the rate over the time spent publishing, not over the planned duration.
+    span = max((r["publish_s"] for r in results), default=0.0) if stopped else opts.duration_s
     summary: dict[str, Any] = dict(total)
     summary.update(
         cameras=opts.cameras,
         seconds=round(elapsed, 2),
-        rate_msgs_per_s=round(total["published"] / max(opts.duration_s, 1e-9), 1),
+        rate_msgs_per_s=round(total["published"] / max(span, 1e-9), 1),
     )
     return summary
+
+
+def _wait(
+    children: list[subprocess.Popen[bytes]], stop: threading.Event | None, deadline: float
+) -> None:
+    """Until every child has exited; a `stop` is passed on to them (SIGTERM) once."""
+    passed_on = False
+    while running := [c for c in children if c.poll() is None]:
+        if stop is not None and stop.is_set() and not passed_on:
+            for c in running:
+                c.send_signal(signal.SIGTERM)
+            passed_on = True
+        if time.monotonic() > deadline:
+            for c in running:
+                c.kill()
+                c.wait()
+            raise RuntimeError("camera simulator processes did not finish in time")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            running[0].wait(timeout=0.05)
 
 
 def read_record(path: Path) -> list[dict[str, Any]]:
@@ -245,10 +299,25 @@ def read_record(path: Path) -> list[dict[str, Any]]:
 
 
 def _child_main() -> None:
+    # Started with the stop signals held (run_simulation): take them, then let them in, so a
+    # stop sent while this process was starting is acted on here.
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stop.set()
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     raw, index, cams = json.loads(sys.argv[1])
     raw["record"] = Path(raw["record"]) if raw["record"] else None
     raw["clocks"] = tuple((int(c), str(k)) for c, k in raw["clocks"])
-    print(json.dumps(_worker(SimOptions(**raw), index, cams)))
+    result = _worker(SimOptions(**raw), index, cams, stop)
+    # Done: a later stop (`timeout` signals the whole group, and the parent passes its own on)
+    # must not kill this process as it exits, when Python has put the default action back.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -371,8 +371,10 @@ def serve(
     seed: int = 1,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
+    token: str | None = None,
 ) -> None:
-    """Serve until killed; with down_after_s, stop listening (and drop connections) for a while."""
+    """Serve until killed; with down_after_s, stop listening (and drop connections) for a while.
+    With `token`, a batch without "Authorization: Bearer <token>" gets a 401."""
     store = Store(db)
     faults = CloudFaults(
         fail_rate=fail_rate,
@@ -381,13 +383,20 @@ def serve(
         delay_ms=delay_ms,
         seed=seed,
     )
+    faults.required_token = token
     while True:
         server = CloudServer((host, port), store, faults)
         if tls_cert is not None:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(str(tls_cert), str(tls_key) if tls_key else None)
             server.socket = ctx.wrap_socket(server.socket, server_side=True)
-        log.info("listening on %s:%d, db %s", host, port, db)
+        log.info(
+            "listening on %s:%d, db %s%s",
+            host,
+            port,
+            db,
+            ", bearer token required" if faults.required_token is not None else "",
+        )
         if down_after_s is None:
             server.serve_forever()
             return

@@ -92,7 +92,7 @@ def test_refused_credentials_and_a_downgraded_subscription(
         assert r.returncode == 4, r.stderr
         assert lines(r, "broker").endswith("CONNACK: broker refused: not authorized (135)")
         cloud = lines(r, "cloud")
-        assert "HTTP 401: credentials refused (no token configured)" in cloud
+        assert "HTTP 401: credentials refused (no token configured: set forward.token_file" in cloud
         assert "wrong-pw" not in r.stdout + r.stderr  # the password stays masked
 
         config = config_for(tmp_path, qos0.port, receiver.url, wrong_pw)

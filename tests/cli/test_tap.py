@@ -118,6 +118,9 @@ def test_tap_shows_the_agents_verdict_skew_unit_and_reject_reason(
     assert abs(good["skew_s"]) < 5 and good["flags"] == []
     assert good["numeric"] == {"conf": 0.91} and good["categorical"] == {"cls": "person"}
     assert docs[1] == {**docs[1], "counted": False, "reason": "malformed_json", "camera": "cam-001"}
+    # The parser's reason and position, and the payload around it.
+    assert docs[1]["error"] == "object keys must be strings" and docs[1]["error_at"] == 1
+    assert docs[1]["excerpt"] == "{not json" and docs[1]["excerpt_at"] == 1
     skewed = docs[2]
     assert skewed["counted"] and skewed["time_unit"] == "s"
     assert -125 < skewed["skew_s"] < -119 and skewed["clock_suspect"] is True
@@ -153,8 +156,64 @@ def test_tap_text_lines_and_camera_filter(
     assert re.search(r"cam-002/motion  counted  t \S+ \(ts=\S+ read as s\)  skew -300\.\d+ s", lines[0]), out  # fmt: skip
     assert "CLOCK SUSPECT" in lines[0] and "level=0.25" in lines[0]
     assert "note: camera cam-002: clock skew -300.0 s exceeds max_skew_s" in out
-    assert re.search(r"cam-002/motion  REJECTED malformed_json  \(4 B\)$", lines[-1]), out
+    rejected = next(line for line in lines if "REJECTED" in line)
+    assert re.search(r"cam-002/motion  REJECTED malformed_json  \(4 B\)  invalid character at byte 4$", rejected), out  # fmt: skip
+    assert lines[-2:] == ["    payload: nope", "                 ^"]  # the end: the parser's byte 4
     assert "cam-001" not in out
+
+
+def test_tap_shows_where_and_why_a_payload_is_not_json(
+    broker: Mosquitto, tmp_path: Path, taps: Callable[..., TapProc]
+) -> None:
+    """The one thing a field engineer needs: the parser's reason, its position, and the bytes
+    around it, bounded and escaped so that no payload can write to the terminal."""
+    tap = taps(config_for(tmp_path, broker), "--count", "4", "--seconds", "60")
+    tap.wait_subscribed()
+    c = publisher(broker)
+    comma = b'{"ts": 1795708369313000, "conf": "0.93", "cls": "person",}'
+    send(c, "site/cam/cam-031/detections", comma)
+    # A raw ESC in a string (JSON allows none): escaped, the caret under its escape.
+    esc = b'{"zone": "door\x1b[2J\x1b[31m", "level": 1}'
+    send(c, "site/cam/cam-031/motion", esc)
+    # The error 2 KB into 4 KB: an excerpt around it, not the whole payload.
+    far = b'{"ts": 1, "pad": "' + b"x" * 2000 + b'", "level": 0.5 "zone": "door\xe2\x82\xac", '
+    far += b'"pad2": "' + b"y" * 2000 + b'"}'
+    send(c, "site/cam/cam-031/motion", far)
+    latin = b'{"zone": "caf\xc3\xa9 \xff"}'  # not UTF-8
+    send(c, "site/cam/cam-031/motion", latin)
+    rc, out, err = tap.result()
+    c.disconnect()
+    c.loop_stop()
+    assert rc == 0, err
+    assert "\x1b" not in out  # not one raw control character reached the terminal
+    lines = out.splitlines()
+    assert len(lines) == 12, out
+    prefix = "    payload: "
+
+    def caret(line: str) -> int:
+        assert line.strip() == "^", line
+        return len(line) - len(prefix) - 1
+
+    head, excerpt, mark = lines[0:3]
+    assert head.endswith(f"cam-031/detections  REJECTED malformed_json  ({len(comma)} B)  trailing comma in object at byte 57")  # fmt: skip
+    assert excerpt == prefix + comma.decode() and caret(mark) == 57 and comma[57:58] == b"}"
+
+    head, excerpt, mark = lines[3:6]
+    assert head.endswith(f"REJECTED malformed_json  ({len(esc)} B)  invalid character at byte 14")
+    assert excerpt == prefix + '{"zone": "door\\x1b[2J\\x1b[31m", "level": 1}'
+    assert excerpt[len(prefix) + caret(mark) :].startswith("\\x1b[2J")
+
+    head, excerpt, mark = lines[6:9]
+    assert head.endswith(f"({len(far)} B)  expected ',' or '}}' at byte 2034")
+    shown = excerpt.removeprefix(prefix)
+    assert shown.startswith("…xxx") and shown.endswith("…")  # cut on both sides
+    assert len(shown) <= 122  # at most 120 characters of payload
+    assert shown[caret(mark) :].startswith('"zone": "door€')
+
+    head, excerpt, mark = lines[9:12]
+    assert head.endswith(f"({len(latin)} B)  not UTF-8 (invalid start byte) at byte 16")
+    assert excerpt == prefix + '{"zone": "café \\xff"}'
+    assert excerpt[len(prefix) + caret(mark) :].startswith("\\xff")
 
 
 def test_tap_beside_the_agent_takes_nothing_from_it(

@@ -37,7 +37,10 @@ def test_check_config_prints_effective_config_with_secrets_masked(
         '[forward]\ntoken = "s3cr3t"\n'
         f'[buffer]\npath = "{tmp_path}/buffer.sqlite3"\n'
     )
-    assert main(["check-config", "--config", str(cfg), "--service-user", getpass.getuser()]) == 0
+    user = getpass.getuser()
+    assert main(["check-config", "--config", str(cfg), "--service-user", user]) == 0
+    assert capsys.readouterr().out == ""  # the effective config only with --show
+    assert main(["check-config", "--config", str(cfg), "--service-user", user, "--show"]) == 0
     out = capsys.readouterr().out
     assert "hunter2" not in out and "s3cr3t" not in out
     doc = json.loads(out)
@@ -166,7 +169,8 @@ def test_check_config_masks_the_password_in_a_url(
         'gateway_id = "gw"\n[forward]\nurl = "https://site42:hunter2@cloud.example/in"\n'
         f'[buffer]\npath = "{tmp_path}/buffer.sqlite3"\n'
     )
-    assert main(["check-config", "--config", str(cfg), "--service-user", getpass.getuser()]) == 0
+    argv = ["check-config", "--config", str(cfg), "--service-user", getpass.getuser(), "--show"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "hunter2" not in out
     assert json.loads(out)["forward"]["url"] == "https://site42:***@cloud.example/in"

@@ -602,7 +602,8 @@ def test_a_password_holding_an_at_sign_is_masked_to_the_last_one(
     url = "https://user:p@ss@127.0.0.1/x"
     cfg = tmp_path / "c.toml"
     cfg.write_text(base(tmp_path, f'[forward]\nurl = "{url}"\n'))
-    assert main(["check-config", "--config", str(cfg), "--service-user", getpass.getuser()]) == 0
+    argv = ["check-config", "--config", str(cfg), "--service-user", getpass.getuser(), "--show"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert json.loads(out)["forward"]["url"] == "https://user:***@127.0.0.1/x"
     assert "ss@" not in out

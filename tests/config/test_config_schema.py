@@ -187,10 +187,18 @@ def test_check_config_schema_prints_the_schema_without_a_config() -> None:
 
 
 def test_check_config_without_config_or_schema_names_the_option(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    # No --config: $EDGE_AGENT_CONFIG, else the unit's config, here not installed.
+    import agent.config.settings as settings
+
+    monkeypatch.delenv("EDGE_AGENT_CONFIG", raising=False)
+    monkeypatch.setattr(settings, "UNIT_CONFIG", tmp_path / "config.toml")
     assert main(["check-config"]) == 2
-    assert "--config" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        f"config error: config file '{tmp_path}/config.toml' not found (the default; give "
+        "--config FILE or set EDGE_AGENT_CONFIG)\n"
+    )
 
 
 @pytest.mark.parametrize(
