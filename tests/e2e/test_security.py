@@ -193,11 +193,12 @@ def test_secrets_never_leak(tmp_path: Path, broker: Mosquitto, receiver: Receive
     )
     os.chmod(cfg, 0o644)
     r = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "check-config", "--config", str(cfg),
+        [sys.executable, "-m", "agent.cli", "check-config", "--config", str(cfg), "--show",
          "--service-user", getpass.getuser()],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert r.returncode == 0
+    assert '"token": "**********"' in r.stdout  # the effective config is printed, masked
     assert "s3cr3t" not in r.stdout + r.stderr
     assert "readable by every user" in r.stderr
     secrets = {
