@@ -273,6 +273,10 @@ class Service:
                     lambda: json_response(200, camera_document(p), compact=True)
                 ),
                 "/metrics": lambda: (200, METRICS_CONTENT_TYPE, render_metrics(p)),
+                # The last attempts to send, for `edge-agent tap --sent`.
+                "/status/sent": lambda: json_response(
+                    200, {"sent": list(p.forwarder.sent)}, compact=True
+                ),
             },
         )
 
@@ -477,7 +481,7 @@ async def build_pipeline(
         fault=faults.hit,
         stalled=lambda: faults.reached("stall_checkpoint"),
     )
-    # The session holds the ledger's acked-but-unconfirmed keys to a bound (MqttSession._room).
+    # The session holds the ledger's acked-but-unconfirmed keys to a bound (MqttSession.room).
     session.unconfirmed = lambda: checkpointer.unconfirmed
     pipeline = Pipeline(
         settings, outbox, aggregator, ledger, intake, clocks, session, forwarder, stats,

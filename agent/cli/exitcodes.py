@@ -28,7 +28,8 @@ MEANING: dict[Exit, str] = {
     Exit.STARTUP: "could not start: the outbox unopenable or held by a running agent, no outbox "
     "(`deadletter`), the broker unreachable (`tap`)",
     Exit.CONNECT: "`check-config --connect`: the config is fine, the broker or the cloud is not",
-    Exit.UNREACHABLE: "`status`, `top`: no answer from the agent's health endpoint",
+    Exit.UNREACHABLE: "`status`, `top`, `tap --sent`: no answer from the agent's health "
+    "endpoint; `forward --now`: no agent runs on the configured outbox",
     Exit.NOT_FOUND: "`deadletter show` / `retry`: a SEQ that is not a dead letter",
     Exit.SECOND_SIGNAL: "`run`: a second SIGTERM/SIGINT cut the shutdown short (the outbox and "
     "the broker's session keep the data)",

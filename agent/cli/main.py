@@ -304,6 +304,8 @@ def cmd_tap(args: argparse.Namespace) -> int:
     from agent.cli.tap import TapOptions, check_id, run_tap, subscriptions
 
     _, settings = _load(args.config)
+    if args.sent:
+        return cmd_tap_sent(args, settings)
     try:
         check_id("--camera", args.camera)
         check_id("--stream", args.stream)
@@ -325,6 +327,43 @@ def cmd_tap(args: argparse.Namespace) -> int:
         print(f"tap: {e}", file=sys.stderr)
         return EXIT_STARTUP
     except BrokenPipeError:  # `edge-agent tap ... | head`: the reader has gone, so have we
+        _quiet_stdout()
+        return 0
+
+
+def cmd_forward(args: argparse.Namespace) -> int:
+    """`forward --now`: the running agent retries sending at once, whatever its backoff."""
+    import os
+    import signal
+
+    from agent.durable.lock import holder
+
+    _, settings = _load(args.config)
+    pid = holder(settings.buffer.path)
+    if pid is None:
+        print(f"forward: no agent runs on {settings.buffer.path}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except OSError as e:
+        print(f"forward: cannot signal the agent (pid {pid}): {e.strerror}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    print(f"forward: asked the agent (pid {pid}) to send now; `edge-agent tap --sent` shows it")
+    return 0
+
+
+def cmd_tap_sent(args: argparse.Namespace, settings: Settings) -> int:
+    """`tap --sent`: every attempt to send a batch, as it happens (from GET /status/sent)."""
+    from agent.cli.tap import watch_sent
+
+    url = f"http://{settings.health.listen}/status/sent"
+    try:
+        return watch_sent(url, sys.stdout, json_lines=args.json, count=args.count,
+                          seconds=args.seconds)  # fmt: skip
+    except OSError as e:
+        print(f"tap: the agent at {url} is unreachable: {getattr(e, 'reason', e)}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except BrokenPipeError:
         _quiet_stdout()
         return 0
 
@@ -529,7 +568,19 @@ def build_parser() -> argparse.ArgumentParser:
     tap.add_argument("--json", action="store_true", help="one JSON object per line")
     tap.add_argument("--count", type=_positive(int), default=None, help="stop after N messages")
     tap.add_argument("--seconds", type=_positive(float), default=None, help="stop after S s")
+    tap.add_argument(
+        "--sent",
+        action="store_true",
+        help="the output side instead: each batch as it leaves (seqs, chunks, bytes, answer, "
+        "latency), from the running agent",
+    )
     tap.set_defaults(func=cmd_tap)
+    fwd = sub.add_parser("forward", help="`forward --now`: the running agent sends at once")
+    _config_option(fwd)
+    fwd.add_argument(
+        "--now", action="store_true", required=True, help="end the forwarder's backoff now"
+    )
+    fwd.set_defaults(func=cmd_forward)
 
     sim = sub.add_parser("simulate", help="local stand-ins: the cloud receiver, cameras")
     simsub = sim.add_subparsers(dest="what", required=True)

@@ -22,6 +22,7 @@ import signal
 import threading
 import time
 import unicodedata
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.config.settings import ID_RE, Settings, read_secret
+from agent.config.settings import ID_RE, Settings, escape_controls, read_secret
 from agent.core.errors import BadTimestamp, TapError
 from agent.core.reasons import Reject
 from agent.core.stats import Stats
@@ -491,3 +492,51 @@ def _connect(
         why = "; ".join(problem) or f"no answer within {s.connect_timeout_s:g} s"
         raise TapError(f"broker {s.host}:{s.port}: {why}")
     return client
+
+
+def sent_line(e: Mapping[str, Any]) -> str:
+    """One attempt to send, for a person: when, the seqs, size, the answer and its latency."""
+    when = time.strftime("%H:%M:%S", time.localtime(e["at"])) + f".{int(e['at'] % 1 * 1000):03d}"
+    answer = f"HTTP {e['status']}" if e["status"] is not None else "no answer"
+    verdict = {"ok": "delivered", "retry": "kept, will retry", "split": "refused whole, split",
+               "poison": "chunk refused, dead letter"}.get(e["outcome"], e["outcome"])  # fmt: skip
+    text = f": {escape_controls(e['answer'])}" if e.get("answer") else ""
+    return (
+        f"{when} SENT {e['first_seq']}-{e['last_seq']} {e['chunks']} chunks "
+        f"{e['bytes']:,} B -> {answer} in {e['latency_ms']:g} ms, {verdict}{text}"
+    )
+
+
+def watch_sent(
+    url: str,
+    out: TextIO,
+    *,
+    json_lines: bool = False,
+    count: int | None = None,
+    seconds: float | None = None,
+    poll_s: float = 0.5,
+) -> int:
+    """Print each attempt the agent makes to send a batch, as it happens, until `count`
+    lines, `seconds`, or a stop signal. Attempts made before the tap started are not shown."""
+    stop = _stop_on_signals()
+    deadline = time.monotonic() + seconds if seconds is not None else None
+    seen: int | None = None
+    shown = 0
+    while not stop.is_set():
+        with urllib.request.urlopen(url, timeout=5) as r:
+            entries = json.loads(r.read())["sent"]
+        if seen is None:  # the first look: what came before is history
+            seen = max((e["n"] for e in entries), default=0)
+        for e in entries:
+            if e["n"] <= seen:
+                continue
+            seen = e["n"]
+            out.write((json.dumps(e) if json_lines else sent_line(e)) + "\n")
+            out.flush()
+            shown += 1
+            if count is not None and shown >= count:
+                return 0
+        if deadline is not None and time.monotonic() >= deadline:
+            return 0
+        stop.wait(poll_s)  # a poll period (the agent keeps the last attempts), not a wait
+    return 0

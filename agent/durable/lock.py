@@ -53,3 +53,22 @@ def _read_pid(fd: int) -> int | None:
         return int(data.decode().strip() or 0) or None
     except (OSError, ValueError):
         return None
+
+
+def holder(outbox_path: Path) -> int | None:
+    """The pid of the agent running on this outbox, or None when none holds its lock (the lock
+    is tried, and let go at once, so a stale pid in the file is never taken for an agent)."""
+    path = outbox_path.with_name(outbox_path.name + ".lock")
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_pid(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

@@ -12,9 +12,10 @@ import contextlib
 import gzip
 import logging
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
@@ -80,6 +81,9 @@ def classify(status: int | None, *, batch_size: int, retry_after: float | None =
     return Outcome("retry", f"HTTP {status}")
 
 
+# Attempts kept for `edge-agent tap --sent` (each about 200 bytes).
+SENT_KEPT = 256
+
 class Forwarder:
     """Reads batches from the outbox and posts them until told to stop (by cancellation)."""
 
@@ -104,6 +108,9 @@ class Forwarder:
         self._no_answer = False
         # Set by SIGUSR1 (`edge-agent forward --now`): end the current backoff at once.
         self.retry_now = asyncio.Event()
+        # The last attempts, for `edge-agent tap --sent` (GET /status/sent): numbered from 1.
+        self.sent: deque[dict[str, Any]] = deque(maxlen=SENT_KEPT)
+        self.sent_count = 0
         self._clock = clock
         self._s = settings
         self._gateway_id = gateway_id
@@ -291,6 +298,21 @@ class Forwarder:
         latency_s = self._clock.mono() - started
         self._stats.observe_latency(latency_s)
         outcome = classify(status, batch_size=batch.chunks, retry_after=retry_after)
+        self.sent_count += 1
+        self.sent.append(
+            {
+                "n": self.sent_count,
+                "at": self._clock.wall(),
+                "first_seq": first,
+                "last_seq": last,
+                "chunks": batch.chunks,
+                "bytes": len(body),
+                "status": status,
+                "answer": one_line(text)[:160] if status is None or status >= 300 else "",
+                "outcome": outcome.kind,
+                "latency_ms": round(latency_s * 1000, 1),
+            }
+        )
         if outcome.kind == "ok":
             self._fault("after_send")
             await self._outbox.acknowledged(batch)
