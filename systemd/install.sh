@@ -88,7 +88,7 @@ $("$prefix/bin/edge-agent" --version) installed in $prefix.
 Next steps:
   1. edit $etc/config.toml (gateway_id, [mqtt], [forward].url); put the cloud token in
      $etc/cloud-token and the broker password, if any, in $etc/mqtt-password
-  2. $prefix/bin/edge-agent check-config --config $etc/config.toml
+  2. $prefix/bin/edge-agent check-config --connect --config $etc/config.toml
   3. systemctl enable --now edge-agent
   4. $prefix/bin/edge-agent status      (or: journalctl -u edge-agent -f)
 EOT
