@@ -307,8 +307,14 @@ _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_LEN, patte
 _Seq = Annotated[int, msgspec.Meta(ge=0, le=_I64)]
 
 
+# A count on the wire: far above any camera's second (or minute), far below where a gateway's
+# running totals in the cloud could overflow 64 bits.
+MAX_WIRE_COUNT = 2**40
+_WireCount = Annotated[int, msgspec.Meta(ge=0, le=MAX_WIRE_COUNT)]
+
+
 class WireNum(msgspec.Struct, forbid_unknown_fields=False):
-    n: Annotated[int, msgspec.Meta(ge=1, le=_I64)]
+    n: Annotated[int, msgspec.Meta(ge=1, le=MAX_WIRE_COUNT)]
     sum: float
     sumsq: float
     min: float
@@ -325,14 +331,14 @@ class WireChunk(msgspec.Struct):
     t: Annotated[int, msgspec.Meta(ge=-(2**31), le=2**35)]
     width_s: Annotated[int, msgspec.Meta(ge=1, le=86400)]
     rev: _Count
-    count: _Count
+    count: _WireCount
     event_first: float
     event_last: float
     recv_first: float
     recv_last: float
     seq_end: _Seq | None = None
     num: dict[_Name, WireNum] = {}
-    cat: dict[_Name, dict[Annotated[str, msgspec.Meta(max_length=MAX_NAME_LEN)], _Count]] = {}
+    cat: dict[_Name, dict[Annotated[str, msgspec.Meta(max_length=MAX_NAME_LEN)], _WireCount]] = {}
     skew_s: float = 0.0
     flags: list[str] = []
 
@@ -380,8 +386,25 @@ def decode_batch(body: bytes) -> WireBatch:
             f"seqs must tile first_seq..last_seq: the chunks end at {expect - 1}, last_seq is"
             f" {batch.last_seq} - at `$.last_seq`"
         )
+    _check_name_bytes(batch)
     for i, c in enumerate(batch.chunks):
         for f, s in c.num.items():
             if not all(math.isfinite(v) for v in (s.sum, s.sumsq, s.min, s.max, s.last)):
                 raise BadBatch(f"a number is not finite - at `$.chunks[{i}].num.{f}`")
     return batch
+
+
+def _check_name_bytes(batch: WireBatch) -> None:
+    """Every name and category value at most MAX_NAME_LEN bytes in UTF-8 (msgspec counts
+    characters): together they make one index key, which PostgreSQL caps at 2704 bytes."""
+
+    def long(text: str) -> bool:
+        return len(text) > MAX_NAME_LEN // 4 and len(text.encode()) > MAX_NAME_LEN
+
+    if long(batch.gateway):
+        raise BadBatch(f"over {MAX_NAME_LEN} bytes in UTF-8 - at `$.gateway`")
+    for i, c in enumerate(batch.chunks):
+        names = [c.camera, c.stream, *c.num, *c.cat]
+        names += [v for values in c.cat.values() for v in values]
+        if any(long(n) for n in names):
+            raise BadBatch(f"a name over {MAX_NAME_LEN} bytes in UTF-8 - at `$.chunks[{i}]`")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import fnmatch
 import hashlib
 import hmac
 import json
@@ -24,13 +25,13 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.core.errors import BadBatch
-from agent.core.model import decode_batch
+from agent.core.model import WireBatch, decode_batch
 from edge_ingest.metrics import Metrics
 from edge_ingest.rows import Rows, batch_rows
 from edge_ingest.schema import drop_before, ensure_partitions
@@ -47,6 +48,9 @@ MAINTENANCE_EVERY_S = 3600.0
 PROBE_EVERY_S = 2.0
 _MAINT_LOCK = 0x6564_6766
 _I64 = 2**63 - 1
+MAX_SEQ = 2**53
+# Bodies up to this size are decoded on the event loop (a typical batch: 40 KiB gzipped).
+INLINE_BYTES = 1024 * 1024
 
 
 class Answer(Exception):
@@ -64,22 +68,29 @@ class IngestApp:
         self,
         store: Store,
         *,
-        tokens: frozenset[str],
+        tokens: Iterable[str] | Mapping[str, Sequence[str]],
         no_auth: bool = False,
         max_body_bytes: int = 8 * 1024**2,
         max_decompressed_bytes: int = 64 * 1024**2,
         retry_after_s: int = 2,
         retention_days: int = 30,
+        max_batch_rows: int = 200_000,
+        body_timeout_s: float = 30.0,
         partitions_ahead_days: int = 7,
     ) -> None:
         self.store = store
         self.metrics = Metrics(store)
-        self._tokens = [t.encode() for t in tokens]
+        # token -> the gateway ids (fnmatch patterns) it may send for; () = any gateway.
+        bound = tokens if isinstance(tokens, Mapping) else dict.fromkeys(tokens, ())
+        self._tokens = [(t.encode(), tuple(g)) for t, g in bound.items()]
         self._no_auth = no_auth
         self.max_body_bytes = max_body_bytes
         self.max_decompressed_bytes = max_decompressed_bytes
         self.retry_after_s = retry_after_s
         self.retention_days = retention_days
+        self.max_batch_rows = max_batch_rows
+        self.rollup_checks = store.rollup
+        self.body_timeout_s = body_timeout_s
         self.partitions_ahead_days = partitions_ahead_days
         self._tasks: list[asyncio.Task[None]] = []
         self.ready_problem: str | None = "starting"
@@ -158,18 +169,25 @@ class IngestApp:
         await _reply(send, 200, result)
 
     async def _handle(self, headers: dict[str, bytes], receive: Receive) -> dict[str, Any]:
-        self._authenticate(headers.get("authorization"))
+        allowed = self._authenticate(headers.get("authorization"))
+        if self.store.schema_problem is not None:
+            raise self._unavailable(Unavailable("not_migrated", self.store.schema_problem))
         raw = await self._read_body(headers, receive)
         try:
             async with self.store.admitted():
-                return await self._apply(headers, raw)
+                return await self._apply(headers, raw, allowed)
         except Unavailable as e:  # no slot: refused before any decoding
             raise self._unavailable(e) from None
 
-    async def _apply(self, headers: dict[str, bytes], raw: bytes) -> dict[str, Any]:
-        if headers.get("content-encoding", b"").strip().lower() == b"gzip":
+    def _prepare(
+        self, headers: dict[str, bytes], raw: bytes, allowed: tuple[str, ...]
+    ) -> tuple[WireBatch, Rows, bytes]:
+        """Everything about a batch that needs no database: decompress, decode, check, merge.
+        Raises Answer (400, 403, 413)."""
+        encoding = headers.get("content-encoding", b"identity").strip().lower()
+        if encoding == b"gzip":
             raw = self._gunzip(raw)
-        elif headers.get("content-encoding", b"identity").strip().lower() != b"identity":
+        elif encoding != b"identity":
             raise Answer(400, "Content-Encoding must be gzip or identity")
         try:
             batch = decode_batch(raw)
@@ -182,12 +200,35 @@ class IngestApp:
                 f"Idempotency-Key {key.decode('latin-1')[:200]!r} does not match the batch"
                 f" ({batch.key!r})",
             )
+        if allowed and not any(fnmatch.fnmatchcase(batch.gateway, g) for g in allowed):
+            raise Answer(403, f"this token may not send for gateway {batch.gateway!r}")
+        if batch.last_seq >= MAX_SEQ:
+            # Far beyond any agent's seqs (its wall-clock floor, 1e6 per second, reaches 2^53
+            # in the year 2255): a watermark there would refuse the gateway's batches forever.
+            raise Answer(400, f"malformed batch: last_seq {batch.last_seq} is not below 2^53")
         rows = batch_rows(batch.chunks)
+        if rows.total > self.max_batch_rows:
+            raise Answer(
+                413,
+                f"the batch makes {rows.total:,} rows, over {self.max_batch_rows:,}: split it",
+            )
         if not _finite_rows(rows.numeric):
             raise Answer(400, "malformed batch: merging its chunks overflows a sum")
+        if self.rollup_checks and not _finite_minutes(rows.numeric):
+            raise Answer(400, "malformed batch: its sums overflow within one minute (rollup)")
         if not _bigint_rows(rows):
             raise Answer(400, "malformed batch: merging its chunks overflows a count")
-        digest = hashlib.sha256(raw).digest()
+        return batch, rows, hashlib.sha256(raw).digest()
+
+    async def _apply(
+        self, headers: dict[str, bytes], raw: bytes, allowed: tuple[str, ...]
+    ) -> dict[str, Any]:
+        if len(raw) > INLINE_BYTES:
+            # A large body decodes on a worker thread: the event loop keeps answering the
+            # other gateways (and /healthz) between the thread's GIL slices.
+            batch, rows, digest = await asyncio.to_thread(self._prepare, headers, raw, allowed)
+        else:
+            batch, rows, digest = self._prepare(headers, raw, allowed)
         started = time.monotonic()
         try:
             result = await self.store.apply(
@@ -235,15 +276,18 @@ class IngestApp:
             503, f"database unavailable ({e.cause}): retry later", {"Retry-After": str(after)}
         )
 
-    def _authenticate(self, value: bytes | None) -> None:
+    def _authenticate(self, value: bytes | None) -> tuple[str, ...]:
+        """The gateway patterns the caller's token may send for (() = any); raises 401."""
         if self._no_auth:
-            return
+            return ()
         if value is None or not value.startswith(b"Bearer "):
             raise Answer(401, "a bearer token is required", {"WWW-Authenticate": "Bearer"})
         given = value[7:].strip()
         # Compared with every token, in constant time each.
-        if not any(hmac.compare_digest(given, t) for t in self._tokens):
+        found = [g for t, g in self._tokens if hmac.compare_digest(given, t)]
+        if not found:
             raise Answer(401, "the token is not accepted", {"WWW-Authenticate": "Bearer"})
+        return found[0]
 
     async def _read_body(self, headers: dict[str, bytes], receive: Receive) -> bytes:
         declared = headers.get("content-length")
@@ -251,8 +295,18 @@ class IngestApp:
             await self._too_large(receive, 0)
         parts: list[bytes] = []
         size = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout_s
         while True:
-            msg = await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    msg = await receive()
+            except TimeoutError:
+                raise Answer(
+                    408,
+                    f"the body did not arrive within {self.body_timeout_s} s",
+                    {"Connection": "close"},
+                ) from None
             if msg["type"] == "http.disconnect":
                 raise Answer(400, "the client went away")
             chunk = msg.get("body", b"")
@@ -276,22 +330,38 @@ class IngestApp:
         raise Answer(413, f"body over {self.max_body_bytes} bytes", {"Connection": "close"})
 
     def _gunzip(self, raw: bytes) -> bytes:
-        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            out = d.decompress(raw, self.max_decompressed_bytes)
-        except zlib.error as e:
-            raise Answer(400, f"malformed batch: not gzip ({e})") from None
-        if d.unconsumed_tail:
-            raise Answer(413, f"body over {self.max_decompressed_bytes} bytes once decompressed")
-        if not d.eof:
-            raise Answer(400, "malformed batch: the gzip stream is truncated")
-        return out
+        """Every gzip member of `raw` (RFC 1952 allows several), at most max_decompressed_bytes
+        in all; anything else after the last member is a 400."""
+        out: list[bytes] = []
+        room = self.max_decompressed_bytes
+        while True:
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            try:
+                part = d.decompress(raw, room)
+            except zlib.error as e:
+                raise Answer(400, f"malformed batch: not gzip ({e})") from None
+            if d.unconsumed_tail:
+                raise Answer(
+                    413, f"body over {self.max_decompressed_bytes} bytes once decompressed"
+                )
+            if not d.eof:
+                raise Answer(400, "malformed batch: the gzip stream is truncated")
+            out.append(part)
+            room -= len(part)
+            raw = d.unused_data
+            if not raw:
+                return b"".join(out)
+            if room <= 0:  # (a max_length of 0 would mean no limit)
+                raise Answer(
+                    413, f"body over {self.max_decompressed_bytes} bytes once decompressed"
+                )
 
     # Background: readiness, partitions ahead, retention
 
     async def _probe_loop(self) -> None:
         while True:
             try:
+                await self.store.warm()
                 await self.store.ping()
                 self.ready_problem = None
             except Unavailable as e:
@@ -330,6 +400,21 @@ class IngestApp:
 
 def _finite_rows(rows: list[Any]) -> bool:
     return all(math.isfinite(r[6]) and math.isfinite(r[7]) for r in rows)
+
+
+def _finite_minutes(rows: list[Any]) -> bool:
+    """Whether the per-minute rollup of these numeric rows stays finite (each second's sums
+    may be finite and their minute's not)."""
+    minutes: dict[tuple[Any, ...], list[float]] = {}
+    for r in rows:
+        key = (r[0], r[1], r[2] - r[2] % 60, r[4])
+        acc = minutes.get(key)
+        if acc is None:
+            minutes[key] = [r[6], r[7]]
+        else:
+            acc[0] += r[6]
+            acc[1] += r[7]
+    return all(math.isfinite(a) and math.isfinite(b) for a, b in minutes.values())
 
 
 def _bigint_rows(rows: Rows) -> bool:

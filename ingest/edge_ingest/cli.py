@@ -107,6 +107,8 @@ def build_app(settings: IngestSettings) -> object:
         max_decompressed_bytes=settings.max_decompressed_bytes,
         retry_after_s=settings.retry_after_s,
         retention_days=settings.retention_days,
+        max_batch_rows=settings.max_batch_rows,
+        body_timeout_s=settings.body_timeout_s,
         partitions_ahead_days=settings.partitions_ahead_days,
     )
 
@@ -124,6 +126,11 @@ def serve(settings: IngestSettings) -> int:
         access_log=False,
         log_level=settings.log_level.lower(),
         timeout_keep_alive=75,
+        # Slow or idle clients cannot hold every file descriptor: beyond this, 503 at once.
+        limit_concurrency=settings.max_connections,
+        # SIGTERM: in-flight batches get this long to commit, then the rest are cut (the
+        # agents retry them; nothing is applied twice).
+        timeout_graceful_shutdown=max(10, settings.statement_timeout_ms // 1000 + 5),
     )
     server = uvicorn.Server(config)
     server.run()

@@ -60,6 +60,21 @@ class IngestSettings(BaseSettings):
         description="Requests waiting for a connection beyond which new ones get 503 at once",
     )
     retry_after_s: int = Field(default=2, ge=1, le=3600, description="Retry-After of a 503")
+    max_batch_rows: int = Field(
+        default=200_000,
+        ge=1_000,
+        le=10_000_000,
+        description="Rows one batch may make (413: the agent splits it)",
+    )
+    max_connections: int = Field(
+        default=1024,
+        ge=16,
+        le=100_000,
+        description="Open HTTP connections beyond which new ones get 503 (slow clients)",
+    )
+    body_timeout_s: int = Field(
+        default=30, ge=1, le=3600, description="Reading one request's body; then 408"
+    )
     rollup: bool = Field(
         default=True, description="Keep the per-minute rollup in the ingest transaction"
     )
@@ -83,12 +98,17 @@ class IngestSettings(BaseSettings):
     def port(self) -> int:
         return int(self.listen.rpartition(":")[2])
 
-    def tokens(self) -> frozenset[str]:
-        """The accepted tokens (read at start: a rotated file needs a restart)."""
-        if self.token_file is None:
-            return frozenset()
-        lines = self.token_file.read_text(encoding="utf-8").splitlines()
-        return frozenset(t.strip() for t in lines if t.strip() and not t.startswith("#"))
+    def tokens(self) -> dict[str, tuple[str, ...]]:
+        """The accepted tokens, each with the gateway ids it may send for (fnmatch patterns;
+        none: any gateway). One per line: `TOKEN [GATEWAY ...]`; `#` starts a comment. Read
+        at start: a rotated file needs a restart."""
+        text = self.token_file.read_text(encoding="utf-8-sig") if self.token_file else ""
+        out: dict[str, tuple[str, ...]] = {}
+        for line in text.splitlines():
+            words = line.split()
+            if words and not words[0].startswith("#"):
+                out[words[0]] = tuple(words[1:])
+        return out
 
 
 def _env(environ: dict[str, str]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from edge_ingest.store import CAUSES, Store
 
-ANSWERS = ("200", "400", "401", "404", "405", "413", "422", "500", "503")
+ANSWERS = ("200", "400", "401", "403", "404", "405", "408", "413", "422", "500", "503")
 
 
 class Metrics:

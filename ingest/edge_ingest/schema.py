@@ -190,8 +190,11 @@ BEGIN
     VALUES (p_gateway, p_first, p_last, p_digest, p_chunks, p_messages);
     UPDATE edge_ingest.gateways x
     SET next_seq = p_last + 1, batches = x.batches + 1, chunks = x.chunks + p_chunks,
-        messages = x.messages + p_messages, gaps = x.gaps + (v_gap > 0)::integer,
-        gap_seqs = x.gap_seqs + v_gap, last_seen = now()
+        -- Totals saturate rather than overflow: a counter must never refuse a batch.
+        messages = least(x.messages::numeric + p_messages, 9223372036854775807)::bigint,
+        gaps = x.gaps + (v_gap > 0)::integer,
+        gap_seqs = least(x.gap_seqs::numeric + v_gap, 9223372036854775807)::bigint,
+        last_seen = now()
     WHERE x.gateway = p_gateway;
     RETURN QUERY SELECT (CASE WHEN v_gap > 0 THEN 'gap' ELSE 'applied' END)::text,
         p_last + 1, v_gap;
@@ -314,6 +317,8 @@ async def ensure_partitions(conn: asyncpg.Connection, today: dt.date, days_ahead
                 made += 1
             except asyncpg.CheckViolationError:
                 log.warning("partition %s not made: its rows are in the default partition", name)
+            except asyncpg.DuplicateTableError:
+                pass  # made meanwhile by another replica's maintenance, or a migrate
     return made
 
 

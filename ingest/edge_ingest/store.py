@@ -64,7 +64,13 @@ CAUSES = (
     "read_only",
     "conflict_retry",
     "not_migrated",
+    "access_denied",
 )
+
+
+CONNECT_TIMEOUT_S = 5.0
+# Causes that make the database unusable for this replica (not busy): /readyz says so.
+_DOWN = ("database_down", "not_migrated", "access_denied")
 
 
 class RefusedValue(Exception):
@@ -86,8 +92,23 @@ def classify(exc: BaseException) -> Exception:
         return Unavailable("read_only", str(exc))
     if isinstance(exc, asyncpg.TransactionRollbackError):  # serialization, deadlock
         return Unavailable("conflict_retry", str(exc))
-    if isinstance(exc, asyncpg.UndefinedTableError | asyncpg.UndefinedFunctionError):
+    if isinstance(
+        exc,
+        asyncpg.UndefinedTableError
+        | asyncpg.UndefinedFunctionError
+        | asyncpg.InvalidSchemaNameError,
+    ):
         return Unavailable("not_migrated", str(exc))
+    if isinstance(
+        exc,
+        asyncpg.InvalidCatalogNameError  # 3D000: no such database
+        | asyncpg.InvalidAuthorizationSpecificationError  # 28000: no such role
+        | asyncpg.InvalidPasswordError
+        | asyncpg.InsufficientPrivilegeError,  # 42501: privileges revoked
+    ):
+        return Unavailable("access_denied", str(exc))
+    if isinstance(exc, asyncpg.ProgramLimitExceededError):  # 54000: an index row too large
+        return RefusedValue(str(exc))
     if isinstance(exc, asyncpg.DataError):  # class 22: out of range, bad encoding
         return RefusedValue(str(exc))
     if isinstance(exc, asyncpg.InternalClientError) and "another operation" in str(exc):
@@ -139,6 +160,7 @@ class Store:
             "application_name": "edge-ingest",
         }
         self._acquire_timeout_s = acquire_timeout_s
+        self._command_timeout_s = statement_timeout_ms / 1000 + 5.0
         self.max_waiting = max_waiting
         self.rollup = rollup
         self._pool: asyncpg.Pool | None = None
@@ -147,6 +169,10 @@ class Store:
         # Admission (admitted()): batches decoded or in a transaction at once, and waiting.
         self._slots = asyncio.Semaphore(2 * size)
         self.queued = 0
+        # Set by ping() while the database's schema is not this code's (missing, older or
+        # newer): every batch is then a 503 not_migrated, never applied to a schema it was not
+        # written for.
+        self.schema_problem: str | None = None
         self.last_ok: float | None = None
         self.last_error: str | None = None
 
@@ -158,8 +184,11 @@ class Store:
             max_size=self.size,
             init=_init_connection,
             server_settings=self._settings,
-            timeout=5.0,
-            command_timeout=None,
+            timeout=CONNECT_TIMEOUT_S,
+            # The client's own deadline per statement: a frozen or partitioned server cannot
+            # enforce statement_timeout, so without this a batch (and its connection) would
+            # hang until TCP gives up. Then 503, and the pool replaces the connection.
+            command_timeout=self._command_timeout_s,
         )
 
     async def close(self) -> None:
@@ -237,7 +266,7 @@ class Store:
         return result
 
     def _failed(self, c: Exception) -> None:
-        if isinstance(c, Unavailable) and c.cause in ("database_down", "not_migrated"):
+        if isinstance(c, Unavailable) and c.cause in _DOWN:
             self.last_error = c.detail
 
     async def apply(
@@ -269,6 +298,23 @@ class Store:
         result: Result = await self.run(tx)
         return result
 
+    async def warm(self) -> None:
+        """Open the pool's connections that are not open, each with the full connect timeout:
+        a request's acquire (acquire_timeout) would cancel a slow connect every time, and a
+        database slow to accept connections would never get one (found by the adversary)."""
+        pool = self._pool
+        assert pool is not None
+        missing = self.size - pool.get_size()
+        # Only while no batch holds a connection: under load the requests open their own.
+        if missing <= 0 or self.in_use or pool.get_idle_size():
+            return
+
+        async def one() -> None:
+            conn = await pool.acquire(timeout=CONNECT_TIMEOUT_S + 1)
+            await pool.release(conn)
+
+        await asyncio.gather(*(one() for _ in range(missing)), return_exceptions=True)
+
     async def ping(self) -> None:
         """A round trip through the pool: raises Unavailable when the database cannot answer or
         is not migrated to this code's schema."""
@@ -286,5 +332,6 @@ class Store:
             await self.run(check)
         except Unavailable as e:
             if e.cause == "not_migrated":
-                self.last_error = e.detail
+                self.last_error = self.schema_problem = e.detail
             raise
+        self.schema_problem = None

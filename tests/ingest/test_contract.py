@@ -302,7 +302,8 @@ class Service:
 
     def __init__(self, dsn: str, *, pool: int = 4, **app: Any) -> None:
         self.store = Store(dsn, size=pool, lock_timeout_ms=app.pop("lock_timeout_ms", 5_000))
-        self.app = IngestApp(self.store, tokens=frozenset({TOKEN}), **app)
+        tokens = app.pop("tokens", frozenset({TOKEN}))
+        self.app = IngestApp(self.store, tokens=tokens, **app)
         self.port = free_port()
         config = uvicorn.Config(
             self.app, host=HOST, port=self.port, http="h11", lifespan="on",
@@ -708,15 +709,20 @@ async def test_a_first_batch_starting_anywhere_is_no_gap(service: Service, db: C
 # -- C5: a value the database refuses ------------------------------------------------------------
 
 
-async def test_a_count_overflowing_bigint_when_added_gets_422_and_stores_nothing(
+async def test_a_sum_overflowing_when_added_to_the_stored_one_gets_422_and_stores_nothing(
     service: Service, db: Conn
 ) -> None:
+    def big_sum(camera: str = "cam-1") -> Chunk:
+        c = chunk(camera)
+        c.num["conf"].sum = 1.5e308  # finite, and twice it is not
+        return c
+
     books = Books()
-    huge = batch_of("gw-1", 1, [chunk(count=I64 - 5)])
+    huge = batch_of("gw-1", 1, [big_sum()])
     books.answered(huge, answered(await service.post(huge), 200))
     before = await stored_rows(db)
-    # The same window again: its count plus the stored one is beyond bigint.
-    more = batch_of("gw-1", 2, [chunk(count=10), chunk("cam-2", count=1)])
+    # The same second again, in another minute's rollup too: beyond float8 once added.
+    more = batch_of("gw-1", 2, [big_sum(), chunk("cam-2")])
     r = await service.post(more)
     answered(r, 422, "the database refused a value of this batch")
     assert "out of range" in r.json()["error"]
@@ -724,17 +730,28 @@ async def test_a_count_overflowing_bigint_when_added_gets_422_and_stores_nothing
     await books.check(db)
 
 
-async def test_counts_overflowing_when_merged_in_one_batch_are_refused(
+async def test_a_count_beyond_the_wire_bound_is_refused_naming_it(
     service: Service, db: Conn
 ) -> None:
-    """Chunks each in range whose sum in one batch is beyond 64 bits: refused with a 4xx that
-    names it, never a 500 (the agent retries a 500 for ever)."""
-    same_window = batch_of("gw-1", 1, [chunk(count=I64 // 2 + 1), chunk(count=I64 // 2 + 1)])
-    r = await service.post(same_window)
-    answered(r, 400, "overflows a count")
-    two_windows = batch_of("gw-2", 1, [chunk("cam-1", count=I64), chunk("cam-2", count=I64)])
-    r = await service.post(two_windows)
-    answered(r, 400, "overflows a count")
+    """A count no camera can reach (over 2^40): refused before the database, so that no
+    gateway's totals can be pushed to overflow (which refused every later batch)."""
+    r = await service.post(batch_of("gw-1", 1, [chunk(count=I64 - 5)]))
+    answered(r, 400, "$.chunks[0].count")
+    assert await stored_rows(db) == NOTHING
+
+
+async def test_counts_that_would_overflow_when_merged_are_refused_before_the_database(
+    service: Service, db: Conn
+) -> None:
+    """Chunks whose counts could add up beyond 64 bits in one batch: refused with a 4xx that
+    names the field (each count is bounded by 2^40 on the wire), never a 500 (the agent
+    retries a 500 for ever)."""
+    for gw, counts in (("gw-1", [I64 // 2 + 1] * 2), ("gw-2", [I64, I64])):
+        cams = [f"cam-{i}" for i in range(len(counts))] if gw == "gw-2" else ["cam-1"] * 2
+        r = await service.post(
+            batch_of(gw, 1, [chunk(c, count=n) for c, n in zip(cams, counts, strict=True)])
+        )
+        answered(r, 400, "count")
     assert await stored_rows(db) == NOTHING
     assert await service.metric("edge_ingest_batches_total", 'answer="500"') == 0
 
@@ -764,3 +781,62 @@ async def test_other_methods_and_paths(service: Service) -> None:
         "ready": True,
         "problems": [],
     }
+
+
+async def test_a_token_bound_to_gateways_may_send_only_for_them(pg_dsn: str, db: Conn) -> None:
+    """token_file's `TOKEN GATEWAY...`: one leaked token cannot write another site's data (a
+    seq far ahead would block that gateway for good)."""
+    s = await Service(pg_dsn, tokens={TOKEN: ("site-7-*",), "any-token": ()}).start()
+    try:
+        books = Books()
+        mine = batch_of("site-7-gw-1", 1, [chunk()])
+        books.answered(mine, answered(await s.post(mine), 200))
+        theirs = batch_of("site-9-gw-1", 2**52, [chunk()])
+        answered(await s.post(theirs), 403, "may not send for gateway 'site-9-gw-1'")
+        other = batch_of("site-9-gw-1", 1, [chunk()])
+        books.answered(other, answered(await s.post(other, token="any-token"), 200))
+        await books.check(db)
+    finally:
+        await s.stop()
+
+
+async def test_seqs_and_names_beyond_any_agent_are_refused_naming_them(
+    service: Service, db: Conn
+) -> None:
+    far = batch_of("gw-1", 2**53, [chunk()])
+    answered(await service.post(far), 400, "last_seq")
+    wide = batch_of("gw-1", 1, [chunk("\U0001f600" * 200)])  # 200 characters, 800 bytes
+    answered(await service.post(wide), 400, "over 256 bytes in UTF-8")
+    assert await stored_rows(db) == NOTHING
+
+
+async def test_a_batch_of_several_gzip_members_is_one_body_and_trailing_bytes_are_refused(
+    service: Service, db: Conn
+) -> None:
+    books = Books()
+    b = batch_of("gw-1", 1, [chunk(), chunk("cam-2")])
+    half = len(b.body) // 2
+    body = gzip.compress(b.body[:half], mtime=0) + gzip.compress(b.body[half:], mtime=0)
+    r = await service.post_raw(body, b.key, gzipped=False, content_encoding="gzip")
+    books.answered(b, answered(r, 200))
+    b2 = batch_of("gw-1", 3, [chunk()])
+    r = await service.post_raw(
+        gzip.compress(b2.body, mtime=0) + b"garbage", b2.key, gzipped=False,
+        content_encoding="gzip",
+    )  # fmt: skip
+    answered(r, 400, "not gzip")
+    await books.check(db)
+
+
+async def test_a_batch_making_too_many_rows_gets_413_so_the_agent_splits_it(
+    pg_dsn: str, db: Conn
+) -> None:
+    s = await Service(pg_dsn, max_batch_rows=1_000).start()
+    try:
+        c = chunk()
+        c.cat["cls"] = {f"v{i}": 1 for i in range(1_200)}
+        r = await s.post(batch_of("gw-1", 1, [c]))
+        answered(r, 413, "split it")
+        assert await stored_rows(db) == NOTHING
+    finally:
+        await s.stop()

@@ -10,6 +10,8 @@ an advisory lock a trigger waits for), never with a sleep.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -459,3 +461,49 @@ async def test_a_full_disk_answers_503_and_the_retries_apply_once_it_is_freed(
             assert used < 8 << 20
         finally:
             await db.close()
+
+
+async def test_a_frozen_database_is_a_503_within_the_client_deadline_never_a_hang(
+    own_pg_cluster: PostgresCluster, ingests: Ingests, client: httpx.AsyncClient
+) -> None:
+    """A database that stops answering (frozen, or behind a partition) cannot enforce its own
+    statement_timeout: the client-side deadline must end the batch with a 503 (found by the
+    adversary: batches hung until the database came back, the pool pinned)."""
+    pg = own_pg_cluster
+    dsn = pg.create_database("ingest")
+    await (await migrated(dsn)).close()
+    ingest = ingests(dsn, extra={"statement_timeout_ms": "1000"})
+    books, traffic = Books(), Traffic()
+    gw = gateway("gw-1", seed=26)
+    await run_gateway(client, [ingest.url], gw, books, traffic, batches=1, chunks=10)
+    assert pg.pid is not None
+    frozen = server_pids(pg.pid)  # each backend is its own process group: one by one
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        batch = gw.cut(10)
+        r = await post(client, ingest.url, batch, wait_s=30)  # httpx raises if it hangs
+        assert r.status_code == 503, r.text
+        assert "retry-after" in r.headers
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    books.answered(batch, await deliver(client, [ingest.url], batch, traffic))
+    db = await migrated(dsn)
+    try:
+        await books.check(db)
+    finally:
+        await db.close()
+
+
+def server_pids(postmaster: int) -> list[int]:
+    """The postmaster and its children (the backends, each its own session)."""
+    pids = [postmaster]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == postmaster:  # the ppid, after the command's closing parenthesis
+            pids.append(int(stat.parent.name))
+    return pids
