@@ -14,6 +14,7 @@ import gzip
 import json
 import random
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
@@ -61,7 +62,9 @@ class Gateway:
     seed: int
     cameras: int = 8
     next_seq: int = 1
-    t0: int = 1_780_000_000
+    # Today's midnight (UTC): inside the service's retention, so its maintenance at a start
+    # never deletes what a test just sent (a fixed day would fall out of it as time passes).
+    t0: int = field(default_factory=lambda: int(time.time()) // 86400 * 86400)
     _rng: random.Random = field(init=False)
     _t: int = field(init=False)
 
