@@ -84,6 +84,7 @@ def classify(status: int | None, *, batch_size: int, retry_after: float | None =
 # Attempts kept for `edge-agent tap --sent` (each about 200 bytes).
 SENT_KEPT = 256
 
+
 class Forwarder:
     """Reads batches from the outbox and posts them until told to stop (by cancellation)."""
 
