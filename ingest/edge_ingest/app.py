@@ -114,8 +114,10 @@ class IngestApp:
                 await _reply(send, 200, {"status": "ok"})
             elif path == "/readyz":
                 problem = self.ready_problem
-                if problem is None and self.store.waiting >= self.store.size:
-                    problem = f"pool exhausted: {self.store.waiting} requests waiting"
+                waiting = self.store.waiting + self.store.queued
+                if problem is None and waiting >= max(self.store.size, self.store.max_waiting // 2):
+                    # Batches wait for a slot (admitted()) as well as for a connection.
+                    problem = f"pool exhausted: {waiting} requests waiting"
                 doc = {"ready": problem is None, "problems": [problem] if problem else []}
                 await _reply(send, 200 if problem is None else 503, doc)
             else:
