@@ -172,3 +172,42 @@ async def test_failed_checkpoints_leave_nothing_of_theirs_in_memory(tmp_path: Pa
     assert ckpt.failing_since is not None and ckpt.last_failure == "disk I/O error"
     assert held == [], f"{len(held)} frames of failed cycles still alive"
     await outbox.close()
+
+
+async def test_acks_out_for_confirmation_still_count_as_unconfirmed(tmp_path: Path) -> None:
+    """The intake holds the ledger to 2 x mqtt.receive_maximum keys by counting the acks not yet
+    confirmed (MqttSession.room): a confirming round trip takes the acks it covers out of the
+    list while it waits for the broker, and they still hold their keys in the ledger until it
+    answers. Left uncounted, the intake would take Receive Maximum more meanwhile."""
+    import asyncio
+
+    settings = Settings(gateway_id="gw-test")
+    outbox, _ = await Outbox.open(tmp_path / "b.sqlite3", synchronous="off")
+    ledger = AckLedger()
+    calls = 0
+    waiting, answer = asyncio.Event(), asyncio.Event()
+
+    async def confirm() -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the round trip after the acks below
+            waiting.set()
+            await answer.wait()
+        return True
+
+    ckpt = Checkpointer(
+        settings=settings, outbox=outbox, ledger=ledger, stats=Stats(), clock=Clock(),
+        aggregator=Aggregator(window_s=1, allowed_lateness_s=0, idle_close_s=5),
+        send_acks=lambda mids: None, can_ack=lambda: True, confirm_acks=confirm,
+    )  # fmt: skip
+    for mid in range(1, 11):  # rejected messages: nothing to keep, durable at once
+        ledger.track(mid, 1, mid, None, 0.0)
+    await ckpt.checkpoint()  # journaled and acked
+    assert ckpt.unconfirmed == 10 and len(ledger) == 0
+    await ckpt.checkpoint()  # its round trip takes them out of the list and waits
+    await waiting.wait()
+    assert ckpt.unconfirmed == 10, "acks awaiting the broker's answer went uncounted"
+    assert ledger.keys_held == 10
+    answer.set()
+    ckpt.stop()
+    await outbox.close()
