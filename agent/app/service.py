@@ -481,8 +481,6 @@ async def build_pipeline(
         fault=faults.hit,
         stalled=lambda: faults.reached("stall_checkpoint"),
     )
-    # The session holds the ledger's acked-but-unconfirmed keys to a bound (MqttSession.room).
-    session.unconfirmed = lambda: checkpointer.unconfirmed
     pipeline = Pipeline(
         settings, outbox, aggregator, ledger, intake, clocks, session, forwarder, stats,
         checkpointer,

@@ -126,11 +126,9 @@ class Checkpointer:
         # did not fit in its piece: their messages' acks wait for the next cycles, rightly (a
         # transaction never grows past a piece, whatever the backlog).
         self.snapshots_held = 0
-        # Acks sent on the current connection whose arrival at the broker is not yet known,
-        # and how many of them a confirming round trip is out for (taken out of the list).
+        # Acks sent on the current connection whose arrival at the broker is not yet known.
         self._unconfirmed: list[Pending] = []
         self._unconfirmed_conn = -1
-        self._confirming = 0
         self._confirmed_conn = -1
         self._clock = clock
         self._fault = fault
@@ -167,15 +165,6 @@ class Checkpointer:
                 return
             await self.checkpoint()
             progress()
-
-    @property
-    def unconfirmed(self) -> int:
-        """Acks sent on the current connection and not yet confirmed by a round trip: their
-        keys stay in the ledger until then (MqttSession.room holds them to a bound)."""
-        n = self._confirming
-        if self._unconfirmed_conn == self._ledger.connection:
-            n += len(self._unconfirmed)
-        return n
 
     @property
     def carried(self) -> int:
@@ -413,12 +402,7 @@ class Checkpointer:
         # Taken before the round trip: only a new message that came before it proves the
         # broker's redeliveries are over.
         redeliveries_done = ledger.fresh_seen
-        self._confirming += len(sent)
-        try:
-            answered = await self._confirm_acks()
-        finally:
-            self._confirming -= len(sent)
-        if answered and ledger.connection == conn:
+        if await self._confirm_acks() and ledger.connection == conn:
             ledger.confirmed(sent, redeliveries_done=redeliveries_done)
             self._confirmed_conn = conn
         elif self._unconfirmed_conn == conn:

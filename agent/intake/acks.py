@@ -786,13 +786,6 @@ class AckLedger:
     def __len__(self) -> int:
         return len(self._queue)
 
-    @property
-    def keys_held(self) -> int:
-        """Messages remembered by key (about 400 bytes of memory each): unacked, acked and not
-        yet confirmed by the broker, and journal rows of an earlier connection or run until
-        the broker's redeliveries are over."""
-        return len(self._by_key)
-
     def oldest_recv_t(self) -> float | None:
         for p in self._queue:
             if not p.durable:

@@ -7,11 +7,9 @@ aggregator: no queue between the socket and the windows.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import math
-import secrets
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -60,14 +58,6 @@ BARRIER_TOPIC = "$edge-agent/ack-barrier"
 # The ack barrier's wait: from this, doubling after each timeout up to the max.
 BARRIER_WAIT_S = 1.0
 BARRIER_WAIT_MAX_S = 8.0
-# The ack barrier's side channel (SideBarrier): a second connection, under the agent's client
-# id with this suffix, subscribed to this topic's level for the client id.
-SIDE_CLIENT_SUFFIX = ".ack-barrier"
-SIDE_TOPIC_PREFIX = "$edge-agent/ack-barrier/"
-# Side round trips in a row that timed out, none of their nonces arriving late either, after
-# which the side channel no longer bounds the ledger (an ACL refusing the publish): confirmations
-# alternate with the in-band barrier until one answers again.
-SIDE_MISSES_MAX = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,39 +380,6 @@ def connect_refusal(e: aiomqtt.MqttError) -> str | None:
     return None
 
 
-def side_topic(client_id: str) -> str:
-    """The side barrier's topic: one level named after the client id (a character no topic
-    name may hold, or a level separator, becomes "_")."""
-    return SIDE_TOPIC_PREFIX + "".join(
-        c if c.isprintable() and c not in "+#/" else "_" for c in client_id
-    )
-
-
-def mqtt_client(
-    settings: MqttSettings,
-    password: str | None,
-    *,
-    identifier: str,
-    clean_start: bool,
-    properties: Properties | None = None,
-) -> aiomqtt.Client:
-    """An MQTT v5 client for the configured broker (address, TLS, credentials, keepalive)."""
-    s = settings
-    return aiomqtt.Client(
-        s.host,
-        s.port,
-        identifier=identifier,
-        protocol=aiomqtt.ProtocolVersion.V5,
-        clean_start=clean_start,
-        properties=properties,
-        keepalive=s.keepalive_s,
-        username=s.username,
-        password=password,
-        tls_context=tls_context(s),
-        timeout=s.connect_timeout_s,
-    )
-
-
 def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
     """TLS to the broker when a CA or client certificate is configured (or tls = true)."""
     if not settings.tls and settings.ca_file is None and settings.cert_file is None:
@@ -430,199 +387,6 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
     return client_tls_context(
         ca_file=settings.ca_file, cert_file=settings.cert_file, key_file=settings.key_file
     )
-
-
-class SideBarrier:
-    """The ack barrier through a second connection: proof that the broker has processed the
-    PUBACKs sent so far, which never waits behind messages the agent has not read.
-
-    The in-band barrier (an UNSUBSCRIBE answered by UNSUBACK) comes back on the session's own
-    connection, behind every packet the broker queued for it before. Mosquitto 2.0.11 moves up
-    to Receive Maximum queued messages into flight for each PUBACK of its oldest one
-    (`db__message_delete_outgoing` counts the acked message's place, not what is in flight),
-    so the first acks after a backlog (a failing disk healed, a restart) put the whole queue in
-    front of that answer: 900,000 messages after five minutes at 3,000 msgs/s. Every message
-    acked meanwhile kept its key in the ledger until the answer came: 548 MB of RSS.
-
-    Here the session's connection publishes a nonce (QoS 0) after its PUBACKs, to a topic that
-    only this second connection subscribes to. The broker handles a connection's packets in
-    order, so when the nonce arrives here, the PUBACKs before it have been processed; and the
-    second connection carries nothing else, so the answer does not wait behind what the first
-    one has queued. Clean start, no session, QoS 0: it keeps nothing at the broker.
-
-    Mosquitto 2.0.11 drops a connection whose PUBLISH its ACL denies, QoS 0 included. So this
-    connection first publishes a nonce of its own (same user, same topic) and waits for it:
-    only then does the session's connection publish any. Should the session's connection still
-    end twice in a row with a nonce out on it (an ACL that tells the two client ids apart), the
-    side channel is not used again until this connection has started over.
-    """
-
-    def __init__(self, settings: MqttSettings) -> None:
-        self._s = settings
-        self.topic = side_topic(settings.client_id)
-        self.identifier = settings.client_id + SIDE_CLIENT_SUFFIX
-        self._token = secrets.token_hex(8).encode()
-        self._sent = 0
-        self._waiting: dict[bytes, asyncio.Future[bool]] = {}
-        # Subscribed and its own nonce came back (the broker lets us publish and read there).
-        self._subscribed = False
-        # Round trips in a row that got no answer in time, and none since (a late one resets it).
-        self.misses = 0
-        self.answered = 0
-        # A nonce published on the session's current connection has not come back (yet); and
-        # how many times in a row that connection ended so (see `session_lost`).
-        self._unanswered = False
-        self._lost_with_nonce = 0
-        self._given_up = False
-        # Set at the end of every connection attempt (subscribed or failed); `_kick` makes
-        # the next attempt start now instead of after its backoff.
-        self._attempted = asyncio.Event()
-        self._kick = asyncio.Event()
-        self._backoff = Backoff(min_s=settings.reconnect_min_s, max_s=settings.reconnect_max_s)
-        self._warn = RateLimitedLog(log, interval_s=600.0)
-
-    @property
-    def up(self) -> bool:
-        """Subscribed and usable: a round trip can be tried."""
-        return self._subscribed and not self._given_up
-
-    @property
-    def bounds(self) -> bool:
-        """Confirmations go through here and answer: the ledger may wait for them without
-        reading more (MqttSession.room), since their answer does not come behind what is
-        left unread."""
-        return self.up and self.misses < SIDE_MISSES_MAX
-
-    async def ready(self, timeout_s: float) -> None:
-        """Before the session connects: subscribed, or a connection attempt made now has ended
-        (at most `timeout_s`). A backlog floods in after the session's first acks, and the
-        bound on the ledger holds from the first message only if this is up by then."""
-        if self._subscribed:
-            return
-        self._attempted.clear()
-        self._kick.set()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await self._attempted.wait()
-
-    def session_lost(self) -> None:
-        """The session's connection ended."""
-        unanswered, self._unanswered = self._unanswered, False
-        if not unanswered or not self._subscribed:
-            self._lost_with_nonce = 0
-            return
-        self._lost_with_nonce += 1
-        if self._lost_with_nonce >= 2 and not self._given_up:
-            self._given_up = True
-            log.warning(
-                "MQTT ack barrier: the session's connection ended twice in a row with a nonce "
-                "published to %r out (the broker refusing that PUBLISH from client id %r?); "
-                "acks are confirmed in band until the barrier connection starts over; after "
-                "a backlog, memory is then not bounded by mqtt.receive_maximum "
-                "(docs/design.md, 'The ack barrier')",
-                self.topic, self._s.client_id,
-            )  # fmt: skip
-
-    async def run(self, password: str | None) -> None:
-        """Keep the connection, its subscription and its own round trip up, forever."""
-        while True:
-            self._kick.clear()
-            client = mqtt_client(self._s, password, identifier=self.identifier, clean_start=True)
-            try:
-                async with client:
-                    await self._open(client)
-                    self._subscribed, self._given_up = True, False
-                    self.misses = self._lost_with_nonce = 0
-                    self._backoff.reset()
-                    self._attempted.set()
-                    async for message in client.messages:
-                        self._answer(message.payload)
-            except (aiomqtt.MqttError, _SideRefused) as e:
-                self._warn.warning(
-                    "side",
-                    "MQTT ack barrier connection to %s:%d as %r failed (%s): acks are confirmed "
-                    "on the session's own connection, behind everything the broker has queued "
-                    "for it; after a backlog, memory is then not bounded by "
-                    "mqtt.receive_maximum (docs/design.md, 'The ack barrier')",
-                    self._s.host, self._s.port, self.identifier, e,
-                )  # fmt: skip
-            finally:
-                self._subscribed = False
-                for fut in self._waiting.values():
-                    if not fut.done():
-                        fut.set_result(False)
-                self._attempted.set()
-                abandon(client)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._backoff.next_delay()):
-                    await self._kick.wait()
-
-    async def _open(self, client: aiomqtt.Client) -> None:
-        """Subscribe, then publish a nonce and wait for it here: proof that the broker lets
-        this user publish and read on the topic before the session's connection publishes
-        there (a refused PUBLISH ends the connection that sent it)."""
-        granted = await client.subscribe(self.topic, qos=0)
-        refused = [c for c in granted if (c.value if isinstance(c, ReasonCode) else c) >= 0x80]
-        if refused or not granted:
-            raise _SideRefused(f"subscription to {self.topic!r} refused: {refused}")
-        self._sent += 1
-        probe = self._token + b":%d" % self._sent
-        await client.publish(self.topic, probe, qos=0)
-        try:
-            async with asyncio.timeout(self._s.connect_timeout_s):
-                async for message in client.messages:
-                    if message.payload == probe:
-                        return
-        except TimeoutError:
-            raise _SideRefused(f"a nonce published to {self.topic!r} did not come back") from None
-
-    def _answer(self, payload: Any) -> None:
-        if not isinstance(payload, bytes | bytearray):
-            return
-        fut = self._waiting.get(bytes(payload))
-        if fut is not None and not fut.done():
-            fut.set_result(True)
-        elif payload.startswith(self._token + b":"):
-            # A nonce whose round trip gave up on it: slow (a broker working through 65,535
-            # PUBACKs before it), not refused. The channel works; it keeps bounding the ledger.
-            self.misses = 0
-            self._unanswered = False
-
-    async def round_trip(self, client: aiomqtt.Client, timeout_s: float) -> bool:
-        """Publish a nonce on `client` (the session's connection, after the PUBACKs already
-        sent on it) and wait for it here: True once it arrived; False after `timeout_s`, or
-        if this connection ended meanwhile. Raises aiomqtt.MqttError if `client` cannot
-        publish."""
-        self._sent += 1
-        nonce = self._token + b":%d" % self._sent
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._waiting[nonce] = fut
-        self._unanswered = True
-        try:
-            async with asyncio.timeout(timeout_s):
-                await client.publish(self.topic, nonce, qos=0, timeout=math.inf)
-                answered = await fut
-        except TimeoutError:
-            self.misses += 1
-            if self.misses == SIDE_MISSES_MAX:
-                self._warn.warning(
-                    "side_misses",
-                    "MQTT ack barrier: %d nonces published to %r in a row did not come back "
-                    "in time; acks are confirmed in band too until one does",
-                    self.misses, self.topic,
-                )  # fmt: skip
-            return False
-        finally:
-            del self._waiting[nonce]
-        if answered:
-            self.misses = self._lost_with_nonce = 0
-            self._unanswered = False
-            self.answered += 1
-        return answered
-
-
-class _SideRefused(Exception):
-    """The broker does not let the barrier connection subscribe, publish or read there."""
 
 
 class MqttSession:
@@ -654,25 +418,13 @@ class MqttSession:
         self._client: aiomqtt.Client | None = None
         self.reader: FastReader | None = None
         self._barrier_wait_s = BARRIER_WAIT_S
-        self.side = SideBarrier(settings)
-        # When the side channel has stopped answering, every other confirmation tries it.
-        self._side_turn = False
-        # Acks sent on this connection whose processing the broker has not confirmed yet
-        # (Checkpointer.unconfirmed; set when the pipeline is built).
-        self.unconfirmed: Callable[[], int] = lambda: 0
         self.subscribed = asyncio.Event()
         self._backoff = Backoff(min_s=settings.reconnect_min_s, max_s=settings.reconnect_max_s)
 
     async def confirm_acks(self, timeout_s: float | None = None) -> bool:
-        """A round trip to the broker after every PUBACK sent so far: the broker handles a
-        connection's packets in order, so its answer means those acks have been processed.
-        False if it could not be had in time.
-
-        Through the side channel (SideBarrier: a nonce published after the acks, received on a
-        second connection) while it answers: its answer never waits behind messages queued for
-        us. Else in band: an UNSUBSCRIBE of a topic we never subscribed to, answered by an
-        UNSUBACK that comes after everything the broker queued for this connection before it
-        (after a backlog, Mosquitto 2.0.11 queues all of it at the first acks).
+        """A round trip (UNSUBSCRIBE of a topic we never subscribed to, answered by UNSUBACK)
+        after every PUBACK sent so far: the broker handles a connection's packets in order, so
+        its answer means those acks have been processed. False if it could not be had in time.
 
         The wait starts at 1 s (the checkpoint waits for it) and doubles after each timeout up
         to 8 s, back to 1 s after an answer: a broker that always answers in 1.5 s (an
@@ -682,30 +434,16 @@ class MqttSession:
         if client is None:
             return False
         wait_s = timeout_s if timeout_s is not None else self._barrier_wait_s
-        side = self.side
-        try:
-            if side.up and (side.bounds or self._side_turn):
-                self._side_turn = False
-                answered = await side.round_trip(client, wait_s)
-            else:
-                self._side_turn = True
-                answered = await self._unsubscribe_barrier(client, wait_s)
-        except aiomqtt.MqttError:
-            return False
-        if not answered:
-            self._barrier_wait_s = min(BARRIER_WAIT_MAX_S, self._barrier_wait_s * 2)
-            return False
-        self._barrier_wait_s = BARRIER_WAIT_S
-        return self._client is client
-
-    @staticmethod
-    async def _unsubscribe_barrier(client: aiomqtt.Client, wait_s: float) -> bool:
         try:
             async with asyncio.timeout(wait_s):
                 await client.unsubscribe(BARRIER_TOPIC, timeout=math.inf)
         except TimeoutError:
+            self._barrier_wait_s = min(BARRIER_WAIT_MAX_S, self._barrier_wait_s * 2)
             return False
-        return True
+        except aiomqtt.MqttError:
+            return False
+        self._barrier_wait_s = BARRIER_WAIT_S
+        return self._client is client
 
     def ack(self, mids: list[int]) -> None:
         """PUBACK `mids` in order, as one write, on the current connection."""
@@ -724,22 +462,10 @@ class MqttSession:
     async def run(self) -> None:
         """Connect, subscribe and hold the session; on any loss, back off and start over."""
         password = read_secret(self._s.password, self._s.password_file, "mqtt-password")
-        side = asyncio.create_task(self.side.run(password), name="mqtt-ack-barrier")
-        try:
-            await self._run(password)
-        finally:
-            side.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await side
-
-    async def _run(self, password: str | None) -> None:
         reconnecting = False
         while True:
-            # The side channel first: a backlog floods in after our first acks, and the
-            # ledger's bound (room) holds from the first message only with it up by then.
-            await self.side.ready(self._s.connect_timeout_s)
             client = self._client_for(password)
-            self.reader = install(client, self._intake.handle, room=self.room)
+            self.reader = install(client, self._intake.handle, room=self._room)
             expect_late_unsubacks(client)  # the barrier's, after its wait
             self._session_present = None
             on_connack(client, self._on_connack)
@@ -764,10 +490,19 @@ class MqttSession:
 
     def _client_for(self, password: str | None) -> aiomqtt.Client:
         s = self._s
-        return mqtt_client(
-            s, password, identifier=s.client_id, clean_start=False,
+        return aiomqtt.Client(
+            s.host,
+            s.port,
+            identifier=s.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
             properties=connect_properties(s),
-        )  # fmt: skip
+            keepalive=s.keepalive_s,
+            username=s.username,
+            password=password,
+            tls_context=tls_context(s),
+            timeout=s.connect_timeout_s,
+        )
 
     async def _subscribe(self, client: aiomqtt.Client, reconnecting: bool) -> None:
         s, st = self._s, self._stats
@@ -817,22 +552,14 @@ class MqttSession:
         except Exception as e:  # the outbox's disk: reported by the checkpoint's failures
             log.warning("could not record the MQTT session in the outbox (%s)", e)
 
-    def room(self) -> int:
+    def _room(self) -> int:
         """How many more QoS 1 messages to take: the agent holds at most Receive Maximum
-        unacked, whatever the broker sends (memory bounded by configuration, G5); and, while
-        the side barrier answers, at most twice Receive Maximum unacked or acked and not yet
-        confirmed (each keeps its key in the ledger until the broker's confirmation)."""
+        unacked, whatever the broker sends (memory bounded by configuration, G5)."""
         if self._ledger.epoch_pending:
             return 0  # a checkpoint away (see _on_connack)
-        limit = self._s.receive_maximum
-        unacked = len(self._ledger)
-        room = limit - unacked
-        if self.side.bounds:
-            # Deadlock-free only because the side channel's answer does not come behind the
-            # messages left unread; the in-band barrier's does.
-            room = min(room, 2 * limit - unacked - self.unconfirmed())
+        room = self._s.receive_maximum - len(self._ledger)
         st = self._stats
-        held = unacked >= limit
+        held = room <= 0
         if held != st.intake_paused:
             st.intake_paused = held
             if held:
@@ -849,7 +576,7 @@ class MqttSession:
     def _on_connack(self, session_present: bool) -> None:
         self._session_present = session_present
         # Connected: the broker may have begun its packet ids anew (a restart from a snapshot,
-        # or without the session). No message is taken (`room`) until the outbox records it
+        # or without the session). No message is taken (`_room`) until the outbox records it
         # (agent/intake/acks.py open_epoch). Not before the CONNACK: an agent that dies while
         # the broker is away took nothing, and its next run need not doubt its journal.
         self._ledger.open_epoch()
@@ -873,7 +600,6 @@ class MqttSession:
     def _lost(self) -> None:
         st = self._stats
         self._client = None
-        self.side.session_lost()
         st.mqtt_connected = False
         st.mqtt_connected_since = None
         if st.mqtt_down_since is None:

@@ -44,10 +44,6 @@ FIGURES: tuple[Figure, ...] = (
     Figure("mqtt", "sessions_lost", "mqtt_sessions_lost", C,
          "Connects that found no session at the broker though the agent had one.",
          lambda p: p.stats.mqtt_sessions_lost),
-    Figure("mqtt", "ack_barrier_side", "mqtt_ack_barrier_side", G,
-         "1 while the ack barrier's side connection is subscribed and answering: the ack "
-         "ledger is then held to 2 x mqtt.receive_maximum keys, whatever the broker queued.",
-         lambda p: p.session.side.bounds),
     Figure("ingest", "received", "messages_received", C, "MQTT messages received.",
          lambda p: p.stats.received),
     Figure("ingest", "counted", "messages_counted", C, "Messages counted into windows.",
@@ -72,10 +68,6 @@ FIGURES: tuple[Figure, ...] = (
          lambda p: p.stats.acked),
     Figure("ingest", "unacked", "messages_unacked", G, "Messages received and not yet acked.",
          lambda p: len(p.ledger)),
-    Figure("ingest", "ack_keys", "ack_ledger_keys", G,
-         "Messages the ack ledger remembers by key (about 400 bytes each): unacked, acked and "
-         "not yet confirmed by the broker, and journal rows of an earlier connection or run.",
-         lambda p: p.ledger.keys_held),
     Figure("ingest", "paused", "intake_paused", G,
          "1 while the agent holds mqtt.receive_maximum unacked messages and reads no more.",
          lambda p: p.stats.intake_paused),

