@@ -21,6 +21,7 @@ import httpx
 import agent.ops.memory as memory
 from agent.app.faults import NO_FAULTS, Faults
 from agent.config.credentials import TokenSource, client_tls_context
+from agent.config.preflight import tls_problems
 from agent.config.reload import plan as reload_plan
 from agent.config.settings import AggregateSettings, Settings, secret_path
 from agent.core.clock import SYSTEM_CLOCK, Clock
@@ -103,6 +104,7 @@ class Service:
         self._reload = reload
         self._reloading: asyncio.Task[list[str]] | None = None
         self._http: contextlib.AsyncExitStack | None = None
+        self._reload_client: httpx.AsyncClient | None = None
         self.faults = faults
         self.notifier = notifier or Notifier()
         self.pipeline: Pipeline | None = None
@@ -194,17 +196,32 @@ class Service:
             log.info("reload: the config file has no changes")
             return []
         p = self.pipeline
+        problems = tls_problems(new) if any(k.startswith("forward.") for k in live) else []
+        if problems:
+            log.error("reload refused, the running config stays: %s", "; ".join(problems))
+            return []
+        client = None
+        if any(k.startswith("forward.") for k in live):
+            try:
+                client = _make_client(new)
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+                log.error("reload refused, the running config stays: forward TLS: %s", e)
+                return []
         if any(k.startswith("log.") for k in live):
             setup_logging(new.log)
-        if any(k.startswith("forward.") for k in live):
+        if client is not None:
             fs = new.forward
-            client = await self._http.enter_async_context(_http_client(new))
             p.forwarder.reconfigure(
                 fs,
                 client=client,
                 token=TokenSource(fs.token, secret_path(fs.token_file, "cloud-token")),
                 probe=tcp_probe(fs.url),
             )
+            # The client of the previous reload goes now (an attempt still on it fails and is
+            # retried, unchanged, on the new one); the first is closed at the end.
+            old, self._reload_client = self._reload_client, client
+            if old is not None:
+                await old.aclose()
         self.settings = p.settings = new
         log.warning("reload: applied %s", ", ".join(live))
         return live
@@ -246,6 +263,8 @@ class Service:
                     await shutdown_pipeline(p, ckpt_task, [fwd_task, mqtt_task])
             finally:
                 await health.close()
+                if self._reload_client is not None:
+                    await self._reload_client.aclose()
 
     def _health(self, p: Pipeline) -> HealthServer:
         tasks = self._tasks
@@ -313,20 +332,24 @@ async def shutdown_pipeline(
     log.info("shutdown done in %.2f s", time.monotonic() - started)
 
 
-@contextlib.asynccontextmanager
-async def _http_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+def _make_client(settings: Settings) -> httpx.AsyncClient:
     fs = settings.forward
     verify: ssl.SSLContext | bool = True
     if fs.url.startswith("https://"):
         verify = client_tls_context(
             ca_file=fs.ca_file, cert_file=fs.cert_file, key_file=fs.key_file
         )
-    async with httpx.AsyncClient(
+    return httpx.AsyncClient(
         timeout=fs.timeout_s,
         follow_redirects=False,
         verify=verify,
         limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-    ) as http:
+    )
+
+
+@contextlib.asynccontextmanager
+async def _http_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with _make_client(settings) as http:
         yield http
 
 
@@ -504,6 +527,7 @@ async def _notify_loop(p: Pipeline, notifier: Notifier) -> None:
             problems=ready_problems(p),
             silent=p.aggregator.silent_cameras(now, SILENT_AFTER_S),
             now=now,
+            known=p.aggregator.camera_names(),
         )
         if time.monotonic() - last_trim >= memory.TRIM_EVERY_S:
             memory.trim()

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gzip
 import logging
 import random
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -107,6 +109,7 @@ class Forwarder:
         # during a backoff after a failure without an answer. None: the backoff is waited out.
         self._probe = probe
         self._no_answer = False
+        self._probed_in_streak = False
         # Set by SIGUSR1 (`edge-agent forward --now`): end the current backoff at once.
         self.retry_now = asyncio.Event()
         # The last attempts, for `edge-agent tap --sent` (GET /status/sent): numbered from 1.
@@ -213,7 +216,7 @@ class Forwarder:
     async def _wait_backoff(self, delay: float) -> None:
         """Wait `delay`, or less: until `retry_now` is set, or, after a failure without an
         answer, until a probe finds the cloud reachable again."""
-        self.retry_now.clear()
+        # (retry_now is not cleared here: a request made during the attempt counts.)
         interval = self._s.probe_interval_s
         probing = self._probe is not None and self._no_answer and 0 < interval < delay
         loop = asyncio.get_running_loop()
@@ -230,6 +233,7 @@ class Forwarder:
                 return
             assert self._probe is not None
             if deadline - loop.time() > 0 and await self._probe():
+                self._probed_in_streak = True
                 log.info(
                     "the cloud accepts connections again: sending now, %.1f s before the "
                     "backoff ended",
@@ -271,6 +275,7 @@ class Forwarder:
         status: int | None = None
         text = ""
         retry_after = None
+        exc: BaseException | None = None
         wait_s = self._attempt_timeout_s()
         timed_out = False
         try:
@@ -293,8 +298,13 @@ class Forwarder:
             text = f"no complete answer within {wait_s + 1.0:g} s"
         except httpx.HTTPError as e:
             text = f"{type(e).__name__}: {e}"
-        # Refused, reset, unreachable: nothing answered, so a TCP connect tells when it's back.
-        self._no_answer = status is None and not timed_out
+            exc = e
+        # Refused or unreachable: no connection at all, so a TCP connect tells when it is back.
+        # Not after a connection that then failed (TLS, a reset): a connect proves nothing
+        # there, and probing would pin the backoff to probe_interval_s. And once per streak:
+        # a probe that succeeded and an attempt that failed again leave the backoff alone.
+        refused = status is None and not timed_out and _refused(exc)
+        self._no_answer = refused and not self._probed_in_streak
         self._note_timeout(timed_out, wait_s)
         latency_s = self._clock.mono() - started
         self._stats.observe_latency(latency_s)
@@ -407,6 +417,7 @@ class Forwarder:
         st.last_forward_error = st.last_forward_error_at = None
         self.unhealthy_reason = None
         self._dead_in_row = 0
+        self._probed_in_streak = False
         self._backoff.reset()
         self.pacer.answered(latency_s)
         if self._limit < self._s.max_batch_chunks:
@@ -435,6 +446,21 @@ class Forwarder:
             self._outbox.chunk_count,
         )  # fmt: skip
         return delay
+
+
+def _refused(exc: BaseException | None) -> bool:
+    """Whether an attempt failed before any connection existed (refused, unreachable, no
+    route, name unresolved), as opposed to a connection that then failed."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, ConnectionRefusedError | socket.gaierror) or (
+            isinstance(exc, OSError)
+            and exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
+        ):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 def tcp_probe(url: str, timeout_s: float = 2.0) -> Callable[[], Awaitable[bool]]:

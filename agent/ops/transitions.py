@@ -30,11 +30,13 @@ class Transitions:
         self._not_ready_since: float | None = None
         self._silent: set[str] = set()
 
-    def observe(self, *, problems: list[str], silent: set[str], now: float) -> None:
+    def observe(
+        self, *, problems: list[str], silent: set[str], now: float, known: set[str] | None = None
+    ) -> None:
         """One look at the agent: `problems` from ready_problems, `silent` the cameras not
         heard from for SILENT_AFTER_S, `now` in seconds (any monotonic clock)."""
         self._readiness(problems, now)
-        self._cameras(silent)
+        self._cameras(silent, known)
 
     def _readiness(self, problems: list[str], now: float) -> None:
         current = {kind(p): p for p in problems}
@@ -53,9 +55,13 @@ class Transitions:
             self._not_ready_since = None
         self._problems = current
 
-    def _cameras(self, silent: set[str]) -> None:
+    def _cameras(self, silent: set[str], known: set[str] | None) -> None:
         gone = sorted(silent - self._silent)
-        back = sorted(self._silent - silent)
+        # A silent camera the agent forgot (aggregate.max_cameras, late_memory_s) was not
+        # heard from: only those still known are back.
+        back = sorted(
+            (self._silent - silent) & known if known is not None else self._silent - silent
+        )
         if gone:
             log.warning("%s", _cameras_line(gone, "SILENT (no message for 60 s)"))
         if back:

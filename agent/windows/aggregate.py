@@ -322,6 +322,10 @@ class Aggregator:
         silent = sum(1 for cam in self._cameras.values() if now - cam.last_recv >= silent_after_s)
         return active, silent
 
+    def camera_names(self) -> set[str]:
+        """Every camera remembered."""
+        return set(self._cameras)
+
     def silent_cameras(self, now: float, silent_after_s: float) -> set[str]:
         """The remembered cameras not heard from within silent_after_s."""
         return {n for n, cam in self._cameras.items() if now - cam.last_recv >= silent_after_s}

@@ -4,12 +4,13 @@ INFO coming back, so `journalctl -p warning` tells the story."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
 from agent.ops.transitions import MAX_CAMERAS_NAMED, Transitions, kind
 from devtools.procs import wait_for
-from tests.helpers import AgentFactory
+from tests.helpers import AgentFactory, publish
 
 
 def _lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
@@ -55,23 +56,34 @@ def test_cameras_going_silent_and_coming_back(caplog: pytest.LogCaptureFixture) 
     assert level == "INFO" and f"{len(many)} cameras heard from again" in line
 
 
+def test_a_forgotten_camera_is_not_heard_from_again(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    t = Transitions()
+    t.observe(problems=[], silent={"cam-1", "cam-2"}, now=0, known={"cam-1", "cam-2"})
+    caplog.clear()
+    t.observe(problems=[], silent=set(), now=5, known={"cam-2", "cam-9"})  # cam-1 forgotten
+    assert _lines(caplog) == [("INFO", "camera cam-2 heard from again")]
+
+
 def test_a_problem_is_one_kind_whatever_its_numbers() -> None:
     assert kind("no checkpoint for 12 s (limit 2 s)") == kind("no checkpoint for 130 s (limit 2 s)")
     assert kind("outbox full: holding MQTT acks") != kind("MQTT not connected and subscribed")
 
 
 @pytest.mark.e2e
-def test_the_agent_logs_not_ready_and_ready_again_when_the_broker_goes_and_comes(
-    agents: AgentFactory,
+def test_the_agent_logs_not_ready_and_ready_again_when_the_cloud_goes_and_comes(
+    agents: AgentFactory, tmp_path: Path
 ) -> None:
-    agent = agents.start()
-    agents.broker.stop()
+    agent = agents.start(agents.config({"forward": {"alert_after_s": 1}}))
+    rc = agents.receiver
+    rc.kill()
+    publish(agents.broker, tmp_path, cameras=3, rate=10, duration_s=1, seed=41)
     wait_for(
-        lambda: "WARNING agent.transitions: NOT READY: MQTT" in agent.log_text(),
+        lambda: "WARNING agent.transitions: NOT READY: " in agent.log_text(),
         timeout_s=30,
         what="NOT READY in the log",
     )
-    agents.broker.start()
+    rc.start()
     wait_for(
         lambda: "INFO agent.transitions: READY again after" in agent.log_text(),
         timeout_s=60,
